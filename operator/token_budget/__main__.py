@@ -1,0 +1,5 @@
+import sys
+
+from token_budget.cli import main
+
+sys.exit(main())

@@ -1,0 +1,576 @@
+"""The ``tokenbudget.io/v1alpha1`` API: ModelCatalog, TokenBudget, ClusterTokenBudget.
+
+These pydantic models are the single source of truth for the API. The CRD YAML
+in ``crds/`` and in the chart is generated from them (``tokenbudget crds``), and
+field descriptions here become the CRD's descriptions, so ``kubectl explain``
+shows the same text as this file.
+
+Conventions (Kubernetes API conventions): camelCase fields, enums as CamelCase
+strings, money as decimal strings, durations as integer ``...Seconds``, a
+spec/status split, conditions with ``observedGeneration`` and no ``phase``.
+
+Rules a schema can say live in the schema (patterns, minimums, enums, CEL);
+rules across fields or objects (ascending thresholds, reroute targets present
+in the catalog) live in :mod:`token_budget.api.rules`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from token_budget.api.conditions import Condition
+from token_budget.api.types import (
+    WINDOW_PATTERN,
+    LabelSelector,
+    ModelPattern,
+    Money,
+    _Base,
+)
+
+GROUP = "tokenbudget.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+PREFIX = "tokenbudget.io/"
+DEFAULT_AGENT_LABEL = "tokenbudget.io/agent"
+
+
+# ---------------------------------------------------------------------------
+# ModelCatalog
+# ---------------------------------------------------------------------------
+
+
+class Tier(str, enum.Enum):
+    """How capable (and expensive) a model is; budgets can deny whole tiers."""
+
+    FRONTIER = "Frontier"
+    STANDARD = "Standard"
+    ECONOMY = "Economy"
+
+
+class Pricing(_Base):
+    """List price per million tokens, in the catalog's currency."""
+
+    input: Money = Field(description="Price per million input (prompt) tokens, e.g. \"2.50\".")
+    output: Money = Field(description="Price per million output (completion) tokens.")
+    cached_input: Money | None = Field(
+        default=None,
+        description="Price per million cached input tokens; when absent, cached tokens "
+        "are charged at the input price.",
+    )
+
+
+class CatalogModel(_Base):
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$",
+        description="Canonical model name, used by budgets, directives and reports.",
+    )
+    provider: str = Field(
+        default="", max_length=63, description="Who serves the model (openai, anthropic, ...)."
+    )
+    tier: Tier = Field(description="Frontier, Standard or Economy.")
+    aliases: tuple[ModelPattern, ...] = Field(
+        default=(),
+        max_length=64,
+        description="Other names and shell-style patterns under which exporters report this "
+        "model (openai/gpt-4o-2024-08-06, gpt-4o-*). The canonical name always matches.",
+    )
+    pricing: Pricing = Field(description="Prices per million tokens.")
+    equivalents: tuple[str, ...] = Field(
+        default=(),
+        max_length=16,
+        description="Cheaper models (catalog names) a request may be rerouted to, "
+        "in order of preference.",
+    )
+
+
+class ModelCatalogSpec(_Base):
+    currency: str = Field(
+        default="USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 currency of every price."
+    )
+    models: tuple[CatalogModel, ...] = Field(
+        min_length=1,
+        max_length=1000,
+        description="The models, their prices and their cheaper equivalents.",
+    )
+
+
+class ModelCatalogStatus(_Base):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    observed_generation: int | None = Field(default=None, description="The generation last read.")
+    models: int | None = Field(default=None, description="How many models the catalog holds.")
+    conditions: tuple[Condition, ...] = Field(
+        default=(),
+        description="Ready tells whether the catalog is valid and in use.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------
+# Budgets
+# ---------------------------------------------------------------------------
+
+
+class Preset(str, enum.Enum):
+    """The exporters whose metrics a budget can read out of the box."""
+
+    COUNTERS = "Counters"
+    LITELLM = "LiteLLM"
+    OPEN_TELEMETRY = "OpenTelemetry"
+
+
+class SourceMetrics(_Base):
+    """Override the preset's metric names (they drift between exporter versions)."""
+
+    input_tokens: str | None = Field(
+        default=None, pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$", description="Input-token counter."
+    )
+    output_tokens: str | None = Field(
+        default=None, pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$", description="Output-token counter."
+    )
+    cached_input_tokens: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="Cached-input-token counter.",
+    )
+    cost: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="Cost counter in the catalog's currency; when absent, cost is computed "
+        "from tokens and catalog prices.",
+    )
+
+
+class SourceLabels(_Base):
+    """Override which Prometheus labels carry the namespace, the workload and the model."""
+
+    namespace: str | None = Field(default=None, pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    workload: str | None = Field(default=None, pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    model: str | None = Field(default=None, pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class SpendSource(_Base):
+    """Where spend is read: a preset for a known exporter, optionally adjusted."""
+
+    preset: Preset = Field(
+        default=Preset.COUNTERS,
+        description="Counters (llm_tokens_total scraped from agent pods), LiteLLM (the "
+        "LiteLLM proxy's metrics) or OpenTelemetry (gen_ai.client.token.usage).",
+    )
+    metrics: SourceMetrics | None = Field(default=None, description="Metric-name overrides.")
+    labels: SourceLabels | None = Field(default=None, description="Label-name overrides.")
+
+
+class MatchOperator(str, enum.Enum):
+    EQUAL = "Equal"
+    NOT_EQUAL = "NotEqual"
+    REGEX = "Regex"
+    NOT_REGEX = "NotRegex"
+
+
+class SpendMatcher(_Base):
+    """A Prometheus label matcher that narrows which spend counts (team="search")."""
+
+    label: str = Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$", description="The label name.")
+    operator: MatchOperator = Field(
+        default=MatchOperator.EQUAL, description="Equal, NotEqual, Regex or NotRegex."
+    )
+    value: str = Field(max_length=1024, description="The value or the (RE2) regular expression.")
+
+
+class Limit(_Base):
+    """A cap on spend over one window, in tokens and/or money."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.tokens) || has(self.cost)",
+                    "message": "a limit must set tokens, cost or both",
+                },
+            ]
+        }
+    )
+
+    window: str = Field(
+        pattern=WINDOW_PATTERN,
+        description="Rolling (30m, 1h, 24h, 7d, 30d) or calendar (Day, Week, Month) window.",
+    )
+    time_zone: str = Field(
+        default="UTC",
+        max_length=64,
+        description="IANA time zone in which calendar windows start (Europe/Berlin).",
+    )
+    tokens: int | None = Field(
+        default=None, ge=1, description="Most tokens (input + output + cached) in the window."
+    )
+    cost: Money | None = Field(
+        default=None, description="Most money in the window, in the catalog's currency."
+    )
+    model: ModelPattern | None = Field(
+        default=None,
+        description="Count only spend on models matching this name or pattern.",
+    )
+
+    @model_validator(mode="after")
+    def _tokens_or_cost(self) -> Limit:
+        # Mirrors the CEL rule, so `tokenbudget validate` says what the API server says.
+        if self.tokens is None and self.cost is None:
+            raise ValueError("a limit must set tokens, cost or both")
+        return self
+
+
+class ActionType(str, enum.Enum):
+    """The ladder, from least to most restrictive."""
+
+    WARN = "Warn"
+    REROUTE = "Reroute"
+    THROTTLE = "Throttle"
+    BLOCK = "Block"
+
+
+class Action(_Base):
+    """One rung of the ladder: what happens from a percentage of a limit on."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.type == 'Reroute' || !has(self.model)",
+                    "message": "model may only be set on a Reroute action",
+                },
+                {
+                    "rule": "self.type == 'Throttle' || !has(self.tokensPerMinute)",
+                    "message": "tokensPerMinute may only be set on a Throttle action",
+                },
+            ]
+        }
+    )
+
+    type: ActionType = Field(description="Warn, Reroute, Throttle or Block.")
+    at_percent: int = Field(
+        ge=1,
+        le=1000,
+        description="Take this action when spend reaches this percentage of any limit.",
+    )
+    model: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Reroute: the catalog model to use instead. When absent, the cheapest "
+        "allowed equivalent of each model in use.",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Throttle: tokens per minute per workload. When absent, the remainder of "
+        "the budget is paced evenly over the rest of the window.",
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_type(self) -> Action:
+        if self.model is not None and self.type is not ActionType.REROUTE:
+            raise ValueError("model may only be set on a Reroute action")
+        if self.tokens_per_minute is not None and self.type is not ActionType.THROTTLE:
+            raise ValueError("tokensPerMinute may only be set on a Throttle action")
+        return self
+
+
+class MissingDataPolicy(str, enum.Enum):
+    HOLD = "Hold"
+    FAIL_OPEN = "FailOpen"
+    FAIL_CLOSED = "FailClosed"
+
+
+class WhenSpendUnknown(_Base):
+    """What to do when spend cannot be read (Prometheus down, query failing)."""
+
+    policy: MissingDataPolicy = Field(
+        default=MissingDataPolicy.HOLD,
+        description="Hold keeps the last decision; FailOpen lifts every action; FailClosed "
+        "blocks.",
+    )
+    stale_after_seconds: int = Field(
+        default=900,
+        ge=30,
+        le=7 * 86400,
+        description="How long Hold may keep a decision; after that FailOpen applies.",
+    )
+
+
+class BudgetException(_Base):
+    """A time-limited exception: caps the ladder until a time, then expires by itself."""
+
+    until: dt.datetime = Field(description="When the exception ends (RFC 3339).")
+    reason: str = Field(min_length=1, max_length=1024, description="Why; shown in status.")
+    max_action: ActionType = Field(
+        default=ActionType.WARN,
+        description="The most restrictive action allowed while the exception holds.",
+    )
+
+
+class Outcome(_Base):
+    """Units of value (tasks done, pull requests merged) to compute cost per outcome."""
+
+    metric: str = Field(
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="A counter of outcomes, labelled by namespace (agent_outcomes_total).",
+    )
+    matchers: tuple[SpendMatcher, ...] = Field(
+        default=(), max_length=16, description="Narrow the counter (outcome=\"success\")."
+    )
+    namespace_label: str = Field(
+        default="namespace", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+        description="The label that carries the namespace.",
+    )
+    window: str = Field(
+        default="24h", pattern=WINDOW_PATTERN, description="Window of spend and outcomes."
+    )
+    max_cost_per_outcome: Money | None = Field(
+        default=None,
+        description="When cost per outcome exceeds this, take onExceeded.",
+    )
+    on_exceeded: ActionType = Field(
+        default=ActionType.WARN, description="The action taken when cost per outcome is too high."
+    )
+
+
+class Mode(str, enum.Enum):
+    ENFORCE = "Enforce"
+    DRY_RUN = "DryRun"
+
+
+def _default_selector() -> LabelSelector:
+    return LabelSelector(match_labels={DEFAULT_AGENT_LABEL: "true"})
+
+
+class TokenBudgetSpec(_Base):
+    """What a namespace may spend on LLM tokens, and what happens past it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.actions) || self.actions.all(a, "
+                    "self.actions.exists_one(b, b.atPercent == a.atPercent))",
+                    "message": "actions must have distinct atPercent values",
+                },
+            ]
+        }
+    )
+
+    mode: Mode = Field(
+        default=Mode.ENFORCE,
+        description="Enforce acts on workloads; DryRun decides and reports only.",
+    )
+    selector: LabelSelector = Field(
+        default_factory=_default_selector,
+        description="Which pods (and their Deployments, StatefulSets, Jobs, CronJobs) the budget "
+        "governs. Default: pods labelled tokenbudget.io/agent=true.",
+    )
+    source: SpendSource = Field(
+        default_factory=SpendSource, description="Where spend is read."
+    )
+    spend_matchers: tuple[SpendMatcher, ...] = Field(
+        default=(),
+        max_length=16,
+        description="Narrow the namespace's spend by Prometheus labels (team=search).",
+    )
+    limits: tuple[Limit, ...] = Field(
+        min_length=1, max_length=16, description="Caps over one or more windows at once."
+    )
+    allowed_models: tuple[ModelPattern, ...] = Field(
+        default=(),
+        max_length=64,
+        description="When set, only models matching one of these may be used.",
+    )
+    denied_models: tuple[ModelPattern, ...] = Field(
+        default=(), max_length=64, description="Models that must not be used."
+    )
+    denied_tiers: tuple[Tier, ...] = Field(
+        default=(), description="Catalog tiers that must not be used (Frontier)."
+    )
+    actions: tuple[Action, ...] = Field(
+        default=(
+            Action(type=ActionType.WARN, at_percent=80),
+            Action(type=ActionType.BLOCK, at_percent=100),
+        ),
+        max_length=8,
+        description="The ladder, ascending by atPercent. Default: Warn at 80, Block at 100.",
+    )
+    hysteresis_percent: int = Field(
+        default=5,
+        ge=0,
+        le=50,
+        description="An action is lifted only once spend falls this many points below its "
+        "threshold, so workloads near a threshold do not flap.",
+    )
+    when_spend_unknown: WhenSpendUnknown = Field(
+        default_factory=WhenSpendUnknown, description="Behaviour when spend cannot be read."
+    )
+    exceptions: tuple[BudgetException, ...] = Field(
+        default=(), max_length=16, description="Time-limited exceptions that expire by themselves."
+    )
+    outcome: Outcome | None = Field(
+        default=None, description="Units of value, for cost per outcome."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_thresholds(self) -> TokenBudgetSpec:
+        seen = [a.at_percent for a in self.actions]
+        if len(seen) != len(set(seen)):
+            raise ValueError("actions must have distinct atPercent values")
+        return self
+
+
+class LimitScope(str, enum.Enum):
+    PER_NAMESPACE = "PerNamespace"
+    SHARED = "Shared"
+
+
+class ClusterTokenBudgetSpec(TokenBudgetSpec):
+    """A budget for every namespace a label selector picks (an environment)."""
+
+    namespace_selector: LabelSelector = Field(
+        description="The namespaces the budget applies to (environment=qa)."
+    )
+    limit_scope: LimitScope = Field(
+        default=LimitScope.PER_NAMESPACE,
+        description="PerNamespace: each namespace gets the full limits. Shared: one pool for "
+        "all matching namespaces together.",
+    )
+
+
+class State(str, enum.Enum):
+    """A budget's (or a workload's) state, least to most restrictive."""
+
+    OK = "Ok"
+    WARNING = "Warning"
+    REROUTED = "Rerouted"
+    THROTTLED = "Throttled"
+    BLOCKED = "Blocked"
+
+
+class WindowStatus(_Base):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    window: str = Field(description="The window, as in spec.")
+    model: str | None = Field(default=None, description="The model filter, as in spec.")
+    start_time: dt.datetime | None = Field(default=None, description="When the window began.")
+    tokens: int = Field(default=0, description="Tokens spent in the window.")
+    cost: Money | None = Field(default=None, description="Money spent in the window.")
+    limit_tokens: int | None = Field(default=None, description="The token limit.")
+    limit_cost: Money | None = Field(default=None, description="The money limit.")
+    used_percent: int = Field(default=0, description="Spend as a percentage of the limit.")
+
+
+class NamespaceStatus(_Base):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    namespace: str
+    state: State
+    used_percent: int = 0
+
+
+class BudgetStatus(_Base):
+    """Observed state; written by the operator only."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    observed_generation: int | None = Field(default=None, description="The generation last acted on.")
+    state: State | None = Field(default=None, description="Ok, Warning, Rerouted, Throttled or Blocked.")
+    reason: str | None = Field(default=None, description="Why the budget is in this state.")
+    spend: str | None = Field(default=None, description="Spend in the most used window.")
+    limit: str | None = Field(default=None, description="The limit of the most used window.")
+    used_percent: int | None = Field(default=None, description="The most used window's percentage.")
+    windows: tuple[WindowStatus, ...] = Field(default=(), description="Spend per window.")
+    namespaces: tuple[NamespaceStatus, ...] = Field(
+        default=(), description="ClusterTokenBudget: state per matching namespace."
+    )
+    projected_run_out_time: dt.datetime | None = Field(
+        default=None, description="When the budget runs out at the current burn rate."
+    )
+    cost_per_outcome: str | None = Field(default=None, description="Cost per outcome, if set.")
+    enforced_workloads: int | None = Field(
+        default=None, description="How many workloads carry this budget's directive."
+    )
+    last_evaluation_time: dt.datetime | None = Field(default=None)
+    last_spend_time: dt.datetime | None = Field(
+        default=None, description="When spend was last read successfully."
+    )
+    conditions: tuple[Condition, ...] = Field(
+        default=(),
+        description="Ready, MetricsAvailable and Enforcing.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+
+
+class ObjectMeta(_Base):
+    """The parts of metadata the operator reads."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, alias_generator=None)
+
+    name: str = ""
+    namespace: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+
+
+class _Object(_Base):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    api_version: Literal["tokenbudget.io/v1alpha1"] = API_VERSION
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+
+
+class ModelCatalog(_Object):
+    kind: Literal["ModelCatalog"] = "ModelCatalog"
+    spec: ModelCatalogSpec
+    status: ModelCatalogStatus | None = None
+
+
+class TokenBudget(_Object):
+    kind: Literal["TokenBudget"] = "TokenBudget"
+    spec: TokenBudgetSpec
+    status: BudgetStatus | None = None
+
+
+class ClusterTokenBudget(_Object):
+    kind: Literal["ClusterTokenBudget"] = "ClusterTokenBudget"
+    spec: ClusterTokenBudgetSpec
+    status: BudgetStatus | None = None
+
+
+Budget = TokenBudget | ClusterTokenBudget
+KINDS: dict[str, type[_Object]] = {
+    "ModelCatalog": ModelCatalog,
+    "TokenBudget": TokenBudget,
+    "ClusterTokenBudget": ClusterTokenBudget,
+}
+
+
+def parse(body: dict[str, Any]) -> ModelCatalog | TokenBudget | ClusterTokenBudget:
+    """Parse a manifest of one of the three kinds.
+
+    Raises:
+        ValueError: the kind is not one of ours.
+        pydantic.ValidationError: the manifest breaks the schema.
+    """
+    kind = body.get("kind")
+    if kind not in KINDS or body.get("apiVersion") != API_VERSION:
+        raise ValueError(f"not a {API_VERSION} object: apiVersion={body.get('apiVersion')!r} kind={kind!r}")
+    model = KINDS[kind]
+    return model.model_validate(body)  # type: ignore[return-value]

@@ -1,0 +1,308 @@
+"""The ``tokenbudget`` command.
+
+Subcommands:
+  crds       print the CustomResourceDefinitions generated from the models
+  validate   check manifests against the schema and the cross-field rules
+  simulate   evaluate budgets against a spend snapshot, offline
+  run        run the operator (see ``token_budget.handlers``)
+
+Everything here is thin: parse arguments, read files, call the layers below,
+print. Exit status 1 means "your input is wrong", 2 "usage".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from token_budget import __version__
+from token_budget.api import crds, rules
+from token_budget.api import v1alpha1 as api
+from token_budget.errors import MetricsError
+from token_budget.metrics import files
+from token_budget.policy import engine, planner
+from token_budget.policy.catalog import Catalog
+from token_budget.policy.decisions import Evaluation
+from token_budget.policy.engine import World
+from token_budget.policy.workloads import workload_of
+
+
+@dataclass(frozen=True)
+class Document:
+    path: Path
+    index: int
+    body: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        meta = self.body.get("metadata") or {}
+        name = meta.get("name", "?")
+        ns = meta.get("namespace")
+        obj = f"{self.body.get('kind', '?')} {ns + '/' if ns else ''}{name}"
+        return f"{self.path}#{self.index} ({obj})"
+
+
+def _files(paths: Iterable[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml", ".json"))
+        else:
+            out.append(p)
+    return out
+
+
+def load_documents(paths: Iterable[str]) -> tuple[list[Document], list[str]]:
+    """Every YAML/JSON document under ``paths``; unreadable files as error lines."""
+    docs: list[Document] = []
+    errors: list[str] = []
+    for path in _files(paths):
+        try:
+            for i, body in enumerate(yaml.safe_load_all(path.read_text())):
+                if body is None:
+                    continue
+                if not isinstance(body, dict):
+                    errors.append(f"{path}#{i}: must be a mapping (a Kubernetes object)")
+                    continue
+                docs.append(Document(path, i, body))
+        except (OSError, yaml.YAMLError) as exc:
+            errors.append(f"{path}: cannot be read: {exc}")
+    return docs, errors
+
+
+def _ours(doc: Document) -> bool:
+    return str(doc.body.get("apiVersion", "")).startswith(api.GROUP + "/")
+
+
+# ---------------------------------------------------------------------------
+# validate
+# ---------------------------------------------------------------------------
+
+
+def validate(paths: Sequence[str], out: TextIO) -> int:
+    docs, errors = load_documents(paths)
+    for e in errors:
+        print(e, file=out)
+    parsed: list[tuple[Document, Any]] = []
+    checked = 0
+    for doc in docs:
+        if not _ours(doc):
+            continue
+        checked += 1
+        found = rules.schema_problems(doc.body)
+        if found:
+            for p in found:
+                print(f"{doc.where}: {p}", file=out)
+            errors.append(doc.where)
+            continue
+        parsed.append((doc, api.parse(doc.body)))
+    catalog_models = [m for _, o in parsed if isinstance(o, api.ModelCatalog) for m in o.spec.models]
+    for doc, obj in parsed:
+        found = rules.problems(obj, catalog_models if catalog_models else None)
+        for p in found:
+            print(f"{doc.where}: {p}", file=out)
+        if found:
+            errors.append(doc.where)
+    if errors:
+        print(f"{len(errors)} problem object(s) of {checked} checked", file=out)
+        return 1
+    print(f"{checked} object(s) valid", file=out)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# simulate
+# ---------------------------------------------------------------------------
+
+
+def world_from(docs: Iterable[Document], memory: dict[Any, Any] | None = None) -> World:
+    """Budgets, catalogs, namespaces and workloads found in manifests."""
+    budgets: list[api.Budget] = []
+    catalogs: list[api.ModelCatalog] = []
+    namespaces: dict[str, dict[str, str]] = {}
+    workloads = []
+    for doc in docs:
+        body = doc.body
+        if _ours(doc):
+            obj = api.parse(body)
+            if isinstance(obj, api.ModelCatalog):
+                catalogs.append(obj)
+            else:
+                budgets.append(obj)
+        elif body.get("kind") == "Namespace":
+            meta = body.get("metadata") or {}
+            namespaces[meta["name"]] = dict(meta.get("labels") or {})
+        else:
+            w = workload_of(body)
+            if w is not None:
+                workloads.append(w)
+    for b in budgets:
+        if isinstance(b, api.TokenBudget):
+            namespaces.setdefault(b.metadata.namespace or "default", {})
+    for w in workloads:
+        namespaces.setdefault(w.key.namespace, {})
+    return World(budgets=budgets, catalog=Catalog(catalogs), namespaces=namespaces,
+                 workloads=workloads, memory=memory or {})
+
+
+def render_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+
+
+def print_evaluation(result: Evaluation, world: World, out: TextIO) -> None:
+    rows = [["BUDGET", "SCOPE", "WINDOW", "SPEND", "LIMIT", "USED", "STATE", "REASON"]]
+    for d in result.decisions:
+        scope = ",".join(d.namespaces) or "-"
+        if not d.windows:
+            rows.append([str(d.scope.budget), scope, "-", "?", "?", "?", d.state.value, d.reason])
+        for w in d.windows:
+            spend, limit = engine.describe(w, world.catalog.currency)
+            window = w.window + (f"@{w.time_zone}" if w.resets_at else "") + \
+                (f" ({w.model})" if w.model else "")
+            rows.append([str(d.scope.budget), scope, window, spend, limit,
+                         f"{w.used_percent:.1f}%", d.state.value, d.reason])
+    render_table(rows, out)
+    if result.directives:
+        print(file=out)
+        rows = [["WORKLOAD", "STATE", "BUDGET", "MODEL", "TOKENS/MIN", "ALLOWED"]]
+        for key, dr in sorted(result.directives.items()):
+            rows.append([str(key), dr.state.value, dr.budget, dr.model or "-",
+                         str(dr.tokens_per_minute or "-"),
+                         ",".join(sorted(dr.allowed_models)) if dr.allowed_models is not None
+                         else "*"])
+        render_table(rows, out)
+    for d in result.decisions:
+        print(f"{d.scope}: {d.state.value} ({d.reason}) {d.message}", file=out)
+
+
+def simulate(budget_paths: Sequence[str], spend: str, at: dt.datetime, out: TextIO,
+             as_json: bool = False) -> int:
+    docs, errors = load_documents(budget_paths)
+    if errors:
+        for e in errors:
+            print(e, file=sys.stderr)
+        return 1
+    bad = [(d, p) for d in docs if _ours(d) for p in rules.schema_problems(d.body)]
+    if bad:
+        for d, p in bad:
+            print(f"{d.where}: {p}", file=sys.stderr)
+        return 1
+    world = world_from(docs)
+    plan = planner.plan(world.budgets, at)
+    try:
+        snapshot = files.load(Path(spend), plan, at)
+    except (MetricsError, OSError) as exc:
+        print(f"tokenbudget simulate: {exc}", file=sys.stderr)
+        return 1
+    result = engine.evaluate(world, snapshot, at)
+    if as_json:
+        json.dump(evaluation_json(result), out, indent=2, default=str)
+        print(file=out)
+    else:
+        print_evaluation(result, world, out)
+    return 0
+
+
+def evaluation_json(result: Evaluation) -> dict[str, Any]:
+    return {
+        "decisions": [
+            {"budget": str(d.scope.budget), "kind": d.scope.budget.kind,
+             "namespaces": list(d.namespaces), "state": d.state.value, "reason": d.reason,
+             "message": d.message,
+             "windows": [{"window": w.window, "timeZone": w.time_zone, "model": w.model,
+                          "tokens": w.tokens, "cost": str(w.cost),
+                          "limitTokens": w.limit_tokens,
+                          "limitCost": str(w.limit_cost) if w.limit_cost is not None else None,
+                          "usedPercent": float(round(w.used_percent, 2)),
+                          "runOut": w.run_out.isoformat() if w.run_out else None}
+                         for w in d.windows]}
+            for d in result.decisions
+        ],
+        "directives": {
+            str(k): {"state": v.state.value, "budget": v.budget, "model": v.model,
+                     "tokensPerMinute": v.tokens_per_minute,
+                     "allowedModels": sorted(v.allowed_models)
+                     if v.allowed_models is not None else None}
+            for k, v in sorted(result.directives.items())
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def _time(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from exc
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenbudget", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"tokenbudget {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("crds", help="print the CRDs generated from the API models")
+    c.add_argument("--out-dir", help="write one file per CRD into this directory instead")
+
+    v = sub.add_parser("validate", help="check manifests (files or directories)")
+    v.add_argument("paths", nargs="+")
+
+    s = sub.add_parser("simulate", help="evaluate budgets against a spend snapshot, offline")
+    s.add_argument("--budgets", nargs="+", required=True,
+                   help="manifests: budgets, catalogs, namespaces, workloads")
+    s.add_argument("--spend", required=True, help="JSON snapshot or Prometheus text exposition")
+    s.add_argument("--at", type=_time, default=None, help="evaluation time (RFC 3339); now")
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    r = sub.add_parser("run", help="run the operator")
+    from token_budget.settings import add_arguments
+
+    add_arguments(r)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "crds":
+        all_crds = crds.all_crds()
+        if args.out_dir:
+            out = Path(args.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            for name, body in all_crds.items():
+                (out / name).write_text(dump_yaml(body))
+            return 0
+        sys.stdout.write("---\n".join(dump_yaml(b) for b in all_crds.values()))
+        return 0
+    if args.command == "validate":
+        return validate(args.paths, sys.stdout)
+    if args.command == "simulate":
+        at = args.at or dt.datetime.now(dt.UTC)
+        return simulate(args.budgets, args.spend, at, sys.stdout, args.output == "json")
+    if args.command == "run":
+        from token_budget.handlers import run
+
+        return run(args)
+    return 2  # pragma: no cover - argparse enforces the choices
+
+
+def dump_yaml(body: Any) -> str:
+    return yaml.safe_dump(body, sort_keys=False, width=100, allow_unicode=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

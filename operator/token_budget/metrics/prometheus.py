@@ -1,0 +1,260 @@
+"""The Prometheus adapter: run a plan's queries, turn raw results into a SpendSnapshot.
+
+Edge cases are separate and tested (after KEDA's Prometheus scaler):
+
+* Prometheus unreachable -> :class:`MetricsUnavailable` for every source.
+* An error answer (bad PromQL, 422/503, too many samples) -> :class:`QueryFailed`
+  with Prometheus's own error text.
+* NaN or an infinite value in any series -> :class:`InvalidValue`: a number no
+  limit can be compared with is not silently taken as zero.
+* An empty result is *data*: no series. Whether that means zero spend is the
+  engine's call (it does not, unless series exist for the scope).
+
+A failing source does not fail the evaluation: its error lands in
+``SpendSnapshot.errors`` and each budget's ``whenSpendUnknown`` decides.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, TypedDict
+
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+
+from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
+from token_budget.metrics import promql
+from token_budget.policy.inputs import SpendSeries, SpendSnapshot
+from token_budget.policy.planner import Plan
+from token_budget.policy.sources import Kind, ResolvedSource
+
+log = logging.getLogger(__name__)
+
+
+class ResultItem(TypedDict):
+    """One item of an instant-vector result, as Prometheus returns it."""
+
+    metric: dict[str, str]
+    value: list[Any]  # [unix time, "value"]
+
+
+@dataclass
+class Auth:
+    """How to talk to Prometheus: bearer token, basic auth, CA bundle, or none."""
+
+    bearer_token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class QueryStats:
+    """Counters the operator exports about its own PromQL use."""
+
+    queries: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+
+class PrometheusSource:
+    """Reads spend for a :class:`Plan` from one Prometheus (or Thanos/Mimir query API)."""
+
+    def __init__(self, url: str, auth: Auth | None = None, timeout_seconds: float = 20.0,
+                 on_query: Callable[[str, float, bool], None] | None = None) -> None:
+        """
+        Args:
+            url: base URL, e.g. ``http://prometheus.monitoring:9090``.
+            auth: credentials and TLS settings.
+            timeout_seconds: per query.
+            on_query: called with (kind, seconds, ok) after every query (metrics hook).
+        """
+        auth = auth or Auth()
+        headers = dict(auth.headers)
+        if auth.bearer_token:
+            headers["Authorization"] = f"Bearer {auth.bearer_token}"
+        verify: bool | str = True
+        if auth.ca_file:
+            verify = auth.ca_file
+        if auth.insecure_skip_verify:
+            verify = False
+        self.url = url.rstrip("/")
+        self._prom = PrometheusConnect(
+            url=self.url,
+            headers=headers or None,
+            disable_ssl=verify is False,
+            auth=(auth.username, auth.password or "") if auth.username else None,
+            timeout=timeout_seconds,
+        )
+        # prometheus-api-client keeps a requests session; give it our CA bundle.
+        if isinstance(verify, str):
+            self._prom._session.verify = verify
+        self._on_query = on_query
+        self.stats = QueryStats()
+
+    # -- raw -------------------------------------------------------------------
+
+    def query(self, text: str, at: dt.datetime, kind: str = "spend") -> list[ResultItem]:
+        """Run one instant query at ``at``; raises a :class:`MetricsError`."""
+        started = time.monotonic()
+        ok = False
+        try:
+            result = self._prom.custom_query(query=text, params={"time": f"{at.timestamp():.3f}"})
+            ok = True
+        except requests.exceptions.RequestException as exc:
+            raise MetricsUnavailable(f"Prometheus at {self.url} cannot be reached: "
+                                     f"{_short(exc)}") from exc
+        except PrometheusApiClientException as exc:
+            raise QueryFailed(f"Prometheus at {self.url} refused the query: {_short(exc)}") from exc
+        finally:
+            elapsed = time.monotonic() - started
+            self.stats.queries += 1
+            self.stats.seconds += elapsed
+            if not ok:
+                self.stats.errors += 1
+            if self._on_query is not None:
+                self._on_query(kind, elapsed, ok)
+        if not isinstance(result, list):
+            raise QueryFailed(f"Prometheus at {self.url} returned a {type(result).__name__} "
+                              "where an instant vector was expected")
+        return result
+
+    def retention_seconds(self) -> int | None:
+        """The server's configured retention, when its flags say (None otherwise)."""
+        try:
+            resp = self._prom._session.get(f"{self.url}/api/v1/status/flags",
+                                           headers=self._prom.headers, timeout=10)
+            resp.raise_for_status()
+            value = resp.json()["data"].get("storage.tsdb.retention.time", "")
+        except (requests.exceptions.RequestException, KeyError, ValueError):
+            return None
+        return _duration_seconds(value)
+
+    # -- plan ------------------------------------------------------------------
+
+    def collect(self, plan: Plan, now: dt.datetime) -> SpendSnapshot:
+        """Run every query of the plan at ``now``; failures are recorded per source."""
+        windows: dict[Any, tuple[SpendSeries, ...]] = {}
+        recent: dict[ResolvedSource, tuple[SpendSeries, ...]] = {}
+        errors: dict[ResolvedSource, str] = {}
+        for (rs, key), seconds in plan.windows.items():
+            if rs in errors:
+                continue
+            extra = plan.group_labels.get(rs, ())
+            try:
+                items = self.query(promql.spend(rs, seconds, extra), now)
+                windows[(rs, key)] = to_series(rs, items, extra)
+            except MetricsError as exc:
+                errors[rs] = str(exc)
+        for rs in plan.sources:
+            if rs in errors:
+                continue
+            extra = plan.group_labels.get(rs, ())
+            try:
+                items = self.query(promql.spend(rs, plan.recent_seconds, extra), now, "recent")
+                recent[rs] = to_series(rs, items, extra)
+            except MetricsError as exc:
+                errors[rs] = str(exc)
+        outcomes: dict[str, tuple[tuple[str, tuple[tuple[str, str], ...], float], ...]] = {}
+        outcome_errors: dict[str, str] = {}
+        for oq in plan.outcomes:
+            seconds = plan.windows.get(next((k for k in plan.windows if k[1] == oq.window),
+                                            None), 0) or _fallback_seconds(oq.window, now)
+            try:
+                items = self.query(promql.outcomes(oq.metric, oq.namespace_label, seconds,
+                                                   oq.group_labels), now, "outcome")
+                outcomes[oq.key] = tuple(
+                    (it["metric"].get(oq.namespace_label, ""),
+                     tuple((k, it["metric"].get(k, "")) for k in oq.group_labels),
+                     _value(it))
+                    for it in items
+                )
+            except MetricsError as exc:
+                outcome_errors[oq.key] = str(exc)
+        return SpendSnapshot(taken_at=now, windows=windows, recent=recent,
+                             recent_seconds=plan.recent_seconds, errors=errors,
+                             outcomes=outcomes, outcome_errors=outcome_errors)
+
+
+def _fallback_seconds(window: Any, now: dt.datetime) -> int:
+    from token_budget.policy import windows as w
+
+    return w.range_seconds(window, now)
+
+
+def _value(item: Mapping[str, Any]) -> float:
+    try:
+        value = float(item["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise QueryFailed(f"malformed sample in Prometheus result: {item!r}") from exc
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidValue(f"series {item.get('metric', {})} has value {value}: "
+                           "spend must be a finite number")
+    return value
+
+
+def to_series(rs: ResolvedSource, items: list[ResultItem],
+              extra: tuple[str, ...] = ()) -> tuple[SpendSeries, ...]:
+    """Fold a tagged spend result into one SpendSeries per (namespace, workload, model, extra)."""
+    acc: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], dict[Kind, float]] = \
+        defaultdict(dict)
+    for item in items:
+        labels = item["metric"]
+        try:
+            kind = Kind(labels.get(promql.KIND_LABEL, ""))
+        except ValueError as exc:
+            raise QueryFailed(f"result series without a {promql.KIND_LABEL} tag: {labels}") from exc
+        key = (
+            labels.get(rs.namespace_label, ""),
+            labels.get(rs.workload_label, ""),
+            labels.get(rs.model_label, ""),
+            tuple((x, labels.get(x, "")) for x in extra),
+        )
+        acc[key][kind] = acc[key].get(kind, 0.0) + _value(item)
+    out = []
+    for (ns, workload, model, extra_labels), kinds in sorted(acc.items()):
+        cost = kinds.get(Kind.COST)
+        out.append(SpendSeries(
+            namespace=ns, workload=workload, model=model,
+            input_tokens=kinds.get(Kind.INPUT, 0.0),
+            output_tokens=kinds.get(Kind.OUTPUT, 0.0),
+            cached_input_tokens=kinds.get(Kind.CACHED_INPUT, 0.0),
+            cost=Decimal(repr(cost)) if cost is not None else None,
+            labels=extra_labels,
+        ))
+    return tuple(out)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _duration_seconds(text: str) -> int | None:
+    """Prometheus durations such as ``15d``, ``1y``, ``2w3d``."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    total = 0.0
+    num = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit():
+            num += ch
+            i += 1
+            continue
+        unit = text[i:i + 2] if text[i:i + 2] == "ms" else ch
+        if not num or unit not in units:
+            return None
+        total += int(num) * units[unit]
+        num = ""
+        i += len(unit)
+    return int(total) if total and not num else None

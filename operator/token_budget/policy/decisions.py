@@ -1,0 +1,142 @@
+"""What the engine returns: a decision per budget scope, a directive per workload.
+
+A :class:`Directive` is what a workload is told (through annotations): its
+state, the budget that put it there, a model to use instead, the models it may
+use, a token rate, whether it is blocked. When several budgets govern one
+workload, :func:`merge` combines their directives so that the most restrictive
+wins; it is commutative and associative, so the order of budgets never matters.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from token_budget.api import v1alpha1 as api
+from token_budget.policy.inputs import ScopeKey, WorkloadKey
+
+SEVERITY: dict[api.State, int] = {
+    api.State.OK: 0,
+    api.State.WARNING: 1,
+    api.State.REROUTED: 2,
+    api.State.THROTTLED: 3,
+    api.State.BLOCKED: 4,
+}
+STATE_OF_ACTION: dict[api.ActionType, api.State] = {
+    api.ActionType.WARN: api.State.WARNING,
+    api.ActionType.REROUTE: api.State.REROUTED,
+    api.ActionType.THROTTLE: api.State.THROTTLED,
+    api.ActionType.BLOCK: api.State.BLOCKED,
+}
+
+
+@dataclass(frozen=True)
+class WindowUsage:
+    window: str
+    time_zone: str
+    model: str | None
+    start: dt.datetime
+    resets_at: dt.datetime | None
+    tokens: int
+    cost: Decimal
+    limit_tokens: int | None
+    limit_cost: Decimal | None
+    used_percent: Decimal  # of the tighter of the token and cost limits
+    run_out: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Directive:
+    """What one workload is told. ``None`` fields impose nothing."""
+
+    state: api.State
+    budget: str
+    reason: str
+    message: str
+    model: str | None = None
+    allowed_models: frozenset[str] | None = None
+    tokens_per_minute: int | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.state is api.State.BLOCKED
+
+    @property
+    def severity(self) -> int:
+        return SEVERITY[self.state]
+
+
+OK_DIRECTIVE = Directive(state=api.State.OK, budget="", reason="WithinBudget", message="")
+
+
+def _rank(d: Directive) -> tuple[object, ...]:
+    # A total order: the most restrictive first, then a fixed tie-break on every field,
+    # so that the merged result never depends on the order budgets were listed in.
+    return (
+        -d.severity, d.budget, d.reason, d.message, d.model or "",
+        d.tokens_per_minute or 0, tuple(sorted(d.allowed_models or ())),
+    )
+
+
+def merge(directives: Iterable[Directive]) -> Directive:
+    """The most restrictive of several directives; every constraint of each is kept.
+
+    The state, budget and reason come from the most restrictive directive; the
+    model override from the most restrictive one that sets a model; allowed
+    models are intersected; the lowest token rate wins.
+    """
+    ranked = sorted(directives, key=_rank)
+    if not ranked:
+        return OK_DIRECTIVE
+    top = ranked[0]
+    allowed: frozenset[str] | None = None
+    for d in ranked:
+        if d.allowed_models is not None:
+            allowed = d.allowed_models if allowed is None else allowed & d.allowed_models
+    rates = [d.tokens_per_minute for d in ranked if d.tokens_per_minute is not None]
+    return Directive(
+        state=top.state,
+        budget=top.budget,
+        reason=top.reason,
+        message=top.message,
+        model=next((d.model for d in ranked if d.model is not None), None),
+        allowed_models=allowed,
+        tokens_per_minute=min(rates) if rates else None,
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one budget scope."""
+
+    scope: ScopeKey
+    namespaces: tuple[str, ...]
+    state: api.State
+    reason: str
+    message: str
+    windows: tuple[WindowUsage, ...] = ()
+    action: api.Action | None = None
+    run_out: dt.datetime | None = None
+    cost_per_outcome: Decimal | None = None
+    spend_known: bool = True
+    spend_error: str | None = None
+    unpriced_models: tuple[str, ...] = ()
+    exception: str | None = None
+    dry_run: bool = False
+    workloads: tuple[WorkloadKey, ...] = ()
+    directives: dict[WorkloadKey, Directive] = field(default_factory=dict)
+
+    @property
+    def worst_window(self) -> WindowUsage | None:
+        if not self.windows:
+            return None
+        return max(self.windows, key=lambda w: w.used_percent)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    decisions: tuple[Decision, ...]
+    directives: dict[WorkloadKey, Directive]
+    held: frozenset[WorkloadKey] = frozenset()

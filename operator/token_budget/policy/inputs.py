@@ -1,0 +1,122 @@
+"""What the engine decides from: spend series, a snapshot of them, workloads, memory.
+
+Frozen value objects, built by the gatherers at the edges (the Prometheus
+source, the Kubernetes watchers) or by tests and ``tokenbudget simulate``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from token_budget.api import v1alpha1 as api
+from token_budget.policy.sources import ResolvedSource
+from token_budget.policy.windows import WindowKey
+
+
+@dataclass(frozen=True)
+class SpendSeries:
+    """Spend of one (namespace, workload, model) over one window, as a source reports it.
+
+    ``labels`` holds the extra Prometheus labels that budgets' spend matchers
+    need (``team``); ``cost`` is set only when the source reports money itself.
+    """
+
+    namespace: str
+    workload: str
+    model: str
+    input_tokens: float = 0.0
+    output_tokens: float = 0.0
+    cached_input_tokens: float = 0.0
+    cost: Decimal | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def tokens(self) -> float:
+        return self.input_tokens + self.output_tokens + self.cached_input_tokens
+
+    def label(self, name: str) -> str:
+        for k, v in self.labels:
+            if k == name:
+                return v
+        return ""
+
+
+@dataclass(frozen=True)
+class SpendSnapshot:
+    """Everything read from the spend sources for one evaluation.
+
+    ``windows`` maps (source, window) to the series over that window;
+    ``recent`` maps a source to the series over the last ``recent_seconds``
+    (the burn rate, for forecasts); ``errors`` maps a source that could not be
+    read to a message a person can act on; ``outcomes`` maps an outcome
+    query's key to outcomes per (namespace, extra labels).
+    """
+
+    taken_at: dt.datetime
+    windows: Mapping[tuple[ResolvedSource, WindowKey], tuple[SpendSeries, ...]] = field(
+        default_factory=dict
+    )
+    recent: Mapping[ResolvedSource, tuple[SpendSeries, ...]] = field(default_factory=dict)
+    recent_seconds: int = 600
+    errors: Mapping[ResolvedSource, str] = field(default_factory=dict)
+    outcomes: Mapping[str, tuple[tuple[str, tuple[tuple[str, str], ...], float], ...]] = field(
+        default_factory=dict
+    )
+    outcome_errors: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, order=True)
+class WorkloadKey:
+    kind: str  # Deployment, StatefulSet, Job, CronJob or Pod
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.lower()}/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A governed-workload candidate: its pod labels decide which budgets govern it."""
+
+    key: WorkloadKey
+    pod_labels: Mapping[str, str]
+    declared_models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, order=True)
+class BudgetKey:
+    kind: str  # TokenBudget or ClusterTokenBudget
+    namespace: str  # "" for ClusterTokenBudget
+    name: str
+
+    def __str__(self) -> str:
+        if self.namespace:
+            return f"{self.namespace}/{self.name}"
+        return self.name
+
+    @staticmethod
+    def of(budget: api.Budget) -> BudgetKey:
+        return BudgetKey(budget.kind, budget.metadata.namespace or "", budget.metadata.name)
+
+
+@dataclass(frozen=True, order=True)
+class ScopeKey:
+    """One budget applied to one set of namespaces (a PerNamespace cluster budget has many)."""
+
+    budget: BudgetKey
+    namespace: str = ""  # "" for a TokenBudget or a Shared cluster budget
+
+    def __str__(self) -> str:
+        return f"{self.budget}[{self.namespace}]" if self.namespace else str(self.budget)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the engine remembers of a scope from the last evaluation (kept in status)."""
+
+    state: api.State
+    last_spend_time: dt.datetime | None = None

@@ -1,0 +1,145 @@
+"""Operator settings: command-line flags, each with an environment variable default.
+
+Read once at start-up and passed down; nothing below reads the environment.
+Every flag ``--foo-bar`` defaults to ``$TOKENBUDGET_FOO_BAR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "TOKENBUDGET_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    prometheus_url: str = "http://localhost:9090"
+    prometheus_bearer_token_file: str | None = None
+    prometheus_username: str | None = None
+    prometheus_password_file: str | None = None
+    prometheus_ca_file: str | None = None
+    prometheus_insecure_skip_verify: bool = False
+    prometheus_timeout_seconds: float = 20.0
+    interval_seconds: float = 30.0
+    recent_seconds: int = 600
+    namespaces: tuple[str, ...] = ()  # empty: all namespaces
+    dry_run: bool = False
+    log_format: str = "text"
+    verbose: bool = False
+    metrics_port: int = 8080
+    metrics_host: str = "0.0.0.0"
+    health_port: int = 8081
+    peering: str | None = None  # None: standalone; a name: kopf peering between replicas
+    priority: int = 0
+    model_env: tuple[str, ...] = field(
+        default=("LLM_MODEL", "OPENAI_MODEL", "ANTHROPIC_MODEL", "MODEL_NAME")
+    )
+    webhook_port: int = 0  # 0: no webhook server
+    webhook_host: str = "0.0.0.0"
+    webhook_cert_file: str | None = None
+    webhook_key_file: str | None = None
+    webhook_url: str | None = None  # how the API server reaches the webhook (tests, dev)
+    webhook_ca_file: str | None = None
+    id: str | None = None
+
+    @property
+    def auth_kwargs(self) -> dict[str, object]:
+        def _read(path: str | None) -> str | None:
+            if not path:
+                return None
+            with open(path) as f:
+                return f.read().strip()
+
+        return {
+            "bearer_token": _read(self.prometheus_bearer_token_file),
+            "username": self.prometheus_username,
+            "password": _read(self.prometheus_password_file),
+            "ca_file": self.prometheus_ca_file,
+            "insecure_skip_verify": self.prometheus_insecure_skip_verify,
+        }
+
+
+def _env(name: str, default: object) -> object:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+def _bool(value: object) -> bool:
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = Settings()
+    add = p.add_argument
+    add("--prometheus-url", default=_env("prometheus-url", d.prometheus_url),
+        help="Prometheus base URL")
+    add("--prometheus-bearer-token-file", default=_env("prometheus-bearer-token-file", None))
+    add("--prometheus-username", default=_env("prometheus-username", None))
+    add("--prometheus-password-file", default=_env("prometheus-password-file", None))
+    add("--prometheus-ca-file", default=_env("prometheus-ca-file", None))
+    add("--prometheus-insecure-skip-verify", action="store_true",
+        default=_bool(_env("prometheus-insecure-skip-verify", False)))
+    add("--prometheus-timeout-seconds", type=float,
+        default=float(str(_env("prometheus-timeout-seconds", d.prometheus_timeout_seconds))))
+    add("--interval-seconds", type=float,
+        default=float(str(_env("interval-seconds", d.interval_seconds))),
+        help="evaluation interval (default 30)")
+    add("--recent-seconds", type=int, default=int(str(_env("recent-seconds", d.recent_seconds))),
+        help="look-back for the burn rate used in forecasts")
+    add("--namespace", dest="namespaces", action="append",
+        default=[n for n in str(_env("namespaces", "")).split(",") if n],
+        help="watch only this namespace (repeatable); default all")
+    add("--dry-run", action="store_true", default=_bool(_env("dry-run", False)),
+        help="decide and report, touch no workload")
+    add("--log-format", choices=("text", "json"), default=_env("log-format", d.log_format))
+    add("--verbose", action="store_true", default=_bool(_env("verbose", False)))
+    add("--metrics-port", type=int, default=int(str(_env("metrics-port", d.metrics_port))),
+        help="port of /metrics (0: off)")
+    add("--metrics-host", default=_env("metrics-host", d.metrics_host))
+    add("--health-port", type=int, default=int(str(_env("health-port", d.health_port))),
+        help="port of the liveness endpoint /healthz (0: off)")
+    add("--peering", default=_env("peering", None),
+        help="kopf peering name: with several replicas, only one acts")
+    add("--priority", type=int, default=int(str(_env("priority", 0))))
+    add("--model-env", default=_env("model-env", ",".join(d.model_env)),
+        help="comma-separated environment variables that name a container's model")
+    add("--webhook-port", type=int, default=int(str(_env("webhook-port", 0))),
+        help="serve admission webhooks on this port (0: off)")
+    add("--webhook-host", default=_env("webhook-host", d.webhook_host))
+    add("--webhook-cert-file", default=_env("webhook-cert-file", None))
+    add("--webhook-key-file", default=_env("webhook-key-file", None))
+    add("--webhook-url", default=_env("webhook-url", None))
+    add("--webhook-ca-file", default=_env("webhook-ca-file", None))
+    add("--id", default=_env("id", None), help="identity of this replica (peering)")
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        prometheus_url=args.prometheus_url,
+        prometheus_bearer_token_file=args.prometheus_bearer_token_file,
+        prometheus_username=args.prometheus_username,
+        prometheus_password_file=args.prometheus_password_file,
+        prometheus_ca_file=args.prometheus_ca_file,
+        prometheus_insecure_skip_verify=args.prometheus_insecure_skip_verify,
+        prometheus_timeout_seconds=args.prometheus_timeout_seconds,
+        interval_seconds=args.interval_seconds,
+        recent_seconds=args.recent_seconds,
+        namespaces=tuple(args.namespaces),
+        dry_run=args.dry_run,
+        log_format=args.log_format,
+        verbose=args.verbose,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        health_port=args.health_port,
+        peering=args.peering,
+        priority=args.priority,
+        model_env=tuple(x for x in str(args.model_env).split(",") if x),
+        webhook_port=args.webhook_port,
+        webhook_host=args.webhook_host,
+        webhook_cert_file=args.webhook_cert_file,
+        webhook_key_file=args.webhook_key_file,
+        webhook_url=args.webhook_url,
+        webhook_ca_file=args.webhook_ca_file,
+        id=args.id,
+    )
