@@ -31,8 +31,6 @@ class Settings:
     metrics_port: int = 8080
     metrics_host: str = "0.0.0.0"
     health_port: int = 8081
-    peering: str | None = None  # None: standalone; a name: kopf peering between replicas
-    priority: int = 0
     model_env: tuple[str, ...] = field(
         default=("LLM_MODEL", "OPENAI_MODEL", "ANTHROPIC_MODEL", "MODEL_NAME")
     )
@@ -43,6 +41,11 @@ class Settings:
     webhook_url: str | None = None  # how the API server reaches the webhook (tests, dev)
     webhook_ca_file: str | None = None
     id: str | None = None
+    agent_label: str = "tokenbudget.io/agent"
+    lease_namespace: str = "default"
+    lease_name: str = "token-budget-operator"
+    lease_seconds: int = 15
+    status_heartbeat_seconds: int = 300
 
     @property
     def auth_kwargs(self) -> dict[str, object]:
@@ -99,9 +102,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--metrics-host", default=_env("metrics-host", d.metrics_host))
     add("--health-port", type=int, default=int(str(_env("health-port", d.health_port))),
         help="port of the liveness endpoint /healthz (0: off)")
-    add("--peering", default=_env("peering", None),
-        help="kopf peering name: with several replicas, only one acts")
-    add("--priority", type=int, default=int(str(_env("priority", 0))))
     add("--model-env", default=_env("model-env", ",".join(d.model_env)),
         help="comma-separated environment variables that name a container's model")
     add("--webhook-port", type=int, default=int(str(_env("webhook-port", 0))),
@@ -111,7 +111,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--webhook-key-file", default=_env("webhook-key-file", None))
     add("--webhook-url", default=_env("webhook-url", None))
     add("--webhook-ca-file", default=_env("webhook-ca-file", None))
-    add("--id", default=_env("id", None), help="identity of this replica (peering)")
+    add("--id", default=_env("id", None), help="identity of this replica (leader election)")
+    add("--agent-label", default=_env("agent-label", d.agent_label),
+        help="label key that marks agent workloads and pods (watched server-side)")
+    add("--lease-namespace",
+        default=_env("lease-namespace", os.environ.get("POD_NAMESPACE", d.lease_namespace)),
+        help="namespace of the leader-election Lease")
+    add("--lease-name", default=_env("lease-name", d.lease_name))
+    add("--lease-seconds", type=int, default=int(str(_env("lease-seconds", d.lease_seconds))))
+    add("--status-heartbeat-seconds", type=int,
+        default=int(str(_env("status-heartbeat-seconds", d.status_heartbeat_seconds))),
+        help="refresh status.lastEvaluationTime at most this often when nothing changed")
 
 
 def from_args(args: argparse.Namespace) -> Settings:
@@ -132,8 +142,6 @@ def from_args(args: argparse.Namespace) -> Settings:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         health_port=args.health_port,
-        peering=args.peering,
-        priority=args.priority,
         model_env=tuple(x for x in str(args.model_env).split(",") if x),
         webhook_port=args.webhook_port,
         webhook_host=args.webhook_host,
@@ -142,4 +150,9 @@ def from_args(args: argparse.Namespace) -> Settings:
         webhook_url=args.webhook_url,
         webhook_ca_file=args.webhook_ca_file,
         id=args.id,
+        agent_label=args.agent_label,
+        lease_namespace=args.lease_namespace,
+        lease_name=args.lease_name,
+        lease_seconds=args.lease_seconds,
+        status_heartbeat_seconds=args.status_heartbeat_seconds,
     )

@@ -19,6 +19,15 @@ from token_budget.api import v1alpha1 as api
 _DROP = {"title", "discriminator"}
 
 
+def _no_nulls(value: Any) -> Any:
+    """Defaults as the API server wants them: no null members (it type-checks defaults)."""
+    if isinstance(value, dict):
+        return {k: _no_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_no_nulls(v) for v in value]
+    return value
+
+
 def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "$ref" in schema:
         target = defs[schema["$ref"].split("/")[-1]]
@@ -33,7 +42,7 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
         out = {**inner, **_structural(rest, defs)}
         if schema.get("default") is not None:
-            out["default"] = schema["default"]
+            out["default"] = _no_nulls(schema["default"])
         return out
     for key, value in schema.items():
         if key in _DROP or key == "$defs":
@@ -50,6 +59,8 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("fixed-length tuples cannot be expressed in a CRD schema")
         elif key == "default" and value in ((), []):
             continue  # an empty default adds nothing but noise to the schema
+        elif key == "default":
+            out["default"] = _no_nulls(value)
         else:
             out[key] = value
     return out

@@ -41,14 +41,37 @@ def schema_problems(body: dict[str, Any]) -> list[Problem]:
     try:
         api.parse(body)
     except pydantic.ValidationError as exc:
-        found = [(_path(e["loc"]) or "(object)", e["msg"].removeprefix("Value error, "), e["type"])
-                 for e in exc.errors()]
+        found = [(_path(e["loc"]) or "(object)", _must(e), e["type"]) for e in exc.errors()]
         # A list whose only item failed also "has too few items": say only the real cause.
         return [Problem(path, msg) for path, msg, kind in found
                 if not (kind == "too_short" and any(p.startswith(path + "[") for p, _, _ in found))]
     except ValueError as exc:
         return [Problem("(object)", str(exc))]
     return []
+
+
+# pydantic's wording ("Tuple should have at least 1 item", "Extra inputs are not
+# permitted") speaks of Python; these say the same in the API-convention "must" form.
+_MUST = {
+    "missing": "must be set",
+    "extra_forbidden": "must not be set: the API has no such field (check its spelling)",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+    "string_too_short": "must have at least {min_length} character(s)",
+    "string_too_long": "must have at most {max_length} character(s)",
+    "string_pattern_mismatch": "must match the pattern {pattern}",
+    "greater_than_equal": "must be greater than or equal to {ge}",
+    "less_than_equal": "must be less than or equal to {le}",
+    "enum": "must be one of {expected}",
+    "literal_error": "must be {expected}",
+}
+
+
+def _must(error: Any) -> str:
+    template = _MUST.get(error["type"])
+    if template is None:
+        return str(error["msg"]).removeprefix("Value error, ")
+    return template.format(**(error.get("ctx") or {}))
 
 
 def _path(loc: Iterable[Any]) -> str:

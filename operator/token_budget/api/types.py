@@ -34,10 +34,11 @@ def _parse_money(value: Any) -> Decimal:
     # Floats are refused on purpose: 0.1 + 0.2 is not 0.3, and a bill is exact.
     if isinstance(value, Decimal):
         return value
-    if isinstance(value, bool) or isinstance(value, float):
-        raise ValueError("money must be a decimal string such as \"12.50\", not a float")
-    if isinstance(value, int):
-        return Decimal(value)
+    # Bare numbers are refused too: the CRD types money as a string, so the API
+    # server rejects `cost: 300`, and `tokenbudget validate` must say the same.
+    if isinstance(value, bool | int | float):
+        what = {bool: "a boolean", int: "an integer", float: "a float"}[type(value)]
+        raise ValueError(f"money must be a decimal string such as \"12.50\", not {what}")
     if not isinstance(value, str) or not _MONEY_RE.match(value):
         raise ValueError(f"money must be a decimal string such as \"12.50\", got {value!r}")
     try:

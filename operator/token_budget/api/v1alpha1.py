@@ -463,8 +463,12 @@ class WindowStatus(_Base):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     window: str = Field(description="The window, as in spec.")
+    time_zone: str | None = Field(default=None, description="Calendar windows: the time zone.")
     model: str | None = Field(default=None, description="The model filter, as in spec.")
     start_time: dt.datetime | None = Field(default=None, description="When the window began.")
+    reset_time: dt.datetime | None = Field(
+        default=None, description="Calendar windows: when spend starts again from zero."
+    )
     tokens: int = Field(default=0, description="Tokens spent in the window.")
     cost: Money | None = Field(default=None, description="Money spent in the window.")
     limit_tokens: int | None = Field(default=None, description="The token limit.")
@@ -488,6 +492,7 @@ class BudgetStatus(_Base):
     observed_generation: int | None = Field(default=None, description="The generation last acted on.")
     state: State | None = Field(default=None, description="Ok, Warning, Rerouted, Throttled or Blocked.")
     reason: str | None = Field(default=None, description="Why the budget is in this state.")
+    message: str | None = Field(default=None, description="The decision, in words.")
     spend: str | None = Field(default=None, description="Spend in the most used window.")
     limit: str | None = Field(default=None, description="The limit of the most used window.")
     used_percent: int | None = Field(default=None, description="The most used window's percentage.")

@@ -1,0 +1,1 @@
+"""Writing directives to workloads: pure patch computation (the writes go through token_budget.kube)."""

@@ -1,0 +1,340 @@
+"""One evaluation of every budget: gather -> evaluate -> act -> report.
+
+::
+
+    gather (reads only)                       evaluate (pure)        act (writes only diffs)
+    ─────────────────────────────────         ───────────────        ──────────────────────────
+    ModelCatalogs, TokenBudgets,              planner.plan           patches.patch_for per pod
+    ClusterTokenBudgets, Namespaces    ──►    PrometheusSource  ──►  and per workload; scale,
+    agent Pods + workloads (label             .collect (1 query      suspend, restore; Events;
+    selector, server-side), and what          per source+window)     status only when changed
+    the operator marked as enforced           engine.evaluate
+
+Everything the operator must remember lives in the API (status, annotations),
+so a restart in the middle of any step loses nothing: the next evaluation
+reads the state back and converges.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from token_budget.api import rules
+from token_budget.api import v1alpha1 as api
+from token_budget.enforcement import patches
+from token_budget.errors import EnforcementError, TargetNotFound
+from token_budget.handlers import status as statuses
+from token_budget.handlers.telemetry import Telemetry
+from token_budget.kube import (
+    CLUSTERTOKENBUDGETS,
+    CRONJOBS,
+    DEPLOYMENTS,
+    EVENTS,
+    JOBS,
+    MODELCATALOGS,
+    NAMESPACES,
+    PODS,
+    STATEFULSETS,
+    TOKENBUDGETS,
+    WORKLOADS,
+    Kube,
+    Resource,
+)
+from token_budget.metrics.prometheus import PrometheusSource
+from token_budget.policy import engine, planner
+from token_budget.policy.catalog import Catalog
+from token_budget.policy.decisions import SEVERITY, Decision, Directive, Evaluation
+from token_budget.policy.inputs import BudgetKey, Workload, WorkloadKey
+from token_budget.policy.workloads import workload_of
+from token_budget.settings import Settings
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+
+def _key(obj: Mapping[str, Any]) -> WorkloadKey:
+    meta = obj.get("metadata") or {}
+    return WorkloadKey(str(obj.get("kind")), str(meta.get("namespace", "")), str(meta.get("name")))
+
+
+@dataclass
+class Gathered:
+    catalogs: list[api.ModelCatalog] = field(default_factory=list)
+    budgets: list[api.Budget] = field(default_factory=list)
+    budget_bodies: dict[BudgetKey, Obj] = field(default_factory=dict)
+    invalid: list[tuple[Obj, list[str]]] = field(default_factory=list)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    objects: dict[WorkloadKey, Obj] = field(default_factory=dict)  # pods and workloads
+    top: dict[WorkloadKey, WorkloadKey] = field(default_factory=dict)  # object -> governed unit
+    workloads: list[Workload] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """What one evaluation did (for tests, logs and the benchmarks)."""
+
+    evaluation: Evaluation | None = None
+    writes: int = 0
+    status_writes: int = 0
+    workload_writes: int = 0
+    queries: int = 0
+    seconds: float = 0.0
+    started: dt.datetime | None = None
+
+
+class Evaluator:
+    """Runs evaluations; owns nothing but clients: all state is read from the API."""
+
+    def __init__(self, kube: Kube, source: PrometheusSource, settings: Settings,
+                 telemetry: Telemetry | None = None,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+        self.kube = kube
+        self.source = source
+        self.settings = settings
+        self.telemetry = telemetry or Telemetry(None)
+        self.clock = clock
+
+    # -- gather ------------------------------------------------------------------
+
+    def _namespaces(self) -> list[str | None]:
+        return list(self.settings.namespaces) or [None]
+
+    def _list(self, res: Resource, selector: str | None = None) -> list[Obj]:
+        out: list[Obj] = []
+        for ns in (self._namespaces() if res.namespaced else [None]):
+            out += self.kube.list(res, ns, selector)
+        return out
+
+    def gather(self) -> Gathered:
+        g = Gathered()
+        for body in self.kube.list(MODELCATALOGS):
+            try:
+                g.catalogs.append(api.ModelCatalog.model_validate(body))
+            except pydantic.ValidationError as exc:
+                log.warning("ModelCatalog %s is invalid and ignored: %s",
+                            body["metadata"]["name"], exc.errors()[:1])
+        catalog_models = [m for c in g.catalogs for m in c.spec.models]
+        for res in (TOKENBUDGETS, CLUSTERTOKENBUDGETS):
+            for body in self._list(res):
+                if (body.get("metadata") or {}).get("deletionTimestamp"):
+                    continue  # being deleted: its effects are undone by leaving it out
+                found = [str(p) for p in rules.schema_problems(body)]
+                if not found:
+                    obj = api.parse(body)
+                    found = [str(p) for p in rules.problems(obj, catalog_models or None)]
+                    if not found:
+                        assert not isinstance(obj, api.ModelCatalog)
+                        g.budgets.append(obj)
+                        g.budget_bodies[BudgetKey.of(obj)] = body
+                        continue
+                g.invalid.append((body, found))
+        for body in self.kube.list(NAMESPACES):
+            name = body["metadata"]["name"]
+            if self.settings.namespaces and name not in self.settings.namespaces:
+                continue
+            g.namespaces[name] = dict(body["metadata"].get("labels") or {})
+        self._gather_workloads(g)
+        return g
+
+    def _gather_workloads(self, g: Gathered) -> None:
+        label = self.settings.agent_label
+        for res in (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS):
+            for selector in (label, patches.ENFORCED_LABEL):
+                for obj in self._list(res, selector):
+                    g.objects[_key(obj)] = obj
+        units: set[WorkloadKey] = set()
+        for key, obj in g.objects.items():
+            g.top[key] = self._owner(key, obj, g.objects)
+        for key, obj in g.objects.items():
+            unit = g.top[key]
+            if unit == key and unit not in units:
+                units.add(unit)
+                w = workload_of(obj, self.settings.model_env)
+                if w is not None:
+                    g.workloads.append(w)
+
+    @staticmethod
+    def _owner(key: WorkloadKey, obj: Obj, objects: Mapping[WorkloadKey, Obj]) -> WorkloadKey:
+        """The governed unit an object belongs to (itself when it has no listed owner)."""
+        meta = obj.get("metadata") or {}
+        for ref in meta.get("ownerReferences") or []:
+            kind, name = ref.get("kind"), str(ref.get("name"))
+            if kind == "ReplicaSet":
+                pth = (meta.get("labels") or {}).get("pod-template-hash")
+                if pth and name.endswith("-" + pth):
+                    dep = WorkloadKey("Deployment", key.namespace, name[: -len(pth) - 1])
+                    if dep in objects:
+                        return dep
+            elif kind in ("StatefulSet", "Job", "CronJob"):
+                parent = WorkloadKey(kind, key.namespace, name)
+                if parent in objects:
+                    return Evaluator._owner(parent, objects[parent], objects)
+        return key
+
+    # -- evaluate ----------------------------------------------------------------
+
+    def run_once(self) -> Outcome:
+        """One full evaluation. Raises only on programming errors."""
+        started = time.monotonic()
+        now = self.clock()
+        before = self.kube.counters.writes
+        queries_before = self.source.stats.queries
+        g = self.gather()
+        catalog = Catalog(g.catalogs)
+        memory: dict[Any, Any] = {}
+        for b in g.budgets:
+            memory.update(statuses.memory_of(b, BudgetKey.of))
+        world = engine.World(budgets=g.budgets, catalog=catalog, namespaces=g.namespaces,
+                             workloads=g.workloads, memory=memory)
+        plan = planner.plan(g.budgets, now, self.settings.recent_seconds)
+        snapshot = self.source.collect(plan, now)
+        result = engine.evaluate(world, snapshot, now)
+        out = Outcome(evaluation=result, started=now)
+        enforced = self.act(g, result, now)
+        out.workload_writes = self.kube.counters.writes - before
+        out.status_writes = self.report(g, result, catalog.currency, enforced, now)
+        out.writes = self.kube.counters.writes - before
+        out.queries = self.source.stats.queries - queries_before
+        out.seconds = time.monotonic() - started
+        self.telemetry.observe(result, out.seconds)
+        log.info("evaluated %d budget(s), %d scope(s), %d workload(s) in %.2fs: %d PromQL "
+                 "queries, %d writes", len(g.budgets), len(result.decisions), len(g.workloads),
+                 out.seconds, out.queries, out.writes)
+        return out
+
+    # -- act ---------------------------------------------------------------------
+
+    def act(self, g: Gathered, result: Evaluation, now: dt.datetime) -> dict[str, int]:
+        """Patch every object whose directive differs; counts of enforced units per budget."""
+        enforced: dict[str, int] = {}
+        for unit, d in result.directives.items():
+            enforced[d.budget] = enforced.get(d.budget, 0) + 1
+        if self.settings.dry_run:
+            return enforced
+        for key, obj in sorted(g.objects.items()):
+            unit = g.top[key]
+            if unit in result.held:
+                continue  # Hold: spend unknown, keep what the workload has
+            directive = result.directives.get(unit)
+            self._apply(key, obj, directive, now)
+        return enforced
+
+    def _apply(self, key: WorkloadKey, obj: Obj, directive: Directive | None,
+               now: dt.datetime) -> None:
+        patch = patches.patch_for(obj, directive, now, may_scale=key.kind != "Pod")
+        if patch is None:
+            return
+        res = WORKLOADS[key.kind]
+        spec = obj.get("spec") or {}
+        ann = (obj.get("metadata") or {}).get("annotations") or {}
+        drift = (directive is not None and directive.blocked and
+                 (patches.PREVIOUS_REPLICAS in ann and spec.get("replicas", 1) != 0
+                  or patches.PREVIOUS_SUSPEND in ann and not spec.get("suspend", False)))
+        try:
+            self.kube.patch(res, key.namespace, key.name, patch)
+        except TargetNotFound:
+            return  # gone since we listed it: nothing to enforce
+        except EnforcementError as exc:
+            log.warning("cannot enforce on %s: %s", key, exc)
+            self.telemetry.enforcement_error(key.kind)
+            return
+        self.telemetry.action(key.kind, directive.state.value if directive else "Removed")
+        if key.kind == "Pod":
+            return
+        text = patches.describe(patch)
+        if drift:
+            self.event(obj, "Warning", "DriftCorrected",
+                       f"blocked by {directive.budget if directive else '?'}: {text} again")
+        elif "spec" in patch:
+            kind = "Warning" if directive is not None and directive.blocked else "Normal"
+            reason = "Blocked" if kind == "Warning" else "Restored"
+            by = f" by {directive.budget}" if directive is not None else ""
+            self.event(obj, kind, reason, f"{reason}{by}: {text}")
+
+    # -- report ------------------------------------------------------------------
+
+    def report(self, g: Gathered, result: Evaluation, currency: str, enforced: dict[str, int],
+               now: dt.datetime) -> int:
+        writes = 0
+        by_budget: dict[BudgetKey, list[Decision]] = {}
+        for d in result.decisions:
+            by_budget.setdefault(d.scope.budget, []).append(d)
+        for budget in g.budgets:
+            key = BudgetKey.of(budget)
+            body = g.budget_bodies[key]
+            decisions = by_budget.get(key, [])
+            name = f"{key.kind}/{key}"
+            new = statuses.budget_status(budget, decisions, currency, now,
+                                         enforced.get(name, 0), body.get("status"))
+            old = body.get("status") or {}
+            if statuses.changed(old, new, now, self.settings.status_heartbeat_seconds):
+                writes += self._write_status(body, old, new)
+            self._transition_events(body, old, decisions)
+        for body, found in g.invalid:
+            old = body.get("status") or {}
+            new = statuses.invalid_status(body, found, now)
+            if statuses.changed(old, new, now, self.settings.status_heartbeat_seconds):
+                writes += self._write_status(body, old, new)
+                self.event(body, "Warning", "InvalidSpec", "; ".join(found)[:1000])
+        return writes
+
+    def _write_status(self, body: Obj, old: Obj, new: Obj) -> int:
+        res = TOKENBUDGETS if body.get("kind") == "TokenBudget" else CLUSTERTOKENBUDGETS
+        meta = body["metadata"]
+        try:
+            self.kube.patch(res, meta.get("namespace"), meta["name"],
+                            statuses.status_patch(old, new), sub="status")
+        except TargetNotFound:
+            return 0
+        except EnforcementError as exc:
+            log.warning("cannot write status of %s %s: %s", body.get("kind"), meta["name"], exc)
+            return 0
+        return 1
+
+    def _transition_events(self, body: Obj, old: Obj, decisions: Iterable[Decision]) -> None:
+        old_states = {"": old.get("state")}
+        for ns in old.get("namespaces") or []:
+            old_states[ns.get("namespace", "")] = ns.get("state")
+        for d in decisions:
+            was = old_states.get(d.scope.namespace) or old.get("state")
+            if was == d.state.value:
+                continue
+            if was is None and d.state is api.State.OK:
+                continue  # first evaluation of a healthy budget: nothing to announce
+            kind = "Warning" if SEVERITY[d.state] >= SEVERITY[api.State.REROUTED] else "Normal"
+            scope = f" in {d.scope.namespace}" if d.scope.namespace else ""
+            self.event(body, kind, d.state.value,
+                       f"{was or 'new'} -> {d.state.value}{scope}: {d.message}")
+            self.telemetry.transition(d.state.value)
+
+    def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about ``obj`` (cluster-scoped objects: in ``default``)."""
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace") or "default"
+        now = self.clock().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name', 'object')}.", "namespace": ns},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+                "name": meta.get("name"), "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": reason, "message": message[:1024], "type": type_,
+            "source": {"component": "token-budget-operator"},
+            "reportingComponent": "tokenbudget.io/operator",
+            "reportingInstance": self.settings.id or "token-budget-operator",
+            "firstTimestamp": now, "lastTimestamp": now, "eventTime": now,
+            "action": reason, "count": 1,
+        }
+        try:
+            self.kube.create(EVENTS, ns, body)
+        except EnforcementError as exc:
+            log.warning("cannot record event %s on %s: %s", reason, meta.get("name"), exc)

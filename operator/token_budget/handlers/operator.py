@@ -1,0 +1,272 @@
+"""The running operator: kopf handlers, workload watchers, leader election, the loop.
+
+Who does what::
+
+    kopf (events on budgets, catalogs, namespaces) ─┐
+    label-selected watches (agent pods, workloads) ─┼─► trigger ─► evaluation loop (leader only)
+    timer: every --interval-seconds ────────────────┘                 │
+                                                                      ▼
+                                                   Evaluator.run_once (in a worker thread)
+
+Budgets carry a finalizer: on deletion the leader runs an evaluation that
+leaves the budget out (which restores every workload it governed) and only
+then lets the budget go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from token_budget.api.v1alpha1 import GROUP, VERSION
+from token_budget.enforcement import patches
+from token_budget.handlers.evaluation import Evaluator, Outcome
+from token_budget.handlers.leader import LeaderElector
+from token_budget.handlers.telemetry import Telemetry
+from token_budget.kube import CRONJOBS, DEPLOYMENTS, JOBS, PODS, STATEFULSETS, Kube, api_client
+from token_budget.metrics.prometheus import Auth, PrometheusSource
+from token_budget.settings import Settings, from_args
+
+log = logging.getLogger(__name__)
+registry = kopf.OperatorRegistry()
+FINALIZER = f"{GROUP}/finalizer"
+DEBOUNCE_SECONDS = 0.5
+
+
+@dataclass
+class Runtime:
+    """Everything the handlers share (kept in kopf's memo)."""
+
+    settings: Settings
+    kube: Kube
+    evaluator: Evaluator
+    elector: LeaderElector
+    loop: asyncio.AbstractEventLoop | None = None
+    trigger: asyncio.Event = field(default_factory=asyncio.Event)
+    evaluated: asyncio.Condition = field(default_factory=asyncio.Condition)
+    last_started: float = 0.0
+    last_finished: float = 0.0
+    last_ok: bool = False
+    last_outcome: Outcome | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def poke(self) -> None:
+        """Ask for an evaluation soon; safe from any thread."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.trigger.set)
+
+    async def wait_evaluated_after(self, t: float, timeout: float) -> bool:
+        async with self.evaluated:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.evaluated.wait_for(lambda: self.last_started > t and self.last_ok),
+                    timeout)
+            return self.last_started > t and self.last_ok
+
+
+_runtime: Runtime | None = None
+
+
+def _rt(memo: Any) -> Runtime:
+    rt = getattr(memo, "runtime", None) or _runtime
+    assert rt is not None, "the operator runtime is not initialised"
+    return rt
+
+
+# ---------------------------------------------------------------------------
+# kopf handlers: every change to what decides triggers an evaluation
+# ---------------------------------------------------------------------------
+
+
+@kopf.on.startup(registry=registry)
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+
+
+@kopf.on.login(registry=registry, id="login")
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # In-cluster service account first, then $KUBECONFIG / ~/.kube/config: the same
+    # order as the kubernetes client, so kopf and our own requests act as one identity.
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
+    return info or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.event(GROUP, VERSION, "tokenbudgets", registry=registry, id="tokenbudget-changed")
+@kopf.on.event(GROUP, VERSION, "clustertokenbudgets", registry=registry,
+               id="clustertokenbudget-changed")
+@kopf.on.event(GROUP, VERSION, "modelcatalogs", registry=registry, id="modelcatalog-changed")
+def budget_changed(memo: Any, type: str | None, body: Any, **_: Any) -> None:
+    # Our own status writes also arrive here; they change no decision input, so only
+    # spec changes (a new generation) and deletions wake the loop early.
+    meta = body.get("metadata", {})
+    status = body.get("status") or {}
+    if type == "DELETED" or meta.get("deletionTimestamp") or \
+            status.get("observedGeneration") != meta.get("generation"):
+        _rt(memo).poke()
+
+
+@kopf.on.event("", "v1", "namespaces", registry=registry, id="namespace-changed")
+def namespace_changed(memo: Any, type: str | None, body: Any, **_: Any) -> None:
+    # Namespaces change often (status, annotations); only their labels pick budgets.
+    rt = _rt(memo)
+    name = body.get("metadata", {}).get("name", "")
+    labels = dict(body.get("metadata", {}).get("labels") or {})
+    if type == "DELETED":
+        rt.namespace_labels.pop(name, None)
+        rt.poke()
+    elif rt.namespace_labels.get(name) != labels:
+        rt.namespace_labels[name] = labels
+        rt.poke()
+
+
+@kopf.on.delete(GROUP, VERSION, "tokenbudgets", registry=registry, id="tokenbudget-undo")
+@kopf.on.delete(GROUP, VERSION, "clustertokenbudgets", registry=registry,
+                id="clustertokenbudget-undo")
+async def budget_deleted(memo: Any, name: str, **_: Any) -> None:
+    """Hold the finalizer until an evaluation without this budget has restored its workloads."""
+    rt = _rt(memo)
+    if not rt.elector.is_leader:
+        raise kopf.TemporaryError("the active replica undoes this budget's effects", delay=3)
+    asked = time.monotonic()
+    rt.poke()
+    if not await rt.wait_evaluated_after(asked, timeout=60):
+        raise kopf.TemporaryError(f"workloads governed by {name} are not restored yet", delay=5)
+
+
+# ---------------------------------------------------------------------------
+# label-selected watches on workloads (kopf cannot select server-side)
+# ---------------------------------------------------------------------------
+
+
+def _watch(rt: Runtime, res: Any, selector: str) -> None:
+    """Poke the loop on every change of matching objects; re-watch on errors."""
+    kube = rt.kube
+    while not rt.stop.is_set():
+        try:
+            version = None
+            data = kube.request("GET", res.path(), {"labelSelector": selector, "limit": 1})
+            version = (data.get("metadata") or {}).get("resourceVersion")
+            for _event in kube.stream(res.path(), {"labelSelector": selector, "watch": "true",
+                                                    "resourceVersion": version,
+                                                    "allowWatchBookmarks": "false",
+                                                    "timeoutSeconds": 240}, rt.stop):
+                rt.poke()
+        except Exception as exc:  # noqa: BLE001 - a watch must survive anything
+            log.debug("watch of %s (%s) restarts: %s", res.plural, selector, exc)
+            rt.stop.wait(2)
+
+
+# ---------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------
+
+
+async def evaluation_loop(rt: Runtime) -> None:
+    interval = rt.settings.interval_seconds
+    while True:
+        if rt.elector.is_leader:
+            started = time.monotonic()
+            ok = False
+            try:
+                rt.last_outcome = await asyncio.to_thread(rt.evaluator.run_once)
+                ok = True
+            except Exception:
+                log.exception("evaluation failed; retrying at the next interval")
+            async with rt.evaluated:
+                rt.last_started, rt.last_finished, rt.last_ok = started, time.monotonic(), ok
+                rt.evaluated.notify_all()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rt.trigger.wait(), timeout=interval)
+        rt.trigger.clear()
+        await asyncio.sleep(DEBOUNCE_SECONDS)  # let a burst of events settle into one run
+
+
+async def _leadership_watcher(rt: Runtime) -> None:
+    """Wake the loop as soon as this replica becomes the leader."""
+    while True:
+        await asyncio.to_thread(rt.elector.changed.wait, 1.0)
+        if rt.elector.changed.is_set():
+            rt.elector.changed.clear()
+            rt.poke()
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    kube = Kube(api_client())
+    telemetry = Telemetry(None)
+    source = PrometheusSource(settings.prometheus_url, Auth(**settings.auth_kwargs),  # type: ignore[arg-type]
+                              settings.prometheus_timeout_seconds, on_query=telemetry.query)
+    evaluator = Evaluator(kube, source, settings, telemetry)
+    identity = settings.id or f"{socket.gethostname()}-{os.getpid()}"
+    elector = LeaderElector(kube, settings.lease_namespace, settings.lease_name, identity,
+                            settings.lease_seconds)
+    return Runtime(settings=settings, kube=kube, evaluator=evaluator, elector=elector)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until cancelled."""
+    global _runtime
+    rt = build_runtime(settings)
+    rt.loop = asyncio.get_running_loop()
+    _runtime = rt
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, settings.metrics_host,
+                          registry=rt.evaluator.telemetry.registry)
+    threads = [threading.Thread(target=rt.elector.run, name="leader", daemon=True)]
+    for res in (PODS, DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS):
+        for selector in (settings.agent_label, patches.ENFORCED_LABEL):
+            threads.append(threading.Thread(target=_watch, args=(rt, res, selector),
+                                            name=f"watch-{res.plural}", daemon=True))
+    for t in threads:
+        t.start()
+    memo = kopf.Memo(runtime=rt)
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    tasks = [
+        asyncio.create_task(kopf.operator(
+            registry=registry, memo=memo, standalone=True,
+            clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
+            liveness_endpoint=liveness)),
+        asyncio.create_task(evaluation_loop(rt)),
+        asyncio.create_task(_leadership_watcher(rt)),
+    ]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            t.result()
+    finally:
+        rt.stop.set()
+        rt.elector.stop()
+        for t in tasks:
+            t.cancel()
+        rt.elector.release()
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = from_args(args)
+    kopf.configure(verbose=settings.verbose,
+                   log_format=kopf.LogFormat.JSON if settings.log_format == "json"
+                   else kopf.LogFormat.PLAIN)
+    log.info("token-budget-operator starting at %s: prometheus=%s interval=%ss dry-run=%s",
+             dt.datetime.now(dt.UTC).isoformat(), settings.prometheus_url,
+             settings.interval_seconds, settings.dry_run)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+    return 0

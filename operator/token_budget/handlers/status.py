@@ -1,0 +1,194 @@
+"""A budget's status from its decisions: pure, so "write only when changed" is exact.
+
+:func:`budget_status` builds the whole status (conditions included, because a
+merge-patch replaces arrays whole) and :func:`changed` says whether it differs
+from what the API holds, ignoring ``lastEvaluationTime`` until the heartbeat
+is due, so a quiet evaluation writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from token_budget.api import conditions as cond
+from token_budget.api import v1alpha1 as api
+from token_budget.api.types import format_money, utc
+from token_budget.policy import engine
+from token_budget.policy.decisions import SEVERITY, Decision
+from token_budget.policy.inputs import Memory, ScopeKey
+
+
+def _time(value: dt.datetime | None) -> str | None:
+    return utc(value).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
+
+
+def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
+    """What the engine remembers of a budget, read back from its status."""
+    st = budget.status
+    if st is None or st.state is None:
+        return {}
+    budget_key = key_of(budget)
+    out = {ScopeKey(budget_key): Memory(st.state, st.last_spend_time)}
+    for ns in st.namespaces:
+        out[ScopeKey(budget_key, ns.namespace)] = Memory(ns.state, st.last_spend_time)
+    return out
+
+
+def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,
+                  now: dt.datetime, enforced: int, old: dict[str, Any] | None) -> dict[str, Any]:
+    """The full status of a budget after an evaluation."""
+    old = old or {}
+    generation = budget.metadata.generation
+    old_conditions = (budget.status.conditions if budget.status else ())
+    worst = max(decisions, key=lambda d: (SEVERITY[d.state], d.worst_window.used_percent
+                                          if d.worst_window else Decimal(-1)), default=None)
+    status: dict[str, Any] = {"observedGeneration": generation}
+    conds = old_conditions
+    if worst is None:
+        status.update(state=api.State.OK.value, reason="NoNamespaces",
+                      message="no namespace matches the namespaceSelector")
+        conds = cond.set_condition(conds, cond.READY, True, "NoNamespaces",
+                                   "the budget is valid; no namespace matches it yet", now,
+                                   generation)
+        conds = cond.set_condition(conds, cond.METRICS_AVAILABLE, cond.Status.UNKNOWN,
+                                   "NoNamespaces", "nothing to read", now, generation)
+        conds = cond.set_condition(conds, cond.ENFORCING, False, "NoNamespaces",
+                                   "no workload is governed", now, generation)
+        status["conditions"] = [c.model_dump(mode="json", by_alias=True) for c in conds]
+        status["enforcedWorkloads"] = 0
+        status["lastEvaluationTime"] = _time(now)
+        return status
+
+    status["state"] = worst.state.value
+    status["reason"] = worst.reason
+    status["message"] = worst.message
+    w = worst.worst_window
+    if w is not None:
+        spend, limit = engine.describe(w, currency)
+        status.update(spend=spend, limit=limit, usedPercent=int(w.used_percent))
+        status["windows"] = [
+            {k: v for k, v in {
+                "window": u.window, "timeZone": u.time_zone if u.resets_at else None,
+                "model": u.model,
+                # A rolling window's start moves with every evaluation: derivable, not stored.
+                "startTime": _time(u.start) if u.resets_at else None,
+                "resetTime": _time(u.resets_at),
+                "tokens": u.tokens, "cost": format_money(u.cost.quantize(Decimal("0.0001"))),
+                "limitTokens": u.limit_tokens,
+                "limitCost": format_money(u.limit_cost) if u.limit_cost is not None else None,
+                "usedPercent": int(u.used_percent),
+            }.items() if v is not None}
+            for u in worst.windows
+        ]
+    else:
+        for key in ("spend", "limit", "usedPercent", "windows"):
+            if key in old:
+                status[key] = old[key]
+    if len(decisions) > 1 or decisions[0].scope.namespace:
+        status["namespaces"] = [
+            {"namespace": d.scope.namespace, "state": d.state.value,
+             "usedPercent": int(d.worst_window.used_percent) if d.worst_window else 0}
+            for d in decisions
+        ]
+    run_outs = [d.run_out for d in decisions if d.run_out is not None]
+    status["projectedRunOutTime"] = _time(min(run_outs)) if run_outs else None
+    cpos = [d.cost_per_outcome for d in decisions if d.cost_per_outcome is not None]
+    status["costPerOutcome"] = format_money(max(cpos).quantize(Decimal("0.0001"))) if cpos else None
+    status["enforcedWorkloads"] = enforced
+    known = all(d.spend_known for d in decisions)
+    status["lastSpendTime"] = _time(now) if known else old.get("lastSpendTime")
+    status["lastEvaluationTime"] = _time(now)
+
+    conds = cond.set_condition(conds, cond.READY, True, "Evaluated",
+                               "the budget is valid and evaluated", now, generation)
+    if known:
+        conds = cond.set_condition(conds, cond.METRICS_AVAILABLE, True, "SpendRead",
+                                   "spend was read for every window", now, generation)
+    else:
+        errors = sorted({d.spend_error or "" for d in decisions if not d.spend_known})
+        reason = "QueryReturnedNoData" if any("no " in e and "series" in e for e in errors) \
+            else "SpendUnavailable"
+        conds = cond.set_condition(conds, cond.METRICS_AVAILABLE, False, reason,
+                                   "; ".join(errors)[:1000], now, generation)
+    unpriced = sorted({m for d in decisions for m in d.unpriced_models})
+    if unpriced:
+        status["message"] += f"; models without a catalog price count as zero cost: " \
+                             f"{', '.join(unpriced)}"
+    dry = any(d.dry_run for d in decisions)
+    restrictive = SEVERITY[worst.state] > 0
+    if dry:
+        conds = cond.set_condition(conds, cond.ENFORCING, False, "DryRun",
+                                   f"DryRun: would be {worst.state.value}; no workload is "
+                                   "changed", now, generation)
+    elif restrictive:
+        conds = cond.set_condition(conds, cond.ENFORCING, True, worst.state.value,
+                                   f"{enforced} workload(s) carry the {worst.state.value} "
+                                   "directive", now, generation)
+    else:
+        conds = cond.set_condition(conds, cond.ENFORCING, False, "WithinBudget",
+                                   f"{enforced} workload(s) governed; nothing restricted", now,
+                                   generation)
+    status["conditions"] = [c.model_dump(mode="json", by_alias=True) for c in conds]
+    return status
+
+
+def invalid_status(budget_body: dict[str, Any], problems: Sequence[str],
+                   now: dt.datetime) -> dict[str, Any]:
+    """Status of a budget whose spec cannot be used: Ready=False, nothing enforced."""
+    meta = budget_body.get("metadata") or {}
+    generation = meta.get("generation")
+    raw = (budget_body.get("status") or {}).get("conditions") or []
+    old = []
+    for c in raw:
+        try:
+            old.append(cond.Condition.model_validate(c))
+        except ValueError:
+            continue
+    message = "; ".join(problems)[:2000]
+    conds = cond.set_condition(old, cond.READY, False, "InvalidSpec", message, now, generation)
+    return {
+        "observedGeneration": generation,
+        "reason": "InvalidSpec",
+        "message": message,
+        "conditions": [c.model_dump(mode="json", by_alias=True) for c in conds],
+        "lastEvaluationTime": _time(now),
+    }
+
+
+_VOLATILE = ("lastEvaluationTime", "lastSpendTime")
+
+
+def changed(old: dict[str, Any] | None, new: dict[str, Any], now: dt.datetime,
+            heartbeat_seconds: int) -> bool:
+    """Whether ``new`` must be written over ``old``.
+
+    Timestamps that move every evaluation are written only with a real change
+    or once the heartbeat is due.
+    """
+    old = old or {}
+
+    def stable(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in _VOLATILE and v is not None}
+
+    if stable(old) != stable(new):
+        return True
+    last = old.get("lastEvaluationTime")
+    if not last:
+        return True
+    try:
+        then = dt.datetime.fromisoformat(str(last).replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    return (utc(now) - then).total_seconds() >= heartbeat_seconds
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A merge-patch from ``old`` to ``new``: keys that vanished become null."""
+    patch = dict(new)
+    for key in old or {}:
+        if key not in new:
+            patch[key] = None
+    return {"status": patch}

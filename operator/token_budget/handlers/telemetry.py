@@ -1,0 +1,93 @@
+"""The operator's own metrics on ``/metrics`` (prometheus_client, its own registry).
+
+==========================================  ===============================================
+tokenbudget_spend_tokens                    tokens spent per budget, scope and window
+tokenbudget_spend_cost                      money spent per budget, scope and window
+tokenbudget_limit_tokens / _limit_cost      the limits
+tokenbudget_utilization_ratio               spend / limit (1.0 = at the limit)
+tokenbudget_state                           1 for the scope's current state, 0 otherwise
+tokenbudget_actions_total                   writes to workloads, by kind and resulting state
+tokenbudget_transitions_total               budget state transitions, by new state
+tokenbudget_enforcement_errors_total        failed writes to workloads
+tokenbudget_evaluation_duration_seconds     one whole evaluation
+tokenbudget_promql_queries_total            by kind (spend, recent, outcome) and result
+tokenbudget_promql_query_duration_seconds
+==========================================  ===============================================
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from token_budget.api import v1alpha1 as api
+from token_budget.policy.decisions import Evaluation
+
+_LABELS = ("kind", "budget_namespace", "budget", "scope", "window")
+
+
+class Telemetry:
+    """Metrics of one operator process. ``registry=None`` makes a private registry (tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
+        self.spend_tokens = Gauge("tokenbudget_spend_tokens", "Tokens spent in the window.",
+                                  _LABELS, registry=r)
+        self.spend_cost = Gauge("tokenbudget_spend_cost", "Money spent in the window.",
+                                _LABELS, registry=r)
+        self.limit_tokens = Gauge("tokenbudget_limit_tokens", "Token limit of the window.",
+                                  _LABELS, registry=r)
+        self.limit_cost = Gauge("tokenbudget_limit_cost", "Money limit of the window.",
+                                _LABELS, registry=r)
+        self.utilization = Gauge("tokenbudget_utilization_ratio",
+                                 "Spend over limit (1 = at the limit).", _LABELS, registry=r)
+        self.state = Gauge("tokenbudget_state", "1 for the current state of a budget scope.",
+                           ("kind", "budget_namespace", "budget", "scope", "state"), registry=r)
+        self.actions = Counter("tokenbudget_actions_total", "Writes to workloads.",
+                               ("workload_kind", "state"), registry=r)
+        self.transitions = Counter("tokenbudget_transitions_total",
+                                   "Budget state transitions.", ("state",), registry=r)
+        self.enforcement_errors = Counter("tokenbudget_enforcement_errors_total",
+                                          "Failed writes to workloads.", ("workload_kind",),
+                                          registry=r)
+        self.duration = Histogram("tokenbudget_evaluation_duration_seconds",
+                                  "Duration of one evaluation of every budget.", registry=r,
+                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.queries = Counter("tokenbudget_promql_queries_total", "PromQL queries sent.",
+                               ("query", "result"), registry=r)
+        self.query_seconds = Histogram("tokenbudget_promql_query_duration_seconds",
+                                       "Duration of one PromQL query.", ("query",), registry=r)
+
+    def query(self, kind: str, seconds: float, ok: bool) -> None:
+        self.queries.labels(kind, "success" if ok else "error").inc()
+        self.query_seconds.labels(kind).observe(seconds)
+
+    def action(self, workload_kind: str, state: str) -> None:
+        self.actions.labels(workload_kind, state).inc()
+
+    def enforcement_error(self, workload_kind: str) -> None:
+        self.enforcement_errors.labels(workload_kind).inc()
+
+    def transition(self, state: str) -> None:
+        self.transitions.labels(state).inc()
+
+    def observe(self, result: Evaluation, seconds: float) -> None:
+        self.duration.observe(seconds)
+        for g in (self.spend_tokens, self.spend_cost, self.limit_tokens, self.limit_cost,
+                  self.utilization, self.state):
+            g.clear()  # budgets come and go: only current series are exported
+        for d in result.decisions:
+            b = d.scope.budget
+            for s in api.State:
+                self.state.labels(b.kind, b.namespace, b.name, d.scope.namespace,
+                                  s.value).set(1 if s is d.state else 0)
+            for w in d.windows:
+                labels = (b.kind, b.namespace, b.name, d.scope.namespace,
+                          w.window + (f"({w.model})" if w.model else ""))
+                self.spend_tokens.labels(*labels).set(w.tokens)
+                self.spend_cost.labels(*labels).set(float(w.cost))
+                if w.limit_tokens is not None:
+                    self.limit_tokens.labels(*labels).set(w.limit_tokens)
+                if w.limit_cost is not None:
+                    self.limit_cost.labels(*labels).set(float(w.limit_cost))
+                self.utilization.labels(*labels).set(float(w.used_percent) / 100)
