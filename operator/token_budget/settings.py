@@ -45,7 +45,7 @@ class Settings:
     lease_namespace: str = "default"
     lease_name: str = "token-budget-operator"
     lease_seconds: int = 15
-    status_heartbeat_seconds: int = 300
+    status_heartbeat_seconds: int = 60
 
     @property
     def auth_kwargs(self) -> dict[str, object]:

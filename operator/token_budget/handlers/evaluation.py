@@ -204,6 +204,7 @@ class Evaluator:
         out.queries = self.source.stats.queries - queries_before
         out.seconds = time.monotonic() - started
         self.telemetry.observe(result, out.seconds)
+        self.telemetry.api(dict(self.kube.counters.by_verb))
         log.info("evaluated %d budget(s), %d scope(s), %d workload(s) in %.2fs: %d PromQL "
                  "queries, %d writes", len(g.budgets), len(result.decisions), len(g.workloads),
                  out.seconds, out.queries, out.writes)
@@ -239,6 +240,7 @@ class Evaluator:
                   or patches.PREVIOUS_SUSPEND in ann and not spec.get("suspend", False)))
         try:
             self.kube.patch(res, key.namespace, key.name, patch)
+            log.info("%s: %s", key, patches.describe(patch))
         except TargetNotFound:
             return  # gone since we listed it: nothing to enforce
         except EnforcementError as exc:
@@ -291,6 +293,8 @@ class Evaluator:
         try:
             self.kube.patch(res, meta.get("namespace"), meta["name"],
                             statuses.status_patch(old, new), sub="status")
+            log.info("status of %s %s: %s (%s%%)", body.get("kind"), meta["name"],
+                     new.get("state"), new.get("usedPercent"))
         except TargetNotFound:
             return 0
         except EnforcementError as exc:

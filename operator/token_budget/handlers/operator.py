@@ -216,7 +216,8 @@ def build_runtime(settings: Settings) -> Runtime:
                               settings.prometheus_timeout_seconds, on_query=telemetry.query)
     evaluator = Evaluator(kube, source, settings, telemetry)
     identity = settings.id or f"{socket.gethostname()}-{os.getpid()}"
-    elector = LeaderElector(kube, settings.lease_namespace, settings.lease_name, identity,
+    # The elector gets its own request counters: Lease renewals are not evaluation writes.
+    elector = LeaderElector(Kube(kube.client), settings.lease_namespace, settings.lease_name, identity,
                             settings.lease_seconds)
     return Runtime(settings=settings, kube=kube, evaluator=evaluator, elector=elector)
 

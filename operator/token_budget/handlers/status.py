@@ -158,22 +158,38 @@ def invalid_status(budget_body: dict[str, Any], problems: Sequence[str],
     }
 
 
-_VOLATILE = ("lastEvaluationTime", "lastSpendTime")
+# Fields that move with every evaluation while agents spend (or merely while Prometheus
+# extrapolates a counter over a growing window): refreshed with a real change or once the
+# heartbeat is due, so that a quiet evaluation writes nothing.
+_VOLATILE = ("lastEvaluationTime", "lastSpendTime", "spend", "message", "usedPercent",
+             "projectedRunOutTime", "costPerOutcome")
+_VOLATILE_WINDOW = ("tokens", "cost", "usedPercent")
+
+
+def _significant(d: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in d.items() if k not in _VOLATILE and v is not None}
+    if isinstance(out.get("namespaces"), list):
+        out["namespaces"] = [{k: v for k, v in n.items() if k != "usedPercent"}
+                             for n in out["namespaces"]]
+    if isinstance(out.get("windows"), list):
+        out["windows"] = [{k: v for k, v in w.items() if k not in _VOLATILE_WINDOW}
+                          for w in out["windows"]]
+    return out
 
 
 def changed(old: dict[str, Any] | None, new: dict[str, Any], now: dt.datetime,
             heartbeat_seconds: int) -> bool:
     """Whether ``new`` must be written over ``old``.
 
-    Timestamps that move every evaluation are written only with a real change
-    or once the heartbeat is due.
+    A change of state, reason, conditions, limits, namespaces or enforced
+    workloads is written at once. Spend figures (and the used percentage) move
+    with every evaluation while agents spend, and even while they do not:
+    ``increase()`` extrapolates young series differently at every query. They
+    are refreshed when something significant changes or the heartbeat is due;
+    the live figures are on the operator's ``/metrics`` at all times.
     """
     old = old or {}
-
-    def stable(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if k not in _VOLATILE and v is not None}
-
-    if stable(old) != stable(new):
+    if _significant(old) != _significant(new):
         return True
     last = old.get("lastEvaluationTime")
     if not last:

@@ -12,6 +12,7 @@ tokenbudget_enforcement_errors_total        failed writes to workloads
 tokenbudget_evaluation_duration_seconds     one whole evaluation
 tokenbudget_promql_queries_total            by kind (spend, recent, outcome) and result
 tokenbudget_promql_query_duration_seconds
+tokenbudget_api_requests_total              requests to the Kubernetes API, by verb
 ==========================================  ===============================================
 """
 
@@ -57,6 +58,19 @@ class Telemetry:
                                ("query", "result"), registry=r)
         self.query_seconds = Histogram("tokenbudget_promql_query_duration_seconds",
                                        "Duration of one PromQL query.", ("query",), registry=r)
+
+        self.api_requests = Counter("tokenbudget_api_requests_total",
+                                    "Requests to the Kubernetes API server.", ("verb",),
+                                    registry=r)
+        self._api_seen: dict[str, int] = {}
+
+    def api(self, by_verb: dict[str, int]) -> None:
+        """Catch up with the Kubernetes client's request counters."""
+        for verb, total in by_verb.items():
+            delta = total - self._api_seen.get(verb, 0)
+            if delta > 0:
+                self.api_requests.labels(verb).inc(delta)
+            self._api_seen[verb] = total
 
     def query(self, kind: str, seconds: float, ok: bool) -> None:
         self.queries.labels(kind, "success" if ok else "error").inc()

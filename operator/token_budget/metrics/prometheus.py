@@ -28,6 +28,7 @@ from typing import Any, TypedDict
 
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util import Retry
 
 from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
 from token_budget.metrics import promql
@@ -94,6 +95,10 @@ class PrometheusSource:
             disable_ssl=verify is False,
             auth=(auth.username, auth.password or "") if auth.username else None,
             timeout=timeout_seconds,
+            # No retries in here: the library's default (3 with backoff, also on 5xx) held an
+            # evaluation ~6 s per source when Prometheus was down, and turned a 503 answer
+            # into "cannot be reached". The next evaluation is the retry.
+            retry=Retry(total=0, respect_retry_after_header=False),
         )
         # prometheus-api-client keeps a requests session; give it our CA bundle.
         if isinstance(verify, str):
@@ -110,6 +115,13 @@ class PrometheusSource:
         try:
             result = self._prom.custom_query(query=text, params={"time": f"{at.timestamp():.3f}"})
             ok = True
+        except requests.exceptions.JSONDecodeError as exc:
+            # Answered, but not with Prometheus JSON (a proxy's sign-in page, say).
+            raise QueryFailed(f"Prometheus at {self.url} answered with something that is not "
+                              f"JSON: {_short(exc)}") from exc
+        except (KeyError, TypeError) as exc:
+            raise QueryFailed(f"Prometheus at {self.url} answered without data.result: "
+                              f"{_short(exc)}") from exc
         except requests.exceptions.RequestException as exc:
             raise MetricsUnavailable(f"Prometheus at {self.url} cannot be reached: "
                                      f"{_short(exc)}") from exc
@@ -173,8 +185,8 @@ class PrometheusSource:
                 items = self.query(promql.outcomes(oq.metric, oq.namespace_label, seconds,
                                                    oq.group_labels), now, "outcome")
                 outcomes[oq.key] = tuple(
-                    (it["metric"].get(oq.namespace_label, ""),
-                     tuple((k, it["metric"].get(k, "")) for k in oq.group_labels),
+                    (_labels(it).get(oq.namespace_label, ""),
+                     tuple((k, _labels(it).get(k, "")) for k in oq.group_labels),
                      _value(it))
                     for it in items
                 )
@@ -189,6 +201,13 @@ def _fallback_seconds(window: Any, now: dt.datetime) -> int:
     from token_budget.policy import windows as w
 
     return w.range_seconds(window, now)
+
+
+def _labels(item: Any) -> Mapping[str, str]:
+    labels = item.get("metric") if isinstance(item, Mapping) else None
+    if not isinstance(labels, Mapping):
+        raise QueryFailed(f"malformed sample in Prometheus result: {item!r}")
+    return labels
 
 
 def _value(item: Mapping[str, Any]) -> float:
@@ -208,7 +227,7 @@ def to_series(rs: ResolvedSource, items: list[ResultItem],
     acc: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], dict[Kind, float]] = \
         defaultdict(dict)
     for item in items:
-        labels = item["metric"]
+        labels = _labels(item)
         try:
             kind = Kind(labels.get(promql.KIND_LABEL, ""))
         except ValueError as exc:

