@@ -24,7 +24,7 @@ prereqs: venv
 
 ## demo: the local end-to-end demo (see README)
 demo: prereqs
-	$(BIN)/python -m token_budget.demo $(DEMO_ARGS)
+	$(BIN)/python examples/demo/demo.py $(DEMO_ARGS)
 
 ## test: every test; CI runs exactly this
 test: prereqs lint
