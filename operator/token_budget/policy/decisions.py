@@ -4,7 +4,9 @@ A :class:`Directive` is what a workload is told (through annotations): its
 state, the budget that put it there, a model to use instead, the models it may
 use, a token rate, whether it is blocked. When several budgets govern one
 workload, :func:`merge` combines their directives so that the most restrictive
-wins; it is commutative and associative, so the order of budgets never matters.
+wins; its result does not depend on the order of the directives, so the order of
+budgets never matters. It is not associative (merging merged directives can pick
+another model override than one flat merge), so merge every directive at once.
 """
 
 from __future__ import annotations

@@ -1,0 +1,376 @@
+"""The Prometheus adapter against a real, tiny, local HTTP server: each edge case its own error.
+
+A fake ``/api/v1/query`` is served by ``http.server`` in a thread on
+127.0.0.1 with an ephemeral port: real HTTP through the real client, nothing
+monkeypatched.
+
+Covers:
+- ``to_series`` folds a tagged instant vector into one series per
+  (namespace, workload, model, extra labels);
+- NaN and infinities -> ``InvalidValue``; malformed samples (no value, a value
+  that is not a number, no labels, no kind tag, not an object) -> ``QueryFailed``;
+- an unreachable Prometheus (a closed port) -> ``MetricsUnavailable``, recorded
+  per source in ``SpendSnapshot.errors`` by ``collect()``, promptly;
+- an HTTP error answer (400, 422, 503) -> ``QueryFailed`` carrying Prometheus's
+  own error text, at once and without retries; a 200 answer that is not
+  Prometheus JSON -> ``QueryFailed``;
+- ``collect()`` sends the planned PromQL at the evaluation time and builds the
+  snapshot (windows, burn rate, outcomes), keeping a failing source apart from
+  a working one;
+- query statistics and the ``on_query`` hook; ``retention_seconds``;
+- ``_duration_seconds`` for Prometheus durations (15d, 2w3d, 1y, 90m).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from token_budget.errors import InvalidValue, MetricsUnavailable, QueryFailed
+from token_budget.metrics import prometheus, promql
+from token_budget.metrics.prometheus import PrometheusSource, ResultItem, to_series
+from token_budget.policy import planner, sources
+from token_budget.policy.inputs import SpendSeries
+from token_budget.policy.windows import WindowKey
+from unit import builders as b
+from unit.builders import NOW
+
+COUNTERS = sources.resolve(b.token_budget().spec.source)
+LITELLM = sources.resolve(b.token_budget(source={"preset": "LiteLLM"}).spec.source)
+CLOSED_PORT_URL = "http://127.0.0.1:1"
+
+Answer = tuple[int, Any]  # HTTP status, JSON body (or a str sent as it is)
+
+
+def vector(*items: ResultItem) -> Answer:
+    return 200, {"status": "success", "data": {"resultType": "vector", "result": list(items)}}
+
+
+def error(status: int, kind: str, text: str) -> Answer:
+    return status, {"status": "error", "errorType": kind, "error": text}
+
+
+def item(value: str, **labels: str) -> ResultItem:
+    return {"metric": dict(labels), "value": [NOW.timestamp(), value]}
+
+
+class FakePrometheus:
+    """A tiny Prometheus HTTP API: ``answer(path, params)`` decides every reply."""
+
+    def __init__(self, answer: Callable[[str, dict[str, str]], Answer]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.authorization: list[str | None] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                url = urlparse(self.path)
+                params = {k: v[0] for k, v in parse_qs(url.query).items()}
+                fake.requests.append((url.path, params))
+                fake.authorization.append(self.headers.get("Authorization"))
+                status, body = fake.answer(url.path, params)
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,),
+                                       daemon=True)
+
+    @property
+    def queries(self) -> list[str]:
+        return [p["query"] for path, p in self.requests if path == "/api/v1/query"]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[str, dict[str, str]], Answer]], FakePrometheus]]:
+    started: list[FakePrometheus] = []
+
+    def start(answer: Callable[[str, dict[str, str]], Answer]) -> FakePrometheus:
+        fake = FakePrometheus(answer)
+        fake.thread.start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.server.shutdown()
+        fake.server.server_close()
+        fake.thread.join(timeout=5)
+
+
+def always(answer: Answer) -> Callable[[str, dict[str, str]], Answer]:
+    return lambda path, params: answer
+
+
+# ---------------------------------------------------------------------------
+# Folding results
+# ---------------------------------------------------------------------------
+
+
+def test_a_tagged_result_is_folded_into_one_series_per_workload_and_model() -> None:
+    items = [
+        item("1200", tb_kind="input", namespace="team-search", pod="agent-0", model="large",
+             team="search"),
+        item("300.5", tb_kind="output", namespace="team-search", pod="agent-0", model="large",
+             team="search"),
+        item("50", tb_kind="cached_input", namespace="team-search", pod="agent-0", model="large",
+             team="search"),
+        item("7", tb_kind="input", namespace="team-search", pod="agent-1", model="tiny"),
+    ]
+    assert to_series(COUNTERS, items, ("team",)) == (
+        SpendSeries("team-search", "agent-0", "large", 1200.0, 300.5, 50.0, None,
+                    (("team", "search"),)),
+        SpendSeries("team-search", "agent-1", "tiny", 7.0, 0.0, 0.0, None, (("team", ""),)),
+    )
+
+
+def test_a_reported_cost_is_kept_as_an_exact_decimal() -> None:
+    items = [item("100", tb_kind="input", team_alias="search", api_key_alias="bot",
+                  model="large"),
+             item("0.1", tb_kind="cost", team_alias="search", api_key_alias="bot",
+                  model="large")]
+    [s] = to_series(LITELLM, items)
+    assert (s.namespace, s.workload, s.input_tokens, s.cost) == ("search", "bot", 100.0,
+                                                                 Decimal("0.1"))
+
+
+def test_an_empty_result_is_no_series_not_an_error() -> None:
+    assert to_series(COUNTERS, []) == ()
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-Inf"])
+def test_a_value_no_limit_can_be_compared_with_is_refused(value: str) -> None:
+    with pytest.raises(InvalidValue, match="spend must be a finite number"):
+        to_series(COUNTERS, [item(value, tb_kind="input", namespace="a")])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({"metric": {"tb_kind": "input"}}, id="a sample without a value"),
+        pytest.param({"metric": {"tb_kind": "input"}, "value": [1.0]},
+                     id="a value without its number"),
+        pytest.param({"metric": {"tb_kind": "input"}, "value": [1.0, "lots"]},
+                     id="a value that is not a number"),
+        pytest.param({"metric": {"tb_kind": "input"}, "value": None}, id="a null value"),
+        pytest.param({"metric": {"namespace": "a"}, "value": [1.0, "1"]},
+                     id="a series without the kind tag"),
+        pytest.param({"metric": {"tb_kind": "tokens"}, "value": [1.0, "1"]},
+                     id="a series with an unknown kind tag"),
+        pytest.param({"value": [1.0, "1"]}, id="a sample without labels"),
+        pytest.param("1", id="a scalar instead of a vector item"),
+    ],
+)
+def test_a_malformed_sample_is_a_failed_query(bad: Any) -> None:
+    with pytest.raises(QueryFailed):
+        to_series(COUNTERS, [bad])
+
+
+# ---------------------------------------------------------------------------
+# Talking to Prometheus
+# ---------------------------------------------------------------------------
+
+
+def test_an_unreachable_prometheus_is_metrics_unavailable() -> None:
+    with pytest.raises(MetricsUnavailable, match="Prometheus at http://127.0.0.1:1 cannot be "
+                                                 "reached"):
+        PrometheusSource(CLOSED_PORT_URL, timeout_seconds=5).query("up", NOW)
+
+
+def test_collect_records_an_unreachable_prometheus_per_source_and_goes_on() -> None:
+    budgets = [b.token_budget("a", limits=[{"window": "24h", "tokens": 1},
+                                           {"window": "Month", "tokens": 1}]),
+               b.token_budget("b", source={"preset": "LiteLLM"})]
+    plan = planner.plan(budgets, NOW)
+    started = time.monotonic()
+    snap = PrometheusSource(CLOSED_PORT_URL, timeout_seconds=5).collect(plan, NOW)
+    elapsed = time.monotonic() - started
+    assert set(snap.errors) == {COUNTERS, LITELLM}
+    assert all("cannot be reached" in text for text in snap.errors.values())
+    assert (dict(snap.windows), dict(snap.recent)) == ({}, {})
+    assert elapsed < 3, f"an unreachable Prometheus held the evaluation for {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        pytest.param(error(400, "bad_data", "parse error"), "parse error",
+                     id="bad PromQL (400)"),
+        pytest.param(error(422, "execution", "query processing would load too many samples"),
+                     "too many samples", id="too many samples (422)"),
+        pytest.param(error(503, "timeout", "query timed out in expression evaluation"),
+                     "query timed out", id="a query timeout (503)"),
+    ],
+)
+def test_an_error_answer_is_a_failed_query_with_prometheus_own_words(
+        serve: Any, answer: Answer, says: str) -> None:
+    fake = serve(always(answer))
+    started = time.monotonic()
+    with pytest.raises(QueryFailed, match=f"Prometheus at {fake.url} refused the query") as info:
+        PrometheusSource(fake.url).query("sum(up)", NOW)
+    assert says in str(info.value)
+    assert len(fake.requests) == 1, "an answer Prometheus gave must not be retried"
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param((200, "<html>Sign in</html>"), id="a login page"),
+        pytest.param((200, {"status": "success"}), id="JSON without data"),
+    ],
+)
+def test_an_answer_that_is_not_prometheus_json_is_a_failed_query(serve: Any, answer: Answer
+                                                                 ) -> None:
+    fake = serve(always(answer))
+    with pytest.raises(QueryFailed):
+        PrometheusSource(fake.url).query("sum(up)", NOW)
+
+
+def test_a_scalar_answer_is_a_failed_query(serve: Any) -> None:
+    fake = serve(always((200, {"status": "success",
+                               "data": {"resultType": "scalar", "result": [1.0, "1"]}})))
+    rs = COUNTERS
+    plan = planner.plan([b.token_budget()], NOW)
+    snap = PrometheusSource(fake.url).collect(plan, NOW)
+    assert rs in snap.errors
+
+
+def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> None:
+    day = [item("900", tb_kind="input", namespace="team-search", pod="agent-0", model="large",
+                team="search"),
+           item("100", tb_kind="output", namespace="team-search", pod="agent-0", model="large",
+                team="search")]
+    month = [item("5000", tb_kind="input", namespace="team-search", pod="agent-0",
+                  model="large", team="search")]
+    recent = [item("60", tb_kind="input", namespace="team-search", pod="agent-0",
+                   model="large", team="search")]
+    outcomes: list[ResultItem] = [{"metric": {"namespace": "team-search", "outcome": "success"},
+                                   "value": [NOW.timestamp(), "42"]}]
+
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        q = params["query"]
+        if "agent_outcomes_total" in q:
+            return vector(*outcomes)
+        if "[86400s]" in q:
+            return vector(*day)
+        if "[600s]" in q:
+            return vector(*recent)
+        return vector(*month)
+
+    fake = serve(answer)
+    budget = b.token_budget(
+        limits=[{"window": "24h", "tokens": 10_000}, {"window": "Month", "tokens": 100_000}],
+        spendMatchers=[{"label": "team", "value": "search"}],
+        outcome={"metric": "agent_outcomes_total", "window": "24h",
+                 "matchers": [{"label": "outcome", "value": "success"}]})
+    plan = planner.plan([budget], NOW)
+    snap = PrometheusSource(fake.url).collect(plan, NOW)
+
+    assert snap.errors == {} and snap.outcome_errors == {}
+    assert fake.queries == [
+        promql.spend(COUNTERS, 86400, ("team",)),
+        promql.spend(COUNTERS, 19 * 86400 + 12 * 3600, ("team",)),
+        promql.spend(COUNTERS, 600, ("team",)),
+        promql.outcomes("agent_outcomes_total", "namespace", 86400, ("outcome",)),
+    ]
+    assert {p["time"] for _, p in fake.requests} == {f"{NOW.timestamp():.3f}"}
+    team = (("team", "search"),)
+    assert snap.windows[(COUNTERS, WindowKey("24h"))] == (
+        SpendSeries("team-search", "agent-0", "large", 900.0, 100.0, labels=team),)
+    assert snap.windows[(COUNTERS, WindowKey("Month"))] == (
+        SpendSeries("team-search", "agent-0", "large", 5000.0, labels=team),)
+    assert snap.recent[COUNTERS] == (
+        SpendSeries("team-search", "agent-0", "large", 60.0, labels=team),)
+    assert snap.recent_seconds == 600 and snap.taken_at == NOW
+    assert list(snap.outcomes.values()) == [(("team-search", (("outcome", "success"),), 42.0),)]
+
+
+def test_collect_keeps_a_failing_source_apart_from_a_working_one(serve: Any) -> None:
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        if "litellm" in params["query"]:
+            return error(400, "bad_data", "unknown function")
+        return vector(item("5", tb_kind="input", namespace="team-search", pod="p", model="m"))
+
+    fake = serve(answer)
+    plan = planner.plan([b.token_budget("a"), b.token_budget("b", source={"preset": "LiteLLM"})],
+                        NOW)
+    snap = PrometheusSource(fake.url).collect(plan, NOW)
+    assert list(snap.errors) == [LITELLM]
+    assert "unknown function" in snap.errors[LITELLM]
+    assert snap.windows[(COUNTERS, WindowKey("24h"))][0].input_tokens == 5.0
+    assert len(fake.queries) == 3, "a failed source is not asked again in the same collect"
+
+
+def test_collect_records_a_nan_per_source(serve: Any) -> None:
+    fake = serve(always(vector(item("NaN", tb_kind="input", namespace="a"))))
+    snap = PrometheusSource(fake.url).collect(planner.plan([b.token_budget()], NOW), NOW)
+    assert "finite number" in snap.errors[COUNTERS]
+
+
+def test_every_query_is_counted_and_reported_to_the_hook(serve: Any) -> None:
+    seen: list[tuple[str, bool]] = []
+    fake = serve(lambda path, p: error(400, "bad_data", "x") if "bad" in p["query"]
+                 else vector())
+    source = PrometheusSource(fake.url, on_query=lambda kind, secs, ok: seen.append((kind, ok)))
+    source.query("good", NOW)
+    with pytest.raises(QueryFailed):
+        source.query("bad", NOW, kind="recent")
+    assert seen == [("spend", True), ("recent", False)]
+    assert (source.stats.queries, source.stats.errors) == (2, 1)
+
+
+def test_a_bearer_token_is_sent_with_every_query(serve: Any) -> None:
+    fake = serve(always(vector()))
+    auth = prometheus.Auth(bearer_token="s3cret")
+    PrometheusSource(fake.url, auth=auth).query("up", NOW)
+    assert fake.authorization == ["Bearer s3cret"]
+
+
+def test_retention_is_read_from_the_server_flags(serve: Any) -> None:
+    fake = serve(lambda path, p: (200, {"status": "success",
+                                        "data": {"storage.tsdb.retention.time": "15d"}}))
+    assert PrometheusSource(fake.url).retention_seconds() == 15 * 86400
+    assert fake.requests[0][0] == "/api/v1/status/flags"
+
+
+def test_retention_is_unknown_when_the_flags_cannot_be_read() -> None:
+    assert PrometheusSource(CLOSED_PORT_URL, timeout_seconds=5).retention_seconds() is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        pytest.param("15d", 15 * 86400, id="days"),
+        pytest.param("2w3d", 2 * 604800 + 3 * 86400, id="weeks and days"),
+        pytest.param("1y", 365 * 86400, id="a year is 365 days"),
+        pytest.param("90m", 5400, id="minutes"),
+        pytest.param("1h30m", 5400, id="hours and minutes"),
+        pytest.param("10s", 10, id="seconds"),
+        pytest.param("1500ms", 1, id="milliseconds"),
+        pytest.param("", None, id="nothing"),
+        pytest.param("15", None, id="no unit"),
+        pytest.param("d", None, id="no number"),
+        pytest.param("15x", None, id="an unknown unit"),
+        pytest.param("0d", None, id="zero"),
+    ],
+)
+def test_prometheus_durations_are_read_as_seconds(text: str, seconds: int | None) -> None:
+    assert prometheus._duration_seconds(text) == seconds

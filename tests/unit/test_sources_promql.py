@@ -1,0 +1,219 @@
+"""Spend sources, the query planner and the PromQL they produce.
+
+Covers:
+- the exact PromQL of each preset (Counters, LiteLLM, OpenTelemetry) for one
+  window, and of an outcome counter;
+- metric-name and label-name overrides; extra group labels from spend
+  matchers; string quoting;
+- the planner makes one query per (source, window) however many budgets there
+  are (1, 10 and 1000 budgets cost the same), distinguishes sources and
+  calendar zones, and asks calendar windows for ``now - window start``;
+- outcome counters are queried once per (metric, namespace label, window).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from token_budget.api import v1alpha1 as api
+from token_budget.metrics import promql
+from token_budget.policy import planner, sources
+from token_budget.policy.sources import Kind, Selector
+from token_budget.policy.windows import WindowKey
+from unit import builders as b
+from unit.builders import NOW
+
+COUNTERS = sources.resolve(api.SpendSource())
+SEARCH_LIMITS = [{"window": "Month", "timeZone": "Europe/Berlin", "cost": "2000.00"},
+                 {"window": "24h", "cost": "500.00"}]
+
+
+def _source(**body: object) -> sources.ResolvedSource:
+    return sources.resolve(api.SpendSource.model_validate(body))
+
+
+# ---------------------------------------------------------------------------
+# Presets and PromQL
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        pytest.param(
+            "Counters",
+            'label_replace(sum by (namespace, pod, model) (increase(llm_tokens_total'
+            '{token_type="input"}[86400s])), "tb_kind", "input", "", "") or '
+            'label_replace(sum by (namespace, pod, model) (increase(llm_tokens_total'
+            '{token_type="output"}[86400s])), "tb_kind", "output", "", "") or '
+            'label_replace(sum by (namespace, pod, model) (increase(llm_tokens_total'
+            '{token_type="cached_input"}[86400s])), "tb_kind", "cached_input", "", "")',
+            id="Counters reads llm_tokens_total by token type"),
+        pytest.param(
+            "LiteLLM",
+            'label_replace(sum by (team_alias, api_key_alias, model) (increase('
+            'litellm_input_tokens_metric_total[86400s])), "tb_kind", "input", "", "") or '
+            'label_replace(sum by (team_alias, api_key_alias, model) (increase('
+            'litellm_output_tokens_metric_total[86400s])), "tb_kind", "output", "", "") or '
+            'label_replace(sum by (team_alias, api_key_alias, model) (increase('
+            'litellm_spend_metric_total[86400s])), "tb_kind", "cost", "", "")',
+            id="LiteLLM reads the proxy's token and spend counters"),
+        pytest.param(
+            "OpenTelemetry",
+            'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
+            '(increase(gen_ai_client_token_usage_sum{gen_ai_token_type="input"}[86400s])), '
+            '"tb_kind", "input", "", "") or '
+            'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
+            '(increase(gen_ai_client_token_usage_sum{gen_ai_token_type="output"}[86400s])), '
+            '"tb_kind", "output", "", "")',
+            id="OpenTelemetry reads gen_ai client token usage"),
+    ],
+)
+def test_each_preset_reads_its_exporter_in_one_query(preset: str, expected: str) -> None:
+    assert promql.spend(_source(preset=preset), 86400) == expected
+
+
+def test_only_litellm_reports_money_itself() -> None:
+    assert [p.value for p in api.Preset if _source(preset=p.value).has_cost] == ["LiteLLM"]
+
+
+def test_an_overridden_metric_counts_only_its_own_kind() -> None:
+    rs = _source(preset="Counters", metrics={"inputTokens": "agent_prompt_tokens_total",
+                                             "cost": "agent_cost_dollars_total"})
+    assert dict(rs.counters) == {
+        Kind.INPUT: Selector("agent_prompt_tokens_total"),
+        Kind.OUTPUT: Selector("llm_tokens_total", (("token_type", "output"),)),
+        Kind.CACHED_INPUT: Selector("llm_tokens_total", (("token_type", "cached_input"),)),
+        Kind.COST: Selector("agent_cost_dollars_total"),
+    }
+    text = promql.spend(rs, 60)
+    assert "increase(agent_prompt_tokens_total[60s])" in text
+    assert 'increase(agent_cost_dollars_total[60s])), "tb_kind", "cost"' in text
+    assert rs.preset == "Counters*" and rs.has_cost
+
+
+def test_overridden_labels_are_grouped_by() -> None:
+    rs = _source(preset="OpenTelemetry", labels={"namespace": "ns", "workload": "job",
+                                                 "model": "llm"})
+    assert (rs.namespace_label, rs.workload_label, rs.model_label) == ("ns", "job", "llm")
+    assert promql.spend(rs, 60).startswith("label_replace(sum by (ns, job, llm) (increase(")
+
+
+def test_a_source_with_overrides_is_not_the_preset() -> None:
+    assert _source(labels={"workload": "job"}) != COUNTERS
+    assert _source() == COUNTERS
+    assert str(_source(labels={"workload": "job"})) == "Counters*"
+
+
+def test_extra_group_labels_come_after_the_base_labels_and_are_not_repeated() -> None:
+    text = promql.spend(COUNTERS, 3600, ("team", "model", "env"))
+    assert text.count("sum by (namespace, pod, model, team, env) (") == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [
+        pytest.param("search", '"search"', id="a plain value"),
+        pytest.param('say "hi"', '"say \\"hi\\""', id="quotes are escaped"),
+        pytest.param("a\\b", '"a\\\\b"', id="backslashes are escaped"),
+        pytest.param("a\nb", '"a\\nb"', id="newlines are escaped"),
+    ],
+)
+def test_label_values_are_quoted_as_promql_strings(value: str, quoted: str) -> None:
+    assert promql.quote(value) == quoted
+    assert promql.selector("m", (("l", value),)) == f"m{{l={quoted}}}"
+
+
+def test_the_outcome_query_sums_by_namespace_and_matcher_labels() -> None:
+    assert promql.outcomes("agent_outcomes_total", "namespace", 86400, ("outcome",)) == \
+        "sum by (namespace, outcome) (increase(agent_outcomes_total[86400s]))"
+
+
+# ---------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 10, 1000])
+def test_the_number_of_queries_does_not_grow_with_the_number_of_budgets(count: int) -> None:
+    budgets = [b.token_budget(f"b{i}", f"team-{i}", limits=SEARCH_LIMITS) for i in range(count)]
+    plan = planner.plan(budgets, NOW)
+    assert list(plan.windows) == [(COUNTERS, WindowKey("24h")),
+                                  (COUNTERS, WindowKey("Month", "Europe/Berlin"))]
+    assert plan.sources == (COUNTERS,)
+    assert plan.query_count == 3  # two windows and one burn rate
+
+
+def test_each_source_and_each_calendar_zone_is_its_own_query() -> None:
+    budgets: list[api.Budget] = [
+        b.token_budget("a", limits=SEARCH_LIMITS),
+        b.token_budget("b", limits=[{"window": "Month", "timeZone": "America/New_York",
+                                     "tokens": 1}]),
+        b.token_budget("c", limits=[{"window": "24h", "tokens": 1}],
+                       source={"preset": "LiteLLM"}),
+        b.cluster_budget("d", limits=[{"window": "24h", "tokens": 1}]),
+    ]
+    plan = planner.plan(budgets, NOW)
+    litellm = _source(preset="LiteLLM")
+    assert sorted((str(rs), str(k)) for rs, k in plan.windows) == [
+        ("Counters", "24h"), ("Counters", "Month@America/New_York"),
+        ("Counters", "Month@Europe/Berlin"), ("LiteLLM", "24h")]
+    assert set(plan.sources) == {COUNTERS, litellm}
+    assert plan.query_count == 6
+
+
+@pytest.mark.parametrize(
+    ("window", "zone", "seconds"),
+    [
+        pytest.param("24h", "UTC", 86400, id="a rolling day reaches back 24 hours"),
+        pytest.param("30d", "UTC", 30 * 86400, id="a rolling month reaches back 30 days"),
+        pytest.param("Day", "UTC", 12 * 3600, id="a calendar day at noon reaches back to midnight"),
+        pytest.param("Week", "UTC", 3 * 86400 + 12 * 3600,
+                     id="a calendar week on Thursday noon reaches back to Monday"),
+        pytest.param("Month", "Europe/Berlin", 19 * 86400 + 13 * 3600,
+                     id="a Berlin month reaches back to 31 October 23:00 UTC"),
+    ],
+)
+def test_the_range_of_a_window_query_is_now_minus_the_window_start(window: str, zone: str,
+                                                                   seconds: int) -> None:
+    tz = {"timeZone": zone} if zone != "UTC" else {}
+    budget = b.token_budget(limits=[{"window": window, "tokens": 1, **tz}])
+    plan = planner.plan([budget], NOW)
+    assert plan.windows == {(COUNTERS, WindowKey.of(window, zone)): seconds}
+
+
+def test_a_later_evaluation_asks_a_calendar_window_for_a_longer_range() -> None:
+    budget = b.token_budget(limits=[{"window": "Day", "tokens": 1}])
+    later = NOW + dt.timedelta(hours=3)
+    assert list(planner.plan([budget], later).windows.values()) == [15 * 3600]
+
+
+def test_spend_matcher_labels_become_group_labels_of_their_source() -> None:
+    budgets = [
+        b.token_budget("a", spendMatchers=[{"label": "team", "value": "search"}]),
+        b.token_budget("b", spendMatchers=[{"label": "env", "operator": "Regex", "value": "p.*"},
+                                           {"label": "namespace", "value": "x"}]),
+        b.token_budget("c", source={"preset": "LiteLLM"}),
+    ]
+    plan = planner.plan(budgets, NOW)
+    assert plan.group_labels == {COUNTERS: ("env", "team"), _source(preset="LiteLLM"): ()}
+
+
+def test_outcome_counters_are_queried_once_per_metric_label_and_window() -> None:
+    outcome = {"metric": "agent_outcomes_total", "window": "24h"}
+    budgets = [
+        b.token_budget("a", outcome={**outcome, "matchers": [{"label": "outcome",
+                                                              "value": "success"}]}),
+        b.token_budget("b", outcome={**outcome, "matchers": [{"label": "repo", "value": "x"}]}),
+        b.token_budget("c", outcome={**outcome, "window": "7d"}),
+    ]
+    plan = planner.plan(budgets, NOW)
+    assert [(o.metric, str(o.window), o.group_labels) for o in plan.outcomes] == [
+        ("agent_outcomes_total", "24h", ("outcome", "repo")),
+        ("agent_outcomes_total", "7d", ()),
+    ]
+    # The outcome window's spend is read too (cost per outcome needs it).
+    assert (COUNTERS, WindowKey("7d")) in plan.windows
+    assert plan.query_count == 2 + 1 + 2
