@@ -343,7 +343,8 @@ def test_spend_matchers_narrow_the_spend_that_counts(matchers: list[dict[str, st
 def test_a_regex_matcher_is_anchored_like_promql() -> None:
     budget = token_budget(spendMatchers=[{"label": "team", "operator": "Regex", "value": "sea"}])
     decision = only(b.evaluate([budget], TEAMS))
-    assert not decision.spend_known  # "sea" matches no whole value: nothing counts
+    # "sea" matches no whole value: nothing counts, no series belongs to the scope
+    assert not decision.series_seen and decision.windows[0].tokens == 0
 
 
 @pytest.mark.parametrize(
@@ -557,6 +558,12 @@ def test_when_spend_is_unknown_the_budget_policy_decides(
     errors = BROKEN if cause == "source error" else None
     result = b.evaluate([budget], [], errors=errors, remembered=memory)
     decision = only(result)
+    if cause == "empty result" and seconds_ago is None:
+        # No series was ever seen for the scope: a new scope spends zero, whatever the policy
+        # (FailClosed must not lock a new namespace out before its first token).
+        assert (decision.state, decision.reason, decision.spend_known) == (
+            State.OK, "WithinBudget", True)
+        return
     assert (decision.state, decision.reason, decision.spend_known) == (state, reason, False)
     if reason == "SpendUnknownHolding":
         assert result.held == {key()}
@@ -569,9 +576,11 @@ def test_when_spend_is_unknown_the_budget_policy_decides(
 def test_an_unknown_spend_says_why() -> None:
     failed = only(b.evaluate([token_budget()], [], errors=BROKEN))
     assert failed.spend_error == BROKEN[api.Preset.COUNTERS]
-    empty = only(b.evaluate([token_budget()], []))
-    assert empty.spend_error == ("no Counters spend series exist for team-search; an empty "
-                                 "result is not taken as zero spend")
+    budget = token_budget()
+    gone = only(b.evaluate([budget], [],
+                           remembered=b.memory(budget, State.OK, seconds_ago=60)))
+    assert gone.spend_error == ("no Counters spend series exist any more for team-search; an "
+                                "empty result is not taken as zero spend")
 
 
 def test_a_window_that_was_not_read_makes_spend_unknown() -> None:
@@ -781,3 +790,33 @@ def test_a_budget_and_a_cluster_budget_both_govern_a_workload() -> None:
 )
 def test_merge(directives: list[Directive], expected: Directive) -> None:
     assert merge(directives) == expected
+
+
+# ---------------------------------------------------------------------------
+# Coming down the ladder, exceptions without a matching rung, contradicting budgets
+# ---------------------------------------------------------------------------
+
+
+def test_falling_from_blocked_into_warns_margin_gives_warning_not_ok() -> None:
+    budget = token_budget(actions=LADDER, hysteresisPercent=5)
+    # 47 % of 1000: below Warn at 50 but inside its 5-point margin; Blocked is remembered.
+    decision = only(b.evaluate([budget], [series(470)],
+                               remembered=b.memory(budget, State.BLOCKED)))
+    assert (decision.state, decision.reason) == (State.WARNING, "Hysteresis")
+
+
+def test_a_warn_capped_exception_on_a_ladder_without_warn_still_says_warning() -> None:
+    budget = token_budget(actions=[{"type": "Block", "atPercent": 100}],
+                          exceptions=[_exception(1, "Warn")])
+    decision = only(b.evaluate([budget], [series(1200)]))
+    assert (decision.state, decision.reason) == (State.WARNING, "ExceptionActive")
+
+
+def test_a_reroute_target_another_budget_denies_is_dropped_from_the_merged_directive() -> None:
+    rerouting = Directive(state=State.REROUTED, budget="a", reason="LimitReached", message="",
+                          model="large")
+    denying = Directive(state=State.OK, budget="b", reason="WithinBudget", message="",
+                        allowed_models=frozenset({"medium", "tiny"}))
+    merged = merge([rerouting, denying])
+    assert merged.state is State.REROUTED and merged.budget == "a"
+    assert merged.model is None and merged.allowed_models == {"medium", "tiny"}

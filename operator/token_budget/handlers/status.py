@@ -99,12 +99,19 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
     status["costPerOutcome"] = format_money(max(cpos).quantize(Decimal("0.0001"))) if cpos else None
     status["enforcedWorkloads"] = enforced
     known = all(d.spend_known for d in decisions)
-    status["lastSpendTime"] = _time(now) if known else old.get("lastSpendTime")
+    # Only real series count: an empty answer for a scope that never had any is a new
+    # scope, but one for a scope that had series before is an outage (see the engine).
+    seen = any(d.series_seen for d in decisions)
+    status["lastSpendTime"] = _time(now) if seen else old.get("lastSpendTime")
     status["lastEvaluationTime"] = _time(now)
 
     conds = cond.set_condition(conds, cond.READY, True, "Evaluated",
                                "the budget is valid and evaluated", now, generation)
-    if known:
+    if known and not seen:
+        conds = cond.set_condition(conds, cond.METRICS_AVAILABLE, True, "NoSpendYet",
+                                   "Prometheus answered; no spend series exist yet for this "
+                                   "scope, counted as zero", now, generation)
+    elif known:
         conds = cond.set_condition(conds, cond.METRICS_AVAILABLE, True, "SpendRead",
                                    "spend was read for every window", now, generation)
     else:

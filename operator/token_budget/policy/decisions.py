@@ -98,12 +98,15 @@ def merge(directives: Iterable[Directive]) -> Directive:
         if d.allowed_models is not None:
             allowed = d.allowed_models if allowed is None else allowed & d.allowed_models
     rates = [d.tokens_per_minute for d in ranked if d.tokens_per_minute is not None]
+    # A reroute target another budget denies is no directive at all: keep the allowed list.
+    models = [d.model for d in ranked if d.model is not None
+              and (allowed is None or d.model in allowed)]
     return Directive(
         state=top.state,
         budget=top.budget,
         reason=top.reason,
         message=top.message,
-        model=next((d.model for d in ranked if d.model is not None), None),
+        model=models[0] if models else None,
         allowed_models=allowed,
         tokens_per_minute=min(rates) if rates else None,
     )
@@ -123,6 +126,7 @@ class Decision:
     run_out: dt.datetime | None = None
     cost_per_outcome: Decimal | None = None
     spend_known: bool = True
+    series_seen: bool = False  # spend series existed for the scope (vs. a new, idle scope)
     spend_error: str | None = None
     unpriced_models: tuple[str, ...] = ()
     exception: str | None = None

@@ -371,9 +371,12 @@ class _ScopeEval:
             if error is not None:
                 raise _Unknown(error)
             usages, seen, unpriced, top_model = self.windows()
-            if not seen:
+            if not seen and self.memory is not None and self.memory.last_spend_time is not None:
+                # Series existed before and are gone: an outage of the exporter or of the
+                # scrape, not an idle agent. (Never seen at all: a new scope, zero spend;
+                # otherwise FailClosed would lock a new namespace out before its first token.)
                 raise _Unknown(
-                    f"no {self.source.preset} spend series exist for "
+                    f"no {self.source.preset} spend series exist any more for "
                     f"{', '.join(self.namespaces) or 'any namespace'}; an empty result is not "
                     "taken as zero spend"
                 )
@@ -389,19 +392,25 @@ class _ScopeEval:
         window_text = f"{worst.window}" + (f" ({worst.time_zone})" if worst.resets_at else "")
         message = (f"spend in window {window_text} is {spend_text} of {limit_text} "
                    f"({used.quantize(Decimal('0.1'))}%)")
+        if not seen:
+            message += "; no spend series exist yet for this scope"
         if rung.action is not None:
             message += f": {rung.action.type.value} from {rung.action.at_percent}%"
 
-        # Hysteresis: keep a more restrictive rung until spend is clearly below it.
+        # Hysteresis: coming down, a rung (up to the remembered one) is lifted only once
+        # spend is clearly below it; from Blocked into Warn's margin gives Warning, not Ok.
         if self.memory is not None and SEVERITY[self.memory.state] > SEVERITY[rung.state]:
-            held = [i for i, a in enumerate(ladder) if STATE_OF_ACTION[a.type] is self.memory.state]
+            margin = self.spec.hysteresis_percent
+            held = [i for i, a in enumerate(ladder)
+                    if SEVERITY[STATE_OF_ACTION[a.type]] <= SEVERITY[self.memory.state]
+                    and used >= a.at_percent - margin]
             if held:
-                i = max(held)
-                if used >= ladder[i].at_percent - self.spec.hysteresis_percent:
+                i = max(held, key=lambda j: (SEVERITY[STATE_OF_ACTION[ladder[j].type]], j))
+                if SEVERITY[STATE_OF_ACTION[ladder[i].type]] > SEVERITY[rung.state]:
                     rung = _Rung(i, ladder[i])
                     reason = "Hysteresis"
                     message += (f"; {ladder[i].type.value} holds until spend falls below "
-                                f"{ladder[i].at_percent - self.spec.hysteresis_percent}%")
+                                f"{ladder[i].at_percent - margin}%")
 
         cpo = self.cost_per_outcome()
         outcome_action: api.Action | None = None
@@ -427,6 +436,10 @@ class _ScopeEval:
                 reason = "ExceptionActive"
                 message += f"; capped at {exception.max_action.value} until " \
                            f"{exception.until.isoformat()} ({exception.reason})"
+                # Downgrade, not drop: over budget under a Warn cap is Warning even when
+                # the ladder has no Warn rung of its own.
+                if not any(a.type is exception.max_action for a in capped):
+                    capped.append(api.Action(type=exception.max_action, at_percent=1))
             effective = capped
         state = max((STATE_OF_ACTION[a.type] for a in effective), key=SEVERITY.__getitem__,
                     default=api.State.OK)
@@ -440,7 +453,7 @@ class _ScopeEval:
             scope=self.scope, namespaces=self.namespaces, state=state, reason=reason,
             message=message, windows=tuple(usages), action=top_action,
             run_out=min(run_outs) if run_outs else None, cost_per_outcome=cpo,
-            unpriced_models=tuple(sorted(unpriced)),
+            unpriced_models=tuple(sorted(unpriced)), series_seen=seen,
             exception=exception.reason if exception is not None else None, dry_run=dry,
             workloads=tuple(sorted(w.key for w in self.governed)), directives=directives,
         )

@@ -1,0 +1,153 @@
+"""Admission decisions for new pods and workloads: pure, from budgets' status and the catalog.
+
+The admission webhook answers in milliseconds, so it does not query Prometheus:
+it reads what the last evaluation wrote (each budget's ``status.state``, per
+namespace for a PerNamespace ClusterTokenBudget) and the catalog. Two rules,
+the way ResourceQuota answers with a 403 that names the violated limit:
+
+* a governed pod (or workload) in a scope whose budget is ``Blocked`` is denied,
+  with the budget, the limit and when the window resets;
+* a governed pod that declares a model its budgets do not allow is denied, with
+  the rule and the allowed models.
+
+:func:`directive_for` gives the annotations to stamp on a new governed pod when
+its owner carries none yet (a bare pod, a brand-new workload).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from token_budget.api import v1alpha1 as api
+from token_budget.api.types import utc
+from token_budget.policy import engine
+from token_budget.policy.catalog import Catalog
+from token_budget.policy.decisions import SEVERITY, STATE_OF_ACTION, Directive, merge
+from token_budget.policy.inputs import BudgetKey
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str = "Allowed"
+    message: str = ""
+    budgets: tuple[str, ...] = field(default=())
+
+
+def _scope_state(budget: api.Budget, namespace: str) -> api.State:
+    st = budget.status
+    if st is None:
+        return api.State.OK
+    if isinstance(budget, api.ClusterTokenBudget) and \
+            budget.spec.limit_scope is api.LimitScope.PER_NAMESPACE:
+        for ns in st.namespaces:
+            if ns.namespace == namespace:
+                return ns.state
+        return api.State.OK
+    return st.state or api.State.OK
+
+
+def governing(budgets: Sequence[api.Budget], namespace: str,
+              namespace_labels: Mapping[str, str], pod_labels: Mapping[str, str]
+              ) -> list[api.Budget]:
+    """Enforcing budgets whose scope holds the namespace and whose selector the pod matches."""
+    out = []
+    for b in budgets:
+        if b.spec.mode is api.Mode.DRY_RUN or not b.spec.selector.matches(pod_labels):
+            continue
+        if isinstance(b, api.TokenBudget):
+            if b.metadata.namespace == namespace:
+                out.append(b)
+        elif b.spec.namespace_selector.matches(namespace_labels):
+            out.append(b)
+    return sorted(out, key=lambda b: BudgetKey.of(b))
+
+
+def _name(b: api.Budget) -> str:
+    return f"{b.kind} {BudgetKey.of(b)}"
+
+
+def _reset_text(b: api.Budget) -> str:
+    st = b.status
+    resets = sorted(utc(w.reset_time) for w in (st.windows if st else ()) if w.reset_time)
+    if resets:
+        return f"; the window resets at {resets[0].strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return "; spend falls as the rolling window moves on"
+
+
+def review(budgets: Sequence[api.Budget], catalog: Catalog, namespace: str,
+           namespace_labels: Mapping[str, str], pod_labels: Mapping[str, str],
+           declared_models: Sequence[str], now: dt.datetime) -> Verdict:
+    """Whether a new governed pod (or a workload's pod template) may be admitted."""
+    gov = governing(budgets, namespace, namespace_labels, pod_labels)
+    names = tuple(_name(b) for b in gov)
+    for b in gov:
+        if _scope_state(b, namespace) is api.State.BLOCKED and not _excepted(b, now):
+            st = b.status
+            detail = f": {st.message}" if st and st.message else ""
+            return Verdict(False, "BudgetBlocked",
+                           f"{_name(b)} is Blocked in namespace {namespace}{detail}"
+                           f"{_reset_text(b)}", names)
+    for model in declared_models:
+        for b in gov:
+            if engine.model_allowed(b.spec, model, catalog):
+                continue
+            allowed = engine.allowed_models(b.spec, catalog)
+            rule = _rule(b.spec, model, catalog)
+            return Verdict(False, "ModelNotAllowed",
+                           f"model {model} is not allowed by {_name(b)} ({rule}); allowed: "
+                           f"{', '.join(sorted(allowed)) if allowed else 'none in the catalog'}",
+                           names)
+    return Verdict(True, "Allowed", "", names)
+
+
+def _excepted(b: api.Budget, now: dt.datetime) -> bool:
+    cap = [e for e in b.spec.exceptions if utc(e.until) > utc(now)]
+    return any(SEVERITY[STATE_OF_ACTION[e.max_action]] < SEVERITY[api.State.BLOCKED] for e in cap)
+
+
+def _rule(spec: api.TokenBudgetSpec, model: str, catalog: Catalog) -> str:
+    entry = catalog.resolve(model)
+    if entry is not None and entry.tier in spec.denied_tiers:
+        return f"deniedTiers includes {entry.tier.value}"
+    if spec.denied_models:
+        return f"deniedModels: {', '.join(spec.denied_models)}"
+    return f"allowedModels: {', '.join(spec.allowed_models)}"
+
+
+def directive_for(budgets: Sequence[api.Budget], catalog: Catalog, namespace: str,
+                  namespace_labels: Mapping[str, str], pod_labels: Mapping[str, str],
+                  declared_models: Sequence[str], now: dt.datetime) -> Directive | None:
+    """The directive a new pod starts with, from its budgets' current state; None if ungoverned.
+
+    A paced Throttle cannot be computed without spend; the pod gets the state and
+    the next evaluation (seconds away) stamps the rate.
+    """
+    gov = governing(budgets, namespace, namespace_labels, pod_labels)
+    if not gov:
+        return None
+    out = []
+    for b in gov:
+        state = _scope_state(b, namespace)
+        ladder = sorted(b.spec.actions, key=lambda a: a.at_percent)
+        reached = [a for a in ladder
+                   if SEVERITY[STATE_OF_ACTION[a.type]] <= SEVERITY[state]] if state is not \
+            api.State.OK else []
+        allowed = engine.allowed_models(b.spec, catalog)
+        model = None
+        reroute = next((a for a in reversed(reached) if a.type is api.ActionType.REROUTE), None)
+        if reroute is not None:
+            model = reroute.model or next(
+                (m for m in (engine.cheapest_equivalent(d, allowed, catalog)
+                             for d in declared_models) if m), None)
+        throttle = next((a for a in reversed(reached) if a.type is api.ActionType.THROTTLE), None)
+        key = BudgetKey.of(b)
+        out.append(Directive(
+            state=state, budget=f"{key.kind}/{key}",
+            reason=(b.status.reason if b.status and b.status.reason else "WithinBudget"),
+            message="", model=model, allowed_models=allowed,
+            tokens_per_minute=throttle.tokens_per_minute if throttle else None,
+        ))
+    return merge(out)
