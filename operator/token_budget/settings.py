@@ -36,10 +36,11 @@ class Settings:
     )
     webhook_port: int = 0  # 0: no webhook server
     webhook_host: str = "0.0.0.0"
-    webhook_cert_file: str | None = None
-    webhook_key_file: str | None = None
     webhook_url: str | None = None  # how the API server reaches the webhook (tests, dev)
-    webhook_ca_file: str | None = None
+    webhook_service: str = "token-budget-operator"
+    webhook_service_port: int = 443
+    webhook_secret: str = "token-budget-operator-webhook-tls"
+    webhook_hosts: tuple[str, ...] = ()
     id: str | None = None
     agent_label: str = "tokenbudget.io/agent"
     lease_namespace: str = "default"
@@ -107,10 +108,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--webhook-port", type=int, default=int(str(_env("webhook-port", 0))),
         help="serve admission webhooks on this port (0: off)")
     add("--webhook-host", default=_env("webhook-host", d.webhook_host))
-    add("--webhook-cert-file", default=_env("webhook-cert-file", None))
-    add("--webhook-key-file", default=_env("webhook-key-file", None))
-    add("--webhook-url", default=_env("webhook-url", None))
-    add("--webhook-ca-file", default=_env("webhook-ca-file", None))
+    add("--webhook-url", default=_env("webhook-url", None),
+        help="URL the API server calls (out-of-cluster); default: the Service below")
+    add("--webhook-service", default=_env("webhook-service", d.webhook_service),
+        help="Service in the operator's namespace that fronts the webhook")
+    add("--webhook-service-port", type=int,
+        default=int(str(_env("webhook-service-port", d.webhook_service_port))))
+    add("--webhook-secret", default=_env("webhook-secret", d.webhook_secret),
+        help="Secret holding the webhook CA and serving certificate (created and rotated)")
+    add("--webhook-host-name", dest="webhook_hosts", action="append",
+        default=[h for h in str(_env("webhook-hosts", "")).split(",") if h],
+        help="DNS name or IP for the serving certificate (repeatable)")
     add("--id", default=_env("id", None), help="identity of this replica (leader election)")
     add("--agent-label", default=_env("agent-label", d.agent_label),
         help="label key that marks agent workloads and pods (watched server-side)")
@@ -145,10 +153,11 @@ def from_args(args: argparse.Namespace) -> Settings:
         model_env=tuple(x for x in str(args.model_env).split(",") if x),
         webhook_port=args.webhook_port,
         webhook_host=args.webhook_host,
-        webhook_cert_file=args.webhook_cert_file,
-        webhook_key_file=args.webhook_key_file,
         webhook_url=args.webhook_url,
-        webhook_ca_file=args.webhook_ca_file,
+        webhook_service=args.webhook_service,
+        webhook_service_port=args.webhook_service_port,
+        webhook_secret=args.webhook_secret,
+        webhook_hosts=tuple(args.webhook_hosts),
         id=args.id,
         agent_label=args.agent_label,
         lease_namespace=args.lease_namespace,

@@ -23,8 +23,10 @@ import logging
 import os
 import socket
 import threading
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -38,6 +40,7 @@ from token_budget.handlers.telemetry import Telemetry
 from token_budget.kube import CRONJOBS, DEPLOYMENTS, JOBS, PODS, STATEFULSETS, Kube, api_client
 from token_budget.metrics.prometheus import Auth, PrometheusSource
 from token_budget.settings import Settings, from_args
+from token_budget.webhooks import admission, certificates, configuration
 
 log = logging.getLogger(__name__)
 registry = kopf.OperatorRegistry()
@@ -62,6 +65,7 @@ class Runtime:
     last_outcome: Outcome | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    webhook_files: tuple[Path, Path] | None = None
 
     def poke(self) -> None:
         """Ask for an evaluation soon; safe from any thread."""
@@ -100,6 +104,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    rt = _runtime
+    if rt is not None and rt.webhook_files is not None:
+        certfile, keyfile = rt.webhook_files
+        settings.admission.server = kopf.WebhookServer(
+            addr=rt.settings.webhook_host, port=rt.settings.webhook_port,
+            certfile=str(certfile), pkeyfile=str(keyfile))
+        settings.admission.managed = None  # the operator writes its own configurations
 
 
 @kopf.on.login(registry=registry, id="login")
@@ -119,6 +130,7 @@ def budget_changed(memo: Any, type: str | None, body: Any, **_: Any) -> None:
     # spec changes (a new generation) and deletions wake the loop early.
     meta = body.get("metadata", {})
     status = body.get("status") or {}
+    admission.cache.budget_event(dict(body), deleted=type == "DELETED")
     if type == "DELETED" or meta.get("deletionTimestamp") or \
             status.get("observedGeneration") != meta.get("generation"):
         _rt(memo).poke()
@@ -130,6 +142,11 @@ def namespace_changed(memo: Any, type: str | None, body: Any, **_: Any) -> None:
     rt = _rt(memo)
     name = body.get("metadata", {}).get("name", "")
     labels = dict(body.get("metadata", {}).get("labels") or {})
+    with admission.cache.lock:
+        if type == "DELETED":
+            admission.cache.namespaces.pop(name, None)
+        else:
+            admission.cache.namespaces[name] = labels
     if type == "DELETED":
         rt.namespace_labels.pop(name, None)
         rt.poke()
@@ -165,10 +182,16 @@ def _watch(rt: Runtime, res: Any, selector: str) -> None:
             version = None
             data = kube.request("GET", res.path(), {"labelSelector": selector, "limit": 1})
             version = (data.get("metadata") or {}).get("resourceVersion")
-            for _event in kube.stream(res.path(), {"labelSelector": selector, "watch": "true",
-                                                    "resourceVersion": version,
-                                                    "allowWatchBookmarks": "false",
-                                                    "timeoutSeconds": 240}, rt.stop):
+            if res.kind != "Pod":  # owners' directives, for stamping their new pods
+                for obj in kube.list(res, None, selector):
+                    admission.cache.workload_event(obj, deleted=False)
+            for event in kube.stream(res.path(), {"labelSelector": selector, "watch": "true",
+                                                   "resourceVersion": version,
+                                                   "allowWatchBookmarks": "false",
+                                                   "timeoutSeconds": 240}, rt.stop):
+                obj = event.get("object") or {}
+                if res.kind != "Pod" and obj.get("kind") == res.kind:
+                    admission.cache.workload_event(obj, deleted=event.get("type") == "DELETED")
                 rt.poke()
         except Exception as exc:  # noqa: BLE001 - a watch must survive anything
             log.debug("watch of %s (%s) restarts: %s", res.plural, selector, exc)
@@ -209,6 +232,32 @@ async def _leadership_watcher(rt: Runtime) -> None:
             rt.poke()
 
 
+def setup_webhooks(rt: Runtime) -> None:
+    """Certificates from the Secret (issued or renewed), files for kopf, configurations."""
+    s = rt.settings
+    svc = f"{s.webhook_service}.{s.lease_namespace}.svc"
+    hosts = list(s.webhook_hosts) or (
+        ["127.0.0.1", "localhost"] if s.webhook_url else [svc, f"{svc}.cluster.local"])
+    bundle = certificates.ensure(rt.kube, s.lease_namespace, s.webhook_secret, hosts,
+                                 dt.datetime.now(dt.UTC))
+    directory = Path(tempfile.mkdtemp(prefix="tokenbudget-webhook-"))
+    rt.webhook_files = certificates.write_files(bundle, directory)
+    if s.webhook_url:
+        client: dict[str, Any] = {"url": s.webhook_url}
+    else:
+        client = {"service": {"namespace": s.lease_namespace, "name": s.webhook_service,
+                              "port": s.webhook_service_port}}
+    objs = configuration.configurations(client, bundle.ca_crt, s.lease_namespace,
+                                        agent_label=s.agent_label)
+    configuration.apply(rt.kube, objs)
+    admission.cache.model_env = s.model_env
+    log.info("webhooks on %s:%s, certificate valid until %s", s.webhook_host, s.webhook_port,
+             bundle.not_after().isoformat())
+
+
+admission.register(registry)
+
+
 def build_runtime(settings: Settings) -> Runtime:
     kube = Kube(api_client())
     telemetry = Telemetry(None)
@@ -238,6 +287,8 @@ async def serve(settings: Settings) -> None:
                                             name=f"watch-{res.plural}", daemon=True))
     for t in threads:
         t.start()
+    if settings.webhook_port:
+        setup_webhooks(rt)
     memo = kopf.Memo(runtime=rt)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     tasks = [
