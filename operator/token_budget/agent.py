@@ -100,7 +100,8 @@ class TokenBucket:
 
     def _refill(self) -> None:
         now = self.clock()
-        self.level = min(float(self.per_minute), self.level + (now - self.at) * self.per_minute / 60)
+        refill = (now - self.at) * self.per_minute / 60
+        self.level = min(float(self.per_minute), self.level + refill)
         self.at = now
 
     def wait_time(self, tokens: int) -> float:

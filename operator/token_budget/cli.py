@@ -104,7 +104,8 @@ def validate(paths: Sequence[str], out: TextIO) -> int:
             errors.append(doc.where)
             continue
         parsed.append((doc, api.parse(doc.body)))
-    catalog_models = [m for _, o in parsed if isinstance(o, api.ModelCatalog) for m in o.spec.models]
+    catalog_models = [m for _, o in parsed if isinstance(o, api.ModelCatalog)
+                      for m in o.spec.models]
     for doc, obj in parsed:
         found = rules.problems(obj, catalog_models if catalog_models else None)
         for p in found:

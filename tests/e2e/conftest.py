@@ -9,6 +9,7 @@ Session-scoped (started once, shared by every test; tests must not break them):
 - ``prometheus``: :class:`harness.prometheus.Prometheus`, scraping ``exporter`` every 1 s
   (job ``agents``, ``honor_labels: true``).
 - ``tools``: :class:`harness.tools.Tools` with ``helm`` and ``kubectl`` paths.
+- ``promtool``: path of Debian's ``promtool`` (rule and exposition checks).
 
 Function-scoped:
 
@@ -39,7 +40,7 @@ from kubernetes import client, config
 from harness import HarnessError, MissingDependency
 from harness.controlplane import ControlPlane, resolve_binary
 from harness.exporter import AgentExporter
-from harness.prometheus import Prometheus
+from harness.prometheus import Prometheus, find_binary
 from harness.tools import Tools, ensure_tools
 
 HERE = Path(__file__).resolve().parent
@@ -55,11 +56,37 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+#: Missing-dependency message -> node ids of the tests it skipped (for the summary line).
+_skipped_for: dict[str, set[str]] = {}
+
+
 def _missing(exc: MissingDependency) -> None:
     """Skip outside CI, fail in CI, with the one-line install hint."""
     if in_ci():
         pytest.fail(f"CI=true and a test dependency is missing: {exc}", pytrace=False)
+    _skipped_for.setdefault(str(exc), set())
     pytest.skip(f"cluster tests need it: {exc}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Attribute setup skips to the missing dependency that caused them.
+
+    A failing session fixture runs once and pytest re-raises its cached skip for every
+    later test, so counting has to happen here rather than in :func:`_missing`.
+    """
+    if report.when == "setup" and report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        for message, nodeids in _skipped_for.items():
+            if message in reason:
+                nodeids.add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per missing dependency, so the fix stands out among the skip lines."""
+    for message, nodeids in _skipped_for.items():
+        terminalreporter.write_line(
+            f"e2e: {len(nodeids)} cluster test(s) skipped: {message}", yellow=True, bold=True
+        )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -76,10 +103,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Resolve (and if needed build) the control plane binary before any test runs.
 
     A cold build takes minutes; doing it here keeps it outside every test's timeout. It is
-    a no-op when no selected test needs the control plane, and takes a second when the
-    binary is cached. The outcome is stashed for the ``controlplane`` fixture.
+    a no-op when no selected test uses the ``controlplane`` fixture (directly or through
+    ``kube_api``/``namespace``), and takes a second when the binary is cached. The outcome
+    is stashed for the ``controlplane`` fixture.
     """
-    if not any(HERE in Path(str(i.path)).resolve().parents for i in session.items):
+    if not any("controlplane" in getattr(i, "fixturenames", ()) for i in session.items):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     started = time.monotonic()
@@ -128,7 +156,9 @@ def controlplane(
 @pytest.fixture(scope="session")
 def kube_api(controlplane: ControlPlane) -> Iterator[client.ApiClient]:
     """An ApiClient for the control plane, as admin (``system:masters``)."""
-    api = config.new_client_from_config(config_file=str(controlplane.kubeconfig))
+    api = config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=str(controlplane.kubeconfig)
+    )
     try:
         yield api
     finally:
@@ -165,6 +195,16 @@ def prometheus(
         yield prom
     finally:
         prom.close()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """The ``promtool`` binary (Debian's prometheus package ships it)."""
+    try:
+        return find_binary("promtool")
+    except MissingDependency as exc:
+        _missing(exc)
+        raise  # unreachable: _missing always raises
 
 
 @pytest.fixture(scope="session")

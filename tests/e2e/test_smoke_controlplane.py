@@ -54,6 +54,11 @@ def _pods(core: client.CoreV1Api, namespace: str) -> list[client.V1Pod]:
     return [p for p in pods if p.metadata.deletion_timestamp is None]
 
 
+def _exactly(n: int, pods: list[client.V1Pod]) -> list[client.V1Pod]:
+    """``pods`` if there are ``n`` of them, else ``[]`` (not yet)."""
+    return pods if len(pods) == n else []
+
+
 def test_version_is_the_pinned_kubernetes(controlplane: ControlPlane) -> None:
     assert controlplane.get("/version")["gitVersion"] == "v1.35.0"
 
@@ -74,8 +79,8 @@ def test_deployment_becomes_replicaset_and_pending_pods(
     assert [o.kind for o in rs.metadata.owner_references] == ["Deployment"]
     assert rs.metadata.owner_references[0].name == "agent"
 
-    pods = eventually(lambda: [p for p in _pods(core, namespace)] if len(
-        _pods(core, namespace)) == 2 else [], what="two pods from the ReplicaSet")
+    pods = eventually(lambda: _exactly(2, _pods(core, namespace)),
+                      what="two pods from the ReplicaSet")
     for pod in pods:
         assert pod.metadata.owner_references[0].kind == "ReplicaSet"
         assert pod.metadata.owner_references[0].name == rs.metadata.name

@@ -103,8 +103,14 @@ def resolve_binary(timeout: float = BUILD_TIMEOUT_SECONDS, build_log: Path | Non
             ) from exc
     if done.returncode == 3:
         raise MissingDependency(
-            "Go toolchain not found: install Go >= 1.25 (https://go.dev/dl or "
-            "apt-get install golang-go) or set CONTROLPLANE_BIN"
+            "Go toolchain not found: install Go >= 1.25 from https://go.dev/dl (Debian 12's "
+            "golang-go is 1.19, too old) or set CONTROLPLANE_BIN"
+        )
+    log_text = build_log.read_text(errors="replace")
+    if done.returncode != 0 and "requires go >=" in log_text:
+        raise MissingDependency(
+            "Go is too old for the control plane: install Go >= 1.25 from https://go.dev/dl "
+            "or set CONTROLPLANE_BIN"
         )
     lines = done.stdout.decode(errors="replace").strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -145,11 +151,15 @@ def _tail(path: Path, lines: int) -> str:
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the thread that started us dies (pytest killed hard)."""
+    """In the child: be SIGKILLed if the thread that started us dies (pytest killed hard).
+
+    SIGKILL rather than SIGTERM: a kube-apiserver that loses etcd at the same moment can
+    hang in its graceful shutdown forever, and nothing of a test process is worth keeping.
+    """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 class Process:
@@ -244,6 +254,8 @@ def wait_until(
             if check():
                 return time.monotonic() - start
         except Exception as exc:  # noqa: BLE001 - anything means "not ready yet"
+            if isinstance(exc, urllib.error.HTTPError):
+                exc.close()  # it holds the response socket open
             last = exc
         if time.monotonic() - start > timeout:
             detail = f" (last error: {last!r})" if last else ""

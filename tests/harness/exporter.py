@@ -282,8 +282,8 @@ class AgentExporter:
             else:
                 for token_type, amount in (("input", input), ("output", output)):
                     if amount:
-                        key = (token_type, model, provider, namespace, pod_name)
-                        self._otel.setdefault(key, _Histogram()).observe(amount)
+                        hkey = (token_type, model, provider, namespace, pod_name)
+                        self._otel.setdefault(hkey, _Histogram()).observe(amount)
             for token_type, amount in (
                 ("input", input), ("output", output), ("cached_input", cached_input),
             ):

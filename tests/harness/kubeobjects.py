@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from kubernetes import client
@@ -50,17 +50,20 @@ def apply_crd(api: client.ApiClient, crd: dict[str, Any], timeout: float = 60.0)
     ext = client.ApiextensionsV1Api(api)
     name = crd["metadata"]["name"]
     try:
-        ext.create_custom_resource_definition(crd)
+        # The client serialises plain dicts as they are; its stubs only know the models.
+        ext.create_custom_resource_definition(cast(Any, crd))
     except client.ApiException as exc:
         if exc.status != 409:
             raise
         current = ext.read_custom_resource_definition(name)
+        assert current.metadata is not None
         body = {**crd, "metadata": {**crd["metadata"],
                                     "resourceVersion": current.metadata.resource_version}}
-        ext.replace_custom_resource_definition(name, body)
+        ext.replace_custom_resource_definition(name, cast(Any, body))
 
     def established() -> bool:
-        conditions = ext.read_custom_resource_definition(name).status.conditions or []
+        status = ext.read_custom_resource_definition(name).status
+        conditions = (status.conditions if status else None) or []
         return any(c.type == "Established" and c.status == "True" for c in conditions)
 
     eventually(established, timeout, what=f"CRD {name} to be Established")
@@ -151,11 +154,11 @@ class CustomResources:
         if namespaced:
             ns = namespace or obj.get("metadata", {}).get("namespace") or "default"
             body = {**obj, "metadata": {**obj.get("metadata", {}), "namespace": ns}}
-            result: dict[str, Any] = self.custom.create_namespaced_custom_object(
-                group, version, ns, plural, body)
+            result = cast(dict[str, Any], self.custom.create_namespaced_custom_object(
+                group, version, ns, plural, body))
             return result
-        created: dict[str, Any] = self.custom.create_cluster_custom_object(
-            group, version, plural, obj)
+        created = cast(dict[str, Any], self.custom.create_cluster_custom_object(
+            group, version, plural, obj))
         return created
 
     def create_or_replace(self, obj: dict[str, Any], namespace: str | None = None
@@ -174,11 +177,11 @@ class CustomResources:
         if namespaced:
             ns = namespace or meta.get("namespace") or "default"
             meta["namespace"] = ns
-            replaced: dict[str, Any] = self.custom.replace_namespaced_custom_object(
-                group, version, ns, plural, name, {**obj, "metadata": meta})
+            replaced = cast(dict[str, Any], self.custom.replace_namespaced_custom_object(
+                group, version, ns, plural, name, {**obj, "metadata": meta}))
             return replaced
-        result: dict[str, Any] = self.custom.replace_cluster_custom_object(
-            group, version, plural, name, {**obj, "metadata": meta})
+        result = cast(dict[str, Any], self.custom.replace_cluster_custom_object(
+            group, version, plural, name, {**obj, "metadata": meta}))
         return result
 
     def get(self, obj: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
@@ -187,11 +190,11 @@ class CustomResources:
         name = obj["metadata"]["name"]
         if namespaced:
             ns = namespace or obj["metadata"].get("namespace") or "default"
-            got: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                group, version, ns, plural, name)
+            got = cast(dict[str, Any], self.custom.get_namespaced_custom_object(
+                group, version, ns, plural, name))
             return got
-        result: dict[str, Any] = self.custom.get_cluster_custom_object(
-            group, version, plural, name)
+        result = cast(dict[str, Any], self.custom.get_cluster_custom_object(
+            group, version, plural, name))
         return result
 
     def delete(self, obj: dict[str, Any], namespace: str | None = None) -> None:

@@ -26,6 +26,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -213,7 +214,10 @@ class CertificateAuthority:
         """
         # X.509 caps CN at 64 characters, but ServiceAccount user names are often longer
         # and the API server (Go's parser) accepts them; so skip cryptography's check.
-        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, user, _validate=len(user) <= 64)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            cn = x509.NameAttribute(NameOID.COMMON_NAME, user, _validate=len(user) <= 64)
+        attrs = [cn]
         attrs += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
         return self._issue(x509.Name(attrs), ExtendedKeyUsageOID.CLIENT_AUTH)
 

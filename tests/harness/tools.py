@@ -10,7 +10,10 @@ reused; a second call costs one ``stat``.
 The machine image's own ``kubectl`` (v1.32) is deliberately not used: it is older than the
 v1.35 API server and outside the supported version skew.
 
-Run it as a script to install and print the paths: ``python tests/harness/tools.py``.
+Run it as a module to install and print the paths:
+``PYTHONPATH=tests python -m harness.tools``. Never run it as ``python tests/harness/tools.py``:
+that puts ``tests/harness`` first on ``sys.path``, where ``harness/operator.py`` shadows the
+standard library's ``operator`` module.
 """
 
 from __future__ import annotations
@@ -23,11 +26,6 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `harness` importable
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import HarnessError, MissingDependency
 

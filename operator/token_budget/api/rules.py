@@ -185,7 +185,8 @@ def _catalog_problems(spec: api.ModelCatalogSpec) -> list[Problem]:
     for i, m in enumerate(spec.models):
         if m.name in by_name:
             out.append(Problem(f"spec.models[{i}].name",
-                               f"must be unique; {m.name!r} is also spec.models[{by_name[m.name]}]"))
+                               f"must be unique; {m.name!r} is also "
+                               f"spec.models[{by_name[m.name]}]"))
         by_name.setdefault(m.name, i)
     for i, m in enumerate(spec.models):
         price = m.pricing.input + m.pricing.output

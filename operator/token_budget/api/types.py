@@ -193,7 +193,8 @@ class LabelSelector(_Base):
         for i, req in enumerate(self.match_expressions):
             needs = req.operator in (SelectorOperator.IN, SelectorOperator.NOT_IN)
             if needs and not req.values:
-                out.append(f"matchExpressions[{i}].values must be non-empty for {req.operator.value}")
+                out.append(f"matchExpressions[{i}].values must be non-empty for "
+                           f"{req.operator.value}")
             if not needs and req.values:
                 out.append(f"matchExpressions[{i}].values must be empty for {req.operator.value}")
         return out

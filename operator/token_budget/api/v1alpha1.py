@@ -489,8 +489,12 @@ class BudgetStatus(_Base):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    observed_generation: int | None = Field(default=None, description="The generation last acted on.")
-    state: State | None = Field(default=None, description="Ok, Warning, Rerouted, Throttled or Blocked.")
+    observed_generation: int | None = Field(
+        default=None, description="The generation last acted on."
+    )
+    state: State | None = Field(
+        default=None, description="Ok, Warning, Rerouted, Throttled or Blocked."
+    )
     reason: str | None = Field(default=None, description="Why the budget is in this state.")
     message: str | None = Field(default=None, description="The decision, in words.")
     spend: str | None = Field(default=None, description="Spend in the most used window.")
@@ -576,6 +580,7 @@ def parse(body: dict[str, Any]) -> ModelCatalog | TokenBudget | ClusterTokenBudg
     """
     kind = body.get("kind")
     if kind not in KINDS or body.get("apiVersion") != API_VERSION:
-        raise ValueError(f"not a {API_VERSION} object: apiVersion={body.get('apiVersion')!r} kind={kind!r}")
+        raise ValueError(f"not a {API_VERSION} object: "
+                         f"apiVersion={body.get('apiVersion')!r} kind={kind!r}")
     model = KINDS[kind]
     return model.model_validate(body)  # type: ignore[return-value]

@@ -1,1 +1,4 @@
-"""Writing directives to workloads: pure patch computation (the writes go through token_budget.kube)."""
+"""Writing directives to workloads: pure patch computation.
+
+The writes themselves go through :mod:`token_budget.kube`.
+"""

@@ -215,7 +215,7 @@ class Evaluator:
     def act(self, g: Gathered, result: Evaluation, now: dt.datetime) -> dict[str, int]:
         """Patch every object whose directive differs; counts of enforced units per budget."""
         enforced: dict[str, int] = {}
-        for unit, d in result.directives.items():
+        for d in result.directives.values():
             enforced[d.budget] = enforced.get(d.budget, 0) + 1
         if self.settings.dry_run:
             return enforced

@@ -22,8 +22,8 @@ import datetime as dt
 import logging
 import os
 import socket
-import threading
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +266,8 @@ def build_runtime(settings: Settings) -> Runtime:
     evaluator = Evaluator(kube, source, settings, telemetry)
     identity = settings.id or f"{socket.gethostname()}-{os.getpid()}"
     # The elector gets its own request counters: Lease renewals are not evaluation writes.
-    elector = LeaderElector(Kube(kube.client), settings.lease_namespace, settings.lease_name, identity,
+    elector = LeaderElector(Kube(kube.client), settings.lease_namespace,
+                            settings.lease_name, identity,
                             settings.lease_seconds)
     return Runtime(settings=settings, kube=kube, evaluator=evaluator, elector=elector)
 

@@ -39,7 +39,8 @@ class Catalog:
         found = self._lower.get(reported.lower())
         if found is None:
             found = next(
-                (m for m in self.models.values() if any(pattern_matches(a, reported) for a in m.aliases)),
+                (m for m in self.models.values()
+                 if any(pattern_matches(a, reported) for a in m.aliases)),
                 None,
             )
         if found is None and "/" in reported:

@@ -192,7 +192,8 @@ def allowed_models(spec: api.TokenBudgetSpec, catalog: Catalog) -> frozenset[str
     """Catalog models a budget allows; None when the budget restricts nothing."""
     if not (spec.allowed_models or spec.denied_models or spec.denied_tiers):
         return None
-    return frozenset(m.name for m in catalog.models.values() if model_allowed(spec, m.name, catalog))
+    return frozenset(m.name for m in catalog.models.values()
+                     if model_allowed(spec, m.name, catalog))
 
 
 def model_allowed(spec: api.TokenBudgetSpec, name: str, catalog: Catalog) -> bool:
@@ -346,7 +347,8 @@ class _ScopeEval:
             return None
         key = WindowKey.of(o.window, "UTC")
         by_ns = self.index.windows.get((self.source, key), {})
-        spend = _total(_select(by_ns, self.namespaces, self.spec.spend_matchers, None, self.catalog),
+        spend = _total(_select(by_ns, self.namespaces, self.spec.spend_matchers, None,
+                               self.catalog),
                        self.catalog).cost
         rows = self.snapshot.outcomes.get(outcome_key(o))
         if rows is None:
