@@ -38,10 +38,11 @@ test-fast: venv
 test-cluster: prereqs
 	$(PYTEST) -m cluster
 
-## lint: the architecture contract (import-linter) and ruff
+## lint: the architecture contract (import-linter), mypy --strict and ruff
 lint: venv
 	$(BIN)/lint-imports
-	$(BIN)/ruff check operator tests bench
+	$(BIN)/mypy
+	$(BIN)/ruff check operator tests bench examples
 
 ## crds: regenerate crds/ (and the chart's copy) from the pydantic models
 crds: venv

@@ -47,12 +47,13 @@ class Counters:
 def api_client(kubeconfig: str | None = None) -> ApiClient:
     """An ApiClient from in-cluster credentials, else the kubeconfig ($KUBECONFIG)."""
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
         return ApiClient()
     except ConfigException:
         pass
     config = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+    kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=kubeconfig, client_configuration=config)
     return ApiClient(configuration=config)
 
 
@@ -123,7 +124,7 @@ class Kube:
         try:
             resp = self.client.call_api(method_, url, header_params=headers_, body=body_,
                                         _request_timeout=timeout)
-            resp.read()
+            resp.read()  # type: ignore[no-untyped-call]
         except ApiException as exc:
             raise _error(exc, method, path) from exc
         status = resp.status

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -33,7 +33,7 @@ from token_budget.api.types import (
 
 GROUP = "tokenbudget.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+API_VERSION: Final = "tokenbudget.io/v1alpha1"
 PREFIX = "tokenbudget.io/"
 DEFAULT_AGENT_LABEL = "tokenbudget.io/agent"
 

@@ -286,8 +286,8 @@ async def serve(settings: Settings) -> None:
         for selector in (settings.agent_label, patches.ENFORCED_LABEL):
             threads.append(threading.Thread(target=_watch, args=(rt, res, selector),
                                             name=f"watch-{res.plural}", daemon=True))
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     if settings.webhook_port:
         setup_webhooks(rt)
     memo = kopf.Memo(runtime=rt)

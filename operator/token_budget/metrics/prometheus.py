@@ -27,7 +27,8 @@ from decimal import Decimal
 from typing import Any, TypedDict
 
 import requests
-from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util import Retry
 
 from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
@@ -179,8 +180,8 @@ class PrometheusSource:
         outcomes: dict[str, tuple[tuple[str, tuple[tuple[str, str], ...], float], ...]] = {}
         outcome_errors: dict[str, str] = {}
         for oq in plan.outcomes:
-            seconds = plan.windows.get(next((k for k in plan.windows if k[1] == oq.window),
-                                            None), 0) or _fallback_seconds(oq.window, now)
+            seconds = next((v for (_, k), v in plan.windows.items() if k == oq.window),
+                           None) or _fallback_seconds(oq.window, now)
             try:
                 items = self.query(promql.outcomes(oq.metric, oq.namespace_label, seconds,
                                                    oq.group_labels), now, "outcome")

@@ -53,7 +53,7 @@ def governing(budgets: Sequence[api.Budget], namespace: str,
               namespace_labels: Mapping[str, str], pod_labels: Mapping[str, str]
               ) -> list[api.Budget]:
     """Enforcing budgets whose scope holds the namespace and whose selector the pod matches."""
-    out = []
+    out: list[api.Budget] = []
     for b in budgets:
         if b.spec.mode is api.Mode.DRY_RUN or not b.spec.selector.matches(pod_labels):
             continue
