@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import yaml
 from token_budget import __version__
 from token_budget.api import crds, rules
 from token_budget.api import v1alpha1 as api
+from token_budget.api.types import parse_window
 from token_budget.errors import MetricsError
 from token_budget.metrics import files
 from token_budget.policy import engine, planner
@@ -244,6 +246,16 @@ def evaluation_json(result: Evaluation) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
+def _duration(text: str) -> int:
+    try:
+        value = parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a duration such as 30d or 1h")
+    return value
+
+
 def _time(text: str) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -270,6 +282,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--at", type=_time, default=None, help="evaluation time (RFC 3339); now")
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
+    st = sub.add_parser("status", help="a table of budgets in the cluster (kubeconfig)")
+    st.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    st.add_argument("-n", "--namespace", help="only TokenBudgets of this namespace")
+    st.add_argument("--kubeconfig", default=None)
+
+    for name, helptext in (("report", "spend by namespace, budget, model and workload"),
+                           ("backtest", "replay a budget against Prometheus history")):
+        rp = sub.add_parser(name, help=helptext)
+        rp.add_argument("--prometheus-url", default=os.environ.get(
+            "TOKENBUDGET_PROMETHEUS_URL", "http://localhost:9090"))
+        rp.add_argument("--since", type=_duration, default=30 * 86400,
+                        help="how far back (30d, 24h, ...)")
+        rp.add_argument("--at", type=_time, default=None, help="end of the period; now")
+        rp.add_argument("--catalog", nargs="*", default=None,
+                        help="ModelCatalog manifests; default: the cluster's")
+        rp.add_argument("--kubeconfig", default=None)
+        if name == "report":
+            rp.add_argument("--budgets", nargs="*", default=None,
+                            help="budget and namespace manifests; default: the cluster's")
+            rp.add_argument("-o", "--output", choices=("table", "json", "csv"),
+                            default="table")
+            rp.add_argument("--html", help="also write an HTML report with charts here")
+        else:
+            rp.add_argument("--budget", required=True, help="the budget manifest to replay")
+            rp.add_argument("--step", type=_duration, default=3600, help="1h, 15m, ...")
+            rp.add_argument("--namespaces", nargs="*", default=None,
+                            help="Namespace manifests (labels for a ClusterTokenBudget); "
+                            "default: the cluster's")
+            rp.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
     r = sub.add_parser("run", help="run the operator")
     from token_budget.settings import add_arguments
 
@@ -294,11 +336,146 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "simulate":
         at = args.at or dt.datetime.now(dt.UTC)
         return simulate(args.budgets, args.spend, at, sys.stdout, args.output == "json")
+    if args.command == "status":
+        return status(args, sys.stdout)
+    if args.command in ("report", "backtest"):
+        return report_or_backtest(args, sys.stdout)
     if args.command == "run":
         from token_budget.handlers import run
 
         return run(args)
     return 2  # pragma: no cover - argparse enforces the choices
+
+
+def status(args: argparse.Namespace, out: TextIO) -> int:
+    from token_budget.kube import CLUSTERTOKENBUDGETS, TOKENBUDGETS, Kube, api_client
+
+    kube = Kube(api_client(args.kubeconfig))
+    items = kube.list(TOKENBUDGETS, args.namespace)
+    if not args.namespace:
+        items += kube.list(CLUSTERTOKENBUDGETS)
+    if args.output == "json":
+        json.dump([_status_row(b) for b in items], out, indent=2)
+        print(file=out)
+        return 0
+    if args.output == "yaml":
+        out.write(dump_yaml([_status_row(b) for b in items]))
+        return 0
+    rows = [["NAMESPACE", "NAME", "WINDOW", "SPEND", "LIMIT", "USED", "STATE", "RUN-OUT"]]
+    for b in items:
+        r = _status_row(b)
+        rows.append([r["namespace"] or "*", r["name"], r["window"] or "-", r["spend"] or "-",
+                     r["limit"] or "-", f"{r['usedPercent']}%" if r["usedPercent"] is not None
+                     else "-", r["state"] or "-", r["runOut"] or "-"])
+    if len(rows) == 1:
+        print("no budgets", file=out)
+        return 0
+    render_table(rows, out)
+    return 0
+
+
+def _status_row(b: dict[str, Any]) -> dict[str, Any]:
+    st = b.get("status") or {}
+    windows = st.get("windows") or []
+    worst: dict[str, Any] = max(windows, key=lambda w: w.get("usedPercent", 0), default={})
+    return {"kind": b.get("kind"), "namespace": b["metadata"].get("namespace"),
+            "name": b["metadata"]["name"], "window": worst.get("window"),
+            "spend": st.get("spend"), "limit": st.get("limit"),
+            "usedPercent": st.get("usedPercent"), "state": st.get("state"),
+            "reason": st.get("reason"), "runOut": st.get("projectedRunOutTime")}
+
+
+def report_or_backtest(args: argparse.Namespace, out: TextIO) -> int:
+    from token_budget.metrics.prometheus import PrometheusSource
+    from token_budget.reports import backtest, spend
+
+    at = args.at or dt.datetime.now(dt.UTC)
+    source = PrometheusSource(args.prometheus_url)
+    cluster: Any = None
+
+    def from_cluster() -> Any:
+        nonlocal cluster
+        if cluster is None:
+            from token_budget.kube import Kube, api_client
+
+            cluster = Kube(api_client(args.kubeconfig))
+        return cluster
+
+    if args.catalog is not None:
+        docs, errors = load_documents(args.catalog)
+        catalogs = [api.ModelCatalog.model_validate(d.body) for d in docs
+                    if d.body.get("kind") == "ModelCatalog"]
+    else:
+        from token_budget.kube import MODELCATALOGS
+
+        catalogs = [api.ModelCatalog.model_validate(b) for b in from_cluster().list(MODELCATALOGS)]
+    catalog = Catalog(catalogs)
+    try:
+        if args.command == "report":
+            if args.budgets is not None:
+                docs, errors = load_documents(args.budgets)
+                world = world_from(docs)
+                budgets, namespaces = list(world.budgets), dict(world.namespaces)
+            else:
+                from token_budget.kube import CLUSTERTOKENBUDGETS, NAMESPACES, TOKENBUDGETS
+
+                k = from_cluster()
+                budgets = [api.TokenBudget.model_validate(b) for b in k.list(TOKENBUDGETS)]
+                budgets += [api.ClusterTokenBudget.model_validate(b)
+                            for b in k.list(CLUSTERTOKENBUDGETS)]
+                namespaces = {n["metadata"]["name"]: n["metadata"].get("labels") or {}
+                              for n in k.list(NAMESPACES)}
+            rep = spend.build(source, budgets, catalog, namespaces, args.since, at)
+            if args.html:
+                Path(args.html).write_text(spend.html(rep))
+            if args.output == "json":
+                json.dump(rep.to_json(), out, indent=2)
+                print(file=out)
+            elif args.output == "csv":
+                out.write(spend.to_csv(rep))
+            else:
+                out.write(spend.table(rep))
+            return 0
+        docs, errors = load_documents([args.budget])
+        if errors:
+            for e in errors:
+                print(e, file=sys.stderr)
+            return 1
+        found = [d for d in docs if d.body.get("kind") in ("TokenBudget", "ClusterTokenBudget")]
+        if len(found) != 1:
+            print(f"{args.budget}: must hold exactly one TokenBudget or ClusterTokenBudget",
+                  file=sys.stderr)
+            return 1
+        problems = rules.schema_problems(found[0].body)
+        if problems:
+            for p in problems:
+                print(f"{found[0].where}: {p}", file=sys.stderr)
+            return 1
+        budget = api.parse(found[0].body)
+        if args.namespaces is not None:
+            ndocs, _ = load_documents(args.namespaces)
+            namespaces = {d.body["metadata"]["name"]: d.body["metadata"].get("labels") or {}
+                          for d in ndocs if d.body.get("kind") == "Namespace"}
+        elif isinstance(budget, api.TokenBudget):
+            namespaces = {budget.metadata.namespace or "default": {}}
+        else:
+            from token_budget.kube import NAMESPACES
+
+            namespaces = {n["metadata"]["name"]: n["metadata"].get("labels") or {}
+                          for n in from_cluster().list(NAMESPACES)}
+        if isinstance(budget, api.TokenBudget):
+            namespaces.setdefault(budget.metadata.namespace or "default", {})
+        bt = backtest.run(source, budget, catalog, namespaces, args.since,  # type: ignore[arg-type]
+                          args.step, at)
+        if args.output == "json":
+            json.dump(bt.to_json(), out, indent=2)
+            print(file=out)
+        else:
+            out.write(backtest.table(bt))
+        return 0
+    except MetricsError as exc:
+        print(f"tokenbudget {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def dump_yaml(body: Any) -> str:

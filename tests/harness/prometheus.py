@@ -103,6 +103,7 @@ class Prometheus:
         port: int | None = None,
         binary: Path | None = None,
         ready_timeout: float = 60.0,
+        retention: str = "1d",
     ) -> None:
         """Prepare (but do not start) a Prometheus server.
 
@@ -116,6 +117,8 @@ class Prometheus:
             port: fixed port (default: a free one, picked once and reused on restart).
             binary: the ``prometheus`` binary (default: from PATH).
             ready_timeout: seconds to wait for ``/-/ready``.
+            retention: ``--storage.tsdb.retention.time`` (tests of backfilled history need
+                more than the default day).
         """
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tbo-prometheus-"))
@@ -128,6 +131,7 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         self.binary = binary
         self.ready_timeout = ready_timeout
+        self.retention = retention
         self.data_dir = self.workdir / "data"
         self.config_file = self.workdir / "prometheus.yml"
         self.log = self.workdir / "prometheus.log"
@@ -158,7 +162,7 @@ class Prometheus:
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 "--web.enable-lifecycle",
                 "--web.enable-admin-api",
-                "--storage.tsdb.retention.time=1d",
+                f"--storage.tsdb.retention.time={self.retention}",
                 "--log.level=info",
             ],
             self.log,

@@ -115,7 +115,8 @@ def _matcher_ok(m: api.SpendMatcher, value: str) -> bool:
     return hit if op is api.MatchOperator.REGEX else not hit
 
 
-def _series_ok(s: SpendSeries, matchers: Sequence[api.SpendMatcher]) -> bool:
+def series_matches(s: SpendSeries, matchers: Sequence[api.SpendMatcher]) -> bool:
+    """Whether a series satisfies every spend matcher (PromQL semantics)."""
     return all(_matcher_ok(m, s.label(m.label)) for m in matchers)
 
 
@@ -149,7 +150,7 @@ def _select(by_ns: Mapping[str, list[SpendSeries]], namespaces: Iterable[str],
     out = []
     for ns in namespaces:
         for s in by_ns.get(ns, ()):
-            if _series_ok(s, matchers) and _model_ok(s, model, catalog):
+            if series_matches(s, matchers) and _model_ok(s, model, catalog):
                 out.append(s)
     return out
 
@@ -339,6 +340,11 @@ class _ScopeEval:
                 limit_tokens=lim.tokens, limit_cost=lim.cost,
                 used_percent=max(pcts) if pcts else Decimal(0), run_out=run_out,
             ))
+        if not seen:
+            # A calendar window that began a moment ago holds no samples yet; the burn-rate
+            # query's series still show that the source is alive and the scope reports.
+            seen = bool(_select(recent_by_ns, self.namespaces, self.spec.spend_matchers, None,
+                                self.catalog))
         return usages, seen, unpriced, {w: m for w, (_, m) in top_model.items()}
 
     def cost_per_outcome(self) -> Decimal | None:

@@ -1,0 +1,1 @@
+"""Reports for people: status of budgets, spend over time, and policy backtests."""

@@ -1,0 +1,303 @@
+"""``tokenbudget report``: what the tokens bought, from Prometheus, without writing PromQL.
+
+Spend over ``--since`` by namespace, budget, model and workload (one query per
+spend source, the same PromQL the operator uses), cost per outcome where a
+budget declares outcomes, and the savings the catalog makes visible: spend on
+frontier models in namespaces whose budgets allow a cheaper equivalent, and
+what the same tokens would have cost there.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from token_budget.api import v1alpha1 as api
+from token_budget.metrics import promql
+from token_budget.metrics.prometheus import PrometheusSource, to_series
+from token_budget.policy import engine, planner, sources
+from token_budget.policy.catalog import Catalog
+from token_budget.policy.inputs import SpendSeries
+
+CENT = Decimal("0.01")
+
+
+@dataclass
+class Row:
+    tokens: float = 0.0
+    cost: Decimal = Decimal(0)
+
+    def add(self, tokens: float, cost: Decimal) -> None:
+        self.tokens += tokens
+        self.cost += cost
+
+
+@dataclass
+class Saving:
+    namespace: str
+    model: str
+    instead: str
+    tokens: float
+    cost: Decimal
+    cost_instead: Decimal
+
+    @property
+    def saved(self) -> Decimal:
+        return self.cost - self.cost_instead
+
+
+@dataclass
+class Report:
+    since_seconds: int
+    at: dt.datetime
+    currency: str
+    total: Row = field(default_factory=Row)
+    by_namespace: dict[str, Row] = field(default_factory=lambda: defaultdict(Row))
+    by_model: dict[str, Row] = field(default_factory=lambda: defaultdict(Row))
+    by_workload: dict[tuple[str, str], Row] = field(default_factory=lambda: defaultdict(Row))
+    by_budget: dict[str, Row] = field(default_factory=lambda: defaultdict(Row))
+    outcomes: dict[str, tuple[float, Decimal | None]] = field(default_factory=dict)
+    savings: list[Saving] = field(default_factory=list)
+    unpriced: set[str] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, Any]:
+        def rows(d: dict[Any, Row], key: str) -> list[dict[str, Any]]:
+            out = []
+            for k, r in sorted(d.items(), key=lambda kv: -kv[1].cost):
+                name = "/".join(k) if isinstance(k, tuple) else k
+                out.append({key: name, "tokens": round(r.tokens), "cost": str(r.cost.quantize(
+                    CENT))})
+            return out
+
+        return {
+            "since": f"{self.since_seconds}s", "at": self.at.isoformat(),
+            "currency": self.currency,
+            "total": {"tokens": round(self.total.tokens),
+                      "cost": str(self.total.cost.quantize(CENT))},
+            "byNamespace": rows(self.by_namespace, "namespace"),
+            "byBudget": rows(self.by_budget, "budget"),
+            "byModel": rows(self.by_model, "model"),
+            "byWorkload": rows(self.by_workload, "workload"),
+            "costPerOutcome": [{"budget": b, "outcomes": round(n),
+                                "costPerOutcome": str(c.quantize(Decimal("0.0001")))
+                                if c is not None else None}
+                               for b, (n, c) in sorted(self.outcomes.items())],
+            "savings": [{"namespace": s.namespace, "model": s.model, "instead": s.instead,
+                         "tokens": round(s.tokens), "cost": str(s.cost.quantize(CENT)),
+                         "costInstead": str(s.cost_instead.quantize(CENT)),
+                         "saved": str(s.saved.quantize(CENT))}
+                        for s in sorted(self.savings, key=lambda s: -s.saved)],
+            "unpricedModels": sorted(self.unpriced),
+        }
+
+
+def _cost(s: SpendSeries, catalog: Catalog) -> Decimal | None:
+    if s.cost is not None:
+        return s.cost
+    return catalog.cost(s.model, s.input_tokens, s.output_tokens, s.cached_input_tokens)
+
+
+def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Catalog,
+          namespaces: Mapping[str, Mapping[str, str]], since_seconds: int, at: dt.datetime,
+          presets: Iterable[api.SpendSource] = ()) -> Report:
+    """Query Prometheus once per spend source over ``since`` and fold the answers."""
+    report = Report(since_seconds=since_seconds, at=at, currency=catalog.currency)
+    specs = [b.spec.source for b in budgets] + list(presets)
+    resolved = sorted({sources.resolve(s) for s in specs} or
+                      {sources.resolve(api.SpendSource())})
+    extra = planner.plan(budgets, at).group_labels  # labels the budgets' matchers need
+    series: list[SpendSeries] = []
+    for rs in resolved:
+        labels = extra.get(rs, ())
+        items = source.query(promql.spend(rs, since_seconds, labels), at, "report")
+        series += to_series(rs, items, labels)
+    for s in series:
+        cost = _cost(s, catalog)
+        if cost is None:
+            report.unpriced.add(s.model)
+            cost = Decimal(0)
+        model = catalog.canonical(s.model)
+        for row in (report.total, report.by_namespace[s.namespace], report.by_model[model],
+                    report.by_workload[(s.namespace, s.workload)]):
+            row.add(s.tokens, cost)
+        entry = catalog.resolve(s.model)
+        if entry is not None and entry.tier is api.Tier.FRONTIER:
+            _saving(report, s, cost, entry, budgets, catalog, namespaces)
+    for b in budgets:
+        for scope_key, scope_ns in engine.scopes(b, namespaces or _seen(series)):
+            del scope_key
+            picked = [s for s in series if s.namespace in scope_ns
+                      and engine.series_matches(s, b.spec.spend_matchers)]
+            name = f"{b.kind}/{b.metadata.namespace + '/' if b.metadata.namespace else ''}" \
+                   f"{b.metadata.name}"
+            for s in picked:
+                report.by_budget[name].add(s.tokens, _cost(s, catalog) or Decimal(0))
+            if b.spec.outcome is not None:
+                o = b.spec.outcome
+                matchers = ",".join(f'{m.label}="{m.value}"' for m in o.matchers
+                                    if m.operator is api.MatchOperator.EQUAL)
+                sel = f"{o.metric}{{{matchers}}}" if matchers else o.metric
+                q = f"sum by ({o.namespace_label}) (increase({sel}[{since_seconds}s]))"
+                count = sum(float(it["value"][1]) for it in source.query(q, at, "report")
+                            if it["metric"].get(o.namespace_label) in scope_ns)
+                spent = report.by_budget[name].cost
+                prev = report.outcomes.get(name, (0.0, None))
+                total = prev[0] + count
+                report.outcomes[name] = (total, spent / Decimal(str(round(total, 6)))
+                                         if total > 0 else None)
+    return report
+
+
+def _seen(series: Iterable[SpendSeries]) -> dict[str, dict[str, str]]:
+    return {s.namespace: {} for s in series}
+
+
+def _saving(report: Report, s: SpendSeries, cost: Decimal, entry: api.CatalogModel,
+            budgets: Sequence[api.Budget], catalog: Catalog,
+            namespaces: Mapping[str, Mapping[str, str]]) -> None:
+    """Frontier spend that a cheaper equivalent allowed in that namespace could have served."""
+    allowed: frozenset[str] | None = None
+    labels = namespaces.get(s.namespace, {})
+    for b in budgets:
+        in_scope = (b.metadata.namespace == s.namespace if isinstance(b, api.TokenBudget)
+                    else b.spec.namespace_selector.matches(labels))
+        if in_scope:
+            a = engine.allowed_models(b.spec, catalog)
+            if a is not None:
+                allowed = a if allowed is None else allowed & a
+    instead = engine.cheapest_equivalent(entry.name, allowed, catalog)
+    if instead is None:
+        return
+    other = catalog.cost(instead, s.input_tokens, s.output_tokens, s.cached_input_tokens)
+    if other is None or other >= cost:
+        return
+    for existing in report.savings:
+        if (existing.namespace, existing.model, existing.instead) == \
+                (s.namespace, entry.name, instead):
+            existing.tokens += s.tokens
+            existing.cost += cost
+            existing.cost_instead += other
+            return
+    report.savings.append(Saving(s.namespace, entry.name, instead, s.tokens, cost, other))
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+
+def money(value: Decimal, currency: str) -> str:
+    symbol = {"USD": "$", "EUR": "€", "GBP": "£"}.get(currency, "")
+    text = f"{value.quantize(CENT):,.2f}"
+    return f"{symbol}{text}" if symbol else f"{text} {currency}"
+
+
+def table(report: Report) -> str:
+    out = io.StringIO()
+    c = report.currency
+    days = report.since_seconds / 86400
+    print(f"Spend over the last {days:g} days (to {report.at:%Y-%m-%d %H:%M} UTC): "
+          f"{money(report.total.cost, c)} for {report.total.tokens:,.0f} tokens", file=out)
+    sections: list[tuple[str, dict[Any, Row]]] = [
+        ("NAMESPACE", report.by_namespace), ("BUDGET", report.by_budget),
+        ("MODEL", report.by_model), ("WORKLOAD", report.by_workload)]
+    for title, rows in sections:
+        if not rows:
+            continue
+        print(file=out)
+        lines = [[title, "TOKENS", "COST", "SHARE"]]
+        for k, r in sorted(rows.items(), key=lambda kv: -kv[1].cost):
+            share = (r.cost * 100 / report.total.cost) if report.total.cost else Decimal(0)
+            lines.append(["/".join(k) if isinstance(k, tuple) else k, f"{r.tokens:,.0f}",
+                          money(r.cost, c), f"{share:.1f}%"])
+        _render(lines, out)
+    if report.outcomes:
+        print(file=out)
+        lines = [["BUDGET", "OUTCOMES", "COST/OUTCOME"]]
+        for b, (n, cpo) in sorted(report.outcomes.items()):
+            lines.append([b, f"{n:,.0f}", money(cpo, c) if cpo is not None else "-"])
+        _render(lines, out)
+    if report.savings:
+        print(file=out)
+        lines = [["NAMESPACE", "MODEL", "INSTEAD", "COST", "WOULD COST", "SAVED"]]
+        for s in sorted(report.savings, key=lambda s: -s.saved):
+            lines.append([s.namespace, s.model, s.instead, money(s.cost, c),
+                          money(s.cost_instead, c), money(s.saved, c)])
+        _render(lines, out)
+    if report.unpriced:
+        print(f"\nmodels without a catalog price (counted as zero): "
+              f"{', '.join(sorted(report.unpriced))}", file=out)
+    return out.getvalue()
+
+
+def _render(rows: list[list[str]], out: io.StringIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip(), file=out)
+
+
+def to_csv(report: Report) -> str:
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["dimension", "key", "tokens", "cost", "currency"])
+    for dim, rows in (("namespace", report.by_namespace), ("budget", report.by_budget),
+                      ("model", report.by_model), ("workload", report.by_workload)):
+        for k, r in sorted(rows.items(), key=lambda kv: -kv[1].cost):
+            w.writerow([dim, "/".join(k) if isinstance(k, tuple) else k, round(r.tokens),
+                        str(r.cost.quantize(CENT)), report.currency])
+    for s in report.savings:
+        w.writerow(["saving", f"{s.namespace}/{s.model}->{s.instead}", round(s.tokens),
+                    str(s.saved.quantize(CENT)), report.currency])
+    return out.getvalue()
+
+
+def _bars(title: str, rows: list[tuple[str, Decimal]], currency: str, color: str) -> str:
+    if not rows:
+        return ""
+    top = max(v for _, v in rows) or Decimal(1)
+    height = 28 * len(rows) + 40
+    parts = [f'<h2>{_esc(title)}</h2><svg width="760" height="{height}" role="img" '
+             f'aria-label="{_esc(title)}">']
+    for i, (label, value) in enumerate(rows):
+        y = 20 + i * 28
+        width = int(460 * (value / top))
+        parts.append(f'<text x="0" y="{y + 15}" font-size="13">{_esc(label[:34])}</text>'
+                     f'<rect x="240" y="{y}" width="{max(width, 1)}" height="20" '
+                     f'fill="{color}" rx="3"/>'
+                     f'<text x="{248 + width}" y="{y + 15}" font-size="13">'
+                     f'{_esc(money(value, currency))}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
+        '"', "&quot;")
+
+
+def html(report: Report) -> str:
+    c = report.currency
+    by = sorted(((k, r.cost) for k, r in report.by_namespace.items()), key=lambda kv: -kv[1])
+    models = sorted(((k, r.cost) for k, r in report.by_model.items()), key=lambda kv: -kv[1])
+    saves = [(f"{s.namespace}: {s.model} → {s.instead}", s.saved) for s in
+             sorted(report.savings, key=lambda s: -s.saved)]
+    days = report.since_seconds / 86400
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Token spend report</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:32px;color:#1d2433}"
+        "h1{font-size:22px}h2{font-size:16px;margin-top:28px}.big{font-size:32px;"
+        "font-weight:600}</style></head><body>"
+        f"<h1>Token spend, last {days:g} days</h1>"
+        f"<div class='big'>{_esc(money(report.total.cost, c))}</div>"
+        f"<div>{report.total.tokens:,.0f} tokens to {report.at:%Y-%m-%d %H:%M} UTC</div>"
+        + _bars("Spend by namespace", by, c, "#3b6fd8")
+        + _bars("Spend by model", models, c, "#8a5cd6")
+        + _bars("Savings a cheaper allowed equivalent would have made", saves, c, "#2f9e62")
+        + "</body></html>"
+    )
