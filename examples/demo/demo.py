@@ -41,7 +41,7 @@ from kubernetes import config  # noqa: E402
 from harness import kubeobjects  # noqa: E402
 from harness.controlplane import ControlPlane, resolve_binary  # noqa: E402
 from harness.exporter import AgentExporter  # noqa: E402
-from harness.operator import OperatorProcess  # noqa: E402
+from harness.operator_process import OperatorProcess  # noqa: E402
 from harness.prometheus import Prometheus  # noqa: E402
 from token_budget.agent import Blocked, Governor, ModelNotAllowed  # noqa: E402
 from token_budget.kube import (  # noqa: E402

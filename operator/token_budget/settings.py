@@ -22,6 +22,8 @@ class Settings:
     prometheus_ca_file: str | None = None
     prometheus_insecure_skip_verify: bool = False
     prometheus_timeout_seconds: float = 20.0
+    prometheus_scrape_interval_seconds: float = 15.0
+    prometheus_max_samples: int = 50_000_000
     interval_seconds: float = 30.0
     recent_seconds: int = 600
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
@@ -41,6 +43,7 @@ class Settings:
     webhook_service_port: int = 443
     webhook_secret: str = "token-budget-operator-webhook-tls"
     webhook_hosts: tuple[str, ...] = ()
+    webhook_cert_dir: str | None = None  # certificate from elsewhere (cert-manager)
     id: str | None = None
     agent_label: str = "tokenbudget.io/agent"
     lease_namespace: str = "default"
@@ -86,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_bool(_env("prometheus-insecure-skip-verify", False)))
     add("--prometheus-timeout-seconds", type=float,
         default=float(str(_env("prometheus-timeout-seconds", d.prometheus_timeout_seconds))))
+    add("--prometheus-scrape-interval-seconds", type=float,
+        default=float(str(_env("prometheus-scrape-interval-seconds",
+                               d.prometheus_scrape_interval_seconds))),
+        help="scrape interval of the spend counters (to estimate a query's samples)")
+    add("--prometheus-max-samples", type=int,
+        default=int(str(_env("prometheus-max-samples", d.prometheus_max_samples))),
+        help="do not send a window query estimated to load more samples (0: no limit)")
     add("--interval-seconds", type=float,
         default=float(str(_env("interval-seconds", d.interval_seconds))),
         help="evaluation interval (default 30)")
@@ -116,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=int(str(_env("webhook-service-port", d.webhook_service_port))))
     add("--webhook-secret", default=_env("webhook-secret", d.webhook_secret),
         help="Secret holding the webhook CA and serving certificate (created and rotated)")
+    add("--webhook-cert-dir", default=_env("webhook-cert-dir", None),
+        help="serve tls.crt/tls.key from this directory (e.g. a mounted cert-manager Secret) "
+             "and leave the Secret and the webhook configurations to whoever issued it")
     add("--webhook-host-name", dest="webhook_hosts", action="append",
         default=[h for h in str(_env("webhook-hosts", "")).split(",") if h],
         help="DNS name or IP for the serving certificate (repeatable)")
@@ -141,6 +154,8 @@ def from_args(args: argparse.Namespace) -> Settings:
         prometheus_ca_file=args.prometheus_ca_file,
         prometheus_insecure_skip_verify=args.prometheus_insecure_skip_verify,
         prometheus_timeout_seconds=args.prometheus_timeout_seconds,
+        prometheus_scrape_interval_seconds=args.prometheus_scrape_interval_seconds,
+        prometheus_max_samples=args.prometheus_max_samples,
         interval_seconds=args.interval_seconds,
         recent_seconds=args.recent_seconds,
         namespaces=tuple(args.namespaces),
@@ -158,6 +173,7 @@ def from_args(args: argparse.Namespace) -> Settings:
         webhook_service_port=args.webhook_service_port,
         webhook_secret=args.webhook_secret,
         webhook_hosts=tuple(args.webhook_hosts),
+        webhook_cert_dir=args.webhook_cert_dir,
         id=args.id,
         agent_label=args.agent_label,
         lease_namespace=args.lease_namespace,

@@ -28,7 +28,7 @@ import yaml
 from harness import kubeobjects
 from harness.controlplane import ControlPlane
 from harness.exporter import AgentExporter
-from harness.operator import OperatorProcess
+from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
 from harness.waiting import eventually
 from token_budget.errors import Conflict
@@ -457,3 +457,32 @@ def test_of_two_replicas_only_the_leader_acts_and_the_other_takes_over(
     spend(exporter, prometheus, ns, "agent-0", 600_000)
     wait_state(kube, ns, "team", "Warning", timeout=40)
     assert evaluations(second) > 0, "the standby took over once the Lease expired"
+
+
+def test_a_window_longer_than_the_retention_is_marked_incomplete_with_the_covered_share(
+        kube: Kube, namespace: str, exporter: AgentExporter, prometheus: Prometheus,
+        start_operator: Any) -> None:
+    ns = namespace
+    kube.create(DEPLOYMENTS, ns, agent_deployment("agent", replicas=1))
+    seed(exporter, prometheus, ns, "agent-0")
+    spend(exporter, prometheus, ns, "agent-0", 100_000)
+    # The test Prometheus keeps 1 day; a 4-day window is a quarter covered.
+    kube.create(TOKENBUDGETS, ns, budget("team", limits=[{"window": "4d",
+                                                           "tokens": 10_000_000}]))
+    start_operator()
+
+    def incomplete() -> dict[str, Any] | None:
+        b = kube.get(TOKENBUDGETS, ns, "team")
+        try:
+            c = condition(b, "DataIncomplete")
+        except AssertionError:
+            return None
+        return b if c["status"] == "True" else None
+
+    b = eventually(incomplete, 30, what="DataIncomplete=True")
+    c = condition(b, "DataIncomplete")
+    assert c["reason"] == "RetentionShorterThanWindow"
+    assert "window 4d: 25% of it is still in Prometheus" in c["message"]
+    [w] = b["status"]["windows"]
+    assert w["coveredPercent"] == 25
+    assert w["tokens"] >= 4 * 100_000, "the uncovered part is estimated, not zero"

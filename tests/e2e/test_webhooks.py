@@ -24,7 +24,7 @@ import yaml
 from harness import kubeobjects
 from harness.controlplane import ControlPlane, free_ports
 from harness.exporter import AgentExporter
-from harness.operator import OperatorProcess
+from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
 from harness.waiting import eventually
 from token_budget.errors import Conflict, EnforcementError, TargetNotFound

@@ -438,13 +438,13 @@ class ControlPlane:
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         etcd = self._spawn("etcd", [
-            "--name=default",
+            "--name=tbo-test",
             f"--data-dir={data}",
             f"--listen-client-urls={etcd_url}",
             f"--advertise-client-urls={etcd_url}",
             f"--listen-peer-urls={peer_url}",
             f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=default={peer_url}",
+            f"--initial-cluster=tbo-test={peer_url}",
             "--unsafe-no-fsync=true",
             "--log-level=warn",
         ], logs)
@@ -471,6 +471,13 @@ class ControlPlane:
             f"--service-account-signing-key-file={pk.sa_key}",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--authorization-mode=Node,RBAC",
+            f"--requestheader-client-ca-file={pk.front_proxy_ca_crt}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pk.front_proxy_client_crt}",
+            f"--proxy-client-key-file={pk.front_proxy_client_key}",
             "--allow-privileged=true",
             "--profiling=false",
             "--v=1",

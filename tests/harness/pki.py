@@ -10,6 +10,7 @@ What it issues:
   through RBAC;
 - serving certificates for any host list (for admission webhooks the API server calls);
 - the RSA key pair the API server and the controller manager use for service account tokens;
+- the front-proxy CA and client certificate of the aggregation layer;
 - kubeconfig files that embed the CA and a client certificate.
 
 Private keys are written with mode 0600. The certificates are only for tests: they are
@@ -293,6 +294,9 @@ class ControlPlanePki:
     admin_key: Path
     sa_key: Path
     sa_pub: Path
+    front_proxy_ca_crt: Path
+    front_proxy_client_crt: Path
+    front_proxy_client_key: Path
 
 
 def generate_control_plane_pki(directory: Path) -> ControlPlanePki:
@@ -312,6 +316,14 @@ def generate_control_plane_pki(directory: Path) -> ControlPlanePki:
     sa_pub = directory / "sa.pub"
     write_private(sa_key, sa_private)
     sa_pub.write_bytes(sa_public)
+    # The aggregation layer ("front proxy"), as kubeadm sets it up: its own CA, and the
+    # client certificate the API server presents to aggregated API servers. Without it
+    # the controller manager keeps logging that requestheader-client-ca-file is missing.
+    front_proxy_ca = CertificateAuthority.create("front-proxy-ca")
+    front_proxy_ca_crt, _ = front_proxy_ca.write(directory, "front-proxy-ca")
+    front_proxy_client_crt, front_proxy_client_key = front_proxy_ca.issue_client(
+        "front-proxy-client"
+    ).write(directory, "front-proxy-client")
     return ControlPlanePki(
         directory=directory,
         ca=ca,
@@ -324,4 +336,7 @@ def generate_control_plane_pki(directory: Path) -> ControlPlanePki:
         admin_key=admin_key,
         sa_key=sa_key,
         sa_pub=sa_pub,
+        front_proxy_ca_crt=front_proxy_ca_crt,
+        front_proxy_client_crt=front_proxy_client_crt,
+        front_proxy_client_key=front_proxy_client_key,
     )

@@ -11,9 +11,7 @@ The machine image's own ``kubectl`` (v1.32) is deliberately not used: it is olde
 v1.35 API server and outside the supported version skew.
 
 Run it as a module to install and print the paths:
-``PYTHONPATH=tests python -m harness.tools``. Never run it as ``python tests/harness/tools.py``:
-that puts ``tests/harness`` first on ``sys.path``, where ``harness/operator.py`` shadows the
-standard library's ``operator`` module.
+``PYTHONPATH=tests python -m harness.tools``.
 """
 
 from __future__ import annotations

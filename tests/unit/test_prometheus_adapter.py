@@ -37,8 +37,8 @@ import pytest
 from token_budget.errors import InvalidValue, MetricsUnavailable, QueryFailed
 from token_budget.metrics import prometheus, promql
 from token_budget.metrics.prometheus import PrometheusSource, ResultItem, to_series
-from token_budget.policy import planner, sources
-from token_budget.policy.inputs import SpendSeries
+from token_budget.policy import engine, planner, sources
+from token_budget.policy.inputs import SpendSeries, SpendSnapshot
 from token_budget.policy.windows import WindowKey
 from unit import builders as b
 from unit.builders import NOW
@@ -266,7 +266,11 @@ def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> Non
                                    "value": [NOW.timestamp(), "42"]}]
 
     def answer(path: str, params: dict[str, str]) -> Answer:
+        if path.endswith("/status/runtimeinfo"):
+            return 200, {"status": "success", "data": {"storageRetention": "30d or 10GiB"}}
         q = params["query"]
+        if q.startswith("count("):
+            return vector(item("3"))
         if "agent_outcomes_total" in q:
             return vector(*outcomes)
         if "[86400s]" in q:
@@ -285,13 +289,16 @@ def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> Non
     snap = PrometheusSource(fake.url).collect(plan, NOW)
 
     assert snap.errors == {} and snap.outcome_errors == {}
+    assert snap.retention_seconds == 30 * 86400
     assert fake.queries == [
         promql.spend(COUNTERS, 86400, ("team",)),
+        'count({__name__=~"llm_tokens_total"})',  # a long window: estimate its samples first
         promql.spend(COUNTERS, 19 * 86400 + 12 * 3600, ("team",)),
         promql.spend(COUNTERS, 600, ("team",)),
         promql.outcomes("agent_outcomes_total", "namespace", 86400, ("outcome",)),
     ]
-    assert {p["time"] for _, p in fake.requests} == {f"{NOW.timestamp():.3f}"}
+    assert {p["time"] for path, p in fake.requests if path == "/api/v1/query"} == {
+        f"{NOW.timestamp():.3f}"}
     team = (("team", "search"),)
     assert snap.windows[(COUNTERS, WindowKey("24h"))] == (
         SpendSeries("team-search", "agent-0", "large", 900.0, 100.0, labels=team),)
@@ -344,11 +351,20 @@ def test_a_bearer_token_is_sent_with_every_query(serve: Any) -> None:
     assert fake.authorization == ["Bearer s3cret"]
 
 
-def test_retention_is_read_from_the_server_flags(serve: Any) -> None:
+@pytest.mark.parametrize(
+    ("effective", "seconds"),
+    [
+        pytest.param("15d", 15 * 86400, id="a time limit"),
+        pytest.param("30d or 10GiB", 30 * 86400, id="a time and a size limit"),
+        pytest.param("10GiB", None, id="a size limit only"),
+    ],
+)
+def test_retention_is_read_from_the_servers_runtime_info(serve: Any, effective: str,
+                                                         seconds: int | None) -> None:
     fake = serve(lambda path, p: (200, {"status": "success",
-                                        "data": {"storage.tsdb.retention.time": "15d"}}))
-    assert PrometheusSource(fake.url).retention_seconds() == 15 * 86400
-    assert fake.requests[0][0] == "/api/v1/status/flags"
+                                        "data": {"storageRetention": effective}}))
+    assert PrometheusSource(fake.url).retention_seconds() == seconds
+    assert fake.requests[0][0] == "/api/v1/status/runtimeinfo"
 
 
 def test_retention_is_unknown_when_the_flags_cannot_be_read() -> None:
@@ -374,3 +390,37 @@ def test_retention_is_unknown_when_the_flags_cannot_be_read() -> None:
 )
 def test_prometheus_durations_are_read_as_seconds(text: str, seconds: int | None) -> None:
     assert prometheus._duration_seconds(text) == seconds
+
+
+def test_a_window_query_too_large_for_prometheus_is_not_sent_and_says_how_to_fix_it(
+        serve: Any) -> None:
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        if path.endswith("/status/runtimeinfo"):
+            return 200, {"status": "success", "data": {"storageRetention": "90d"}}
+        if params["query"].startswith("count("):
+            return vector(item("400"))  # 400 series x 30 d / 15 s = 69 million samples
+        return vector()
+
+    fake = serve(answer)
+    budget = b.token_budget(limits=[{"window": "1h", "tokens": 10}, {"window": "30d",
+                                                                      "tokens": 10}])
+    plan = planner.plan([budget], NOW)
+    snap = PrometheusSource(fake.url).collect(plan, NOW)
+    key = (COUNTERS, WindowKey("30d"))
+    assert key not in snap.windows and (COUNTERS, WindowKey("1h")) in snap.windows
+    assert "would load about 69,120,000 samples from 400 series" in snap.window_errors[key]
+    assert not any("[2592000s]" in q for q in fake.queries), "the heavy query was never sent"
+    decision = engine.evaluate(engine.World(budgets=[budget]), snap, NOW).decisions[0]
+    assert not decision.spend_known
+    assert "install the recording rules" in (decision.spend_error or "")
+
+
+def test_a_window_longer_than_the_retention_is_estimated_from_the_covered_part() -> None:
+    budget = b.token_budget(limits=[{"window": "30d", "tokens": 1_000_000}])
+    plan = planner.plan([budget], NOW)
+    seen = (SpendSeries("team-search", "agent-0", "large", 300_000.0),)
+    snap = SpendSnapshot(taken_at=NOW, windows={k: seen for k in plan.windows},
+                         recent={COUNTERS: ()}, retention_seconds=15 * 86400)
+    [usage] = engine.evaluate(engine.World(budgets=[budget]), snap, NOW).decisions[0].windows
+    assert usage.covered == Decimal("0.5")
+    assert usage.tokens == 600_000, "the missing half is estimated, never taken as zero"

@@ -474,6 +474,11 @@ class WindowStatus(_Base):
     limit_tokens: int | None = Field(default=None, description="The token limit.")
     limit_cost: Money | None = Field(default=None, description="The money limit.")
     used_percent: int = Field(default=0, description="Spend as a percentage of the limit.")
+    covered_percent: int | None = Field(
+        default=None,
+        description="When Prometheus's retention is shorter than the window: the share it "
+        "still holds; spend is then estimated from that part's rate.",
+    )
 
 
 class NamespaceStatus(_Base):
@@ -517,7 +522,7 @@ class BudgetStatus(_Base):
     )
     conditions: tuple[Condition, ...] = Field(
         default=(),
-        description="Ready, MetricsAvailable and Enforcing.",
+        description="Ready, MetricsAvailable, Enforcing and DataIncomplete.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],

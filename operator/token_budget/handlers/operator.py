@@ -174,21 +174,25 @@ async def budget_deleted(memo: Any, name: str, **_: Any) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _watch(rt: Runtime, res: Any, selector: str) -> None:
-    """Poke the loop on every change of matching objects; re-watch on errors."""
+def _watch(rt: Runtime, res: Any, selector: str, namespace: str | None = None) -> None:
+    """Poke the loop on every change of matching objects; re-watch on errors.
+
+    ``namespace`` None watches the whole cluster; with ``--namespace`` one watch per namespace
+    (a namespace-scoped operator may only have Roles there).
+    """
     kube = rt.kube
     while not rt.stop.is_set():
         try:
             version = None
-            data = kube.request("GET", res.path(), {"labelSelector": selector, "limit": 1})
+            data = kube.request("GET", res.path(namespace),
+                                {"labelSelector": selector, "limit": 1})
             version = (data.get("metadata") or {}).get("resourceVersion")
             if res.kind != "Pod":  # owners' directives, for stamping their new pods
-                for obj in kube.list(res, None, selector):
+                for obj in kube.list(res, namespace, selector):
                     admission.cache.workload_event(obj, deleted=False)
-            for event in kube.stream(res.path(), {"labelSelector": selector, "watch": "true",
-                                                   "resourceVersion": version,
-                                                   "allowWatchBookmarks": "false",
-                                                   "timeoutSeconds": 240}, rt.stop):
+            for event in kube.stream(res.path(namespace), {
+                    "labelSelector": selector, "watch": "true", "resourceVersion": version,
+                    "allowWatchBookmarks": "false", "timeoutSeconds": 240}, rt.stop):
                 obj = event.get("object") or {}
                 if res.kind != "Pod" and obj.get("kind") == res.kind:
                     admission.cache.workload_event(obj, deleted=event.get("type") == "DELETED")
@@ -235,6 +239,13 @@ async def _leadership_watcher(rt: Runtime) -> None:
 def setup_webhooks(rt: Runtime) -> None:
     """Certificates from the Secret (issued or renewed), files for kopf, configurations."""
     s = rt.settings
+    admission.cache.model_env = s.model_env
+    if s.webhook_cert_dir:  # cert-manager (or another issuer) and the chart do the rest
+        directory = Path(s.webhook_cert_dir)
+        rt.webhook_files = (directory / "tls.crt", directory / "tls.key")
+        log.info("webhooks on %s:%s with the certificate in %s", s.webhook_host,
+                 s.webhook_port, directory)
+        return
     svc = f"{s.webhook_service}.{s.lease_namespace}.svc"
     hosts = list(s.webhook_hosts) or (
         ["127.0.0.1", "localhost"] if s.webhook_url else [svc, f"{svc}.cluster.local"])
@@ -250,19 +261,18 @@ def setup_webhooks(rt: Runtime) -> None:
     objs = configuration.configurations(client, bundle.ca_crt, s.lease_namespace,
                                         agent_label=s.agent_label)
     configuration.apply(rt.kube, objs)
-    admission.cache.model_env = s.model_env
     log.info("webhooks on %s:%s, certificate valid until %s", s.webhook_host, s.webhook_port,
              bundle.not_after().isoformat())
 
-
-admission.register(registry)
 
 
 def build_runtime(settings: Settings) -> Runtime:
     kube = Kube(api_client())
     telemetry = Telemetry(None)
     source = PrometheusSource(settings.prometheus_url, Auth(**settings.auth_kwargs),  # type: ignore[arg-type]
-                              settings.prometheus_timeout_seconds, on_query=telemetry.query)
+                              settings.prometheus_timeout_seconds, on_query=telemetry.query,
+                              scrape_interval_seconds=settings.prometheus_scrape_interval_seconds,
+                              max_samples=settings.prometheus_max_samples)
     evaluator = Evaluator(kube, source, settings, telemetry)
     identity = settings.id or f"{socket.gethostname()}-{os.getpid()}"
     # The elector gets its own request counters: Lease renewals are not evaluation writes.
@@ -284,11 +294,15 @@ async def serve(settings: Settings) -> None:
     threads = [threading.Thread(target=rt.elector.run, name="leader", daemon=True)]
     for res in (PODS, DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS):
         for selector in (settings.agent_label, patches.ENFORCED_LABEL):
-            threads.append(threading.Thread(target=_watch, args=(rt, res, selector),
-                                            name=f"watch-{res.plural}", daemon=True))
+            for ns in settings.namespaces or (None,):
+                threads.append(threading.Thread(target=_watch, args=(rt, res, selector, ns),
+                                                name=f"watch-{res.plural}", daemon=True))
     for thread in threads:
         thread.start()
     if settings.webhook_port:
+        # Registered only when served: kopf refuses to start with admission handlers
+        # and no webhook server.
+        admission.register(registry)
         setup_webhooks(rt)
     memo = kopf.Memo(runtime=rt)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None

@@ -80,6 +80,7 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
                 "limitTokens": u.limit_tokens,
                 "limitCost": format_money(u.limit_cost) if u.limit_cost is not None else None,
                 "usedPercent": int(u.used_percent),
+                "coveredPercent": int(u.covered * 100) if u.covered is not None else None,
             }.items() if v is not None}
             for u in worst.windows
         ]
@@ -120,6 +121,18 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
             else "SpendUnavailable"
         conds = cond.set_condition(conds, cond.METRICS_AVAILABLE, False, reason,
                                    "; ".join(errors)[:1000], now, generation)
+    partial = [(u.window, u.covered) for d in decisions for u in d.windows
+               if u.covered is not None]
+    if partial:
+        text = "; ".join(f"window {w}: {c * 100:.0f}% of it is still in Prometheus"
+                         for w, c in sorted(set(partial)))
+        conds = cond.set_condition(conds, cond.DATA_INCOMPLETE, True, "RetentionShorterThanWindow",
+                                   f"{text}; spend is estimated from the covered part's rate "
+                                   "(raise the retention or install the recording rules)",
+                                   now, generation)
+    elif known:
+        conds = cond.set_condition(conds, cond.DATA_INCOMPLETE, False, "WindowCovered",
+                                   "Prometheus holds every window whole", now, generation)
     unpriced = sorted({m for d in decisions for m in d.unpriced_models})
     if unpriced:
         status["message"] += f"; models without a catalog price count as zero cost: " \

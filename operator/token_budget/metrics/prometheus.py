@@ -72,14 +72,25 @@ class PrometheusSource:
     """Reads spend for a :class:`Plan` from one Prometheus (or Thanos/Mimir query API)."""
 
     def __init__(self, url: str, auth: Auth | None = None, timeout_seconds: float = 20.0,
-                 on_query: Callable[[str, float, bool], None] | None = None) -> None:
+                 on_query: Callable[[str, float, bool], None] | None = None,
+                 scrape_interval_seconds: float = 15.0, max_samples: int = 50_000_000,
+                 retention_ttl_seconds: float = 600.0) -> None:
         """
         Args:
             url: base URL, e.g. ``http://prometheus.monitoring:9090``.
             auth: credentials and TLS settings.
             timeout_seconds: per query.
             on_query: called with (kind, seconds, ok) after every query (metrics hook).
+            scrape_interval_seconds: how often the spend counters are scraped; with the
+                series count it estimates how many samples a window query loads.
+            max_samples: refuse a query estimated to load more (Prometheus's own
+                ``--query.max-samples`` default is 50 million); 0 turns the guard off.
+            retention_ttl_seconds: how long the server's retention, once read, is trusted.
         """
+        self.scrape_interval_seconds = scrape_interval_seconds
+        self.max_samples = max_samples
+        self._retention: tuple[float, int | None] | None = None
+        self._retention_ttl = retention_ttl_seconds
         auth = auth or Auth()
         headers = dict(auth.headers)
         if auth.bearer_token:
@@ -142,28 +153,61 @@ class PrometheusSource:
         return result
 
     def retention_seconds(self) -> int | None:
-        """The server's configured retention, when its flags say (None otherwise)."""
+        """The server's time-based retention in seconds (None when it cannot say).
+
+        ``/api/v1/status/runtimeinfo`` gives the effective value ("15d", or "15d or
+        10GiB" with a size limit too; only the time part is used). Thanos and Mimir
+        do not serve it: None, and no window is marked incomplete.
+        """
         try:
-            resp = self._prom._session.get(f"{self.url}/api/v1/status/flags",
+            resp = self._prom._session.get(f"{self.url}/api/v1/status/runtimeinfo",
                                            headers=self._prom.headers, timeout=10)
             resp.raise_for_status()
-            value = resp.json()["data"].get("storage.tsdb.retention.time", "")
-        except (requests.exceptions.RequestException, KeyError, ValueError):
+            value = str(resp.json()["data"].get("storageRetention", ""))
+        except (requests.exceptions.RequestException, KeyError, ValueError, TypeError):
             return None
-        return _duration_seconds(value)
+        return _duration_seconds(value.split(" or ")[0].strip())
 
     # -- plan ------------------------------------------------------------------
+
+    def retention(self) -> int | None:
+        """The server's retention in seconds, read at most every ``retention_ttl_seconds``."""
+        now = time.monotonic()
+        if self._retention is None or now - self._retention[0] > self._retention_ttl:
+            self._retention = (now, self.retention_seconds())
+        return self._retention[1]
+
+    def series_count(self, rs: ResolvedSource, at: dt.datetime) -> int:
+        """How many raw series a source's window query would read."""
+        names = sorted({sel.metric for _, sel in rs.counters})
+        text = f"count({{__name__=~{promql.quote('|'.join(names))}}})"
+        items = self.query(text, at, "estimate")
+        return int(_value(items[0])) if items else 0
 
     def collect(self, plan: Plan, now: dt.datetime) -> SpendSnapshot:
         """Run every query of the plan at ``now``; failures are recorded per source."""
         windows: dict[Any, tuple[SpendSeries, ...]] = {}
         recent: dict[ResolvedSource, tuple[SpendSeries, ...]] = {}
         errors: dict[ResolvedSource, str] = {}
+        window_errors: dict[Any, str] = {}
+        counts: dict[ResolvedSource, int] = {}
         for (rs, key), seconds in plan.windows.items():
             if rs in errors:
                 continue
             extra = plan.group_labels.get(rs, ())
             try:
+                if self.max_samples and seconds > 86400:
+                    # Long windows only: a day of 15 s samples is 5,760 per series.
+                    if rs not in counts:
+                        counts[rs] = self.series_count(rs, now)
+                    samples = counts[rs] * seconds / max(self.scrape_interval_seconds, 1.0)
+                    if samples > self.max_samples:
+                        window_errors[(rs, key)] = (
+                            f"the {key} query would load about {samples:,.0f} samples from "
+                            f"{counts[rs]:,} series, more than the {self.max_samples:,} a "
+                            "query may load: install the recording rules "
+                            "(rules/token-budget.rules.yaml) or raise --prometheus-max-samples")
+                        continue
                 items = self.query(promql.spend(rs, seconds, extra), now)
                 windows[(rs, key)] = to_series(rs, items, extra)
             except MetricsError as exc:
@@ -193,9 +237,11 @@ class PrometheusSource:
                 )
             except MetricsError as exc:
                 outcome_errors[oq.key] = str(exc)
+        retention = self.retention() if errors.keys() != set(plan.sources) else None
         return SpendSnapshot(taken_at=now, windows=windows, recent=recent,
                              recent_seconds=plan.recent_seconds, errors=errors,
-                             outcomes=outcomes, outcome_errors=outcome_errors)
+                             outcomes=outcomes, outcome_errors=outcome_errors,
+                             window_errors=window_errors, retention_seconds=retention)
 
 
 def _fallback_seconds(window: Any, now: dt.datetime) -> int:

@@ -47,6 +47,9 @@ class WindowUsage:
     limit_cost: Decimal | None
     used_percent: Decimal  # of the tighter of the token and cost limits
     run_out: dt.datetime | None
+    # Fraction of the window Prometheus still holds (None: all of it). Spend is then
+    # estimated from the covered part's rate, never taken as zero for the missing part.
+    covered: Decimal | None = None
 
 
 @dataclass(frozen=True)

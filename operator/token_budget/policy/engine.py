@@ -297,7 +297,8 @@ class _ScopeEval:
             key = WindowKey.of(lim.window, lim.time_zone)
             by_ns = self.index.windows.get((self.source, key))
             if by_ns is None:
-                raise _Unknown(f"spend over {key} was not read")
+                why = self.snapshot.window_errors.get((self.source, key))
+                raise _Unknown(why or f"spend over {key} was not read")
             # Whether the scope has spend series at all is asked without the limit's model
             # filter: a cap on a model nobody uses is zero spend, not an exporter gone missing.
             scoped = _select(by_ns, self.namespaces, self.spec.spend_matchers, None, self.catalog)
@@ -309,9 +310,18 @@ class _ScopeEval:
                     top_model[s.workload] = (s.tokens, s.model)
             acc = _total(series, self.catalog)
             unpriced |= acc.unpriced
+            start, _ = windows.bounds(key, self.now)
+            covered = None
+            retention = self.snapshot.retention_seconds
+            span = (utc(self.now) - start).total_seconds()
+            if retention and span > retention:
+                # Prometheus no longer holds the window's oldest part: estimate the whole
+                # window from the covered part's rate rather than count the rest as zero.
+                covered = Decimal(retention) / Decimal(span)
+                acc.tokens = float(Decimal(acc.tokens) / covered)
+                acc.cost = acc.cost / covered
             recent = _total(_select(recent_by_ns, self.namespaces, self.spec.spend_matchers,
                                     lim.model, self.catalog), self.catalog)
-            start, _ = windows.bounds(key, self.now)
             resets = windows.resets_at(key, self.now)
             pcts = []
             run_outs = []
@@ -339,6 +349,7 @@ class _ScopeEval:
                 resets_at=resets, tokens=int(round(acc.tokens)), cost=acc.cost,
                 limit_tokens=lim.tokens, limit_cost=lim.cost,
                 used_percent=max(pcts) if pcts else Decimal(0), run_out=run_out,
+                covered=covered,
             ))
         if not seen:
             # A calendar window that began a moment ago holds no samples yet; the burn-rate

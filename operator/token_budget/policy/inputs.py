@@ -66,6 +66,10 @@ class SpendSnapshot:
         default_factory=dict
     )
     outcome_errors: Mapping[str, str] = field(default_factory=dict)
+    # Why a (source, window) was not read although its source answered (too many samples).
+    window_errors: Mapping[tuple[ResolvedSource, WindowKey], str] = field(default_factory=dict)
+    # How far back Prometheus keeps data (None: unknown): longer windows are incomplete.
+    retention_seconds: int | None = None
 
 
 @dataclass(frozen=True, order=True)
