@@ -42,7 +42,7 @@ test-cluster: prereqs
 lint: venv
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/ruff check operator tests bench examples
+	$(BIN)/ruff check $(wildcard operator tests bench examples)
 
 ## crds: regenerate crds/ (and the chart's copy) from the pydantic models
 crds: venv

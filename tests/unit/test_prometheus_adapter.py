@@ -323,7 +323,8 @@ def test_collect_keeps_a_failing_source_apart_from_a_working_one(serve: Any) -> 
     assert list(snap.errors) == [LITELLM]
     assert "unknown function" in snap.errors[LITELLM]
     assert snap.windows[(COUNTERS, WindowKey("24h"))][0].input_tokens == 5.0
-    assert len(fake.queries) == 3, "a failed source is not asked again in the same collect"
+    assert sum("litellm" in q for q in fake.queries) == 1, \
+        "a failed source is not asked again in the same collect"
 
 
 def test_collect_records_a_nan_per_source(serve: Any) -> None:

@@ -184,6 +184,50 @@ class PrometheusSource:
         items = self.query(text, at, "estimate")
         return int(_value(items[0])) if items else 0
 
+    def last_recorded(self, rs: ResolvedSource, at: dt.datetime) -> dt.datetime | None:
+        """When the source's recording rule last ran; None without fresh rules."""
+        items = self.query(promql.last_recorded(rs), at, "estimate")
+        if not items:
+            return None
+        when = dt.datetime.fromtimestamp(_value(items[0]), dt.UTC)
+        if (at - when).total_seconds() > 2 * promql.RULE_STEP_SECONDS:
+            return None  # the rules stopped: their buckets would miss recent spend
+        return when
+
+    def _from_rules(self, rs: ResolvedSource, seconds: int, now: dt.datetime,
+                    last: dt.datetime) -> tuple[SpendSeries, ...]:
+        """A long window as hourly recorded buckets plus the raw series at both ends.
+
+        ::
+
+            start        first bucket's start        last rule run        now
+              |-- raw --|======= recorded hourly buckets =======|-- raw --|
+
+        Each recorded sample at T covers (T - 1h, T]; the raw parts are shorter
+        than an hour, so a 30-day window reads 720 samples a series, not 172,800.
+        """
+        step = promql.RULE_STEP_SECONDS
+        start = now - dt.timedelta(seconds=seconds)
+        buckets = int((last - start).total_seconds() // step)  # (T - 1h, T] inside the window
+        parts: list[tuple[SpendSeries, ...]] = []
+        if buckets >= 1:
+            first_start = last - dt.timedelta(seconds=buckets * step)
+            # Samples at last, last - 1h, ...; +1 s takes the oldest one whether range
+            # selectors are closed (Prometheus 2) or left-open (Prometheus 3).
+            span = (buckets - 1) * step + 1
+            parts.append(to_series(rs, self.query(promql.recorded(rs, span), last,
+                                                  "recorded")))
+            head = int((first_start - start).total_seconds())
+        else:
+            first_start = last
+            head = int((last - start).total_seconds())
+        if head > 0:
+            parts.append(to_series(rs, self.query(promql.spend(rs, head), first_start, "spend")))
+        tail = int((now - last).total_seconds())
+        if tail > 0:
+            parts.append(to_series(rs, self.query(promql.spend(rs, tail), now, "spend")))
+        return _sum_series(parts)
+
     def collect(self, plan: Plan, now: dt.datetime) -> SpendSnapshot:
         """Run every query of the plan at ``now``; failures are recorded per source."""
         windows: dict[Any, tuple[SpendSeries, ...]] = {}
@@ -191,11 +235,19 @@ class PrometheusSource:
         errors: dict[ResolvedSource, str] = {}
         window_errors: dict[Any, str] = {}
         counts: dict[ResolvedSource, int] = {}
+        rule_times: dict[ResolvedSource, dt.datetime | None] = {}
         for (rs, key), seconds in plan.windows.items():
             if rs in errors:
                 continue
             extra = plan.group_labels.get(rs, ())
             try:
+                if seconds > 2 * promql.RULE_STEP_SECONDS and not extra:
+                    if rs not in rule_times:
+                        rule_times[rs] = self.last_recorded(rs, now)
+                    last = rule_times[rs]
+                    if last is not None:
+                        windows[(rs, key)] = self._from_rules(rs, seconds, now, last)
+                        continue
                 if self.max_samples and seconds > 86400:
                     # Long windows only: a day of 15 s samples is 5,760 per series.
                     if rs not in counts:
@@ -298,6 +350,24 @@ def to_series(rs: ResolvedSource, items: list[ResultItem],
             labels=extra_labels,
         ))
     return tuple(out)
+
+
+def _sum_series(parts: list[tuple[SpendSeries, ...]]) -> tuple[SpendSeries, ...]:
+    acc: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], SpendSeries] = {}
+    for part in parts:
+        for x in part:
+            key = (x.namespace, x.workload, x.model, x.labels)
+            y = acc.get(key)
+            if y is None:
+                acc[key] = x
+                continue
+            cost = None if x.cost is None and y.cost is None else \
+                (x.cost or Decimal(0)) + (y.cost or Decimal(0))
+            acc[key] = SpendSeries(x.namespace, x.workload, x.model,
+                                   x.input_tokens + y.input_tokens,
+                                   x.output_tokens + y.output_tokens,
+                                   x.cached_input_tokens + y.cached_input_tokens, cost, x.labels)
+    return tuple(acc[k] for k in sorted(acc))
 
 
 def _short(exc: BaseException) -> str:

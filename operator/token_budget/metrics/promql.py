@@ -52,3 +52,43 @@ def outcomes(metric: str, namespace_label: str, range_seconds: int,
              extra: tuple[str, ...] = ()) -> str:
     by = ", ".join((namespace_label, *extra))
     return f"sum by ({by}) (increase({metric}[{range_seconds}s]))"
+
+
+# ---------------------------------------------------------------------------
+# Recording rules: hourly spend, pre-aggregated, for long windows
+# ---------------------------------------------------------------------------
+
+RULE_STEP_SECONDS = 3600
+
+
+def rule_name(rs: ResolvedSource) -> str:
+    """The recorded series of a source: ``tokenbudget:spend_counters:increase1h``."""
+    slug = "".join(c if c.isalnum() else "_" for c in rs.preset.lower()).strip("_")
+    return f"tokenbudget:spend_{slug}:increase1h"
+
+
+def rules_file(resolved: list[ResolvedSource]) -> dict[str, object]:
+    """A Prometheus rules file recording each source's hourly spend, tagged by kind.
+
+    One sample an hour per (namespace, workload, model, kind) instead of one per
+    scrape: a 30-day window reads 720 samples a series instead of 172,800 at a
+    15 s scrape interval. The rule keeps only the grouping labels; budgets whose
+    spend matchers name other labels read the raw series.
+    """
+    return {"groups": [{
+        "name": "tokenbudget.spend",
+        "interval": f"{RULE_STEP_SECONDS // 60}m",
+        "rules": [{"record": rule_name(rs), "expr": spend(rs, RULE_STEP_SECONDS)}
+                  for rs in resolved],
+    }]}
+
+
+def recorded(rs: ResolvedSource, range_seconds: int) -> str:
+    """The recorded hourly buckets whose samples fall within the last range, summed."""
+    by = ", ".join((*group_labels(rs, ()), KIND_LABEL))
+    return f"sum by ({by}) (sum_over_time({rule_name(rs)}[{range_seconds}s]))"
+
+
+def last_recorded(rs: ResolvedSource) -> str:
+    """When the rule last ran (its newest sample's timestamp)."""
+    return f"max(timestamp({rule_name(rs)}))"
