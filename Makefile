@@ -47,6 +47,7 @@ lint: venv
 ## crds: regenerate crds/ (and the chart's copy) from the pydantic models
 crds: venv
 	$(BIN)/tokenbudget crds --out-dir crds
+	$(BIN)/python charts/chart_crds.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
