@@ -48,6 +48,12 @@ lint: venv
 crds: venv
 	$(BIN)/tokenbudget crds --out-dir crds
 	$(BIN)/python charts/chart_crds.py
+	$(BIN)/tokenbudget rules --out rules/token-budget.rules.yaml
+
+## bench: the benchmark suite with targets (not part of make test; see README "Performance")
+.PHONY: bench
+bench: prereqs
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

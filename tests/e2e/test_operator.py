@@ -313,8 +313,11 @@ def test_a_cluster_budget_follows_the_namespace_label(
         assert d["budget"] == f"ClusterTokenBudget/{env}"
         assert "gpt-4o" not in d["allowed-models"].split(","), "Frontier tier denied"
         assert "gpt-4o-mini" in d["allowed-models"].split(",")
-        status = kube.get(CLUSTERTOKENBUDGETS, None, env)["status"]
-        assert status["state"] == "Blocked"
+        # Workloads are changed first, then the status is written in the same evaluation.
+        status = eventually(lambda: (kube.get(CLUSTERTOKENBUDGETS, None, env).get("status")
+                                     or {}).get("state") == "Blocked"
+                            and kube.get(CLUSTERTOKENBUDGETS, None, env)["status"], 30,
+                            what="status Blocked")
         assert [n["namespace"] for n in status["namespaces"]] == [ns]
 
         kube.patch(NAMESPACES, None, ns, {"metadata": {"labels": {"environment": None}}})

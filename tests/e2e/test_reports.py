@@ -69,7 +69,8 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     source.write_text(openmetrics())
     promtool = Path(find_binary("promtool"))
     prom.data_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(promtool), "tsdb", "create-blocks-from", "openmetrics", str(source),
+    subprocess.run([str(promtool), "tsdb", "create-blocks-from", "openmetrics", "-q",
+                    "--max-block-duration=720h", str(source),
                     str(prom.data_dir)], check=True, capture_output=True, timeout=300)
     prom.start()
     try:

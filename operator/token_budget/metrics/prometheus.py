@@ -90,6 +90,7 @@ class PrometheusSource:
         self.scrape_interval_seconds = scrape_interval_seconds
         self.max_samples = max_samples
         self._retention: tuple[float, int | None] | None = None
+        self._rule_times: dict[ResolvedSource, tuple[dt.datetime | None, dt.datetime]] = {}
         self._retention_ttl = retention_ttl_seconds
         auth = auth or Auth()
         headers = dict(auth.headers)
@@ -120,7 +121,8 @@ class PrometheusSource:
 
     # -- raw -------------------------------------------------------------------
 
-    def query(self, text: str, at: dt.datetime, kind: str = "spend") -> list[ResultItem]:
+    def query(self, text: str, at: dt.datetime, kind: str = "spend",
+              matrix: bool = False) -> list[ResultItem]:
         """Run one instant query at ``at``; raises a :class:`MetricsError`."""
         started = time.monotonic()
         ok = False
@@ -147,7 +149,8 @@ class PrometheusSource:
                 self.stats.errors += 1
             if self._on_query is not None:
                 self._on_query(kind, elapsed, ok)
-        if not isinstance(result, list):
+        if not isinstance(result, list) or (result and not matrix and not (
+                isinstance(result[0], dict) and "value" in result[0])):
             raise QueryFailed(f"Prometheus at {self.url} returned a {type(result).__name__} "
                               "where an instant vector was expected")
         return result
@@ -185,13 +188,31 @@ class PrometheusSource:
         return int(_value(items[0])) if items else 0
 
     def last_recorded(self, rs: ResolvedSource, at: dt.datetime) -> dt.datetime | None:
-        """When the source's recording rule last ran; None without fresh rules."""
-        items = self.query(promql.last_recorded(rs), at, "estimate")
-        if not items:
-            return None
-        when = dt.datetime.fromtimestamp(_value(items[0]), dt.UTC)
-        if (at - when).total_seconds() > 2 * promql.RULE_STEP_SECONDS:
-            return None  # the rules stopped: their buckets would miss recent spend
+        """When the source's recording rule last ran; None without fresh rules.
+
+        Read from the raw samples of the last two hours (a range selector returns
+        their true timestamps; ``timestamp()`` inside a subquery gives step times),
+        and remembered until the next run is due, so most evaluations ask nothing.
+        """
+        step = promql.RULE_STEP_SECONDS
+        cached = self._rule_times.get(rs)
+        if cached is not None and cached[0] is not None and \
+                cached[0] <= at < cached[0] + dt.timedelta(seconds=step + 60):
+            return cached[0]
+        if cached is not None and cached[0] is None and \
+                (at - cached[1]).total_seconds() < 300:
+            return None  # no rules: ask again in five minutes
+        result: list[Any] = list(self.query(promql.last_recorded(rs), at, "estimate",
+                                            matrix=True))
+        try:
+            stamps = [float(v[0]) for item in result for v in item.get("values", [])]
+        except (AttributeError, TypeError, ValueError, IndexError) as exc:
+            raise QueryFailed(f"Prometheus at {self.url} returned no range vector for "
+                              f"{promql.rule_name(rs)}: {result!r:.200}") from exc
+        when = dt.datetime.fromtimestamp(max(stamps), dt.UTC) if stamps else None
+        if when is not None and (at - when).total_seconds() > 2 * step:
+            when = None  # the rules stopped: their buckets would miss recent spend
+        self._rule_times[rs] = (when, at)
         return when
 
     def _from_rules(self, rs: ResolvedSource, seconds: int, now: dt.datetime,
@@ -217,13 +238,15 @@ class PrometheusSource:
             span = (buckets - 1) * step + 1
             parts.append(to_series(rs, self.query(promql.recorded(rs, span), last,
                                                   "recorded")))
-            head = int((first_start - start).total_seconds())
+            head = math.ceil((first_start - start).total_seconds())
         else:
             first_start = last
-            head = int((last - start).total_seconds())
+            head = math.ceil((last - start).total_seconds())
         if head > 0:
             parts.append(to_series(rs, self.query(promql.spend(rs, head), first_start, "spend")))
-        tail = int((now - last).total_seconds())
+        # Rounded up: a raw sample right at a join belongs in the range, or the spend
+        # between it and the next sample would be lost.
+        tail = math.ceil((now - last).total_seconds())
         if tail > 0:
             parts.append(to_series(rs, self.query(promql.spend(rs, tail), now, "spend")))
         return _sum_series(parts)

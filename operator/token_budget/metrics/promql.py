@@ -90,5 +90,5 @@ def recorded(rs: ResolvedSource, range_seconds: int) -> str:
 
 
 def last_recorded(rs: ResolvedSource) -> str:
-    """When the rule last ran (its newest sample's timestamp)."""
-    return f"max(timestamp({rule_name(rs)}))"
+    """The recorded samples of the last two rule runs (a matrix: their true timestamps)."""
+    return f"{rule_name(rs)}[{2 * RULE_STEP_SECONDS}s]"

@@ -169,6 +169,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
             wanted[patches.UPDATED_AT] = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
             for k, v in wanted.items():
                 patch.metadata.setdefault("annotations", {})[k] = v
+            # The label the evaluation puts on everything it directs: stamped here, the
+            # next evaluation finds the pod as it wants it and writes nothing (it used to
+            # PATCH every new governed pod just for this label).
+            patch.metadata.setdefault("labels", {})[patches.ENFORCED_LABEL] = "true"
         if (meta.get("labels") or {}).get(INJECT_LABEL) == "true":
             _inject_volume(pod, patch)
 
