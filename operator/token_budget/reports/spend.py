@@ -198,6 +198,15 @@ def money(value: Decimal, currency: str) -> str:
     return f"{symbol}{text}" if symbol else f"{text} {currency}"
 
 
+def _unit_money(value: Decimal, currency: str) -> str:
+    """Money per unit: sub-cent amounts keep four decimals ($0.0004, not $0.00)."""
+    if value >= 1:
+        return money(value, currency)
+    symbol = {"USD": "$", "EUR": "€", "GBP": "£"}.get(currency, "")
+    text = f"{value.quantize(Decimal('0.0001'))}"
+    return f"{symbol}{text}" if symbol else f"{text} {currency}"
+
+
 def table(report: Report) -> str:
     out = io.StringIO()
     c = report.currency
@@ -221,7 +230,7 @@ def table(report: Report) -> str:
         print(file=out)
         lines = [["BUDGET", "OUTCOMES", "COST/OUTCOME"]]
         for b, (n, cpo) in sorted(report.outcomes.items()):
-            lines.append([b, f"{n:,.0f}", money(cpo, c) if cpo is not None else "-"])
+            lines.append([b, f"{n:,.0f}", _unit_money(cpo, c) if cpo is not None else "-"])
         _render(lines, out)
     if report.savings:
         print(file=out)
