@@ -489,3 +489,70 @@ def test_a_window_longer_than_the_retention_is_marked_incomplete_with_the_covere
     [w] = b["status"]["windows"]
     assert w["coveredPercent"] == 25
     assert w["tokens"] >= 4 * 100_000, "the uncovered part is estimated, not zero"
+
+
+SCALEDOBJECT_CRD = {
+    # A stand-in for KEDA's CRD (same group, version, kind and plural; no schema): the
+    # operator only needs the kind to be served and its annotations to be writable.
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "scaledobjects.keda.sh"},
+    "spec": {"group": "keda.sh", "scope": "Namespaced",
+             "names": {"kind": "ScaledObject", "plural": "scaledobjects",
+                       "singular": "scaledobject", "listKind": "ScaledObjectList"},
+             "versions": [{"name": "v1alpha1", "served": True, "storage": True,
+                           "schema": {"openAPIV3Schema": {
+                               "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_a_blocked_workload_scaled_by_keda_is_paused_through_keda_and_an_hpa_left_idle(
+        kube: Kube, kube_api: Any, namespace: str, exporter: AgentExporter,
+        prometheus: Prometheus, start_operator: Any) -> None:
+    from token_budget.kube import SCALEDOBJECTS, Resource
+
+    kubeobjects.apply_crd(kube_api, SCALEDOBJECT_CRD)
+    hpas = Resource("HorizontalPodAutoscaler", "autoscaling/v2", "horizontalpodautoscalers")
+    ns = namespace
+    kube.create(DEPLOYMENTS, ns, agent_deployment("keda-agent", replicas=2))
+    kube.create(DEPLOYMENTS, ns, agent_deployment("hpa-agent", replicas=3))
+    kube.create(SCALEDOBJECTS, ns, {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+        "metadata": {"name": "keda-agent"},
+        "spec": {"scaleTargetRef": {"name": "keda-agent"}, "minReplicaCount": 1,
+                 "triggers": [{"type": "cpu", "metadata": {"value": "50"}}]}})
+    kube.create(hpas, ns, {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "hpa-agent"},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                    "name": "hpa-agent"},
+                 "minReplicas": 1, "maxReplicas": 5}})
+    seed(exporter, prometheus, ns, "agent-0")
+    spend(exporter, prometheus, ns, "agent-0", 1_500_000)
+    kube.create(TOKENBUDGETS, ns, budget("team"))
+    start_operator()
+
+    def paused() -> bool:
+        so = kube.get(SCALEDOBJECTS, ns, "keda-agent")
+        return ann(so).get("paused-by") == f"TokenBudget/{ns}/team" and \
+            so["metadata"]["annotations"].get("autoscaling.keda.sh/paused-replicas") == "0"
+
+    eventually(paused, 30, what="the ScaledObject paused at zero")
+    eventually(lambda: kube.get(DEPLOYMENTS, ns, "hpa-agent")["spec"]["replicas"] == 0, 30,
+               what="the HPA's target at zero")
+    enforcing = eventually(lambda: "KEDA" in condition(kube.get(TOKENBUDGETS, ns, "team"),
+                                                       "Enforcing")["message"]
+                           and condition(kube.get(TOKENBUDGETS, ns, "team"), "Enforcing"), 30,
+                           what="status naming the autoscalers")
+    assert "1 scaled by a HorizontalPodAutoscaler" in enforcing["message"]
+    assert "1 scaled by KEDA, paused with autoscaling.keda.sh/paused-replicas=0" in \
+        enforcing["message"]
+
+    kube.patch(TOKENBUDGETS, ns, "team",
+               {"spec": {"limits": [{"window": "1h", "tokens": 100_000_000}]}})
+    eventually(lambda: "autoscaling.keda.sh/paused-replicas" not in (
+        kube.get(SCALEDOBJECTS, ns, "keda-agent")["metadata"].get("annotations") or {}), 30,
+        what="the ScaledObject resumed")
+    so_ann = kube.get(SCALEDOBJECTS, ns, "keda-agent")["metadata"].get("annotations") or {}
+    assert not any(k.startswith(A) for k in so_ann), "nothing of the operator's is left"
+    eventually(lambda: kube.get(DEPLOYMENTS, ns, "hpa-agent")["spec"]["replicas"] == 3, 30,
+               what="the HPA's target restored")

@@ -306,6 +306,9 @@ WORKLOAD_RULES = [
     ("", "pods", "list watch patch", ""),
     ("apps", "deployments statefulsets", "list watch patch", ""),
     ("batch", "jobs cronjobs", "list watch patch", ""),
+    # Application: autoscalers of blocked workloads (HPA read; KEDA paused and resumed).
+    ("autoscaling", "horizontalpodautoscalers", "list", ""),
+    ("keda.sh", "scaledobjects", "list patch", ""),
 ]
 CLUSTER_RULES = [
     # Framework: kopf's CRD observation.

@@ -157,3 +157,43 @@ def describe(patch: Mapping[str, Any]) -> str:
     if STATE in ann:
         parts.append(f"state -> {ann[STATE] or 'removed'}")
     return ", ".join(parts) or "annotations updated"
+
+
+# ---------------------------------------------------------------------------
+# Autoscalers: a KEDA ScaledObject would scale a blocked workload straight back up
+# ---------------------------------------------------------------------------
+
+KEDA_PAUSED = "autoscaling.keda.sh/paused-replicas"
+PAUSED_BY = f"{PREFIX}paused-by"
+PREVIOUS_PAUSED = f"{PREFIX}previous-paused-replicas"
+
+
+def scaler_target(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(kind, name) an HPA or a KEDA ScaledObject scales."""
+    ref = (obj.get("spec") or {}).get("scaleTargetRef") or {}
+    name = ref.get("name")
+    if not name:
+        return None
+    return str(ref.get("kind") or "Deployment"), str(name)
+
+
+def scaled_object_patch(obj: Mapping[str, Any], blocked_by: str | None) -> dict[str, Any] | None:
+    """Pause a ScaledObject at zero replicas while its target is blocked, then restore it.
+
+    KEDA's own pause annotation is used, so KEDA stops scaling and says why; a
+    pause the owner had set before is kept in ``previous-paused-replicas`` and
+    put back exactly. An HPA needs nothing: it does not scale a target at zero.
+    """
+    ann: Mapping[str, str] = (obj.get("metadata") or {}).get("annotations") or {}
+    if blocked_by is not None:
+        if ann.get(PAUSED_BY) == blocked_by and ann.get(KEDA_PAUSED) == "0":
+            return None
+        want: dict[str, str | None] = {KEDA_PAUSED: "0", PAUSED_BY: blocked_by}
+        if PAUSED_BY not in ann:
+            want[PREVIOUS_PAUSED] = ann.get(KEDA_PAUSED, "")
+        return {"metadata": {"annotations": want}}
+    if PAUSED_BY in ann:
+        previous = ann.get(PREVIOUS_PAUSED, "")
+        return {"metadata": {"annotations": {KEDA_PAUSED: previous or None, PAUSED_BY: None,
+                                             PREVIOUS_PAUSED: None}}}
+    return None

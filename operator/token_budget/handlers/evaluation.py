@@ -37,10 +37,12 @@ from token_budget.kube import (
     CRONJOBS,
     DEPLOYMENTS,
     EVENTS,
+    HPAS,
     JOBS,
     MODELCATALOGS,
     NAMESPACES,
     PODS,
+    SCALEDOBJECTS,
     STATEFULSETS,
     TOKENBUDGETS,
     WORKLOADS,
@@ -74,6 +76,9 @@ class Gathered:
     objects: dict[WorkloadKey, Obj] = field(default_factory=dict)  # pods and workloads
     top: dict[WorkloadKey, WorkloadKey] = field(default_factory=dict)  # object -> governed unit
     workloads: list[Workload] = field(default_factory=list)
+    # Autoscalers of governed units: (kind, namespace, name) of the target -> objects.
+    hpas: dict[WorkloadKey, list[Obj]] = field(default_factory=dict)
+    scaled_objects: dict[WorkloadKey, list[Obj]] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +105,7 @@ class Evaluator:
         self.settings = settings
         self.telemetry = telemetry or Telemetry(None)
         self.clock = clock
+        self._keda_checked: tuple[float, bool] | None = None
 
     # -- gather ------------------------------------------------------------------
 
@@ -159,6 +165,28 @@ class Evaluator:
                 w = workload_of(obj, self.settings.model_env)
                 if w is not None:
                     g.workloads.append(w)
+        if any(u.kind in patches.SCALABLE for u in units):
+            self._gather_scalers(g, units)
+
+    def _gather_scalers(self, g: Gathered, units: set[WorkloadKey]) -> None:
+        sources = [(HPAS, g.hpas)]
+        if self._keda():
+            sources.append((SCALEDOBJECTS, g.scaled_objects))
+        for res, into in sources:
+            for obj in self._list(res):
+                target = patches.scaler_target(obj)
+                if target is None:
+                    continue
+                unit = WorkloadKey(target[0], str(obj["metadata"].get("namespace")), target[1])
+                if unit in units:
+                    into.setdefault(unit, []).append(obj)
+
+    def _keda(self) -> bool:
+        """Whether KEDA's ScaledObject kind is served (asked every five minutes)."""
+        now = time.monotonic()
+        if self._keda_checked is None or now - self._keda_checked[0] > 300:
+            self._keda_checked = (now, self.kube.exists(SCALEDOBJECTS))
+        return self._keda_checked[1]
 
     @staticmethod
     def _owner(key: WorkloadKey, obj: Obj, objects: Mapping[WorkloadKey, Obj]) -> WorkloadKey:
@@ -225,7 +253,35 @@ class Evaluator:
                 continue  # Hold: spend unknown, keep what the workload has
             directive = result.directives.get(unit)
             self._apply(key, obj, directive, now)
+        for unit, scaled in sorted(g.scaled_objects.items()):
+            if unit in result.held:
+                continue
+            directive = result.directives.get(unit)
+            blocked_by = directive.budget if directive is not None and directive.blocked \
+                else None
+            for so in scaled:
+                patch = patches.scaled_object_patch(so, blocked_by)
+                if patch is None:
+                    continue
+                try:
+                    self.kube.patch(SCALEDOBJECTS, unit.namespace, so["metadata"]["name"], patch)
+                    log.info("ScaledObject %s/%s: %s", unit.namespace, so["metadata"]["name"],
+                             "paused at 0 replicas" if blocked_by else "resumed")
+                except EnforcementError as exc:
+                    log.warning("cannot pause or resume ScaledObject %s/%s: %s",
+                                unit.namespace, so["metadata"]["name"], exc)
         return enforced
+
+    @staticmethod
+    def autoscaled(g: Gathered, result: Evaluation) -> dict[str, tuple[int, int]]:
+        """Per budget: governed units scaled by an HPA, and by KEDA."""
+        out: dict[str, tuple[int, int]] = {}
+        for unit, d in result.directives.items():
+            hpa, keda = int(unit in g.hpas), int(unit in g.scaled_objects)
+            if hpa or keda:
+                h, k = out.get(d.budget, (0, 0))
+                out[d.budget] = (h + hpa, k + keda)
+        return out
 
     def _apply(self, key: WorkloadKey, obj: Obj, directive: Directive | None,
                now: dt.datetime) -> None:
@@ -265,6 +321,7 @@ class Evaluator:
     def report(self, g: Gathered, result: Evaluation, currency: str, enforced: dict[str, int],
                now: dt.datetime) -> int:
         writes = 0
+        autoscaled = self.autoscaled(g, result)
         by_budget: dict[BudgetKey, list[Decision]] = {}
         for d in result.decisions:
             by_budget.setdefault(d.scope.budget, []).append(d)
@@ -274,7 +331,8 @@ class Evaluator:
             decisions = by_budget.get(key, [])
             name = f"{key.kind}/{key}"
             new = statuses.budget_status(budget, decisions, currency, now,
-                                         enforced.get(name, 0), body.get("status"))
+                                         enforced.get(name, 0), body.get("status"),
+                                         autoscaled.get(name, (0, 0)))
             old = body.get("status") or {}
             if statuses.changed(old, new, now, self.settings.status_heartbeat_seconds):
                 writes += self._write_status(body, old, new)

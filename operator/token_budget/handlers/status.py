@@ -38,8 +38,13 @@ def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
 
 
 def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,
-                  now: dt.datetime, enforced: int, old: dict[str, Any] | None) -> dict[str, Any]:
-    """The full status of a budget after an evaluation."""
+                  now: dt.datetime, enforced: int, old: dict[str, Any] | None,
+                  autoscaled: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """The full status of a budget after an evaluation.
+
+    ``autoscaled`` counts the governed workloads scaled by an HPA and by KEDA,
+    which Block handles differently (said in the Enforcing condition).
+    """
     old = old or {}
     generation = budget.metadata.generation
     old_conditions = (budget.status.conditions if budget.status else ())
@@ -144,9 +149,16 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
                                    f"DryRun: would be {worst.state.value}; no workload is "
                                    "changed", now, generation)
     elif restrictive:
-        conds = cond.set_condition(conds, cond.ENFORCING, True, worst.state.value,
-                                   f"{enforced} workload(s) carry the {worst.state.value} "
-                                   "directive", now, generation)
+        text = f"{enforced} workload(s) carry the {worst.state.value} directive"
+        hpa, keda = autoscaled
+        if worst.state is api.State.BLOCKED and hpa:
+            text += (f"; {hpa} scaled by a HorizontalPodAutoscaler, which stays idle while "
+                     "its target is at zero replicas")
+        if worst.state is api.State.BLOCKED and keda:
+            text += (f"; {keda} scaled by KEDA, paused with autoscaling.keda.sh/"
+                     "paused-replicas=0 until the block is lifted")
+        conds = cond.set_condition(conds, cond.ENFORCING, True, worst.state.value, text, now,
+                                   generation)
     else:
         conds = cond.set_condition(conds, cond.ENFORCING, False, "WithinBudget",
                                    f"{enforced} workload(s) governed; nothing restricted", now,
