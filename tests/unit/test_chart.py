@@ -637,3 +637,19 @@ def test_app_version_package_version_and_image_agree() -> None:
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", dockerfile, re.M)
     assert 'ENTRYPOINT ["tokenbudget", "run"]' in dockerfile
     assert re.search(r"^USER 65532:65532$", dockerfile, re.M)
+
+
+def test_the_recording_rules_ship_in_the_chart_exactly_as_in_the_rules_file(
+        helm: Path, tmp_path: Path) -> None:
+    on = tmp_path / "rules-values.yaml"
+    on.write_text("monitoring:\n  recordingRules:\n    enabled: true\n"
+                  "    labels: {release: kube-prometheus-stack}\n")
+    assert not [d for d in render(helm, [on]) if d["kind"] == "PrometheusRule"], \
+        "needs the Prometheus Operator's API"
+    [rule] = [d for d in render(helm, [on], monitoring=True) if d["kind"] == "PrometheusRule"]
+    assert rule["metadata"]["name"].endswith("-recording")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    shipped = yaml.safe_load((REPO / "rules" / "token-budget.rules.yaml").read_text())
+    assert rule["spec"] == shipped, "the chart and rules/ must record the same series"
+    assert not [d for d in render(helm, None, monitoring=True)
+                if d["metadata"]["name"].endswith("-recording")], "off by default"
