@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client, config
@@ -250,3 +251,22 @@ def namespace(request: pytest.FixtureRequest, kube_api: client.ApiClient) -> Ite
         except client.ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+@pytest.fixture(scope="session")
+def kube(controlplane: ControlPlane, kube_api: client.ApiClient) -> Any:
+    """The operator's own raw-JSON client as admin; CRDs and the example catalog installed."""
+    import yaml
+
+    from harness import kubeobjects
+    from token_budget.errors import Conflict
+    from token_budget.kube import MODELCATALOGS, Kube, api_client
+
+    kubeobjects.install_crds(kube_api)
+    k = Kube(api_client(str(controlplane.kubeconfig)))
+    catalog = yaml.safe_load((HERE.parents[1] / "examples" / "model-catalog.yaml").read_text())
+    try:
+        k.create(MODELCATALOGS, None, catalog)
+    except Conflict:
+        pass  # installed by an earlier test
+    return k

@@ -23,26 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from harness import kubeobjects
 from harness.controlplane import ControlPlane
 from harness.exporter import AgentExporter
 from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
+from harness.spend import seed, spend
 from harness.waiting import eventually
-from token_budget.errors import Conflict
 from token_budget.kube import (
     CLUSTERTOKENBUDGETS,
     CRONJOBS,
     DEPLOYMENTS,
     LEASES,
-    MODELCATALOGS,
     NAMESPACES,
     PODS,
     TOKENBUDGETS,
     Kube,
-    api_client,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,19 +50,6 @@ LADDER = [
     {"type": "Throttle", "atPercent": 85, "tokensPerMinute": 1000},
     {"type": "Block", "atPercent": 100},
 ]
-
-
-@pytest.fixture(scope="module")
-def kube(controlplane: ControlPlane, kube_api: Any) -> Kube:
-    """Raw JSON access as admin; the CRDs and the example catalog are installed."""
-    kubeobjects.install_crds(kube_api)
-    k = Kube(api_client(str(controlplane.kubeconfig)))
-    catalog = yaml.safe_load((REPO / "examples" / "model-catalog.yaml").read_text())
-    try:
-        k.create(MODELCATALOGS, None, catalog)
-    except Conflict:
-        pass  # installed by an earlier module of this session
-    return k
 
 
 @pytest.fixture
@@ -130,28 +114,6 @@ def budget(name: str, limit_tokens: int = 1_000_000, **spec: Any) -> dict[str, A
 def ann(obj: dict[str, Any]) -> dict[str, str]:
     return {k[len(A):]: v for k, v in (obj["metadata"].get("annotations") or {}).items()
             if k.startswith(A)}
-
-
-def seed(exporter: AgentExporter, prometheus: Prometheus, ns: str, pod: str,
-         model: str = "gpt-4o") -> None:
-    """Create the agent's series at zero and wait until Prometheus has it."""
-    exporter.add(namespace=ns, workload=pod, model=model)
-    prometheus.wait_for(f'llm_tokens_total{{namespace="{ns}"}}', timeout=30)
-    time.sleep(2)  # a second sample, so increase() sees growth from zero
-
-
-def spend(exporter: AgentExporter, prometheus: Prometheus, ns: str, pod: str, tokens: int,
-          model: str = "gpt-4o") -> float:
-    """Add input tokens; return the monotonic time at which Prometheus shows them."""
-    exporter.add(namespace=ns, workload=pod, model=model, input=tokens)
-    total = exporter.emitted("counters", namespace=ns)
-    prometheus.wait_for(f'sum(llm_tokens_total{{namespace="{ns}"}})',
-                        lambda r: bool(r) and float(r[0]["value"][1]) >= total, timeout=30)
-    return time.monotonic()
-
-
-def state_of(kube: Kube, ns: str, name: str) -> str | None:
-    return (kube.get(TOKENBUDGETS, ns, name).get("status") or {}).get("state")
 
 
 def wait_state(kube: Kube, ns: str, name: str, want: str, timeout: float = 30) -> dict[str, Any]:

@@ -19,42 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from harness import kubeobjects
 from harness.controlplane import ControlPlane, free_ports
 from harness.exporter import AgentExporter
 from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
+from harness.spend import seed, spend
 from harness.waiting import eventually
-from token_budget.errors import Conflict, EnforcementError, TargetNotFound
+from token_budget.errors import EnforcementError, TargetNotFound
 from token_budget.kube import (
     CLUSTERTOKENBUDGETS,
     DEPLOYMENTS,
-    MODELCATALOGS,
     NAMESPACES,
     PODS,
     TOKENBUDGETS,
     Kube,
-    api_client,
 )
 from token_budget.webhooks.certificates import SECRETS
 from token_budget.webhooks.configuration import MUTATING, NAME, VALIDATING
 
 REPO = Path(__file__).resolve().parents[2]
 A = "tokenbudget.io/"
-
-
-@pytest.fixture(scope="module")
-def kube(controlplane: ControlPlane, kube_api: Any) -> Kube:
-    kubeobjects.install_crds(kube_api)
-    k = Kube(api_client(str(controlplane.kubeconfig)))
-    catalog = yaml.safe_load((REPO / "examples" / "model-catalog.yaml").read_text())
-    try:
-        k.create(MODELCATALOGS, None, catalog)
-    except Conflict:
-        pass
-    return k
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +164,8 @@ def _wait_sa(kube: Kube, ns: str) -> None:
 def test_a_pod_in_a_blocked_scope_is_refused_with_the_budget_and_the_reset(
         kube: Kube, operator: OperatorProcess, namespace: str, exporter: AgentExporter,
         prometheus: Prometheus) -> None:
-    exporter.add(namespace=namespace, workload="agent-0", model="gpt-4o")
-    prometheus.wait_for(f'llm_tokens_total{{namespace="{namespace}"}}', timeout=30)
-    eventually(lambda: prometheus.query(
-        f'count_over_time(llm_tokens_total{{namespace="{namespace}"}}[1m]) > 1'), 30,
-        what="two samples")
-    exporter.add(namespace=namespace, workload="agent-0", model="gpt-4o", input=5_000_000)
+    seed(exporter, prometheus, namespace, "agent-0")
+    spend(exporter, prometheus, namespace, "agent-0", 5_000_000)
     kube.create(TOKENBUDGETS, namespace, {
         "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
         "metadata": {"name": "team"},
@@ -217,12 +198,8 @@ def test_a_pod_in_a_blocked_scope_is_refused_with_the_budget_and_the_reset(
 def test_a_new_pod_of_a_governed_deployment_starts_with_its_owners_directive(
         kube: Kube, operator: OperatorProcess, namespace: str, exporter: AgentExporter,
         prometheus: Prometheus) -> None:
-    exporter.add(namespace=namespace, workload="agent-0", model="gpt-4o")
-    prometheus.wait_for(f'llm_tokens_total{{namespace="{namespace}"}}', timeout=30)
-    eventually(lambda: prometheus.query(
-        f'count_over_time(llm_tokens_total{{namespace="{namespace}"}}[1m]) > 1'), 30,
-        what="two samples")
-    exporter.add(namespace=namespace, workload="agent-0", model="gpt-4o", input=750_000)
+    seed(exporter, prometheus, namespace, "agent-0")
+    spend(exporter, prometheus, namespace, "agent-0", 750_000)
     kube.create(TOKENBUDGETS, namespace, {
         "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
         "metadata": {"name": "team"},
