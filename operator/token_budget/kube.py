@@ -178,6 +178,9 @@ class Kube:
             for item in data.get("items") or []:
                 item["kind"] = res.kind
                 item["apiVersion"] = res.group_version
+                # Server-side apply bookkeeping: never read here, and the largest part
+                # of a listed pod's metadata (the operator's memory grew with it).
+                (item.get("metadata") or {}).pop("managedFields", None)
                 yield item
             token = (data.get("metadata") or {}).get("continue")
             if not token:

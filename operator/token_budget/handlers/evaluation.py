@@ -66,6 +66,15 @@ def _key(obj: Mapping[str, Any]) -> WorkloadKey:
     return WorkloadKey(str(obj.get("kind")), str(meta.get("namespace", "")), str(meta.get("name")))
 
 
+def enforced_only(agent_label: str) -> str:
+    """Objects the operator marked but that are no longer labelled agents.
+
+    With the agent label's own selector this is the union the operator needs, without
+    every governed object (which carries both labels) coming back a second time.
+    """
+    return f"{patches.ENFORCED_LABEL},!{agent_label}"
+
+
 @dataclass
 class Gathered:
     catalogs: list[api.ModelCatalog] = field(default_factory=list)
@@ -152,7 +161,7 @@ class Evaluator:
     def _gather_workloads(self, g: Gathered) -> None:
         label = self.settings.agent_label
         for res in (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS):
-            for selector in (label, patches.ENFORCED_LABEL):
+            for selector in (label, enforced_only(label)):
                 for obj in self._list(res, selector):
                     g.objects[_key(obj)] = obj
         units: set[WorkloadKey] = set()

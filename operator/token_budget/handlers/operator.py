@@ -34,7 +34,7 @@ from prometheus_client import start_http_server
 
 from token_budget.api.v1alpha1 import GROUP, VERSION
 from token_budget.enforcement import patches
-from token_budget.handlers.evaluation import Evaluator, Outcome
+from token_budget.handlers.evaluation import Evaluator, Outcome, enforced_only
 from token_budget.handlers.leader import LeaderElector
 from token_budget.handlers.telemetry import Telemetry
 from token_budget.kube import CRONJOBS, DEPLOYMENTS, JOBS, PODS, STATEFULSETS, Kube, api_client
@@ -196,10 +196,28 @@ def _watch(rt: Runtime, res: Any, selector: str, namespace: str | None = None) -
                 obj = event.get("object") or {}
                 if res.kind != "Pod" and obj.get("kind") == res.kind:
                     admission.cache.workload_event(obj, deleted=event.get("type") == "DELETED")
-                rt.poke()
+                if res.kind != "Pod" or _pod_needs_evaluation(rt, event):
+                    rt.poke()
         except Exception as exc:  # noqa: BLE001 - a watch must survive anything
             log.debug("watch of %s (%s) restarts: %s", res.plural, selector, exc)
             rt.stop.wait(2)
+
+
+def _pod_needs_evaluation(rt: Runtime, event: dict[str, Any]) -> bool:
+    """Whether a pod event can change what the operator must write.
+
+    A governed pod that already carries a directive (stamped by the mutating webhook,
+    or by an evaluation: our own patches come back here too) or that is gone needs
+    nothing until the next interval; waking the loop for each of them made a burst of
+    pod creations a storm of back-to-back evaluations, every one of them listing every
+    governed pod, which starved the webhook server of the interpreter.
+    """
+    if event.get("type") == "DELETED":
+        return False
+    meta = (event.get("object") or {}).get("metadata") or {}
+    directed = patches.STATE in (meta.get("annotations") or {})
+    governed = rt.settings.agent_label in (meta.get("labels") or {})
+    return not (directed and governed)
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +311,7 @@ async def serve(settings: Settings) -> None:
                           registry=rt.evaluator.telemetry.registry)
     threads = [threading.Thread(target=rt.elector.run, name="leader", daemon=True)]
     for res in (PODS, DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS):
-        for selector in (settings.agent_label, patches.ENFORCED_LABEL):
+        for selector in (settings.agent_label, enforced_only(settings.agent_label)):
             for ns in settings.namespaces or (None,):
                 threads.append(threading.Thread(target=_watch, args=(rt, res, selector, ns),
                                                 name=f"watch-{res.plural}", daemon=True))

@@ -1,0 +1,295 @@
+"""Target 3: the operator against a big cluster: writes, memory, and a spend spike.
+
+On the real control plane (no scheduler: pods stay Pending): B namespaces, each with a
+TokenBudget (1h window, 1,000,000 tokens; Warn 50 %, Block 100 %) and a Deployment of
+R agent pods (the ReplicaSet controller creates them), and P pods that are not agents
+(no ``tokenbudget.io/agent`` label), created with parallel requests. Spend: 10 % of the
+limit in every namespace.
+
+1. In-process ``Evaluator.run_once`` (the operator's own code and client): the first
+   evaluation stamps everything (its writes per second are reported), the next one is
+   quiet and must write nothing (``Outcome.writes``).
+2. The operator as a process (``python -m token_budget run``, interval 30 s): its
+   resident memory (``VmRSS``, sampled every 0.5 s; ``VmHWM`` at the end) over quiet
+   evaluations and a spike, under 300 MiB.
+3. The spike: half the namespaces jump to 200 % of the limit at once. From the moment
+   Prometheus shows all of them, how long until every one of their Deployments carries
+   ``state: Blocked`` with ``spec.replicas: 0`` and none of their pods is left without the
+   annotation; the target is one interval plus the duration of the evaluation that wrote
+   it all (from the operator's log), whose writes per second are reported too.
+
+If the pods cannot all be created in about ten minutes here, the benchmark goes on with
+as many as were created and says so; figures that are scaled to the full size are
+marked "extrapolated".
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.cluster import AGENT, Cluster, parallel, shared
+from bench.common import Figure, Report, load, rss_mib, wait_for_quiet
+from harness.waiting import eventually
+from token_budget.errors import Conflict
+from token_budget.handlers.evaluation import Evaluator
+from token_budget.kube import DEPLOYMENTS, PODS, TOKENBUDGETS
+from token_budget.metrics.prometheus import PrometheusSource
+from token_budget.settings import Settings
+
+A = "tokenbudget.io/"
+LIMIT = 1_000_000
+INTERVAL = 30.0
+RSS_TARGET_MIB = 300.0
+CREATE_BUDGET_SECONDS = 600.0
+
+
+def deployment(name: str, replicas: int) -> dict[str, Any]:
+    labels = {"app": name, AGENT: "true"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "labels": {AGENT: "true"}},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [
+                         {"name": "agent", "image": "example/agent:1",
+                          "env": [{"name": "LLM_MODEL", "value": "gpt-4o"}]}]}}}}
+
+
+def budget() -> dict[str, Any]:
+    return {"apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
+            "metadata": {"name": "team"},
+            "spec": {"limits": [{"window": "1h", "tokens": LIMIT}],
+                     "actions": [{"type": "Warn", "atPercent": 50},
+                                 {"type": "Block", "atPercent": 100}]}}
+
+
+def web_pod(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "web", "tier": "frontend"}},
+            "spec": {"containers": [{"name": "web", "image": "example/web:1",
+                                     "resources": {"requests": {"cpu": "10m"}}}]}}
+
+
+class RssSampler:
+    """VmRSS of a process every ``every`` seconds, in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        self.pid = pid
+        self.every = every
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = rss_mib(self.pid)
+            if v is not None:
+                self.samples.append((time.monotonic(), v))
+            self._stop.wait(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak(self) -> float:
+        return max((v for _, v in self.samples), default=0.0)
+
+
+def hwm_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def create_pods(cluster: Cluster, names: list[str], total: int, deadline: float,
+                report: Report) -> tuple[int, float]:
+    """Create up to ``total`` non-agent pods spread over ``names`` before ``deadline``."""
+    kube = cluster.client(64)
+    created = [0]
+    lock = threading.Lock()
+
+    def make(i: int) -> None:
+        if time.monotonic() > deadline:
+            return
+        try:
+            kube.create(PODS, names[i % len(names)], web_pod(f"web-{i}"))
+        except Conflict:
+            pass
+        with lock:
+            created[0] += 1
+
+    t0 = time.monotonic()
+    step = 5_000
+    for start in range(0, total, step):
+        if time.monotonic() > deadline:
+            break
+        parallel(make, list(range(start, min(total, start + step))), 24)
+        rate = created[0] / (time.monotonic() - t0)
+        print(f"    {created[0]:,} pods that are not agents created ({rate:.0f}/s, "
+              f"load {load()[0]})", flush=True)
+    took = time.monotonic() - t0
+    return created[0], created[0] / took
+
+
+def evaluations(log: str) -> list[tuple[int, float, int, int]]:
+    """(budgets, seconds, queries, writes) of each 'evaluated ...' line of the log."""
+    out = []
+    for m in re.finditer(r"evaluated (\d+) budget\(s\).*? in ([\d.]+)s: (\d+) PromQL "
+                         r"queries, (\d+) writes", log):
+        out.append((int(m[1]), float(m[2]), int(m[3]), int(m[4])))
+    return out
+
+
+def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
+    n_budgets = 50 if quick else 1_000
+    replicas = 5
+    n_web = 2_500 if quick else 50_000
+    quiet = wait_for_quiet(0 if quick else wait_seconds)
+    cluster = shared()
+    kube = cluster.client(32)
+    tag = uuid.uuid4().hex[:4]
+    names = [f"kb-{tag}-{i}" for i in range(n_budgets)]
+    kb = {"benchmark": "kube", "contended": not quiet}
+    t_start = time.monotonic()
+
+    cluster.namespaces(names)
+    parallel(lambda ns: kube.create(DEPLOYMENTS, ns, deployment("agent", replicas)), names, 16)
+    parallel(lambda ns: kube.create(TOKENBUDGETS, ns, budget()), names, 16)
+    cluster.seed(names)
+    for ns in names:
+        cluster.exporter.add(namespace=ns, workload="agent-0", model="gpt-4o",
+                             input=LIMIT // 10)
+    made, rate = create_pods(cluster, names, n_web, t_start + CREATE_BUDGET_SECONDS, report)
+    governed = n_budgets * replicas
+
+    def all_agents() -> bool:
+        return sum(1 for _ in kube.iter_list(PODS, None, AGENT, page=5000)) >= governed
+
+    eventually(all_agents, 600, interval=2, what=f"{governed} agent pods")
+    setup = time.monotonic() - t_start
+    report.note("kube", f"cluster: {n_budgets:,} budgets, {governed:,} governed pods in "
+                        f"{n_budgets:,} Deployments, {made:,} pods that are not agents "
+                        f"(created at {rate:.0f}/s); set up in {setup:.0f} s")
+    report.add(Figure(**kb, name="pods that are not agents, created", value=made,
+                      unit="count", target=f"{n_web:,}", met=None if made >= n_web else False,
+                      note=f"parallel creates at {rate:.0f}/s"))
+    if made < n_web:
+        report.add(Figure(**kb, name=f"time to create {n_web:,} such pods at that rate",
+                          value=n_web / rate, unit="s", extrapolated=True))
+
+    # 1. In-process evaluations: the operator's code, counted requests.
+    settings = Settings(prometheus_url=cluster.prometheus.url, recent_seconds=60,
+                        interval_seconds=INTERVAL)
+    ev = Evaluator(cluster.client(8), PrometheusSource(cluster.prometheus.url), settings)
+    first = ev.run_once()
+    report.add(Figure(**kb, name="first evaluation: writes (stamps every workload)",
+                      value=first.writes, unit="count",
+                      note=f"{first.workload_writes} workload + {first.status_writes} status "
+                           f"writes in {first.seconds:.1f} s"))
+    report.add(Figure(**kb, name="first evaluation: writes per second",
+                      value=first.writes / first.seconds, unit="/s"))
+    second = ev.run_once()
+    heartbeat = ""
+    if second.writes and second.writes == second.status_writes:
+        # The first evaluation took longer than the status heartbeat (60 s): the second
+        # refreshed every status, by design. The next one starts well within it.
+        heartbeat = (f"; the evaluation before it refreshed {second.status_writes} statuses "
+                     f"(heartbeat due: the first took {first.seconds:.0f} s)")
+        report.add(Figure(**kb, name="heartbeat evaluation: status writes (every 60 s)",
+                          value=second.status_writes, unit="count",
+                          note=f"{second.seconds:.1f} s"))
+        second = ev.run_once()
+    before = dict(ev.kube.counters.by_verb)
+    third = ev.run_once()
+    after = dict(ev.kube.counters.by_verb)
+    gets = after.get("GET", 0) - before.get("GET", 0)
+    note = (f"{third.seconds:.1f} s, {gets} GET requests (paged lists), "
+            f"{third.queries} PromQL queries{heartbeat}")
+    quiet_writes = max(second.writes, third.writes)
+    report.add(Figure(**kb, name="quiet evaluation: write requests", value=quiet_writes,
+                      unit="count", target="== 0", met=quiet_writes == 0,
+                      note=note + f"; two in a row wrote {second.writes} and {third.writes}"))
+    report.add(Figure(**kb, name="quiet evaluation: duration", value=third.seconds, unit="s",
+                      note=note))
+
+    # 2. The operator as a process: memory over quiet evaluations.
+    op = cluster.operator(INTERVAL, identity="kube")
+    sampler = RssSampler(op.proc.pid if op.proc else 0)
+    try:
+        eventually(lambda: len(evaluations(op.log.read_text())) >= 1, 300, interval=1,
+                   what="the operator's first evaluation")
+        time.sleep(INTERVAL + 5)
+        quiet_evals = evaluations(op.log.read_text())
+        report.add(Figure(**kb, name="operator process: quiet evaluations, writes",
+                          value=sum(e[3] for e in quiet_evals), unit="count",
+                          note=f"{len(quiet_evals)} evaluations ({[e[1] for e in quiet_evals]} "
+                               "s); status heartbeats (every 60 s) are writes by design"))
+
+        # 3. The spike.
+        spiked = names[: n_budgets // 2]
+        for ns in spiked:
+            cluster.exporter.add(namespace=ns, workload="agent-0", model="gpt-4o",
+                                 input=2 * LIMIT)
+        regex = f"kb-{tag}-.*"
+        eventually(lambda: int(float((cluster.prometheus.query(
+            f'count(sum by (namespace) (llm_tokens_total{{namespace=~"{regex}"}}) > '
+            f'{LIMIT})') or [{"value": [0, "0"]}])[0]["value"][1])) >= len(spiked), 60,
+            interval=0.1, what="the spike visible in Prometheus")
+        t0 = time.monotonic()
+        n_logged = len(evaluations(op.log.read_text()))
+        wanted = set(spiked)
+
+        def enforced() -> bool:
+            deps = kube.list(DEPLOYMENTS, None, AGENT, page=5000)
+            done = {d["metadata"]["namespace"] for d in deps
+                    if d["metadata"]["namespace"] in wanted
+                    and (d["metadata"].get("annotations") or {}).get(A + "state") == "Blocked"
+                    and d["spec"].get("replicas") == 0}
+            if done != wanted:
+                return False
+            left = [p for p in kube.iter_list(PODS, None, AGENT, page=5000)
+                    if p["metadata"]["namespace"] in wanted
+                    and (p["metadata"].get("annotations") or {}).get(A + "state") != "Blocked"]
+            return not left
+
+        eventually(enforced, 10 * INTERVAL + 600, interval=1,
+                   what=f"{len(spiked)} budgets enforced")
+        took = time.monotonic() - t0
+        # The enforcing evaluation logs its line once its status writes are done too.
+        # (A status heartbeat alone writes one status per budget: not that one.)
+        eventually(lambda: any(e[3] >= 2 * len(spiked)
+                               for e in evaluations(op.log.read_text())[n_logged:]),
+                   300, interval=1, what="the enforcing evaluation's log line")
+        spike_evals = evaluations(op.log.read_text())[n_logged:]
+        writer = max(spike_evals, key=lambda e: e[3], default=(0, 0.0, 0, 0))
+        limit = INTERVAL + writer[1]
+        report.add(Figure(**kb, name=f"spike: {len(spiked)} budgets over the limit, fully "
+                          "enforced after", value=took, unit="s",
+                          target=f"<= {INTERVAL:g} s + writes", met=took <= limit + 1.0,
+                          note=f"the enforcing evaluation took {writer[1]:.1f} s for "
+                               f"{writer[3]} writes; target {limit:.1f} s (+1 s polling); "
+                               f"evaluations meanwhile {[(e[1], e[3]) for e in spike_evals]}"))
+        if writer[3] > 0:
+            report.add(Figure(**kb, name="spike: writes per second (operator process)",
+                              value=writer[3] / writer[1], unit="/s",
+                              note=f"{writer[3]} writes in {writer[1]:.1f} s"))
+        time.sleep(5)
+    finally:
+        sampler.stop()
+        hwm = hwm_mib(op.proc.pid) if op.proc else None
+        cluster.stop_operator(op)
+    peak = max(sampler.peak, hwm or 0.0)
+    report.add(Figure(**kb, name="operator process: peak resident memory (VmRSS/VmHWM)",
+                      value=peak, unit="MiB", target=f"< {RSS_TARGET_MIB:g} MiB",
+                      met=peak < RSS_TARGET_MIB,
+                      note=f"{len(sampler.samples)} samples; VmHWM {hwm} MiB; with "
+                           f"{governed:,} governed and {made:,} other pods"))
