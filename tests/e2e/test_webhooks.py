@@ -199,7 +199,7 @@ def test_a_new_pod_of_a_governed_deployment_starts_with_its_owners_directive(
         kube: Kube, operator: OperatorProcess, namespace: str, exporter: AgentExporter,
         prometheus: Prometheus) -> None:
     seed(exporter, prometheus, namespace, "agent-0")
-    spend(exporter, prometheus, namespace, "agent-0", 750_000)
+    spend(exporter, prometheus, namespace, "agent-0", 720_000)  # Reroute, far from Block
     kube.create(TOKENBUDGETS, namespace, {
         "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
         "metadata": {"name": "team"},
