@@ -52,10 +52,25 @@ def operator(kube: Kube, controlplane: ControlPlane, prometheus: Prometheus,
                          extra_args=["--lease-name", f"wh-{uuid.uuid4().hex[:6]}",
                                      "--webhook-port", str(port),
                                      "--webhook-url", f"https://127.0.0.1:{port}"])
+    # Configurations left by an earlier test would point at a stopped operator: remove them
+    # first, so that waiting for them to exist waits for this operator's own.
+    for res in (VALIDATING, MUTATING):
+        try:
+            kube.request("DELETE", res.path(None, NAME))
+        except TargetNotFound:
+            pass
     op.start()
     try:
-        eventually(lambda: _exists(kube, VALIDATING) and _exists(kube, MUTATING), 30,
-                   what="webhook configurations")
+        def ours() -> bool:
+            # Written by this operator: pointing at its port (not a leftover's).
+            if not (_exists(kube, VALIDATING) and _exists(kube, MUTATING)):
+                return False
+            hooks = kube.get(VALIDATING, None, NAME)["webhooks"] + \
+                kube.get(MUTATING, None, NAME)["webhooks"]
+            return all(h["clientConfig"].get("url", "").startswith(f"https://127.0.0.1:{port}/")
+                       for h in hooks)
+
+        eventually(ours, 30, what="this operator's webhook configurations")
         yield op
     finally:
         op.stop()
