@@ -183,3 +183,24 @@ def rss_mib(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def agent_deployment(name: str, replicas: int) -> dict[str, Any]:
+    """A governed agent Deployment (agent label on the object and its pod template)."""
+    agent = "tokenbudget.io/agent"
+    labels = {"app": name, agent: "true"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "labels": {agent: "true"}},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [
+                         {"name": "agent", "image": "example/agent:1",
+                          "env": [{"name": "LLM_MODEL", "value": "gpt-4o"}]}]}}}}
+
+
+def agent_budget(limit_tokens: int) -> dict[str, Any]:
+    """A TokenBudget "team": Warn at 50 %, Block at 100 % of ``limit_tokens`` an hour."""
+    return {"apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
+            "metadata": {"name": "team"},
+            "spec": {"limits": [{"window": "1h", "tokens": limit_tokens}],
+                     "actions": [{"type": "Warn", "atPercent": 50},
+                                 {"type": "Block", "atPercent": 100}]}}

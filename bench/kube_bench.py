@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.cluster import AGENT, Cluster, parallel, shared
-from bench.common import Figure, Report, load, rss_mib, wait_for_quiet
+from bench.common import (
+    Figure,
+    Report,
+    agent_budget,
+    agent_deployment,
+    load,
+    rss_mib,
+    wait_for_quiet,
+)
 from harness.waiting import eventually
 from token_budget.errors import Conflict
 from token_budget.handlers.evaluation import Evaluator
@@ -48,22 +56,10 @@ RSS_TARGET_MIB = 300.0
 CREATE_BUDGET_SECONDS = 600.0
 
 
-def deployment(name: str, replicas: int) -> dict[str, Any]:
-    labels = {"app": name, AGENT: "true"}
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "labels": {AGENT: "true"}},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [
-                         {"name": "agent", "image": "example/agent:1",
-                          "env": [{"name": "LLM_MODEL", "value": "gpt-4o"}]}]}}}}
 
 
-def budget() -> dict[str, Any]:
-    return {"apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
-            "metadata": {"name": "team"},
-            "spec": {"limits": [{"window": "1h", "tokens": LIMIT}],
-                     "actions": [{"type": "Warn", "atPercent": 50},
-                                 {"type": "Block", "atPercent": 100}]}}
+
+
 
 
 def web_pod(name: str) -> dict[str, Any]:
@@ -162,8 +158,9 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
     t_start = time.monotonic()
 
     cluster.namespaces(names)
-    parallel(lambda ns: kube.create(DEPLOYMENTS, ns, deployment("agent", replicas)), names, 16)
-    parallel(lambda ns: kube.create(TOKENBUDGETS, ns, budget()), names, 16)
+    parallel(lambda ns: kube.create(DEPLOYMENTS, ns, agent_deployment("agent", replicas)),
+             names, 16)
+    parallel(lambda ns: kube.create(TOKENBUDGETS, ns, agent_budget(LIMIT)), names, 16)
     cluster.seed(names)
     for ns in names:
         cluster.exporter.add(namespace=ns, workload="agent-0", model="gpt-4o",

@@ -21,10 +21,17 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from typing import Any
 
-from bench.cluster import AGENT, Cluster, parallel, shared
-from bench.common import Figure, Report, load, percentile, wait_for_quiet
+from bench.cluster import Cluster, parallel, shared
+from bench.common import (
+    Figure,
+    Report,
+    agent_budget,
+    agent_deployment,
+    load,
+    percentile,
+    wait_for_quiet,
+)
 from harness.waiting import eventually
 from token_budget.kube import DEPLOYMENTS, PODS, TOKENBUDGETS
 
@@ -33,29 +40,17 @@ LIMIT = 1_000_000
 SLACK = 2.0  # seconds over the interval the target allows
 
 
-def deployment(name: str) -> dict[str, Any]:
-    labels = {"app": name, AGENT: "true"}
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "labels": {AGENT: "true"}},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [
-                         {"name": "agent", "image": "example/agent:1",
-                          "env": [{"name": "LLM_MODEL", "value": "gpt-4o"}]}]}}}}
 
 
-def budget() -> dict[str, Any]:
-    return {"apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
-            "metadata": {"name": "team"},
-            "spec": {"limits": [{"window": "1h", "tokens": LIMIT}],
-                     "actions": [{"type": "Warn", "atPercent": 50},
-                                 {"type": "Block", "atPercent": 100}]}}
+
+
 
 
 def prepare(cluster: Cluster, names: list[str]) -> None:
     kube = cluster.client()
     cluster.namespaces(names)
-    parallel(lambda ns: kube.create(DEPLOYMENTS, ns, deployment("agent")), names, 8)
-    parallel(lambda ns: kube.create(TOKENBUDGETS, ns, budget()), names, 8)
+    parallel(lambda ns: kube.create(DEPLOYMENTS, ns, agent_deployment("agent", 1)), names, 8)
+    parallel(lambda ns: kube.create(TOKENBUDGETS, ns, agent_budget(LIMIT)), names, 8)
     eventually(lambda: all(len(kube.list(PODS, ns, "app=agent")) == 1 for ns in names), 120,
                what="one agent pod per trial namespace")
     cluster.seed(names, pod="agent-0")
