@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness import chart, kubeobjects
+from harness import chart, kubeobjects, webhooks
 from harness.controlplane import ControlPlane, free_ports
 from harness.exporter import AgentExporter
 from harness.operator_process import OperatorProcess
@@ -316,8 +316,7 @@ def test_the_readme_install_governs_agents_with_least_privilege_and_uninstalls_c
         kube.create(DEPLOYMENTS, ns, agent_deployment("agent", replicas=2))
         op.start()
         job = monitored(op)
-        eventually(lambda: not gone(kube, VALIDATING, None, NAME), 60,
-                   what="the operator's webhook configurations")
+        webhooks.wait_in_effect(kube, ns)  # the API server calls this operator's webhooks
         assert kube.get(SECRETS, RELEASE_NS, f"{RELEASE}-webhook-tls")["type"] == \
             "kubernetes.io/tls"
 

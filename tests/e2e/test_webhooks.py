@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from harness import webhooks
 from harness.controlplane import ControlPlane, free_ports
 from harness.exporter import AgentExporter
 from harness.operator_process import OperatorProcess
@@ -71,6 +72,14 @@ def operator(kube: Kube, controlplane: ControlPlane, prometheus: Prometheus,
                        for h in hooks)
 
         eventually(ours, 30, what="this operator's webhook configurations")
+        # Written is not yet used: wait until the API server calls them (dry-run probes).
+        probe = f"wh-probe-{uuid.uuid4().hex[:6]}"
+        kube.create(NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace",
+                                       "metadata": {"name": probe}})
+        try:
+            webhooks.wait_in_effect(kube, probe)
+        finally:
+            kube.request("DELETE", NAMESPACES.path(None, probe))
         yield op
     finally:
         op.stop()

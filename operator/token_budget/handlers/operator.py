@@ -34,10 +34,23 @@ from prometheus_client import start_http_server
 
 from token_budget.api.v1alpha1 import GROUP, VERSION
 from token_budget.enforcement import patches
+from token_budget.errors import EnforcementError
 from token_budget.handlers.evaluation import Evaluator, Outcome, enforced_only
 from token_budget.handlers.leader import LeaderElector
 from token_budget.handlers.telemetry import Telemetry
-from token_budget.kube import CRONJOBS, DEPLOYMENTS, JOBS, PODS, STATEFULSETS, Kube, api_client
+from token_budget.kube import (
+    CLUSTERTOKENBUDGETS,
+    CRONJOBS,
+    DEPLOYMENTS,
+    JOBS,
+    MODELCATALOGS,
+    NAMESPACES,
+    PODS,
+    STATEFULSETS,
+    TOKENBUDGETS,
+    Kube,
+    api_client,
+)
 from token_budget.metrics.prometheus import Auth, PrometheusSource
 from token_budget.settings import Settings, from_args
 from token_budget.webhooks import admission, certificates, configuration
@@ -66,6 +79,7 @@ class Runtime:
     stop: threading.Event = field(default_factory=threading.Event)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     webhook_files: tuple[Path, Path] | None = None
+    webhook_configurations: tuple[dict[str, Any], ...] = ()
 
     def poke(self) -> None:
         """Ask for an evaluation soon; safe from any thread."""
@@ -276,11 +290,60 @@ def setup_webhooks(rt: Runtime) -> None:
     else:
         client = {"service": {"namespace": s.lease_namespace, "name": s.webhook_service,
                               "port": s.webhook_service_port}}
-    objs = configuration.configurations(client, bundle.ca_crt, s.lease_namespace,
-                                        agent_label=s.agent_label)
-    configuration.apply(rt.kube, objs)
+    rt.webhook_configurations = configuration.configurations(
+        client, bundle.ca_crt, s.lease_namespace, agent_label=s.agent_label)
     log.info("webhooks on %s:%s, certificate valid until %s", s.webhook_host, s.webhook_port,
              bundle.not_after().isoformat())
+
+
+def prime_admission_cache(rt: Runtime) -> None:
+    """Fill the webhook's cache from lists, so its first answer already knows every budget.
+
+    The kopf watches keep it current afterwards; without this, the webhook would judge the
+    first requests against an empty cache (a budget that refers to a catalog model refused
+    as unknown, a Blocked scope let through).
+    """
+    kube, s = rt.kube, rt.settings
+    scoped: list[str | None] = [*s.namespaces] or [None]
+    sources: list[tuple[Any, str | None]] = [(MODELCATALOGS, None), (CLUSTERTOKENBUDGETS, None),
+                                             *[(TOKENBUDGETS, ns) for ns in scoped]]
+    for res, ns in sources:
+        try:
+            for obj in kube.list(res, ns):
+                admission.cache.budget_event(obj, deleted=False)
+        except EnforcementError as exc:  # the watches fill it in later
+            log.warning("could not list %s for the webhook cache: %s", res.plural, exc)
+    try:
+        names = s.namespaces or None
+        for obj in kube.list(NAMESPACES, None):
+            meta = obj.get("metadata") or {}
+            if names is None or meta.get("name") in names:
+                with admission.cache.lock:
+                    admission.cache.namespaces[meta.get("name", "")] = dict(
+                        meta.get("labels") or {})
+    except EnforcementError as exc:
+        log.warning("could not list namespaces for the webhook cache: %s", exc)
+
+
+async def publish_webhooks(rt: Runtime) -> None:
+    """Write the webhook configurations once the server answers, never before.
+
+    The API server calls a configured webhook at once; written before kopf's server
+    listens, every budget write would fail with "connection refused" (budgets fail
+    closed) and every pod would skip the checks (pods fail open).
+    """
+    s = rt.settings
+    host = "127.0.0.1" if s.webhook_host in ("0.0.0.0", "::", "") else s.webhook_host
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, s.webhook_port)
+            writer.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.1)
+    await asyncio.to_thread(prime_admission_cache, rt)
+    await asyncio.to_thread(configuration.apply, rt.kube, rt.webhook_configurations)
+    log.info("webhook configurations written: the API server calls this replica's webhooks")
 
 
 
@@ -332,6 +395,8 @@ async def serve(settings: Settings) -> None:
         asyncio.create_task(evaluation_loop(rt)),
         asyncio.create_task(_leadership_watcher(rt)),
     ]
+    # Not among `tasks`: it ends once the configurations are written, the operator does not.
+    publisher = asyncio.create_task(publish_webhooks(rt)) if rt.webhook_configurations else None
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
@@ -339,7 +404,7 @@ async def serve(settings: Settings) -> None:
     finally:
         rt.stop.set()
         rt.elector.stop()
-        for t in tasks:
+        for t in [*tasks, *([publisher] if publisher else [])]:
             t.cancel()
         rt.elector.release()
 
