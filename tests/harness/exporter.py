@@ -323,6 +323,21 @@ class AgentExporter:
                 if hkey[3] == namespace and workload in (None, hkey[4]):
                     self._otel[hkey] = _Histogram()
 
+    def remove(self, namespace: str, workload: str) -> None:
+        """Stop exposing every series of the pod, as when the pod is deleted.
+
+        Prometheus marks the series stale at its next scrape; their samples stay.
+        """
+        with self._lock:
+            for tkey in [k for k in self._tokens if k[0] == namespace and k[1] == workload]:
+                del self._tokens[tkey]
+            for okey in [k for k in self._outcomes if k[0] == namespace and k[1] == workload]:
+                del self._outcomes[okey]
+            for lkey in [k for k in self._litellm if k[5] == namespace and k[2] == workload]:
+                del self._litellm[lkey]
+            for hkey in [k for k in self._otel if k[3] == namespace and k[4] == workload]:
+                del self._otel[hkey]
+
     def emitted(
         self,
         fmt: Format,

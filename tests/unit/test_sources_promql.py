@@ -14,6 +14,7 @@ Covers:
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 
@@ -72,7 +73,21 @@ def _source(**body: object) -> sources.ResolvedSource:
     ],
 )
 def test_each_preset_reads_its_exporter_in_one_query(preset: str, expected: str) -> None:
-    assert promql.spend(_source(preset=preset), 86400) == expected
+    # `increase(S[r])` above stands for the exact per-series increase, promql.increase(S, r).
+    assert promql.spend(_source(preset=preset), 86400) == _exact(expected)
+
+
+def _exact(text: str) -> str:
+    return re.sub(r"increase\(([^\[]+)\[(\d+)s\]\)",
+                  lambda m: promql.increase(m[1], int(m[2])), text)
+
+
+def test_the_exact_increase_splits_series_by_age_and_resets() -> None:
+    text = promql.increase("m", 3600)
+    assert text == (
+        "((last_over_time(m[3600s]) - m offset 3600s) unless (resets(m[3900s]) > 0))"
+        " or (increase(m[3600s]) and (resets(m[3900s]) > 0))"
+        " or (last_over_time(m[3600s]) unless m offset 3600s)")
 
 
 def test_only_litellm_reports_money_itself() -> None:
@@ -89,8 +104,8 @@ def test_an_overridden_metric_counts_only_its_own_kind() -> None:
         Kind.COST: Selector("agent_cost_dollars_total"),
     }
     text = promql.spend(rs, 60)
-    assert "increase(agent_prompt_tokens_total[60s])" in text
-    assert 'increase(agent_cost_dollars_total[60s])), "tb_kind", "cost"' in text
+    assert promql.increase("agent_prompt_tokens_total", 60) in text
+    assert promql.increase("agent_cost_dollars_total", 60) + '), "tb_kind", "cost"' in text
     assert rs.preset == "Counters*" and rs.has_cost
 
 
@@ -98,7 +113,7 @@ def test_overridden_labels_are_grouped_by() -> None:
     rs = _source(preset="OpenTelemetry", labels={"namespace": "ns", "workload": "job",
                                                  "model": "llm"})
     assert (rs.namespace_label, rs.workload_label, rs.model_label) == ("ns", "job", "llm")
-    assert promql.spend(rs, 60).startswith("label_replace(sum by (ns, job, llm) (increase(")
+    assert promql.spend(rs, 60).startswith("label_replace(sum by (ns, job, llm) ((")
 
 
 def test_a_source_with_overrides_is_not_the_preset() -> None:
@@ -128,7 +143,7 @@ def test_label_values_are_quoted_as_promql_strings(value: str, quoted: str) -> N
 
 def test_the_outcome_query_sums_by_namespace_and_matcher_labels() -> None:
     assert promql.outcomes("agent_outcomes_total", "namespace", 86400, ("outcome",)) == \
-        "sum by (namespace, outcome) (increase(agent_outcomes_total[86400s]))"
+        _exact("sum by (namespace, outcome) (increase(agent_outcomes_total[86400s]))")
 
 
 # ---------------------------------------------------------------------------

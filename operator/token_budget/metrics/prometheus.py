@@ -275,7 +275,8 @@ class PrometheusSource:
                     # Long windows only: a day of 15 s samples is 5,760 per series.
                     if rs not in counts:
                         counts[rs] = self.series_count(rs, now)
-                    samples = counts[rs] * seconds / max(self.scrape_interval_seconds, 1.0)
+                    samples = (counts[rs] * seconds * promql.RANGE_READS
+                               / max(self.scrape_interval_seconds, 1.0))
                     if samples > self.max_samples:
                         window_errors[(rs, key)] = (
                             f"the {key} query would load about {samples:,.0f} samples from "

@@ -5,13 +5,27 @@ are read by one query: each counter is summed by the grouping labels and
 tagged with its kind by ``label_replace``, and the parts are joined with
 ``or`` (their label sets differ by the tag, so none hides another)::
 
-    label_replace(sum by (namespace, pod, model) (increase(llm_tokens_total{token_type="input"}[86400s])),
+    label_replace(sum by (namespace, pod, model) (<increase of llm_tokens_total{token_type="input"} over 86400s>),
                   "tb_kind", "input", "", "")
-    or label_replace(sum by (...) (increase(llm_tokens_total{token_type="output"}[86400s])), ...)
+    or label_replace(sum by (...) (<increase of ...{token_type="output"}>), ...)
 
-``increase`` copes with counter resets (an agent restarting) and keeps the
-spend of pods that no longer exist, as long as their samples are inside the
-window.
+The increase of one counter series over a window is read without
+extrapolation (:func:`increase`): Prometheus's ``increase()`` stretches the
+samples it sees to the edges of the range, which for a series younger than a
+few scrapes over-reads by up to the whole last step (a pod that spent 1,000
+tokens between its first two scrapes reads as up to 2,000). Budgets must be
+exact to the last scrape, so each series is read as:
+
+* alive when the window starts, no counter reset: last sample in the window
+  minus the value at its start (exact; consecutive windows tile, so hourly
+  recorded buckets add up to the month exactly);
+* a counter reset in the window (an agent restarting): ``increase()``, which
+  handles resets (its extrapolation is a fraction of one scrape over the
+  window);
+* born inside the window: its last value (counters start at zero).
+
+``last_over_time`` keeps the spend of pods that no longer exist (their series
+went stale, but their samples are inside the window).
 """
 
 from __future__ import annotations
@@ -38,12 +52,34 @@ def group_labels(rs: ResolvedSource, extra: tuple[str, ...]) -> tuple[str, ...]:
     return base + tuple(x for x in extra if x not in base)
 
 
+#: Prometheus's default lookback: how far before the window start ``x offset r`` looks.
+LOOKBACK_SECONDS = 300
+#: Range selectors over the window in one :func:`increase` (for the sample estimate).
+RANGE_READS = 3
+
+
+def increase(sel: str, range_seconds: int) -> str:
+    """The increase of each series of ``sel`` over the last range, to the last scrape.
+
+    No extrapolation except for series with a counter reset (see the module text).
+    ``resets`` looks one lookback further back than the window, so a reset between
+    the start value and the window's first sample is caught too.
+    """
+    r = f"{range_seconds}s"
+    last = f"last_over_time({sel}[{r}])"
+    start = f"{sel} offset {r}"
+    reset = f"resets({sel}[{range_seconds + LOOKBACK_SECONDS}s]) > 0"
+    return (f"(({last} - {start}) unless ({reset}))"
+            f" or (increase({sel}[{r}]) and ({reset}))"
+            f" or ({last} unless {start})")
+
+
 def spend(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = ()) -> str:
     """Spend per namespace, workload, model (and ``extra`` labels) over the last range."""
     by = ", ".join(group_labels(rs, extra))
     parts = []
     for kind, sel in rs.counters:
-        inner = f"sum by ({by}) (increase({selector(sel.metric, sel.matchers)}[{range_seconds}s]))"
+        inner = f"sum by ({by}) ({increase(selector(sel.metric, sel.matchers), range_seconds)})"
         parts.append(f'label_replace({inner}, "{KIND_LABEL}", "{kind.value}", "", "")')
     return " or ".join(parts)
 
@@ -51,7 +87,7 @@ def spend(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = ()) -
 def outcomes(metric: str, namespace_label: str, range_seconds: int,
              extra: tuple[str, ...] = ()) -> str:
     by = ", ".join((namespace_label, *extra))
-    return f"sum by ({by}) (increase({metric}[{range_seconds}s]))"
+    return f"sum by ({by}) ({increase(metric, range_seconds)})"
 
 
 # ---------------------------------------------------------------------------
