@@ -7,7 +7,8 @@
 Benchmarks (one module each): ``engine`` (policy engine, pure), ``promql`` (queries per
 evaluation; batched vs one query per budget on a real Prometheus), ``kube`` (writes,
 memory and a spend spike on the real control plane), ``latency`` (spend visible ->
-workload enforced), ``admission`` (the pod webhook directly and through the API server).
+workload enforced), ``overshoot`` (spend past the limit for ramps at a 15 s scrape),
+``admission`` (the pod webhook directly and through the API server).
 
 Prints a table of target vs reached and writes ``bench/results.json`` (figures, targets,
 met or not, the load average next to every figure, timestamps). A run of a subset keeps
@@ -33,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench import common  # noqa: E402  (sys.path first)
 from bench.common import Figure, Report  # noqa: E402
 
-ORDER = ("engine", "promql", "admission", "latency", "kube")
+ORDER = ("engine", "promql", "admission", "latency", "overshoot", "kube")
 
 
 def _module(name: str):  # type: ignore[no-untyped-def]

@@ -26,6 +26,7 @@ class Settings:
     prometheus_max_samples: int = 50_000_000
     interval_seconds: float = 30.0
     recent_seconds: int = 600
+    forecast: bool = True  # evaluate sooner when a budget is forecast to cross a threshold
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     dry_run: bool = False
     log_format: str = "text"
@@ -101,6 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="evaluation interval (default 30)")
     add("--recent-seconds", type=int, default=int(str(_env("recent-seconds", d.recent_seconds))),
         help="look-back for the burn rate used in forecasts")
+    add("--no-forecast", dest="forecast", action="store_false",
+        default=not _bool(_env("no-forecast", False)),
+        help="evaluate only at the interval, even when a budget is forecast to cross a "
+             "threshold sooner (default: look again at the forecast moment, then every "
+             "scrape interval until it is crossed)")
     add("--namespace", dest="namespaces", action="append",
         default=[n for n in str(_env("namespaces", "")).split(",") if n],
         help="watch only this namespace (repeatable); default all")
@@ -158,6 +164,7 @@ def from_args(args: argparse.Namespace) -> Settings:
         prometheus_max_samples=args.prometheus_max_samples,
         interval_seconds=args.interval_seconds,
         recent_seconds=args.recent_seconds,
+        forecast=args.forecast,
         namespaces=tuple(args.namespaces),
         dry_run=args.dry_run,
         log_format=args.log_format,

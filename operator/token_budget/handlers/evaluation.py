@@ -50,7 +50,7 @@ from token_budget.kube import (
     Resource,
 )
 from token_budget.metrics.prometheus import PrometheusSource
-from token_budget.policy import engine, planner
+from token_budget.policy import engine, forecast, planner
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, Decision, Directive, Evaluation
 from token_budget.policy.inputs import BudgetKey, Workload, WorkloadKey
@@ -101,6 +101,8 @@ class Outcome:
     queries: int = 0
     seconds: float = 0.0
     started: dt.datetime | None = None
+    # Seconds from `started` to the next evaluation (sooner when a crossing is forecast).
+    next_check: float | None = None
 
 
 class Evaluator:
@@ -240,6 +242,10 @@ class Evaluator:
         out.writes = self.kube.counters.writes - before
         out.queries = self.source.stats.queries - queries_before
         out.seconds = time.monotonic() - started
+        if self.settings.forecast:
+            out.next_check = forecast.next_check(
+                result.decisions, {BudgetKey.of(b): b for b in g.budgets}, now,
+                self.settings.interval_seconds, self.settings.prometheus_scrape_interval_seconds)
         self.telemetry.observe(result, out.seconds)
         self.telemetry.api(dict(self.kube.counters.by_verb))
         log.info("evaluated %d budget(s), %d scope(s), %d workload(s) in %.2fs: %d PromQL "

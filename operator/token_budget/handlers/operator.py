@@ -253,8 +253,13 @@ async def evaluation_loop(rt: Runtime) -> None:
             async with rt.evaluated:
                 rt.last_started, rt.last_finished, rt.last_ok = started, time.monotonic(), ok
                 rt.evaluated.notify_all()
+        wait = interval
+        outcome = rt.last_outcome
+        if rt.last_ok and outcome is not None and outcome.next_check is not None:
+            # A budget forecast to cross a threshold: look again then, not at the interval.
+            wait = min(interval, max(1.0, outcome.next_check - outcome.seconds))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(rt.trigger.wait(), timeout=interval)
+            await asyncio.wait_for(rt.trigger.wait(), timeout=wait)
         rt.trigger.clear()
         await asyncio.sleep(DEBOUNCE_SECONDS)  # let a burst of events settle into one run
 
