@@ -25,15 +25,14 @@ import random
 import time
 import uuid
 
-from bench.cluster import Cluster, parallel, shared
-from bench.common import Figure, Report, agent_budget, agent_deployment, load, wait_for_quiet
+from bench.cluster import Cluster, shared
+from bench.common import Figure, Report, load, wait_for_quiet
+from bench.latency_bench import LIMIT, prepare
 from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
-from harness.waiting import eventually
-from token_budget.kube import DEPLOYMENTS, PODS, TOKENBUDGETS
+from token_budget.kube import DEPLOYMENTS
 
 A = "tokenbudget.io/"
-LIMIT = 1_000_000
 SCRAPE = 15
 INTERVAL = 30.0
 TARGET_PERCENT = 1.0  # overshoot, for rates up to 1 % of the budget a minute
@@ -43,15 +42,6 @@ CONFIGS = (("fixed 30 s interval", ["--no-forecast"]), ("forecast", []))
 def _trials(rates: list[float], per_rate: int, tag: str) -> list[tuple[str, float]]:
     return [(f"os-{tag}-{str(r).replace('.', 'p')}-{i}", r)
             for r in rates for i in range(per_rate)]
-
-
-def _prepare(cluster: Cluster, names: list[str]) -> None:
-    kube = cluster.client()
-    cluster.namespaces(names)
-    parallel(lambda ns: kube.create(DEPLOYMENTS, ns, agent_deployment("agent", 1)), names, 8)
-    parallel(lambda ns: kube.create(TOKENBUDGETS, ns, agent_budget(LIMIT)), names, 8)
-    eventually(lambda: all(len(kube.list(PODS, ns, "app=agent")) == 1 for ns in names), 120,
-               what="one agent pod per trial namespace")
 
 
 def _blocked(dep: dict[str, object]) -> bool:
@@ -116,10 +106,9 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
         prom.wait_for_target_up("agents", timeout=60)
         for label, extra in CONFIGS:
             trials = _trials(rates, per_rate, uuid.uuid4().hex[:4])
-            _prepare(cluster, [ns for ns, _ in trials])
+            prepare(cluster, [ns for ns, _ in trials])  # agent, budget, series at 0
             load0 = load()
             results = _run(cluster, prom, trials, extra, rng)
-            kb = {"benchmark": "overshoot", "contended": not quiet}
             for pct in rates:
                 got = [results[ns] for ns, r in trials if r == pct and ns in results]
                 missing = per_rate - len(got)
@@ -133,7 +122,7 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
                     note += f"; {missing} trial(s) never blocked"
                 target = pct <= 1.0
                 report.add(Figure(
-                    **kb, name=f"{label}: overshoot at {pct:g} % of the budget a minute (max)",
+                    benchmark="overshoot", contended=not quiet, name=f"{label}: overshoot at {pct:g} % of the budget a minute (max)",
                     value=worst, unit="%",
                     target=f"<= {TARGET_PERCENT:g} %" if target else "",
                     met=(worst is not None and worst <= TARGET_PERCENT and not missing)
