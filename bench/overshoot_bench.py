@@ -36,7 +36,8 @@ A = "tokenbudget.io/"
 SCRAPE = 15
 INTERVAL = 30.0
 TARGET_PERCENT = 1.0  # overshoot, for rates up to 1 % of the budget a minute
-CONFIGS = (("fixed 30 s interval", ["--no-forecast"]), ("forecast", []))
+CONFIGS: tuple[tuple[str, list[str]], ...] = (
+    ("fixed 30 s interval", ["--no-forecast"]), ("forecast", []))
 
 
 def _trials(rates: list[float], per_rate: int, tag: str) -> list[tuple[str, float]]:
@@ -122,7 +123,8 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
                     note += f"; {missing} trial(s) never blocked"
                 target = pct <= 1.0
                 report.add(Figure(
-                    benchmark="overshoot", contended=not quiet, name=f"{label}: overshoot at {pct:g} % of the budget a minute (max)",
+                    benchmark="overshoot", contended=not quiet,
+                    name=f"{label}: overshoot at {pct:g} % of the budget a minute (max)",
                     value=worst, unit="%",
                     target=f"<= {TARGET_PERCENT:g} %" if target else "",
                     met=(worst is not None and worst <= TARGET_PERCENT and not missing)
