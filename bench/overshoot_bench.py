@@ -4,8 +4,9 @@ Ramps of spend at several rates (0.25 % to 5 % of the budget a minute) against
 TokenBudgets of 1,000,000 tokens an hour (Warn 50 %, Block 100 %), on the real control
 plane and a real Prometheus scraping the agents every **15 s**, the operator at its
 default 30 s interval. Each trial has its own namespace, agent Deployment and budget; its
-counter starts a random 1.5 to 3.5 minutes of ramp below the limit (so the crossing lands
-at a random phase of the scrape and evaluation cycles) and climbs at a constant rate. The
+counter jumps to a random 1.5 to 3.5 minutes of ramp below the limit, rests for the
+burn-rate look-back (so the jump does not count as a burn rate), then climbs at a
+constant rate (the crossing lands at a random phase of the scrape and evaluation cycles). The
 agent obeys at once: its rate stops the moment the operator has written ``Blocked`` on its
 Deployment or set its replicas to 0 (a real agent adds the time to read its directive
 file and the tokens of requests in flight: the README's bound has both).
@@ -35,6 +36,7 @@ from token_budget.kube import DEPLOYMENTS
 A = "tokenbudget.io/"
 SCRAPE = 15
 INTERVAL = 30.0
+RECENT = 120  # the burn-rate look-back (--recent-seconds)
 TARGET_PERCENT = 1.0  # overshoot, for rates up to 1 % of the budget a minute
 CONFIGS: tuple[tuple[str, list[str]], ...] = (
     ("fixed 30 s interval", ["--no-forecast"]), ("forecast", []))
@@ -61,18 +63,24 @@ def _run(cluster: Cluster, prom: Prometheus, trials: list[tuple[str, float]],
                          interval_seconds=INTERVAL, identity=f"overshoot-{uuid.uuid4().hex[:4]}",
                          extra_args=["--lease-name", f"bench-{uuid.uuid4().hex[:6]}",
                                      "--prometheus-scrape-interval-seconds", str(SCRAPE),
+                                     "--recent-seconds", str(RECENT),
                                      *extra])
     op.start()
     cluster.operators.append(op)
     out: dict[str, dict[str, float]] = {}
     try:
-        time.sleep(INTERVAL + 5)  # the first evaluation has stamped every workload Ok
-        started: dict[str, tuple[float, float, float]] = {}
+        # Each counter jumps to its start value, then waits out the burn-rate look-back
+        # (RECENT): the jump is not a burn rate, the ramp after it is.
+        plans: dict[str, tuple[float, float]] = {}
         for ns, pct in trials:
             per_second = LIMIT * pct / 100 / 60
             ahead = rng.uniform(90, 210)  # seconds of ramp before the limit
-            start = LIMIT - per_second * ahead
-            exporter.add(namespace=ns, workload="agent-0", model="gpt-4o", input=int(start))
+            plans[ns] = (per_second, ahead)
+            exporter.add(namespace=ns, workload="agent-0", model="gpt-4o",
+                         input=int(LIMIT - per_second * ahead))
+        time.sleep(max(INTERVAL, RECENT) + 2 * SCRAPE)
+        started: dict[str, tuple[float, float, float]] = {}
+        for ns, (per_second, ahead) in plans.items():
             exporter.set_rate(ns, "agent-0", "gpt-4o", input_per_second=per_second)
             started[ns] = (time.monotonic(), per_second, ahead)
         names = {ns for ns, _ in trials}
