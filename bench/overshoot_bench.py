@@ -137,6 +137,17 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
                     target=f"<= {TARGET_PERCENT:g} %" if target else "",
                     met=(worst is not None and worst <= TARGET_PERCENT and not missing)
                     if target else None, note=note))
+            lags = sorted(g["after_crossing_s"] for g in results.values())
+            forecasting = "--no-forecast" not in extra
+            worst_lag = lags[-1] if lags else None
+            report.add(Figure(
+                benchmark="overshoot", contended=not quiet,
+                name=f"{label}: crossing to block, worst of {len(trials)} ramps", value=worst_lag,
+                unit="s", target=f"<= {SCRAPE + 2} s" if forecasting else "",
+                met=(worst_lag is not None and worst_lag <= SCRAPE + 2
+                     and len(lags) == len(trials)) if forecasting else None,
+                note=f"a runaway stopped within one scrape interval + 2 s; all "
+                     f"{[round(x, 1) for x in lags]} s"))
             cluster.delete_namespaces([ns for ns, _ in trials])
     finally:
         prom.close()
