@@ -27,6 +27,7 @@ class Settings:
     interval_seconds: float = 30.0
     recent_seconds: int = 600
     forecast: bool = True  # evaluate sooner when a budget is forecast to cross a threshold
+    forecast_poll_seconds: float = 2.0  # while a forecast crossing is due
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     dry_run: bool = False
     log_format: str = "text"
@@ -106,7 +107,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=not _bool(_env("no-forecast", False)),
         help="evaluate only at the interval, even when a budget is forecast to cross a "
              "threshold sooner (default: look again at the forecast moment, then every "
-             "scrape interval until it is crossed)")
+             "few seconds until it shows)")
+    add("--forecast-poll-seconds", type=float,
+        default=float(str(_env("forecast-poll-seconds", d.forecast_poll_seconds))),
+        help="while a budget's forecast crossing is due, evaluate this often (default 2)")
     add("--namespace", dest="namespaces", action="append",
         default=[n for n in str(_env("namespaces", "")).split(",") if n],
         help="watch only this namespace (repeatable); default all")
@@ -165,6 +169,7 @@ def from_args(args: argparse.Namespace) -> Settings:
         interval_seconds=args.interval_seconds,
         recent_seconds=args.recent_seconds,
         forecast=args.forecast,
+        forecast_poll_seconds=args.forecast_poll_seconds,
         namespaces=tuple(args.namespaces),
         dry_run=args.dry_run,
         log_format=args.log_format,

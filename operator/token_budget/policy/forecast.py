@@ -4,9 +4,9 @@ At a fixed interval a runaway agent keeps spending for up to one interval after 
 spend crossed the limit. The engine already forecasts each window's run-out time from
 the burn rate; from it, :func:`next_check` finds the earliest moment a window of a
 budget reaches its next action threshold (Warn, Reroute, Throttle or Block above the
-current state) and asks the loop to look again then, and after that every scrape
-interval while the crossing is due, so the spike is caught within one scrape interval
-of being visible. Budgets far from a threshold do not shorten the wait: a quiet
+current state) and asks the loop to look again then, and after that every few seconds
+(``poll``) while the crossing is due: the sample that shows the crossing arrives within
+one scrape interval, and the block follows it within a poll. Budgets far from a threshold do not shorten the wait: a quiet
 cluster is evaluated at the interval, as before.
 
 Pure: decisions, budgets and the clock in, seconds out.
@@ -50,16 +50,16 @@ def crossing_in(decision: Decision, budget: api.Budget, now: dt.datetime) -> flo
 
 
 def next_check(decisions: Iterable[Decision], budgets: Mapping[BudgetKey, api.Budget],
-               now: dt.datetime, interval: float, scrape_interval: float) -> float:
+               now: dt.datetime, interval: float, poll: float) -> float:
     """Seconds to wait before the next evaluation, at most ``interval``.
 
     A budget due to cross a threshold within the interval brings the next evaluation to
-    the forecast moment, but never closer than one scrape interval (Prometheus has
-    nothing newer before that): so a budget whose crossing is due is looked at once per
-    scrape until its state changes.
+    the forecast moment, but never closer than ``poll`` seconds: a budget whose crossing
+    is due (or overdue: Prometheus has not shown it yet) is looked at every ``poll``
+    seconds until its state changes or its burn rate says otherwise.
     """
     wait = interval
-    floor = min(scrape_interval, interval)
+    floor = min(poll, interval)
     for d in decisions:
         budget = budgets.get(d.scope.budget)
         if budget is None or not d.spend_known:
