@@ -12,6 +12,8 @@ the way ResourceQuota answers with a 403 that names the violated limit:
 
 :func:`directive_for` gives the annotations to stamp on a new governed pod when
 its owner carries none yet (a bare pod, a brand-new workload).
+:func:`review_expires` says how long a review stays true when nothing changes,
+so that the webhook can keep answers.
 """
 
 from __future__ import annotations
@@ -101,6 +103,19 @@ def review(budgets: Sequence[api.Budget], catalog: Catalog, namespace: str,
                            f"{', '.join(sorted(allowed)) if allowed else 'none in the catalog'}",
                            names)
     return Verdict(True, "Allowed", "", names)
+
+
+def review_expires(budgets: Sequence[api.Budget], namespace: str,
+                   namespace_labels: Mapping[str, str], pod_labels: Mapping[str, str],
+                   now: dt.datetime) -> dt.datetime | None:
+    """When :func:`review` of the same pod, made at ``now``, can change by time alone.
+
+    That is when the first exception still running ends (it may uncover a Blocked
+    state); None when only a change to the budgets, the catalog or the labels can.
+    """
+    ends = [utc(e.until) for b in governing(budgets, namespace, namespace_labels, pod_labels)
+            for e in b.spec.exceptions if utc(e.until) > utc(now)]
+    return min(ends) if ends else None
 
 
 def _excepted(b: api.Budget, now: dt.datetime) -> bool:
