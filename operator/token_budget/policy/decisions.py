@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
-from token_budget.policy.inputs import ScopeKey, WorkloadKey
+from token_budget.policy.inputs import ScopeKey, WorkloadKey, quick_init
 
 SEVERITY: dict[api.State, int] = {
     api.State.OK: 0,
@@ -34,6 +34,7 @@ STATE_OF_ACTION: dict[api.ActionType, api.State] = {
 }
 
 
+@quick_init
 @dataclass(frozen=True)
 class WindowUsage:
     window: str
@@ -52,6 +53,7 @@ class WindowUsage:
     covered: Decimal | None = None
 
 
+@quick_init
 @dataclass(frozen=True)
 class Directive:
     """What one workload is told. ``None`` fields impose nothing."""
@@ -77,12 +79,13 @@ OK_DIRECTIVE = Directive(state=api.State.OK, budget="", reason="WithinBudget", m
 
 
 def _rank(d: Directive) -> tuple[object, ...]:
-    # A total order: the most restrictive first, then a fixed tie-break on every field,
-    # so that the merged result never depends on the order budgets were listed in.
-    return (
-        -d.severity, d.budget, d.reason, d.message, d.model or "",
-        d.tokens_per_minute or 0, tuple(sorted(d.allowed_models or ())),
-    )
+    # The most restrictive first, then a fixed tie-break, so that the merged result never
+    # depends on the order budgets were listed in. Directives equal in all of these yield
+    # the same top fields and the same model, whatever their allowed models: those are
+    # intersected, in any order, so they need no place in the rank (and sorting them per
+    # directive was the dearest part of a merge).
+    return (-SEVERITY[d.state], d.budget, d.reason, d.message, d.model or "",
+            d.tokens_per_minute or 0)
 
 
 def merge(directives: Iterable[Directive]) -> Directive:
@@ -92,9 +95,14 @@ def merge(directives: Iterable[Directive]) -> Directive:
     model override from the most restrictive one that sets a model; allowed
     models are intersected; the lowest token rate wins.
     """
-    ranked = sorted(directives, key=_rank)
+    ranked = list(directives)
+    if len(ranked) == 1:
+        [only] = ranked
+        if only.model is None or only.allowed_models is None or only.model in only.allowed_models:
+            return only  # what the merge below would build from it, field for field
     if not ranked:
         return OK_DIRECTIVE
+    ranked.sort(key=_rank)
     top = ranked[0]
     allowed: frozenset[str] | None = None
     for d in ranked:
@@ -115,6 +123,7 @@ def merge(directives: Iterable[Directive]) -> Directive:
     )
 
 
+@quick_init
 @dataclass(frozen=True)
 class Decision:
     """The outcome for one budget scope."""

@@ -24,20 +24,37 @@ Decisions worth knowing:
 * The ladder is cumulative: at Throttle, a Reroute below it still applies.
 * A lower rung is taken back only when spend is ``hysteresisPercent`` points
   below the rung's threshold.
+
+How one evaluation stays linear in budgets, namespaces and series (a
+:class:`_Context` per call, nothing kept between calls)::
+
+    namespaces ──► NamespaceIndex (label -> value -> namespaces): a selector
+                   costs what it picks, not every namespace
+    series ──────► _Spend per (source, window) and per source's burn rate:
+                   series by namespace, then one sum per (namespace, spend
+                   matchers, model) shared by every scope that asks
+    catalog ─────► _Prices: each series priced once, in integers, giving the
+                   very Decimal the series-by-series sum gave
+    sources, window bounds, allowed models, ladders: once per distinct value
+
+Every shortcut gives the same decisions to the last digit (tests/unit/
+test_engine_index.py holds each to the plain computation).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import functools
+import operator
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 
 from token_budget.api import v1alpha1 as api
-from token_budget.api.types import pattern_matches, utc
+from token_budget.api.types import LabelSelector, SelectorOperator, pattern_matches, utc
 from token_budget.policy import sources, windows
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import (
@@ -63,6 +80,10 @@ from token_budget.policy.sources import ResolvedSource
 from token_budget.policy.windows import WindowKey
 
 HUNDRED = Decimal(100)
+_ZERO = Decimal(0)
+_TENTH = Decimal("0.1")
+_TEN_YEARS = Decimal(10 * 365 * 86400)  # a run-out further away is no forecast
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -81,15 +102,76 @@ class World:
 # ---------------------------------------------------------------------------
 
 
-def scopes(budget: api.Budget, namespaces: Mapping[str, Mapping[str, str]]
+class NamespaceIndex:
+    """Namespaces by label, so that a selector finds its namespaces without testing each.
+
+    ``matchLabels`` and ``In``/``Exists`` narrow to the namespaces that carry
+    the value (or the key); ``NotIn``/``DoesNotExist`` take those away; a
+    selector with neither picks every namespace. The answers are those of
+    :meth:`LabelSelector.matches` on every namespace, at the cost of the
+    namespaces picked rather than of all of them.
+    """
+
+    def __init__(self, namespaces: Mapping[str, Mapping[str, str]]) -> None:
+        self.names = tuple(namespaces)
+        self._by_value: dict[str, dict[str, set[str]]] = {}
+        for ns, labels in namespaces.items():
+            for k, v in labels.items():
+                self._by_value.setdefault(k, {}).setdefault(v, set()).add(ns)
+        self._with_key: dict[str, set[str]] = {}
+
+    def _having(self, key: str, values: Iterable[str] | None = None) -> set[str]:
+        """Namespaces labelled ``key`` (with one of ``values``, when given)."""
+        by_value = self._by_value.get(key, {})
+        if values is not None:
+            return set().union(*(by_value.get(v, ()) for v in values))
+        found = self._with_key.get(key)
+        if found is None:
+            found = self._with_key[key] = set().union(*by_value.values())
+        return found
+
+    def select(self, selector: LabelSelector) -> tuple[str, ...]:
+        """The namespaces ``selector`` matches, sorted."""
+        picked: set[str] | None = None
+        dropped: set[str] = set()
+        for key, value in selector.match_labels.items():
+            found = self._by_value.get(key, {}).get(value, set())
+            picked = set(found) if picked is None else picked & found
+        for req in selector.match_expressions:
+            op = req.operator
+            if op is SelectorOperator.IN:
+                found = self._having(req.key, req.values)
+            elif op is SelectorOperator.EXISTS:
+                found = self._having(req.key)
+            else:
+                dropped |= self._having(
+                    req.key, req.values if op is SelectorOperator.NOT_IN else None)
+                continue
+            picked = set(found) if picked is None else picked & found
+        if picked is None:
+            picked = set(self.names)
+        return tuple(sorted(picked - dropped))
+
+
+def scopes(budget: api.Budget,
+           namespaces: Mapping[str, Mapping[str, str]] | NamespaceIndex
            ) -> list[tuple[ScopeKey, tuple[str, ...]]]:
-    """The scopes of a budget and the namespaces each covers."""
+    """The scopes of a budget and the namespaces each covers.
+
+    Args:
+        budget: a TokenBudget or a ClusterTokenBudget.
+        namespaces: labels per namespace, or a :class:`NamespaceIndex` of
+            them (for many budgets: each then costs what it picks).
+    """
     key = BudgetKey.of(budget)
     if isinstance(budget, api.TokenBudget):
         return [(ScopeKey(key), (budget.metadata.namespace or "",))]
     spec = budget.spec
-    picked = tuple(sorted(n for n, labels in namespaces.items()
-                          if spec.namespace_selector.matches(labels)))
+    if isinstance(namespaces, NamespaceIndex):
+        picked = namespaces.select(spec.namespace_selector)
+    else:
+        picked = tuple(sorted(n for n, labels in namespaces.items()
+                              if spec.namespace_selector.matches(labels)))
     if spec.limit_scope is api.LimitScope.SHARED:
         return [(ScopeKey(key), picked)] if picked else []
     return [(ScopeKey(key, ns), (ns,)) for ns in picked]
@@ -120,68 +202,399 @@ def series_matches(s: SpendSeries, matchers: Sequence[api.SpendMatcher]) -> bool
     return all(_matcher_ok(m, s.label(m.label)) for m in matchers)
 
 
-def _model_ok(s: SpendSeries, pattern: str | None, catalog: Catalog) -> bool:
-    if pattern is None:
-        return True
-    return pattern_matches(pattern, s.model) or pattern_matches(pattern, catalog.canonical(s.model))
+# ---------------------------------------------------------------------------
+# Spend sums
+# ---------------------------------------------------------------------------
+
+# A catalog model's prices as integers: input, output and cached-input coefficients
+# at one exponent, the smallest exponent a series' cost on the model can have, and
+# the factor from that exponent to the catalog's smallest; () for prices the integer
+# sum does not cover (negative, NaN).
+_Price = tuple[int, ...]
 
 
-class _Index:
-    """Series by (source, window) and namespace, built once per evaluation."""
-
-    def __init__(self, snapshot: SpendSnapshot) -> None:
-        self.windows: dict[tuple[ResolvedSource, WindowKey], dict[str, list[SpendSeries]]] = {}
-        for key, series in snapshot.windows.items():
-            by_ns: dict[str, list[SpendSeries]] = defaultdict(list)
-            for s in series:
-                by_ns[s.namespace].append(s)
-            self.windows[key] = by_ns
-        self.recent: dict[ResolvedSource, dict[str, list[SpendSeries]]] = {}
-        for rs, series in snapshot.recent.items():
-            by_ns = defaultdict(list)
-            for s in series:
-                by_ns[s.namespace].append(s)
-            self.recent[rs] = by_ns
+def _coefficient(value: Decimal, exponent: int) -> int:
+    """``value`` as an integer count of ``10 ** exponent`` (``exponent`` <= its own)."""
+    t = value.as_tuple()
+    assert isinstance(t.exponent, int)
+    return int("".join(map(str, t.digits))) * int(10 ** (t.exponent - exponent))
 
 
-def _select(by_ns: Mapping[str, list[SpendSeries]], namespaces: Iterable[str],
-            matchers: Sequence[api.SpendMatcher], model: str | None,
-            catalog: Catalog) -> list[SpendSeries]:
-    out = []
-    for ns in namespaces:
-        for s in by_ns.get(ns, ()):
-            if series_matches(s, matchers) and _model_ok(s, model, catalog):
-                out.append(s)
-    return out
+class _Part:
+    """Spend of some series: tokens (a float sum in their order) and cost."""
+
+    __slots__ = ("series", "tokens", "cost", "unpriced", "exact", "rates")
+
+    def __init__(self, series: Sequence[SpendSeries], tokens: float, cost: Decimal,
+                 unpriced: frozenset[str], exact: tuple[int, int] | None) -> None:
+        self.series = series
+        self.tokens = tokens
+        self.cost = cost
+        self.unpriced = unpriced
+        self.exact = exact  # (numerator, exponent) of the cost; None: summed as Decimals
+        self.rates: tuple[Decimal, Decimal] | None = None  # per second, once asked for
+
+    def per_second(self, seconds: Decimal) -> tuple[Decimal, Decimal]:
+        """Tokens and cost per second over ``seconds`` (always the same in an evaluation)."""
+        if self.rates is None:
+            self.rates = (Decimal(self.tokens) / seconds, self.cost / seconds)
+        return self.rates
 
 
-@dataclass
-class _Sum:
-    tokens: float = 0.0
-    cost: Decimal = Decimal(0)
-    unpriced: set[str] = field(default_factory=set)
+_FIELDS = operator.attrgetter("input_tokens", "output_tokens", "cached_input_tokens", "cost",
+                              "model")
+_INPUT = operator.attrgetter("input_tokens")
+_OUTPUT = operator.attrgetter("output_tokens")
+_CACHED = operator.attrgetter("cached_input_tokens")
+_NO_MODELS: frozenset[str] = frozenset()
 
-    def add(self, s: SpendSeries, catalog: Catalog) -> None:
-        self.tokens += s.tokens
-        cost = s.cost
+
+def _tokens(series: Sequence[SpendSeries]) -> Iterable[float]:
+    """Each series' SpendSeries.tokens, the same sums, without a Python call per series."""
+    add = operator.add
+    return map(add, map(add, map(_INPUT, series), map(_OUTPUT, series)), map(_CACHED, series))
+
+
+class _Prices:
+    """Sums of catalog costs in integers, equal to the Decimal sums made one by one.
+
+    The cost of a scope is ``Decimal(0) + c1 + c2 + ...`` over its series in
+    snapshot order, each ``c`` being :meth:`Catalog.cost`. While nothing is
+    rounded (every coefficient within the context's precision) each of those
+    operations is exact: a product's exponent is the sum of its operands', a
+    sum's is the smaller one, and ``x / 10**6`` keeps the exponent of ``x``
+    unless the quotient needs up to six more digits. So the total is the
+    integer sum, and its exponent the smallest over the terms: both are found
+    here without a Decimal per series. When the total's coefficient could
+    have been rounded (10**22 or more at 28 digits), a count is negative, a
+    source reports money itself or a price is odd, the series are summed as
+    Decimals one by one, as they always were: the result is the same.
+    """
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        by_name = {m.name: self._coefficients(m.pricing) for m in catalog.models.values()}
+        # The scale of every integer sum: no term nor Decimal(0) has a smaller exponent.
+        self.lowest = min([0, *(p[3] for p in by_name.values() if p)])
+        self._by_name = {name: (*p, 10 ** (p[3] - self.lowest)) if p else p
+                         for name, p in by_name.items()}
+        self._by_reported: dict[str, _Price | None] = {}
+        self._limit = 10 ** (decimal.getcontext().prec - 6)
+        self._scale = [10 ** k for k in range(-self.lowest + 1)]  # exponent - lowest -> 10**it
+
+    @staticmethod
+    def _coefficients(pricing: api.Pricing) -> _Price:
+        cached = pricing.cached_input if pricing.cached_input is not None else pricing.input
+        prices = (pricing.input, pricing.output, cached)
+        if not all(p.is_finite() and not p.is_signed() for p in prices):
+            return ()
+        exponent = min(int(p.as_tuple().exponent) for p in prices)
+        return (*(_coefficient(p, exponent) for p in prices), exponent - 6)
+
+    def _price(self, reported: str) -> _Price | None:
+        entry = self.catalog.resolve(reported)
+        found = None if entry is None else self._by_name[entry.name]
+        self._by_reported[reported] = found
+        return found
+
+    def _decimal(self, numerator: int, exponent: int) -> Decimal | None:
+        """``numerator * 10**lowest`` at ``exponent``; None when it may have been rounded."""
+        coefficient = numerator // self._scale[exponent - self.lowest]
+        if coefficient >= self._limit:
+            return None
+        return Decimal(coefficient).scaleb(exponent)
+
+    def _one_by_one(self, series: Sequence[SpendSeries]) -> _Part:
+        tokens = 0.0
+        cost = Decimal(0)
+        unpriced = set()
+        for s in series:
+            tokens += s.tokens
+            c = s.cost
+            if c is None:
+                c = self.catalog.cost(s.model, s.input_tokens, s.output_tokens,
+                                      s.cached_input_tokens)
+            if c is None:
+                if s.tokens > 0:
+                    unpriced.add(s.model)
+            else:
+                cost += c
+        return _Part(series, tokens, cost, frozenset(unpriced), None)
+
+    def sum(self, series: Sequence[SpendSeries]) -> _Part:
+        """Tokens and cost of ``series``, summed in their order."""
+        tokens = 0.0
+        numerator = 0
+        exponent = 0  # that of Decimal(0), where the sum starts
+        unpriced: set[str] = set()
+        prices = self._by_reported
+        for i, o, c, reported, model in map(_FIELDS, series):
+            tok = i + o + c  # as SpendSeries.tokens adds them
+            tokens += tok
+            if reported is not None:
+                return self._one_by_one(series)
+            try:
+                p = prices[model]
+            except KeyError:
+                p = self._price(model)
+            if p is None:
+                if tok > 0:
+                    unpriced.add(model)
+                continue
+            if not p:
+                return self._one_by_one(series)
+            p_in, p_out, p_cached, floor, factor = p
+            ri, ro, rc = round(i), round(o), round(c)
+            if ri < 0 or ro < 0 or rc < 0:  # partial sums would not only grow
+                return self._one_by_one(series)
+            x = ri * p_in + ro * p_out + rc * p_cached
+            if exponent > floor:
+                # x / 10**6 keeps trailing zeros of x down to x's own exponent.
+                e, y = floor, x
+                while e < floor + 6 and not y % 10:
+                    e, y = e + 1, y // 10
+                if e < exponent:
+                    exponent = e
+            numerator += x * factor
+        cost = self._decimal(numerator, exponent)
         if cost is None:
-            cost = catalog.cost(s.model, s.input_tokens, s.output_tokens, s.cached_input_tokens)
+            return self._one_by_one(series)
+        return _Part(series, tokens, cost, frozenset(unpriced) if unpriced else _NO_MODELS,
+                     (numerator, exponent))
+
+    def join(self, parts: Sequence[_Part]) -> _Part:
+        """Parts as one, as if their series had been summed in one go."""
+        series = [s for p in parts for s in p.series]
+        exact = [p.exact for p in parts if p.exact is not None]
+        if len(exact) < len(parts):
+            return self._one_by_one(series)
+        numerator = sum(n for n, _ in exact)
+        exponent = min((e for _, e in exact), default=0)
+        cost = self._decimal(numerator, exponent)
         if cost is None:
-            if s.tokens > 0:
-                self.unpriced.add(s.model)
-        else:
-            self.cost += cost
+            return self._one_by_one(series)
+        # Go on adding where the first part stopped, one series after the other.
+        tokens = functools.reduce(operator.add, _tokens(series[len(parts[0].series):]),
+                                  parts[0].tokens)
+        return _Part(series, tokens, cost, frozenset().union(*(p.unpriced for p in parts)),
+                     (numerator, exponent))
 
 
-def _total(series: Iterable[SpendSeries], catalog: Catalog) -> _Sum:
-    acc = _Sum()
-    for s in series:
-        acc.add(s, catalog)
-    return acc
+_Matchers = tuple[api.SpendMatcher, ...]
 
 
-def _percent(value: Decimal, limit: Decimal) -> Decimal:
-    return value * HUNDRED / limit
+class _Spend:
+    """The series of one (source, window), or of a source's burn rate, by namespace.
+
+    Sums are made on first use per (namespace, spend matchers, model) and
+    kept for every other scope that asks: a TokenBudget and a PerNamespace
+    ClusterTokenBudget of one namespace share them.
+    """
+
+    def __init__(self, series: Iterable[SpendSeries], prices: _Prices,
+                 model_ok: Callable[[str, str], bool]) -> None:
+        by_ns: defaultdict[str, list[SpendSeries]] = defaultdict(list)
+        for s in series:
+            by_ns[s.namespace].append(s)
+        self.by_ns = dict(by_ns)
+        self.prices = prices
+        self.model_ok = model_ok
+        self._chosen: dict[tuple[str, _Matchers], list[SpendSeries]] = {}
+        self._parts: dict[tuple[str, _Matchers, str | None], _Part] = {}
+        self._totals: dict[tuple[tuple[str, ...], _Matchers, str | None], _Part] = {}
+
+    def chosen(self, ns: str, matchers: _Matchers) -> Sequence[SpendSeries]:
+        """The namespace's series that satisfy the spend matchers."""
+        if not matchers:
+            return self.by_ns.get(ns, ())
+        try:
+            return self._chosen[(ns, matchers)]
+        except KeyError:
+            found = self._chosen[(ns, matchers)] = [
+                s for s in self.by_ns.get(ns, ()) if series_matches(s, matchers)]
+            return found
+
+    def seen(self, namespaces: Iterable[str], matchers: _Matchers) -> bool:
+        """Whether any series exists for the namespaces (whatever the model)."""
+        for ns in namespaces:
+            if (ns in self.by_ns) if not matchers else self.chosen(ns, matchers):
+                return True
+        return False
+
+    def part(self, ns: str, matchers: _Matchers, model: str | None) -> _Part:
+        try:
+            return self._parts[(ns, matchers, model)]
+        except KeyError:
+            chosen = self.chosen(ns, matchers)
+            if model is not None:
+                ok = self.model_ok
+                chosen = [s for s in chosen if ok(s.model, model)]
+            found = self._parts[(ns, matchers, model)] = self.prices.sum(chosen)
+            return found
+
+    def total(self, namespaces: tuple[str, ...], matchers: _Matchers, model: str | None
+              ) -> _Part:
+        """Spend of the namespaces (in their order), as one sum over all their series."""
+        try:
+            return self._totals[(namespaces, matchers, model)]
+        except KeyError:
+            if len(namespaces) == 1:
+                found = self.part(namespaces[0], matchers, model)
+            else:
+                found = self.prices.join([self.part(ns, matchers, model) for ns in namespaces])
+            self._totals[(namespaces, matchers, model)] = found
+            return found
+
+
+class _Window:
+    """One limit's window for one source: its bounds, and its spend (None: not read)."""
+
+    __slots__ = ("key", "start", "resets", "spend", "span")
+
+    def __init__(self, key: WindowKey, start: dt.datetime, resets: dt.datetime | None,
+                 spend: _Spend | None, now: dt.datetime) -> None:
+        self.key = key
+        self.start = start
+        self.resets = resets
+        self.spend = spend
+        self.span = (now - start).total_seconds()  # seconds since the window started
+
+
+class _Source:
+    """A resolved spend source with what the snapshot holds for it."""
+
+    def __init__(self, rs: ResolvedSource, context: _Context) -> None:
+        self.rs = rs
+        self.context = context
+        self.error = context.snapshot.errors.get(rs)
+        self.recent = _Spend(context.snapshot.recent.get(rs, ()), context.prices,
+                             context.model_ok)
+        self._windows: dict[tuple[str, str], _Window] = {}
+
+    def window(self, window: str, time_zone: str) -> _Window:
+        try:
+            return self._windows[(window, time_zone)]
+        except KeyError:
+            key = WindowKey.of(window, time_zone)
+            spend = self.context.spend(self.rs, key)
+            # Bounds only for windows that were read, as before (an odd zone fails planning).
+            start, resets = self.context.bounds(key) if spend is not None else (_EPOCH, None)
+            found = self._windows[(window, time_zone)] = _Window(
+                key, start, resets, spend, self.context.now_utc)
+            return found
+
+
+_Rows = list[tuple[str, tuple[tuple[str, str], ...], float]]
+
+
+class _Context:
+    """What one evaluation works out once and every scope reads.
+
+    Indexes (namespaces by label, spend by source, window and namespace,
+    workloads and outcome rows by namespace) and what depends only on their
+    inputs and ``now``: resolved sources, window bounds, allowed models,
+    model-pattern matches, cheapest equivalents.
+    """
+
+    def __init__(self, world: World, snapshot: SpendSnapshot, now: dt.datetime) -> None:
+        self.world = world
+        self.catalog = world.catalog
+        self.snapshot = snapshot
+        self.now = now
+        self.now_utc = utc(now)
+        self.namespaces = NamespaceIndex(world.namespaces)
+        self.prices = _Prices(world.catalog)
+        self.recent_seconds = Decimal(max(1, snapshot.recent_seconds))
+        self.workloads: defaultdict[str, list[Workload]] = defaultdict(list)
+        for w in world.workloads:
+            self.workloads[w.key.namespace].append(w)
+        self._by_spec: dict[api.SpendSource, _Source] = {}
+        self._by_rs: dict[ResolvedSource, _Source] = {}
+        self._spend: dict[tuple[ResolvedSource, WindowKey], _Spend | None] = {}
+        self._bounds: dict[WindowKey, tuple[dt.datetime, dt.datetime | None]] = {}
+        self._ladders: dict[int, tuple[tuple[api.Action, ...], list[api.Action]]] = {}
+        self._allowed: dict[tuple[object, ...], frozenset[str] | None] = {}
+        self._model_ok: dict[tuple[str, str], bool] = {}
+        self._cheapest: dict[tuple[str, frozenset[str] | None], str | None] = {}
+        self._outcomes: dict[str, defaultdict[str, list[tuple[int, tuple[tuple[str, str], ...],
+                                                              float]]]] = {}
+
+    def source(self, spec: api.SpendSource) -> _Source:
+        try:
+            return self._by_spec[spec]
+        except KeyError:
+            rs = sources.resolve(spec)
+            found = self._by_rs.get(rs)
+            if found is None:
+                found = self._by_rs[rs] = _Source(rs, self)
+            self._by_spec[spec] = found
+            return found
+
+    def ladder(self, spec: api.TokenBudgetSpec) -> list[api.Action]:
+        """The budget's actions by threshold (one sort per actions tuple, not per scope)."""
+        found = self._ladders.get(id(spec.actions))
+        if found is None or found[0] is not spec.actions:
+            found = self._ladders[id(spec.actions)] = (spec.actions, _ladder(spec))
+        return found[1]
+
+    def bounds(self, key: WindowKey) -> tuple[dt.datetime, dt.datetime | None]:
+        """Where the window started and when it resets (None: rolling)."""
+        found = self._bounds.get(key)
+        if found is None:
+            start, _ = windows.bounds(key, self.now)
+            found = self._bounds[key] = (start, windows.resets_at(key, self.now))
+        return found
+
+    def spend(self, rs: ResolvedSource, key: WindowKey) -> _Spend | None:
+        """Spend over a window; None when the window was not read."""
+        try:
+            return self._spend[(rs, key)]
+        except KeyError:
+            series = self.snapshot.windows.get((rs, key))
+            found = None if series is None else _Spend(series, self.prices, self.model_ok)
+            self._spend[(rs, key)] = found
+            return found
+
+    def model_ok(self, reported: str, pattern: str) -> bool:
+        try:
+            return self._model_ok[(reported, pattern)]
+        except KeyError:
+            found = self._model_ok[(reported, pattern)] = (
+                pattern_matches(pattern, reported)
+                or pattern_matches(pattern, self.catalog.canonical(reported)))
+            return found
+
+    def allowed_models(self, spec: api.TokenBudgetSpec) -> frozenset[str] | None:
+        key = (spec.allowed_models, spec.denied_models, spec.denied_tiers)
+        try:
+            return self._allowed[key]
+        except KeyError:
+            found = self._allowed[key] = allowed_models(spec, self.catalog)
+            return found
+
+    def cheapest_equivalent(self, model: str, allowed: frozenset[str] | None) -> str | None:
+        try:
+            return self._cheapest[(model, allowed)]
+        except KeyError:
+            found = self._cheapest[(model, allowed)] = cheapest_equivalent(
+                model, allowed, self.catalog)
+            return found
+
+    def outcome_rows(self, key: str, namespaces: tuple[str, ...]) -> _Rows | None:
+        """An outcome query's rows for the namespaces, in the snapshot's order."""
+        rows = self.snapshot.outcomes.get(key)
+        if rows is None:
+            return None
+        by_ns = self._outcomes.get(key)
+        if by_ns is None:
+            by_ns = self._outcomes[key] = defaultdict(list)
+            for i, (ns, labels, value) in enumerate(rows):
+                by_ns[ns].append((i, labels, value))
+        picked = [(i, ns, labels, value) for ns in namespaces
+                  for i, labels, value in by_ns.get(ns, ())]
+        if len(namespaces) > 1:
+            picked.sort(key=lambda r: r[0])
+        return [(ns, labels, value) for _, ns, labels, value in picked]
 
 
 # ---------------------------------------------------------------------------
@@ -251,6 +664,10 @@ def _rung_for(ladder: list[api.Action], used: Decimal) -> _Rung:
     return _Rung(i, ladder[i])
 
 
+def _percent(value: Decimal, limit: Decimal) -> Decimal:
+    return value * HUNDRED / limit
+
+
 def _money(value: Decimal, currency: str) -> str:
     symbol = {"USD": "$", "EUR": "€", "GBP": "£"}.get(currency)
     text = f"{value.quantize(Decimal('0.01')):,.2f}"
@@ -268,85 +685,81 @@ def describe(w: WindowUsage, currency: str) -> tuple[str, str]:
 
 class _ScopeEval:
     def __init__(self, budget: api.Budget, scope: ScopeKey, namespaces: tuple[str, ...],
-                 world: World, snapshot: SpendSnapshot, index: _Index, now: dt.datetime,
-                 governed: list[Workload]) -> None:
+                 context: _Context, governed: list[Workload]) -> None:
         self.budget = budget
         self.spec: api.TokenBudgetSpec = budget.spec
         self.scope = scope
         self.namespaces = namespaces
-        self.world = world
-        self.catalog = world.catalog
-        self.snapshot = snapshot
-        self.index = index
-        self.now = now
+        self.context = context
+        self.catalog = context.catalog
+        self.snapshot = context.snapshot
+        self.now = context.now
         self.governed = governed
-        self.source = sources.resolve(self.spec.source)
-        self.memory = world.memory.get(scope)
+        self.spend_source = context.source(self.spec.source)
+        self.source = self.spend_source.rs
+        memory = context.world.memory
+        self.memory = memory.get(scope) if memory else None  # no ScopeKey hash when empty
+        self._counted: list[_Part] = []  # what each limit counted, for top_model()
 
     # -- spend ---------------------------------------------------------------
 
-    def windows(self) -> tuple[list[WindowUsage], bool, set[str], dict[str, str]]:
-        """Usage per limit, whether any series exists, unpriced models, top model per workload."""
+    def windows(self) -> tuple[list[WindowUsage], bool, set[str]]:
+        """Usage per limit, whether any series exists, unpriced models."""
         usages: list[WindowUsage] = []
         seen = False
         unpriced: set[str] = set()
-        recent_by_ns = self.index.recent.get(self.source, {})
-        recent_s = Decimal(max(1, self.snapshot.recent_seconds))
-        top_model: dict[str, tuple[float, str]] = {}
+        namespaces = self.namespaces
+        matchers = self.spec.spend_matchers
+        source = self.spend_source
+        recent_s = self.context.recent_seconds
+        retention = self.snapshot.retention_seconds
+        now = self.context.now_utc
         for lim in self.spec.limits:
-            key = WindowKey.of(lim.window, lim.time_zone)
-            by_ns = self.index.windows.get((self.source, key))
-            if by_ns is None:
-                why = self.snapshot.window_errors.get((self.source, key))
-                raise _Unknown(why or f"spend over {key} was not read")
+            window = source.window(lim.window, lim.time_zone)
+            spend = window.spend
+            if spend is None:
+                why = self.snapshot.window_errors.get((self.source, window.key))
+                raise _Unknown(why or f"spend over {window.key} was not read")
             # Whether the scope has spend series at all is asked without the limit's model
             # filter: a cap on a model nobody uses is zero spend, not an exporter gone missing.
-            scoped = _select(by_ns, self.namespaces, self.spec.spend_matchers, None, self.catalog)
-            seen = seen or bool(scoped)
-            series = [s for s in scoped if _model_ok(s, lim.model, self.catalog)]
-            for s in series:
-                best = top_model.get(s.workload)
-                if best is None or s.tokens > best[0]:
-                    top_model[s.workload] = (s.tokens, s.model)
-            acc = _total(series, self.catalog)
-            unpriced |= acc.unpriced
-            start, _ = windows.bounds(key, self.now)
+            seen = seen or spend.seen(namespaces, matchers)
+            counted = spend.total(namespaces, matchers, lim.model)
+            self._counted.append(counted)
+            tokens, cost = counted.tokens, counted.cost
+            if counted.unpriced:
+                unpriced |= counted.unpriced
+            start, resets, span = window.start, window.resets, window.span
             covered = None
-            retention = self.snapshot.retention_seconds
-            span = (utc(self.now) - start).total_seconds()
             if retention and span > retention:
                 # Prometheus no longer holds the window's oldest part: estimate the whole
                 # window from the covered part's rate rather than count the rest as zero.
                 covered = Decimal(retention) / Decimal(span)
-                acc.tokens = float(Decimal(acc.tokens) / covered)
-                acc.cost = acc.cost / covered
-            recent = _total(_select(recent_by_ns, self.namespaces, self.spec.spend_matchers,
-                                    lim.model, self.catalog), self.catalog)
-            resets = windows.resets_at(key, self.now)
+                tokens = float(Decimal(tokens) / covered)
+                cost = cost / covered
+            token_rate, cost_rate = source.recent.total(
+                namespaces, matchers, lim.model).per_second(recent_s)
             pcts = []
             run_outs = []
             if lim.tokens:
-                pcts.append(Decimal(round(acc.tokens)) * HUNDRED / lim.tokens)
-                rate = Decimal(recent.tokens) / recent_s
-                if rate > 0:
-                    left = max(Decimal(0), Decimal(lim.tokens) - Decimal(acc.tokens))
-                    run_outs.append(left / rate)
+                pcts.append(Decimal(round(tokens)) * HUNDRED / lim.tokens)
+                if token_rate > 0:
+                    left = max(_ZERO, Decimal(lim.tokens) - Decimal(tokens))
+                    run_outs.append(left / token_rate)
             if lim.cost:
-                pcts.append(_percent(acc.cost, lim.cost))
-                rate = recent.cost / recent_s
-                if rate > 0:
-                    left = max(Decimal(0), lim.cost - acc.cost)
-                    run_outs.append(left / rate)
+                pcts.append(_percent(cost, lim.cost))
+                if cost_rate > 0:
+                    left = max(_ZERO, lim.cost - cost)
+                    run_outs.append(left / cost_rate)
             run_out = None
             if run_outs:
                 secs = min(run_outs)
-                if secs < Decimal(10 * 365 * 86400):
-                    candidate = utc(self.now) + dt.timedelta(seconds=float(secs))
+                if secs < _TEN_YEARS:
+                    candidate = now + dt.timedelta(seconds=float(secs))
                     if resets is None or candidate < resets:
                         run_out = candidate
             usages.append(WindowUsage(
                 window=lim.window, time_zone=lim.time_zone, model=lim.model, start=start,
-                resets_at=resets, tokens=int(round(acc.tokens)), cost=acc.cost,
+                resets_at=resets, tokens=int(round(tokens)), cost=cost,
                 limit_tokens=lim.tokens, limit_cost=lim.cost,
                 used_percent=max(pcts) if pcts else Decimal(0), run_out=run_out,
                 covered=covered,
@@ -354,42 +767,47 @@ class _ScopeEval:
         if not seen:
             # A calendar window that began a moment ago holds no samples yet; the burn-rate
             # query's series still show that the source is alive and the scope reports.
-            seen = bool(_select(recent_by_ns, self.namespaces, self.spec.spend_matchers, None,
-                                self.catalog))
-        return usages, seen, unpriced, {w: m for w, (_, m) in top_model.items()}
+            seen = source.recent.seen(namespaces, matchers)
+        return usages, seen, unpriced
+
+    def top_model(self) -> dict[str, str]:
+        """The model of each workload's largest series over every limit's spend."""
+        top: dict[str, tuple[float, str]] = {}
+        for counted in self._counted:
+            for s in counted.series:
+                best = top.get(s.workload)
+                if best is None or s.tokens > best[0]:
+                    top[s.workload] = (s.tokens, s.model)
+        return {w: m for w, (_, m) in top.items()}
 
     def cost_per_outcome(self) -> Decimal | None:
         o = self.spec.outcome
         if o is None:
             return None
-        key = WindowKey.of(o.window, "UTC")
-        by_ns = self.index.windows.get((self.source, key), {})
-        spend = _total(_select(by_ns, self.namespaces, self.spec.spend_matchers, None,
-                               self.catalog),
-                       self.catalog).cost
-        rows = self.snapshot.outcomes.get(outcome_key(o))
+        spend = self.spend_source.window(o.window, "UTC").spend
+        cost = (spend.total(self.namespaces, self.spec.spend_matchers, None).cost
+                if spend is not None else Decimal(0))
+        rows = self.context.outcome_rows(outcome_key(o), self.namespaces)
         if rows is None:
             return None
         count = 0.0
-        for ns, labels, value in rows:
-            if ns not in self.namespaces:
-                continue
+        for _, labels, value in rows:
             lab = dict(labels)
             if all(_matcher_ok(m, lab.get(m.label, "")) for m in o.matchers):
                 count += value
         if count <= 0:
             return None
-        return spend / Decimal(round(count, 6))
+        return cost / Decimal(round(count, 6))
 
     # -- decision ------------------------------------------------------------
 
     def decide(self) -> Decision:
         dry = self.spec.mode is api.Mode.DRY_RUN
-        error = self.snapshot.errors.get(self.source)
+        error = self.spend_source.error
         try:
             if error is not None:
                 raise _Unknown(error)
-            usages, seen, unpriced, top_model = self.windows()
+            usages, seen, unpriced = self.windows()
             if not seen and self.memory is not None and self.memory.last_spend_time is not None:
                 # Series existed before and are gone: an outage of the exporter or of the
                 # scrape, not an idle agent. (Never seen at all: a new scope, zero spend;
@@ -402,7 +820,7 @@ class _ScopeEval:
         except _Unknown as unknown:
             return self.unknown(str(unknown), dry)
 
-        ladder = _ladder(self.spec)
+        ladder = self.context.ladder(self.spec)
         used = max((w.used_percent for w in usages), default=Decimal(0))
         rung = _rung_for(ladder, used)
         reason = "LimitReached" if rung.action is not None else "WithinBudget"
@@ -410,7 +828,7 @@ class _ScopeEval:
         spend_text, limit_text = describe(worst, self.catalog.currency)
         window_text = f"{worst.window}" + (f" ({worst.time_zone})" if worst.resets_at else "")
         message = (f"spend in window {window_text} is {spend_text} of {limit_text} "
-                   f"({used.quantize(Decimal('0.1'))}%)")
+                   f"({used.quantize(_TENTH)}%)")
         if not seen:
             message += "; no spend series exist yet for this scope"
         if rung.action is not None:
@@ -466,7 +884,7 @@ class _ScopeEval:
             reason = "WithinBudget"
         top_action = max(effective, key=lambda a: SEVERITY[STATE_OF_ACTION[a.type]], default=None)
 
-        directives = self.directives(state, reason, message, effective, usages, top_model)
+        directives = self.directives(state, reason, message, effective, usages)
         run_outs = [w.run_out for w in usages if w.run_out is not None]
         return Decision(
             scope=self.scope, namespaces=self.namespaces, state=state, reason=reason,
@@ -478,37 +896,44 @@ class _ScopeEval:
         )
 
     def active_exception(self) -> api.BudgetException | None:
-        live = [e for e in self.spec.exceptions if utc(e.until) > utc(self.now)]
+        live = [e for e in self.spec.exceptions if utc(e.until) > self.context.now_utc]
         if not live:
             return None
         # Several at once: the most lenient cap applies, as both were granted.
         return max(live, key=lambda e: (SEVERITY[STATE_OF_ACTION[e.max_action]], e.until))
 
     def directives(self, state: api.State, reason: str, message: str,
-                   effective: list[api.Action], usages: list[WindowUsage],
-                   top_model: Mapping[str, str]) -> dict[WorkloadKey, Directive]:
-        allowed = allowed_models(self.spec, self.catalog)
+                   effective: list[api.Action], usages: list[WindowUsage]
+                   ) -> dict[WorkloadKey, Directive]:
+        allowed = self.context.allowed_models(self.spec)
         reroute = next((a for a in reversed(effective) if a.type is api.ActionType.REROUTE), None)
         throttle = next((a for a in reversed(effective) if a.type is api.ActionType.THROTTLE), None)
         rate = None
         if throttle is not None:
             rate = throttle.tokens_per_minute or self.pace(usages)
         out = {}
-        budget = str(self.scope.budget)
+        budget = f"{self.scope.budget.kind}/{self.scope.budget}"
+        top_model: dict[str, str] | None = None
         for w in self.governed:
             model = None
             if reroute is not None:
                 if reroute.model:
                     model = reroute.model
                 else:
-                    current = next(iter(w.declared_models), None) or top_model.get(w.key.name)
-                    if current is None:
-                        # Spend reported per pod: the workload's pods carry its name as prefix.
-                        current = next((m for wl, m in sorted(top_model.items())
-                                        if wl.startswith(w.key.name + "-")), None)
-                    model = cheapest_equivalent(current, allowed, self.catalog) if current else None
+                    current = next(iter(w.declared_models), None)
+                    if not current:
+                        if top_model is None:
+                            top_model = self.top_model()
+                        current = top_model.get(w.key.name)
+                        if current is None:
+                            # Spend reported per pod: the workload's pods carry its name
+                            # as prefix.
+                            current = next((m for wl, m in sorted(top_model.items())
+                                            if wl.startswith(w.key.name + "-")), None)
+                    model = (self.context.cheapest_equivalent(current, allowed) if current
+                             else None)
             out[w.key] = Directive(
-                state=state, budget=f"{self.scope.budget.kind}/{budget}", reason=reason,
+                state=state, budget=budget, reason=reason,
                 message=message, model=model, allowed_models=allowed, tokens_per_minute=rate,
             )
         return out
@@ -524,9 +949,9 @@ class _ScopeEval:
             lefts.append(max(Decimal(0), worst.limit_cost - worst.cost) * worst.tokens / worst.cost)
         left = min(lefts, default=Decimal(0))
         if worst.resets_at is not None:
-            minutes = Decimal((worst.resets_at - utc(self.now)).total_seconds()) / 60
+            minutes = Decimal((worst.resets_at - self.context.now_utc).total_seconds()) / 60
         else:
-            minutes = Decimal((utc(self.now) - worst.start).total_seconds()) / 60
+            minutes = Decimal((self.context.now_utc - worst.start).total_seconds()) / 60
         per = left / max(Decimal(1), minutes) / max(1, len(self.governed))
         return max(1, int(per.to_integral_value(rounding=ROUND_FLOOR)))
 
@@ -536,7 +961,7 @@ class _ScopeEval:
         budget = f"{self.scope.budget.kind}/{self.scope.budget}"
         if policy.policy is api.MissingDataPolicy.HOLD and self.memory is not None:
             last = self.memory.last_spend_time
-            fresh = last is not None and (utc(self.now) - utc(last)).total_seconds() \
+            fresh = last is not None and (self.context.now_utc - utc(last)).total_seconds() \
                 <= policy.stale_after_seconds
             if fresh:
                 return Decision(
@@ -556,7 +981,7 @@ class _ScopeEval:
             if policy.policy is api.MissingDataPolicy.HOLD:
                 message = (f"spend cannot be read ({error}); nothing to hold or held longer "
                            f"than {policy.stale_after_seconds}s, failing open")
-        allowed = allowed_models(self.spec, self.catalog)
+        allowed = self.context.allowed_models(self.spec)
         directives = {
             k: Directive(state=state, budget=budget, reason=reason, message=message,
                          allowed_models=allowed)
@@ -597,18 +1022,14 @@ def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime) -> Evaluat
         workload. Workloads governed only by dry-run or held scopes get none;
         :attr:`Evaluation.held` lists those that must be left as they are.
     """
-    index = _Index(snapshot)
-    by_ns: dict[str, list[Workload]] = defaultdict(list)
-    for w in world.workloads:
-        by_ns[w.key.namespace].append(w)
+    context = _Context(world, snapshot, now)
     decisions: list[Decision] = []
     per_workload: dict[WorkloadKey, list[Directive]] = defaultdict(list)
     held: set[WorkloadKey] = set()
     for budget in world.budgets:
-        for scope, namespaces in scopes(budget, world.namespaces):
-            governed = governed_by(budget, namespaces, by_ns)
-            decision = _ScopeEval(budget, scope, namespaces, world, snapshot, index, now,
-                                  governed).decide()
+        for scope, namespaces in scopes(budget, context.namespaces):
+            governed = governed_by(budget, namespaces, context.workloads)
+            decision = _ScopeEval(budget, scope, namespaces, context, governed).decide()
             decisions.append(decision)
             if decision.dry_run:
                 continue
@@ -617,8 +1038,14 @@ def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime) -> Evaluat
             for key, directive in decision.directives.items():
                 per_workload[key].append(directive)
     merged = {k: merge(v) for k, v in per_workload.items() if k not in held}
-    decisions.sort(key=lambda d: d.scope)
+    decisions.sort(key=_scope_order)
     return Evaluation(decisions=tuple(decisions), directives=merged, held=frozenset(held))
+
+
+def _scope_order(d: Decision) -> tuple[str, str, str, str]:
+    # ScopeKey's own order, as a plain tuple: dataclass comparisons build tuples per call.
+    b = d.scope.budget
+    return (b.kind, b.namespace, b.name, d.scope.namespace)
 
 
 def outcome_key(o: api.Outcome) -> str:
