@@ -20,7 +20,9 @@ requests) and open: request i is sent at t0 + i/rate whatever the answers before
 and its latency counts from then, so a slow answer also delays what queues behind it.
 The generator reports how late it sent (its own lag) and its CPU, and the operator's
 (and API server's) CPU per request is read from /proc: on a 2-core machine shared
-with other test runs, CPU per request is the figure that noise does not move.
+with other test runs, CPU per request is the figure that noise does not move. The
+notes also count the client connections the webhook saw (``ss``): each new one is a
+TLS handshake, which a client that keeps its connections alive does not pay again.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import json
 import multiprocessing
 import os
 import ssl
+import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -154,14 +158,56 @@ def _cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class Connections:
+    """Client connections to a local port, as ``ss`` lists them every 0.1 s (a sample).
+
+    Tells whether a client keeps its connections alive: every new one is a TLS
+    handshake for the webhook server.
+    """
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+        self.peers: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["ss", "-Htn", "state", "established",
+                                      f"( sport = :{self.port} )"], capture_output=True,
+                                     text=True, timeout=5, check=False).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return  # no ss here: the figure stays unknown
+            self.peers.update(line.split()[-1] for line in out.splitlines() if line.strip())
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> Connections:
+        if self.port is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 def measured(t: Target, warmup: list[bytes], bodies: list[bytes], rate: float,
-             pids: dict[str, int | None]) -> tuple[Load, dict[str, float]]:
-    """:func:`generate` in a spawned process; CPU ms per request of each of ``pids``."""
+             pids: dict[str, int | None], port: int | None = None
+             ) -> tuple[Load, dict[str, float], int]:
+    """:func:`generate` in a spawned process.
+
+    Returns:
+        What it measured, CPU ms per request of each of ``pids``, and how many client
+        connections to ``port`` (the webhook's) were seen meanwhile.
+    """
     before = {k: _cpu(p) for k, p in pids.items()}
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    with Connections(port) as conns, multiprocessing.get_context("spawn").Pool(1) as pool:
         result: Load = pool.apply(generate, (t, warmup, bodies, rate))
     n = len(warmup) + len(bodies)
-    return result, {k: (_cpu(p) - before[k]) * 1000 / n for k, p in pids.items()}
+    return result, {k: (_cpu(p) - before[k]) * 1000 / n for k, p in pids.items()}, \
+        len(conns.peers)
 
 
 def pod(name: str, agent: bool) -> dict[str, Any]:
@@ -193,14 +239,15 @@ def review(namespace: str, name: str) -> bytes:
 
 
 def _figures(report: Report, what: str, result: Load, cpu: dict[str, float], count: int,
-             target_ms: float | None, contended: bool) -> None:
+             target_ms: float | None, contended: bool, connections: int) -> None:
     lat = result.latencies_ms
     kb = {"benchmark": "admission", "contended": contended}
     per = ", ".join(f"{k} {v:.2f} ms" for k, v in cpu.items())
     note = (f"{count} requests at {result.achieved:.0f}/s, {result.errors} errors"
             f"{' (' + result.first_error[:120] + ')' if result.errors else ''}; "
             f"CPU per request: {per}, load generator {result.client_cpu_s * 1000 / count:.2f}"
-            f" ms; generator lag p99 {result.lag_p99_ms:.1f} ms")
+            f" ms; generator lag p99 {result.lag_p99_ms:.1f} ms; {connections} client "
+            f"connections to the webhook (with the warm-up)")
     report.add(Figure(**kb, name=f"{what}: p50", unit="ms", value=percentile(lat, 50),
                       note=note))
     p99 = percentile(lat, 99)
@@ -219,9 +266,10 @@ def direct(report: Report, port: int, ca: bytes, namespace: str, n: int, contend
         t = Target(f"https://127.0.0.1:{port}/{path}", ca, 200, review=True)
         warm = [review(namespace, f"warm-{i}") for i in range(WARMUP)]
         bodies = [review(namespace, f"direct-{i}") for i in range(n)]
-        result, cpu = measured(t, warm, bodies, RATE, {"operator": operator_pid})
+        result, cpu, conns = measured(t, warm, bodies, RATE, {"operator": operator_pid},
+                                      port)
         _figures(report, f"webhook {path} directly", result, cpu, n, WEBHOOK_P99_MS,
-                 contended)
+                 contended, conns)
 
 
 def _apiserver_target(cluster: Cluster, namespace: str) -> Target:
@@ -242,7 +290,7 @@ def _apiserver_pid(cluster: Cluster) -> int | None:
 
 
 def through_apiserver(report: Report, cluster: Cluster, namespace: str, n: int,
-                      contended: bool, operator_pid: int | None) -> None:
+                      contended: bool, operator_pid: int | None, port: int) -> None:
     t = _apiserver_target(cluster, namespace)
     pids = {"operator": operator_pid, "API server": _apiserver_pid(cluster)}
     p50s: dict[bool, float] = {}
@@ -253,14 +301,15 @@ def through_apiserver(report: Report, cluster: Cluster, namespace: str, n: int,
         def bodies(fmt: Callable[[int], str], k: int, agent: bool = agent) -> list[bytes]:
             return [json.dumps(pod(fmt(i), agent)).encode() for i in range(k)]
 
-        result, cpu = measured(t, bodies(lambda i, p=prefix: f"{p}-warm-{i}", WARMUP),
-                               bodies(lambda i, p=prefix: f"{p}-{i}", count), rate, pids)
+        result, cpu, conns = measured(
+            t, bodies(lambda i, p=prefix: f"{p}-warm-{i}", WARMUP),
+            bodies(lambda i, p=prefix: f"{p}-{i}", count), rate, pids, port)
         what = "agent pods (both webhooks)" if agent else "pods without the label (no webhook)"
         if rate < RATE:
             what += f" at {rate:g}/s"
         held = agent and rate == RATE
         _figures(report, f"API server, {what}", result, cpu, count,
-                 APISERVER_P99_MS if held else None, contended)
+                 APISERVER_P99_MS if held else None, contended, conns)
         p50s.setdefault(agent, percentile(result.latencies_ms, 50) or 0.0)
     stamped = [p for p in cluster.client().list(PODS, namespace, AGENT)
                if (p["metadata"].get("annotations") or {}).get("tokenbudget.io/state")]
@@ -301,7 +350,7 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
         load0 = load()
         pid = op.proc.pid if op.proc is not None else None
         direct(report, port, ca, ns, n, not quiet, pid)
-        through_apiserver(report, cluster, ns, n, not quiet, pid)
+        through_apiserver(report, cluster, ns, n, not quiet, pid, port)
         report.note("admission", f"load before {load0}, after {load()}; the operator "
                                  "evaluated meanwhile (new agent pods wake it)")
     finally:
