@@ -6,8 +6,9 @@ the burn rate; from it, :func:`next_check` finds the earliest moment a window of
 budget reaches its next action threshold (Warn, Reroute, Throttle or Block above the
 current state) and asks the loop to look again then, and after that every few seconds
 (``poll``) while the crossing is due: the sample that shows the crossing arrives within
-one scrape interval, and the block follows it within a poll. Budgets far from a threshold do not shorten the wait: a quiet
-cluster is evaluated at the interval, as before.
+one scrape interval, and the block follows it within a poll. Budgets far from a
+threshold do not shorten the wait: a quiet cluster is evaluated at the interval, as
+before.
 
 Pure: decisions, budgets and the clock in, seconds out.
 """
