@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,61 @@ Obj = dict[str, Any]
 def _key(obj: Mapping[str, Any]) -> WorkloadKey:
     meta = obj.get("metadata") or {}
     return WorkloadKey(str(obj.get("kind")), str(meta.get("namespace", "")), str(meta.get("name")))
+
+
+def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
+    """The part of a listed workload or pod an evaluation reads, in the same shape.
+
+    Identity (kind, apiVersion, name, namespace, uid, resourceVersion: Events name
+    it), labels, the ``tokenbudget.io/`` annotations (directives, previous replicas,
+    the model annotation), owner references (kind and name), ``replicas`` and
+    ``suspend``, and of the pod (template) its labels, its ``tokenbudget.io/``
+    annotations and the model environment variables of its containers. Everything
+    else a listed pod carries (volumes, tolerations, status, other annotations) is
+    dropped as each page arrives: held for 5,000 pods it was most of the
+    evaluation's memory.
+    """
+    wanted = set(model_env)
+
+    def ours(ann: Mapping[str, str] | None) -> dict[str, str]:
+        return {k: v for k, v in (ann or {}).items() if k.startswith(api.PREFIX)}
+
+    def pod(p: Mapping[str, Any]) -> Obj:
+        meta = p.get("metadata") or {}
+        spec = p.get("spec") or {}
+        out_spec: Obj = {}
+        for group in ("initContainers", "containers"):
+            containers = [{"env": [{"name": e.get("name"), "value": e.get("value")}
+                                   for e in c.get("env") or [] if e.get("name") in wanted]}
+                          for c in spec.get(group) or []]
+            if containers:
+                out_spec[group] = containers
+        return {"metadata": {"labels": dict(meta.get("labels") or {}),
+                             "annotations": ours(meta.get("annotations"))},
+                "spec": out_spec}
+
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    out_meta: Obj = {
+        "name": meta.get("name"), "namespace": meta.get("namespace"),
+        "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion"),
+        "labels": dict(meta.get("labels") or {}), "annotations": ours(meta.get("annotations")),
+        "ownerReferences": [{"kind": r.get("kind"), "name": r.get("name")}
+                            for r in meta.get("ownerReferences") or []],
+    }
+    kind = obj.get("kind")
+    if kind == "Pod":
+        return {"kind": kind, "apiVersion": obj.get("apiVersion"), "metadata": out_meta,
+                "spec": pod(obj)["spec"]}
+    out_spec: Obj = {k: spec[k] for k in ("replicas", "suspend") if k in spec}
+    if kind == "CronJob":
+        template = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template")
+        if template is not None:
+            out_spec["jobTemplate"] = {"spec": {"template": pod(template)}}
+    elif spec.get("template") is not None:
+        out_spec["template"] = pod(spec["template"])
+    return {"kind": kind, "apiVersion": obj.get("apiVersion"), "metadata": out_meta,
+            "spec": out_spec}
 
 
 def enforced_only(agent_label: str) -> str:
@@ -123,11 +178,10 @@ class Evaluator:
     def _namespaces(self) -> list[str | None]:
         return list(self.settings.namespaces) or [None]
 
-    def _list(self, res: Resource, selector: str | None = None) -> list[Obj]:
-        out: list[Obj] = []
+    def _list(self, res: Resource, selector: str | None = None) -> Iterator[Obj]:
+        """Every object, page by page: a caller that keeps a part frees each page."""
         for ns in (self._namespaces() if res.namespaced else [None]):
-            out += self.kube.list(res, ns, selector)
-        return out
+            yield from self.kube.iter_list(res, ns, selector)
 
     def gather(self) -> Gathered:
         g = Gathered()
@@ -152,7 +206,7 @@ class Evaluator:
                         g.budget_bodies[BudgetKey.of(obj)] = body
                         continue
                 g.invalid.append((body, found))
-        for body in self.kube.list(NAMESPACES):
+        for body in self.kube.iter_list(NAMESPACES):
             name = body["metadata"]["name"]
             if self.settings.namespaces and name not in self.settings.namespaces:
                 continue
@@ -165,7 +219,7 @@ class Evaluator:
         for res in (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS):
             for selector in (label, enforced_only(label)):
                 for obj in self._list(res, selector):
-                    g.objects[_key(obj)] = obj
+                    g.objects[_key(obj)] = trimmed(obj, self.settings.model_env)
         units: set[WorkloadKey] = set()
         for key, obj in g.objects.items():
             g.top[key] = self._owner(key, obj, g.objects)
