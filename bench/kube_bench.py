@@ -16,7 +16,9 @@ limit in every namespace.
    Prometheus shows all of them, how long until every one of their Deployments carries
    ``state: Blocked`` with ``spec.replicas: 0`` and none of their pods is left without the
    annotation; the target is one interval plus the duration of the evaluation that wrote
-   it all (from the operator's log), whose writes per second are reported too.
+   it all (from the operator's log), whose writes per second are reported too, plus that
+   of an evaluation already running when the spike became visible (a status heartbeat:
+   the enforcing one can only start after it).
 
 If the pods cannot all be created in about ten minutes here, the benchmark goes on with
 as many as were created and says so; figures that are scaled to the full size are
@@ -265,20 +267,31 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
         eventually(enforced, 10 * INTERVAL + 600, interval=1,
                    what=f"{len(spiked)} budgets enforced")
         took = time.monotonic() - t0
-        # The enforcing evaluation logs its line once its status writes are done too.
-        # (A status heartbeat alone writes one status per budget: not that one.)
-        eventually(lambda: any(e[3] >= 2 * len(spiked)
-                               for e in evaluations(op.log.read_text())[n_logged:]),
-                   300, interval=1, what="the enforcing evaluation's log line")
-        spike_evals = evaluations(op.log.read_text())[n_logged:]
-        writer = max(spike_evals, key=lambda e: e[3], default=(0, 0.0, 0, 0))
-        limit = INTERVAL + writer[1]
+        # The enforcing evaluation logs its line once its status writes are done too. It
+        # patches a Deployment and its pods per spiked budget: a status heartbeat (one
+        # write per budget, 2 x the spiked ones here) is not it, but one that was running
+        # when the spike became visible delays it and is counted in the target.
+        need = len(spiked) * (1 + replicas)
+
+        def spike_evals() -> list[tuple[int, float, int, int]]:
+            return evaluations(op.log.read_text())[n_logged:]
+
+        with contextlib.suppress(AssertionError):  # split over evaluations: the largest
+            eventually(lambda: any(e[3] >= need for e in spike_evals()), 300, interval=1,
+                       what="the enforcing evaluation's log line")
+        logged = spike_evals()
+        at = next((i for i, e in enumerate(logged) if e[3] >= need),
+                  max(range(len(logged)), key=lambda i: logged[i][3], default=-1))
+        counted = logged[: at + 1]
+        writer = logged[at] if logged else (0, 0.0, 0, 0)
+        limit = INTERVAL + sum(e[1] for e in counted)
         report.add(Figure(**kb, name=f"spike: {len(spiked)} budgets over the limit, fully "
                           "enforced after", value=took, unit="s",
                           target=f"<= {INTERVAL:g} s + writes", met=took <= limit + 1.0,
                           note=f"the enforcing evaluation took {writer[1]:.1f} s for "
-                               f"{writer[3]} writes; target {limit:.1f} s (+1 s polling); "
-                               f"evaluations meanwhile {[(e[1], e[3]) for e in spike_evals]}"))
+                               f"{writer[3]} writes; target {limit:.1f} s (+1 s polling) = "
+                               f"interval + evaluations logged since the spike was visible: "
+                               f"(seconds, writes) {[(e[1], e[3]) for e in counted]}"))
         if writer[3] > 0:
             report.add(Figure(**kb, name="spike: writes per second (operator process)",
                               value=writer[3] / writer[1], unit="/s",
