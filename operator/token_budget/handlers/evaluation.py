@@ -299,7 +299,7 @@ class Evaluator:
         if self.settings.forecast:
             out.next_check = forecast.next_check(
                 result.decisions, {BudgetKey.of(b): b for b in g.budgets}, now,
-                self.settings.interval_seconds, self.settings.prometheus_scrape_interval_seconds)
+                self.settings.interval_seconds, self.settings.forecast_poll_seconds)
         self.telemetry.observe(result, out.seconds)
         self.telemetry.api(dict(self.kube.counters.by_verb))
         log.info("evaluated %d budget(s), %d scope(s), %d workload(s) in %.2fs: %d PromQL "
