@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import os
 import socket
@@ -129,7 +130,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt = _runtime
     if rt is not None and rt.webhook_files is not None:
         certfile, keyfile = rt.webhook_files
-        settings.admission.server = kopf.WebhookServer(
+        settings.admission.server = admission.Server(
             addr=rt.settings.webhook_host, port=rt.settings.webhook_port,
             certfile=str(certfile), pkeyfile=str(keyfile))
         settings.admission.managed = None  # the operator writes its own configurations
@@ -418,6 +419,10 @@ async def serve(settings: Settings) -> None:
         # and no webhook server.
         admission.register(registry)
         setup_webhooks(rt)
+    # Everything built so far (modules, settings, clients) lives as long as the process:
+    # out of the collector's sight, a full collection takes 1-2 ms instead of 90-160 ms
+    # (80k objects), which stalled every webhook answer queued behind it.
+    gc.freeze()
     memo = kopf.Memo(runtime=rt)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     tasks = [

@@ -495,7 +495,8 @@ class Server:
         app.router.add_post("/{webhook}", self._serve)
         return app
 
-    async def __call__(self, fn: Any = None) -> AsyncIterator[dict[str, str]]:
+    async def __call__(self, fn: kopf.WebhookFn | None = None
+                       ) -> AsyncIterator[kopf.WebhookClientConfig]:
         context = ssl.create_default_context(purpose=ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.certfile, self.pkeyfile)
         digest = self._digest()
