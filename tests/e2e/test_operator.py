@@ -31,6 +31,7 @@ from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
 from harness.spend import seed, spend
 from harness.waiting import eventually
+from token_budget.handlers.operator import FINALIZER
 from token_budget.kube import (
     CLUSTERTOKENBUDGETS,
     CRONJOBS,
@@ -302,6 +303,10 @@ def test_deleting_a_budget_undoes_everything_it_did(
     start_operator()
     eventually(lambda: kube.get(DEPLOYMENTS, ns, "agent")["spec"]["replicas"] == 0, 30,
                what="blocked")
+    # The finalizer is what holds the deletion until the workloads are restored; the first
+    # evaluation can block before kopf has added it.
+    eventually(lambda: FINALIZER in (kube.get(TOKENBUDGETS, ns, "team")["metadata"]
+                                     .get("finalizers") or []), 30, what="the finalizer")
     kube.request("DELETE", TOKENBUDGETS.path(ns, "team"))
     eventually(lambda: not [b for b in kube.list(TOKENBUDGETS, ns)], 60,
                what="budget gone (finalizer released)")
