@@ -174,11 +174,14 @@ def percentile(values: list[float], p: float) -> float | None:
     return s[k]
 
 
-def rss_mib(pid: int) -> float | None:
-    """VmRSS of a process in MiB (None once it is gone)."""
+def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """A memory figure of a process from /proc status in MiB: VmRSS, or VmHWM for the peak.
+
+    None once the process is gone.
+    """
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None

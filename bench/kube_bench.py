@@ -33,7 +33,6 @@ import re
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from bench.cluster import AGENT, Cluster, parallel, shared
@@ -100,16 +99,6 @@ class RssSampler:
     @property
     def peak(self) -> float:
         return max((v for _, v in self.samples), default=0.0)
-
-
-def hwm_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def create_pods(cluster: Cluster, names: list[str], total: int, deadline: float,
@@ -299,7 +288,7 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
         time.sleep(5)
     finally:
         sampler.stop()
-        hwm = hwm_mib(op.proc.pid) if op.proc else None
+        hwm = rss_mib(op.proc.pid, "VmHWM") if op.proc else None
         cluster.stop_operator(op)
     peak = max(sampler.peak, hwm or 0.0)
     report.add(Figure(**kb, name="operator process: peak resident memory (VmRSS/VmHWM)",
