@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from harness.prometheus import Prometheus, find_binary
+from harness.prometheus import Prometheus
 from token_budget.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,13 +64,7 @@ def openmetrics() -> str:
 def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     work = tmp_path_factory.mktemp("history")
     prom = Prometheus(workdir=work, retention="60d")
-    source = work / "history.om"
-    source.write_text(openmetrics())
-    promtool = Path(find_binary("promtool"))
-    prom.data_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(promtool), "tsdb", "create-blocks-from", "openmetrics", "-q",
-                    "--max-block-duration=720h", str(source),
-                    str(prom.data_dir)], check=True, capture_output=True, timeout=300)
+    prom.backfill(openmetrics())
     prom.start()
     try:
         yield prom
