@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import pydantic
 import yaml
 
 from token_budget import __version__
-from token_budget.api import crds, rules
+from token_budget.api import crds, rules, schema
 from token_budget.api import v1alpha1 as api
 from token_budget.api.types import parse_window
 from token_budget.errors import MetricsError
@@ -35,6 +36,7 @@ from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import Evaluation
 from token_budget.policy.engine import World
 from token_budget.policy.workloads import workload_of
+from token_budget.reports import tables
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ class Document:
 
     @property
     def where(self) -> str:
-        meta = self.body.get("metadata") or {}
-        name = meta.get("name", "?")
+        meta = self.body.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        name = meta.get("name") or meta.get("generateName") or "?"
         ns = meta.get("namespace")
         obj = f"{self.body.get('kind', '?')} {ns + '/' if ns else ''}{name}"
         return f"{self.path}#{self.index} ({obj})"
@@ -62,13 +65,44 @@ def _files(paths: Iterable[str]) -> list[Path]:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as kubectl reads it for the API: timestamps stay strings, duplicate keys refused.
+
+    PyYAML turns an unquoted ``2025-07-01`` into a date, which no JSON (and so no
+    API server) ever sees; the API server sees the text and checks its format.
+    Strict field validation refuses a key given twice; PyYAML would keep the last.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate field {key!r}: a field may be given only once",
+                key_node.start_mark)
+        out[key] = loader.construct_object(value_node, deep=True)
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
 def load_documents(paths: Iterable[str]) -> tuple[list[Document], list[str]]:
     """Every YAML/JSON document under ``paths``; unreadable files as error lines."""
     docs: list[Document] = []
     errors: list[str] = []
     for path in _files(paths):
         try:
-            for i, body in enumerate(yaml.safe_load_all(path.read_text())):
+            for i, body in enumerate(yaml.load_all(path.read_text(), Loader=_Loader)):
                 if body is None:
                     continue
                 if not isinstance(body, dict):
@@ -81,7 +115,7 @@ def load_documents(paths: Iterable[str]) -> tuple[list[Document], list[str]]:
 
 
 def _ours(doc: Document) -> bool:
-    return str(doc.body.get("apiVersion", "")).startswith(api.GROUP + "/")
+    return schema.ours(doc.body)
 
 
 # ---------------------------------------------------------------------------
@@ -89,33 +123,62 @@ def _ours(doc: Document) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def validate(paths: Sequence[str], out: TextIO) -> int:
+def validate(paths: Sequence[str], out: TextIO, catalogs: Sequence[str] = (),
+             as_json: bool = False) -> int:
+    """``tokenbudget validate``: the cluster's verdict on creating each object, offline.
+
+    The API server's part (kind, metadata, the CRD schema with its CEL rules:
+    :func:`schema.check`), then the validating webhook's (the same
+    :mod:`rules` functions it calls), with the catalogs of ``paths`` and of
+    ``catalogs`` (ModelCatalogs already in the cluster) for cross-object rules.
+    Objects of other APIs are skipped; a file or directory without any object
+    is itself a problem (a typo in a path must not pass CI).
+    """
     docs, errors = load_documents(paths)
-    for e in errors:
-        print(e, file=out)
+    context, context_errors = load_documents(catalogs)
+    errors += context_errors
+    if not docs and not errors:
+        errors.append(f"{', '.join(paths)}: must hold at least one object; found none")
+    problems: dict[str, list[str]] = {}
     parsed: list[tuple[Document, Any]] = []
     checked = 0
     for doc in docs:
         if not _ours(doc):
             continue
         checked += 1
-        found = rules.schema_problems(doc.body)
+        result = schema.check(doc.body)
+        found = result.problems or rules.schema_problems(result.body)
         if found:
-            for p in found:
-                print(f"{doc.where}: {p}", file=out)
-            errors.append(doc.where)
+            problems[doc.where] = [str(p) for p in found]
             continue
-        parsed.append((doc, api.parse(doc.body)))
+        parsed.append((doc, api.parse(result.body)))
     catalog_models = [m for _, o in parsed if isinstance(o, api.ModelCatalog)
                       for m in o.spec.models]
+    for doc in context:  # as read back from the cluster: metadata and status are not ours
+        if doc.body.get("kind") == "ModelCatalog":
+            try:
+                catalog_models += api.ModelCatalogSpec.model_validate(doc.body["spec"]).models
+            except (KeyError, pydantic.ValidationError) as exc:
+                errors.append(f"{doc.where}: cannot be used as a catalog: {exc}")
     for doc, obj in parsed:
         found = rules.problems(obj, catalog_models if catalog_models else None)
-        for p in found:
-            print(f"{doc.where}: {p}", file=out)
         if found:
-            errors.append(doc.where)
-    if errors:
-        print(f"{len(errors)} problem object(s) of {checked} checked", file=out)
+            problems[doc.where] = [str(p) for p in found]
+    if as_json:
+        json.dump({"errors": errors, "checked": checked,
+                   "invalid": [{"object": where, "file": str(doc.path), "index": doc.index,
+                                "problems": problems[where]}
+                               for doc in docs if (where := doc.where) in problems]},
+                  out, indent=2)
+        print(file=out)
+        return 1 if errors or problems else 0
+    for e in errors:
+        print(e, file=out)
+    for where, found_lines in problems.items():
+        for line in found_lines:
+            print(f"{where}: {line}", file=out)
+    if errors or problems:
+        print(f"{len(errors) + len(problems)} problem object(s) of {checked} checked", file=out)
         return 1
     print(f"{checked} object(s) valid", file=out)
     return 0
@@ -156,12 +219,6 @@ def world_from(docs: Iterable[Document], memory: dict[Any, Any] | None = None) -
                  workloads=workloads, memory=memory or {})
 
 
-def render_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
-
-
 def print_evaluation(result: Evaluation, world: World, out: TextIO) -> None:
     rows = [["BUDGET", "SCOPE", "WINDOW", "SPEND", "LIMIT", "USED", "STATE", "REASON"]]
     for d in result.decisions:
@@ -174,7 +231,7 @@ def print_evaluation(result: Evaluation, world: World, out: TextIO) -> None:
                 (f" ({w.model})" if w.model else "")
             rows.append([str(d.scope.budget), scope, window, spend, limit,
                          f"{w.used_percent:.1f}%", d.state.value, d.reason])
-    render_table(rows, out)
+    tables.render(rows, out)
     if result.directives:
         print(file=out)
         rows = [["WORKLOAD", "STATE", "BUDGET", "MODEL", "TOKENS/MIN", "ALLOWED"]]
@@ -183,7 +240,7 @@ def print_evaluation(result: Evaluation, world: World, out: TextIO) -> None:
                          str(dr.tokens_per_minute or "-"),
                          ",".join(sorted(dr.allowed_models)) if dr.allowed_models is not None
                          else "*"])
-        render_table(rows, out)
+        tables.render(rows, out)
     for d in result.decisions:
         print(f"{d.scope}: {d.state.value} ({d.reason}) {d.message}", file=out)
 
@@ -275,8 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     ru = sub.add_parser("rules", help="print the Prometheus recording rules for long windows")
     ru.add_argument("--out", help="write the rules file here instead")
 
-    v = sub.add_parser("validate", help="check manifests (files or directories)")
+    v = sub.add_parser("validate", help="check manifests (files or directories) as the "
+                       "cluster would: API server, CRD schema and the operator's webhook")
     v.add_argument("paths", nargs="+")
+    v.add_argument("--catalog", action="append", default=[], metavar="PATH",
+                   help="ModelCatalogs already in the cluster, for the cross-object rules "
+                   "(reroute targets); not themselves reported")
+    v.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
     s = sub.add_parser("simulate", help="evaluate budgets against a spend snapshot, offline")
     s.add_argument("--budgets", nargs="+", required=True,
@@ -348,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(text)
         return 0
     if args.command == "validate":
-        return validate(args.paths, sys.stdout)
+        return validate(args.paths, sys.stdout, args.catalog, args.output == "json")
     if args.command == "simulate":
         at = args.at or dt.datetime.now(dt.UTC)
         return simulate(args.budgets, args.spend, at, sys.stdout, args.output == "json")
@@ -386,7 +448,7 @@ def status(args: argparse.Namespace, out: TextIO) -> int:
     if len(rows) == 1:
         print("no budgets", file=out)
         return 0
-    render_table(rows, out)
+    tables.render(rows, out)
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from harness import webhooks
-from harness.controlplane import ControlPlane, free_ports
+from harness.controlplane import ControlPlane
 from harness.exporter import AgentExporter
 from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
@@ -37,7 +37,7 @@ from token_budget.kube import (
     Kube,
 )
 from token_budget.webhooks.certificates import SECRETS
-from token_budget.webhooks.configuration import MUTATING, NAME, VALIDATING
+from token_budget.webhooks.configuration import NAME, VALIDATING
 
 REPO = Path(__file__).resolve().parents[2]
 A = "tokenbudget.io/"
@@ -47,55 +47,10 @@ A = "tokenbudget.io/"
 def operator(kube: Kube, controlplane: ControlPlane, prometheus: Prometheus,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """One operator serving webhooks on a loopback port; configurations removed afterwards."""
-    [port] = free_ports(1)
-    op = OperatorProcess(controlplane.kubeconfig, prometheus.url,
-                         tmp_path_factory.mktemp("webhook-operator"), identity="webhooks",
-                         extra_args=["--lease-name", f"wh-{uuid.uuid4().hex[:6]}",
-                                     "--webhook-port", str(port),
-                                     "--webhook-url", f"https://127.0.0.1:{port}"])
-    # Configurations left by an earlier test would point at a stopped operator: remove them
-    # first, so that waiting for them to exist waits for this operator's own.
-    for res in (VALIDATING, MUTATING):
-        try:
-            kube.request("DELETE", res.path(None, NAME))
-        except TargetNotFound:
-            pass
-    op.start()
-    try:
-        def ours() -> bool:
-            # Written by this operator: pointing at its port (not a leftover's).
-            if not (_exists(kube, VALIDATING) and _exists(kube, MUTATING)):
-                return False
-            hooks = kube.get(VALIDATING, None, NAME)["webhooks"] + \
-                kube.get(MUTATING, None, NAME)["webhooks"]
-            return all(h["clientConfig"].get("url", "").startswith(f"https://127.0.0.1:{port}/")
-                       for h in hooks)
-
-        eventually(ours, 30, what="this operator's webhook configurations")
-        # Written is not yet used: wait until the API server calls them (dry-run probes).
-        probe = f"wh-probe-{uuid.uuid4().hex[:6]}"
-        kube.create(NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace",
-                                       "metadata": {"name": probe}})
-        try:
-            webhooks.wait_in_effect(kube, probe)
-        finally:
-            kube.request("DELETE", NAMESPACES.path(None, probe))
+    with webhooks.serving_operator(kube, controlplane.kubeconfig, prometheus.url,
+                                   tmp_path_factory.mktemp("webhook-operator"),
+                                   identity="webhooks") as op:
         yield op
-    finally:
-        op.stop()
-        for res in (VALIDATING, MUTATING):
-            try:
-                kube.request("DELETE", res.path(None, NAME))
-            except TargetNotFound:
-                pass
-
-
-def _exists(kube: Kube, res: Any) -> bool:
-    try:
-        kube.get(res, None, NAME)
-        return True
-    except TargetNotFound:
-        return False
 
 
 def pod(name: str, model: str | None = None, labels: dict[str, str] | None = None
@@ -272,4 +227,4 @@ def test_the_configurations_fail_open_for_pods_and_trust_the_operators_own_ca(
     assert hooks["budgets.tokenbudget.io"]["failurePolicy"] == "Fail"
     secret = kube.get(SECRETS, "default", "token-budget-operator-webhook-tls")
     assert base64.b64decode(pods["clientConfig"]["caBundle"]) == \
-        base64.b64decode(secret["data"]["ca.crt"])
+        base64.b64decode(secret["data"]["ca-bundle.crt"])

@@ -273,7 +273,8 @@ def _rules(node: dict[str, Any]) -> list[str]:
 def test_the_cross_field_rules_are_also_cel_rules_for_the_api_server(kind: str) -> None:
     spec = _root(kind)["properties"]["spec"]
     assert any("exists_one" in r for r in _rules(spec)), "distinct atPercent"
-    assert _rules(spec["properties"]["limits"]["items"]) == ["has(self.tokens) || has(self.cost)"]
+    assert _rules(spec["properties"]["limits"]["items"]) == [
+        "has(self.tokens) || has(self.cost)", "!has(self.cost) || self.cost.matches('[1-9]')"]
     assert len(_rules(spec["properties"]["actions"]["items"])) == 2
 
 
@@ -281,5 +282,5 @@ def test_money_is_a_string_with_a_decimal_pattern_in_the_schema() -> None:
     limit = _root("TokenBudget")["properties"]["spec"]["properties"]["limits"]["items"]
     assert limit["properties"]["cost"] == {
         "type": "string", "pattern": types.MONEY_PATTERN,
-        "description": "Most money in the window, in the catalog's currency.",
+        "description": api.Limit.model_fields["cost"].description,
     }

@@ -59,7 +59,8 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
         "must be unique; 'house-model' is also spec.models[0]"),
     "float-money.yaml": (
         "TokenBudget team-search/float-cost", "spec.limits[0].cost",
-        'money must be a decimal string such as "12.50", not a float'),
+        'must be a decimal string such as "12.50" (up to 12 digits, 9 decimals), not the '
+        'number'),
     "empty-limits.yaml": (
         "TokenBudget team-search/no-limits", "spec.limits", "must have at least 1 item"),
     "unknown-field.yaml": (
@@ -149,8 +150,13 @@ CATALOG_MODELS = _catalog(_model("big", "9.00", equivalents=["small"]), _model("
     ("spec", "expected"),
     [
         pytest.param({"limits": [{"window": "24h", "tokens": 1}, {"window": "24h", "cost": "1"}]},
-                     [("spec.limits[1]", "must not repeat spec.limits[0] (same window and model)")],
+                     [("spec.limits[1].window", "must not repeat spec.limits[0].window (both "
+                       "24h) for the same model: merge the two limits into one")],
                      id="the same window twice is refused"),
+        pytest.param({"limits": [{"window": "24h", "tokens": 1}, {"window": "1d", "cost": "1"}]},
+                     [("spec.limits[1].window", "must not repeat spec.limits[0].window (1d is "
+                       "24h) for the same model: merge the two limits into one")],
+                     id="one span spelled two ways is refused"),
         pytest.param({"limits": [{"window": "24h", "tokens": 1},
                                  {"window": "24h", "tokens": 9, "model": "big"}]},
                      [], id="the same window for one model is a separate limit"),

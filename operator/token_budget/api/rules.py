@@ -3,18 +3,25 @@
 Used by ``tokenbudget validate``, by the validating admission webhook and by
 the operator before it acts on an object, so the three say the same thing.
 Each :class:`Problem` names the field path (``spec.actions[2].atPercent``) and
-says what would be valid, in the API-convention "must" form.
+says what would be valid, in the API-convention "must" form; a rule across
+fields names the other field too.
+
+Spend-matcher regular expressions end up in PromQL, so they are checked with
+RE2 (google-re2, the C++ library whose syntax Go's regexp, and so Prometheus,
+implements) in the form Prometheus compiles them, ``^(?s:...)$``; Python's
+``re`` would accept lookaheads and backreferences that Prometheus refuses.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pydantic
+import re2
 
 from token_budget.api import v1alpha1 as api
 from token_budget.api.types import Calendar, LabelSelector, parse_window, pattern_matches
@@ -64,6 +71,11 @@ _MUST = {
     "less_than_equal": "must be less than or equal to {le}",
     "enum": "must be one of {expected}",
     "literal_error": "must be {expected}",
+    "timezone_aware": "must have a time-zone offset, such as 2025-07-01T00:00:00Z or "
+                      "2025-07-01T09:00:00+02:00",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "string_type": "must be a string",
 }
 
 
@@ -132,11 +144,16 @@ def _budget_problems(spec: api.TokenBudgetSpec,
             out.append(Problem(f"spec.limits[{i}].timeZone",
                                "must be left unset for a rolling window; only Day, Week and "
                                "Month start at a time of day"))
-        key = (lim.window, lim.time_zone, lim.model)
+        # 24h and 1d (and 1440m) are one span: the same limit twice, the smaller one wins.
+        key = (str(kind), lim.time_zone, lim.model)
         if key in seen:
-            out.append(Problem(f"spec.limits[{i}]",
-                               f"must not repeat spec.limits[{seen[key]}] (same window and model)"))
-        seen[key] = i
+            j = seen[key]
+            same = spec.limits[j].window
+            spelled = f"{lim.window} is {same}" if same != lim.window else f"both {same}"
+            out.append(Problem(f"spec.limits[{i}].window",
+                               f"must not repeat spec.limits[{j}].window ({spelled}) for the "
+                               "same model: merge the two limits into one"))
+        seen.setdefault(key, i)
     prev: api.Action | None = None
     for i, action in enumerate(spec.actions):
         if prev is not None and action.at_percent <= prev.at_percent:
@@ -148,15 +165,20 @@ def _budget_problems(spec: api.TokenBudgetSpec,
                                f"must not be less restrictive than {prev.type.value} below it: "
                                "the ladder goes Warn, Reroute, Throttle, Block"))
         prev = action
+    blocks = [i for i, a in enumerate(spec.actions) if a.type is api.ActionType.BLOCK]
+    for i in blocks[1:]:
+        out.append(Problem(f"spec.actions[{i}].type",
+                           f"must not be a second Block: spec.actions[{blocks[0]}] already "
+                           f"blocks at {spec.actions[blocks[0]].at_percent}%"))
     for field, matchers in (("spendMatchers", spec.spend_matchers),
                             ("outcome.matchers", spec.outcome.matchers if spec.outcome else ())):
         for i, m in enumerate(matchers):
             if m.operator in (api.MatchOperator.REGEX, api.MatchOperator.NOT_REGEX):
-                try:
-                    re.compile(m.value)
-                except re.error as exc:
+                error = promql_regex_error(m.value)
+                if error:
                     out.append(Problem(f"spec.{field}[{i}].value",
-                                       f"must be a valid regular expression: {exc}"))
+                                       "must be a valid regular expression in RE2 syntax, as "
+                                       f"Prometheus reads it: {error}"))
     both = set(spec.allowed_models) & set(spec.denied_models)
     for name in sorted(both):
         out.append(Problem("spec.deniedModels",
@@ -165,18 +187,77 @@ def _budget_problems(spec: api.TokenBudgetSpec,
             and spec.outcome.on_exceeded is not api.ActionType.WARN:
         out.append(Problem("spec.outcome.maxCostPerOutcome",
                            "must be set when onExceeded is given"))
-    if catalog_models is not None:
-        names = {m.name for m in catalog_models}
-        for i, action in enumerate(spec.actions):
-            if action.type is api.ActionType.REROUTE and action.model:
-                if action.model not in names:
-                    out.append(Problem(f"spec.actions[{i}].model",
-                                       f"must name a model in a ModelCatalog; {action.model!r} "
-                                       f"is in none (known: {', '.join(sorted(names)) or 'none'})"))
-                elif any(pattern_matches(p, action.model) for p in spec.denied_models):
-                    out.append(Problem(f"spec.actions[{i}].model",
-                                       f"must not be a model this budget denies: {action.model!r}"))
+    out += _reroute_problems(spec, catalog_models)
     return out
+
+
+def _reroute_problems(spec: api.TokenBudgetSpec,
+                      catalog_models: Sequence[api.CatalogModel] | None) -> list[Problem]:
+    """A named Reroute target must exist and be a model this same budget allows.
+
+    Otherwise the reroute sends agents to a model that admission then refuses. A
+    Reroute without a model needs no check here: the engine only picks equivalents
+    the budget allows (``engine.cheapest_equivalent``). Without a catalog, only the
+    budget's own allowedModels and deniedModels are checked.
+    """
+    out = []
+    by_name = {m.name: m for m in catalog_models or ()}
+    for i, action in enumerate(spec.actions):
+        if action.type is not api.ActionType.REROUTE or not action.model:
+            continue
+        path = f"spec.actions[{i}].model"
+        entry = by_name.get(action.model)
+        if catalog_models is not None and entry is None:
+            out.append(Problem(path, f"must name a model in a ModelCatalog; {action.model!r} "
+                                     f"is in none (known: {', '.join(sorted(by_name)) or 'none'})"))
+            continue
+        names = {action.model, *(entry.aliases if entry else ())}
+        denied = next((p for p in spec.denied_models for n in names if pattern_matches(p, n)),
+                      None)
+        if denied is not None:
+            out.append(Problem(path, f"must not be a model this budget denies: {action.model!r} "
+                                     f"matches deniedModels {denied!r}"))
+        elif entry is not None and entry.tier in spec.denied_tiers:
+            out.append(Problem(path, f"must not be a model this budget denies: {action.model!r} "
+                                     f"is {entry.tier.value}, and deniedTiers includes it"))
+        elif spec.allowed_models and not any(pattern_matches(p, n) for p in spec.allowed_models
+                                             for n in names):
+            out.append(Problem(path, f"must be a model this budget allows: {action.model!r} "
+                                     "matches none of allowedModels "
+                                     f"({', '.join(spec.allowed_models)})"))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def promql_regex_error(value: str) -> str | None:
+    """Why Prometheus would refuse ``value`` as a ``=~`` matcher; None when it would not.
+
+    Prometheus anchors the expression as ``^(?s:value)$`` and compiles it with Go's
+    regexp, whose syntax is RE2's. google-re2 accepts one construct Go refuses, ``\\C``
+    (any byte), which is refused here by hand.
+    """
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        re2.compile(f"^(?s:{value})$", options)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        return detail.decode() if isinstance(detail, bytes) else str(detail)
+    if _has_any_byte_escape(value):
+        return "invalid escape sequence: \\C"
+    return None
+
+
+def _has_any_byte_escape(value: str) -> bool:
+    i = 0
+    while i < len(value) - 1:
+        if value[i] == "\\":
+            if value[i + 1] == "C":
+                return True
+            i += 2
+        else:
+            i += 1
+    return False
 
 
 def _catalog_problems(spec: api.ModelCatalogSpec) -> list[Problem]:
@@ -201,6 +282,7 @@ def _catalog_problems(spec: api.ModelCatalogSpec) -> list[Problem]:
                 if other.pricing.input + other.pricing.output > price:
                     out.append(Problem(path, f"must be cheaper than {m.name}: {eq} costs more "
                                              "per million input + output tokens"))
+    out += _equivalent_cycles(spec, by_name)
     for i, m in enumerate(spec.models):
         for j, alias in enumerate(m.aliases):
             for k, other in enumerate(spec.models):
@@ -208,3 +290,68 @@ def _catalog_problems(spec: api.ModelCatalogSpec) -> list[Problem]:
                     out.append(Problem(f"spec.models[{i}].aliases[{j}]",
                                        f"must not match another model's name ({other.name!r})"))
     return out
+
+
+def _equivalent_cycles(spec: api.ModelCatalogSpec, by_name: dict[str, int]) -> list[Problem]:
+    """Equivalents must not lead back to the model: a reroute would go round in circles.
+
+    Every equivalent costs at most its model (checked above), so a cycle is a ring of
+    models at one price, each "cheaper" than the next. Found as the strongly connected
+    components of the equivalents graph (linear, whatever the catalog's size), reported
+    once per ring at the equivalent of its first model that stays in the ring.
+    """
+    edges = {m.name: [e for e in m.equivalents if e in by_name and e != m.name]
+             for m in spec.models}
+    out = []
+    for ring in _components(edges):
+        if len(ring) < 2:
+            continue
+        first = min(ring, key=lambda n: by_name[n])
+        model = spec.models[by_name[first]]
+        j = next(j for j, e in enumerate(model.equivalents) if e in ring and e != first)
+        names = ", ".join(sorted(ring, key=lambda n: by_name[n]))
+        out.append(Problem(f"spec.models[{by_name[first]}].equivalents[{j}]",
+                           f"must not lead back to {first}: the equivalents of {names} form "
+                           "a cycle at one price; an equivalent must be a cheaper model"))
+    return out
+
+
+def _components(edges: dict[str, list[str]]) -> list[set[str]]:
+    """Tarjan's strongly connected components, iteratively (no recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[set[str]] = []
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            node, nxt = work.pop()
+            if nxt == 0:
+                index[node] = low[node] = len(index)
+                stack.append(node)
+                on_stack.add(node)
+            targets = edges.get(node, [])
+            if nxt < len(targets):
+                work.append((node, nxt + 1))
+                child = targets[nxt]
+                if child not in index:
+                    work.append((child, 0))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            if low[node] == index[node]:
+                ring = set()
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    ring.add(top)
+                    if top == node:
+                        break
+                found.append(ring)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+    return found

@@ -20,8 +20,10 @@ import datetime as dt
 import enum
 from typing import Any, Final, Literal
 
+import pydantic
 from pydantic import ConfigDict, Field, model_validator
 
+from token_budget.api import cel
 from token_budget.api.conditions import Condition
 from token_budget.api.types import (
     WINDOW_PATTERN,
@@ -191,14 +193,7 @@ class Limit(_Base):
     """A cap on spend over one window, in tokens and/or money."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "has(self.tokens) || has(self.cost)",
-                    "message": "a limit must set tokens, cost or both",
-                },
-            ]
-        }
+        json_schema_extra=cel.validations(cel.LIMIT_TOKENS_OR_COST, cel.LIMIT_COST_POSITIVE)
     )
 
     window: str = Field(
@@ -214,7 +209,10 @@ class Limit(_Base):
         default=None, ge=1, description="Most tokens (input + output + cached) in the window."
     )
     cost: Money | None = Field(
-        default=None, description="Most money in the window, in the catalog's currency."
+        default=None,
+        description="Most money in the window, in the catalog's currency. Must be greater "
+        "than zero: \"0.00\" is refused rather than read as either \"no cap\" or \"block "
+        "everything\"; leave cost unset for no money cap, and use a Block action to block.",
     )
     model: ModelPattern | None = Field(
         default=None,
@@ -223,9 +221,11 @@ class Limit(_Base):
 
     @model_validator(mode="after")
     def _tokens_or_cost(self) -> Limit:
-        # Mirrors the CEL rule, so `tokenbudget validate` says what the API server says.
+        # The CEL rules' twins for objects read back from the API (written before the rule).
         if self.tokens is None and self.cost is None:
-            raise ValueError("a limit must set tokens, cost or both")
+            raise ValueError(cel.LIMIT_TOKENS_OR_COST.message)
+        if self.cost is not None and self.cost <= 0:
+            raise ValueError(cel.LIMIT_COST_POSITIVE.message)
         return self
 
 
@@ -242,18 +242,8 @@ class Action(_Base):
     """One rung of the ladder: what happens from a percentage of a limit on."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.type == 'Reroute' || !has(self.model)",
-                    "message": "model may only be set on a Reroute action",
-                },
-                {
-                    "rule": "self.type == 'Throttle' || !has(self.tokensPerMinute)",
-                    "message": "tokensPerMinute may only be set on a Throttle action",
-                },
-            ]
-        }
+        json_schema_extra=cel.validations(cel.ACTION_MODEL_ON_REROUTE,
+                                          cel.ACTION_RATE_ON_THROTTLE)
     )
 
     type: ActionType = Field(description="Warn, Reroute, Throttle or Block.")
@@ -278,9 +268,9 @@ class Action(_Base):
     @model_validator(mode="after")
     def _fields_fit_type(self) -> Action:
         if self.model is not None and self.type is not ActionType.REROUTE:
-            raise ValueError("model may only be set on a Reroute action")
+            raise ValueError(cel.ACTION_MODEL_ON_REROUTE.message)
         if self.tokens_per_minute is not None and self.type is not ActionType.THROTTLE:
-            raise ValueError("tokensPerMinute may only be set on a Throttle action")
+            raise ValueError(cel.ACTION_RATE_ON_THROTTLE.message)
         return self
 
 
@@ -309,7 +299,10 @@ class WhenSpendUnknown(_Base):
 class BudgetException(_Base):
     """A time-limited exception: caps the ladder until a time, then expires by itself."""
 
-    until: dt.datetime = Field(description="When the exception ends (RFC 3339).")
+    until: pydantic.AwareDatetime = Field(
+        description="When the exception ends: an RFC 3339 time with a time-zone offset "
+        "(2025-07-01T00:00:00Z, 2025-07-01T09:00:00+02:00).",
+    )
     reason: str = Field(min_length=1, max_length=1024, description="Why; shown in status.")
     max_action: ActionType = Field(
         default=ActionType.WARN,
@@ -355,17 +348,7 @@ def _default_selector() -> LabelSelector:
 class TokenBudgetSpec(_Base):
     """What a namespace may spend on LLM tokens, and what happens past it."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.actions) || self.actions.all(a, "
-                    "self.actions.exists_one(b, b.atPercent == a.atPercent))",
-                    "message": "actions must have distinct atPercent values",
-                },
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=cel.validations(cel.SPEC_DISTINCT_THRESHOLDS))
 
     mode: Mode = Field(
         default=Mode.ENFORCE,
@@ -427,7 +410,7 @@ class TokenBudgetSpec(_Base):
     def _distinct_thresholds(self) -> TokenBudgetSpec:
         seen = [a.at_percent for a in self.actions]
         if len(seen) != len(set(seen)):
-            raise ValueError("actions must have distinct atPercent values")
+            raise ValueError(cel.SPEC_DISTINCT_THRESHOLDS.message)
         return self
 
 
