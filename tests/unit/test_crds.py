@@ -282,5 +282,5 @@ def test_money_is_a_string_with_a_decimal_pattern_in_the_schema() -> None:
     limit = _root("TokenBudget")["properties"]["spec"]["properties"]["limits"]["items"]
     assert limit["properties"]["cost"] == {
         "type": "string", "pattern": types.MONEY_PATTERN,
-        "description": api.Limit.model_fields["cost"].description,
+        "description": api.Limit.model_fields["cost"].description, "maxLength": 22,
     }

@@ -5,7 +5,8 @@ on a create of one of our objects is, in order:
 
 1. ``kubectl`` finds the kind: ``apiVersion`` and ``kind`` must name a served
    kind (else "no matches for kind");
-2. strict field validation: unknown fields anywhere, ``metadata`` included;
+2. strict field validation: unknown fields anywhere, ``metadata`` included
+   (system fields such as ``resourceVersion`` are accepted: a create ignores them);
 3. the object-metadata rules every API object obeys (name a DNS-1123
    subdomain, label and annotation syntax);
 4. the CRD's structural schema, after the API server drops nulls and applies
@@ -46,7 +47,6 @@ from token_budget.api.rules import Problem
 from token_budget.api.types import MONEY_PATTERN, WINDOW_PATTERN
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-_JSON_SAFE_INTEGER = 2**53  # a float above this is not "a JSON integer" to the API server
 
 # What a pattern means, in words, when its field's description does not say it.
 _PATTERN_WORDS = {
@@ -209,9 +209,6 @@ def _metadata_problems(meta: Any, kind: Kind) -> list[Problem]:
                            "must be a namespace name: at most 63 lowercase letters, digits "
                            f"and '-', starting and ending with a letter or digit, not "
                            f"{namespace!r}"))
-    if meta.get("resourceVersion"):
-        out.append(Problem("metadata.resourceVersion",
-                           "must not be set on an object to be created"))
     if (meta.get("generation") or 0) < 0:
         out.append(Problem("metadata.generation", "must be greater than or equal to 0"))
     for key, value in (meta.get("labels") or {}).items():
@@ -345,9 +342,10 @@ def _type_ok(value: Any, type_: str) -> bool:
     if isinstance(value, bool):
         return False
     if type_ == "integer":
-        # A float with no fraction is an integer to the API server (kube-openapi's isFloatInt).
-        return isinstance(value, int) or (isinstance(value, float) and value.is_integer()
-                                          and abs(value) <= _JSON_SAFE_INTEGER)
+        # kube-openapi's schema check takes 5.0 for an integer, but a CEL rule that reads
+        # it fails ("expected int, got float64"), and every integer of a budget sits under
+        # one (the differential test found it): refused everywhere, "write 5".
+        return isinstance(value, int)
     if type_ == "number":
         return isinstance(value, int | float)
     return True
@@ -362,6 +360,8 @@ def _about(schema: Mapping[str, Any]) -> str:
 def _hint(type_: str, value: Any) -> str:
     if type_ in ("integer", "number") and isinstance(value, str):
         return ": write the number without quotes"
+    if type_ == "integer" and isinstance(value, float) and value.is_integer():
+        return f": write {int(value)}"
     if type_ == "string" and isinstance(value, int | float) and not isinstance(value, bool):
         return ": put it in quotes"
     return ""
