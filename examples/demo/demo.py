@@ -108,6 +108,7 @@ class Agent(threading.Thread):
         self.tps = tokens_per_second
         self.output_share = output_share
         self.file = demo.tmp / f"{ns}-{name}.annotations"
+        self.file.touch()  # the kubelet projects the file before the container starts
         self.governor = Governor(str(self.file), default_model=model,
                                  sleep=lambda s: demo.stopping.wait(s))
         self.note = ""

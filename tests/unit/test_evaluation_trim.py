@@ -136,10 +136,30 @@ def test_what_the_evaluation_never_reads_is_dropped() -> None:
     for obj in _objects(OURS):
         small = trimmed(obj, DEFAULT_MODEL_ENV)
         text = json.dumps(small)
-        for gone in ("volumes", "tolerations", "status", "secret", "last-applied",
-                     "prometheus.io", "strategy", "schedule", "creationTimestamp"):
+        for gone in ("volumes", "tolerations", "conditions", "qosClass", "secret",
+                     "last-applied", "prometheus.io", "strategy", "schedule",
+                     "creationTimestamp"):
             assert gone not in text, (obj["kind"], gone)
+        if obj["kind"] != "Pod":
+            assert "status" not in small, obj["kind"]
         assert len(text) < len(json.dumps(obj)) / 3
+
+
+@pytest.mark.parametrize(("status", "deleting", "live"), [
+    pytest.param({"phase": "Pending"}, False, True, id="a pending pod takes a share"),
+    pytest.param({"phase": "Running"}, False, True, id="a running pod takes a share"),
+    pytest.param({"phase": "Succeeded"}, False, False, id="a finished pod takes none"),
+    pytest.param({"phase": "Failed"}, False, False, id="a failed pod takes none"),
+    pytest.param({"phase": "Running"}, True, False, id="a pod being deleted takes none"),
+])
+def test_a_trimmed_pod_keeps_whether_it_is_live(status: dict[str, str], deleting: bool,
+                                                live: bool) -> None:
+    pod = _objects({})[-1]
+    pod["status"] = {**status, "qosClass": "BestEffort"}
+    if deleting:
+        pod["metadata"]["deletionTimestamp"] = "2026-11-23T12:00:00Z"
+    assert patches.live(trimmed(pod, DEFAULT_MODEL_ENV)) is live
+    assert patches.live(pod) is live
 
 
 def test_only_the_configured_model_variables_are_kept() -> None:

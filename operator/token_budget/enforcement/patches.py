@@ -12,7 +12,8 @@ What the directive annotations say (all under ``tokenbudget.io/``)::
     reason             CamelCase reason of that budget's decision
     use-model          the model to use instead (Reroute)
     allowed-models     comma-separated catalog models allowed (absent: no restriction)
-    tokens-per-minute  the token rate (Throttle)
+    tokens-per-minute  the token rate (Throttle): the workload's on the workload,
+                       on each pod its share (see :func:`pod_share`)
     updated-at         when the directive last changed (RFC 3339)
 
 Block keeps what it changes, in the same patch, so a restore is exact even if
@@ -20,6 +21,11 @@ the operator dies right after the write::
 
     Deployment/StatefulSet  spec.replicas -> 0,  previous-replicas = old value
     Job/CronJob             spec.suspend -> true, previous-suspend = old value
+
+A Block on a pod that is its own governed unit (a bare Pod, or one whose
+DaemonSet or ReplicaSet the operator does not govern) changes annotations
+only: the operator deletes nothing it could not put back, and says so with a
+``CannotStop`` Event (:func:`cannot_stop`).
 
 Directives go on object metadata only, never on a pod template: changing a
 template would restart every pod. ``tokenbudget.io/enforced=true`` (a label)
@@ -29,6 +35,7 @@ once no budget selects it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from typing import Any
@@ -51,6 +58,11 @@ DIRECTIVE_KEYS = (STATE, BUDGET, REASON, USE_MODEL, ALLOWED_MODELS, TOKENS_PER_M
 ALL_KEYS = (*DIRECTIVE_KEYS, UPDATED_AT, PREVIOUS_REPLICAS, PREVIOUS_SUSPEND)
 SCALABLE = ("Deployment", "StatefulSet")
 SUSPENDABLE = ("Job", "CronJob")
+# A pod's share of its workload's rate is rewritten only when it moves by more than this
+# fraction: the paced rate moves a little at most evaluations, and a patch per pod per
+# interval would be write load for nothing. Kept shares hold the workload within 5 % of
+# its rate.
+RATE_MARGIN = 0.05
 
 
 def directive_annotations(d: Directive) -> dict[str, str]:
@@ -63,6 +75,56 @@ def directive_annotations(d: Directive) -> dict[str, str]:
     if d.tokens_per_minute is not None:
         out[TOKENS_PER_MINUTE] = str(d.tokens_per_minute)
     return out
+
+
+def share(rate: int, pods: int) -> int:
+    """One pod's part of a workload's token rate (at least 1 token a minute)."""
+    return max(1, rate // max(1, pods))
+
+
+def live(pod: Mapping[str, Any]) -> bool:
+    """Whether a pod may still spend: not finished and not being deleted."""
+    phase = (pod.get("status") or {}).get("phase")
+    return phase not in ("Succeeded", "Failed") and not _meta(pod).get("deletionTimestamp")
+
+
+def pod_share(directive: Directive | None, pods: int, pod: Mapping[str, Any]
+              ) -> Directive | None:
+    """The directive for one of ``pods`` live pods of a workload: its share of the rate.
+
+    Every agent's Governor spends the rate its own pod carries, so the
+    workload's rate is divided among its live pods. The share the pod already
+    carries is kept while it is within :data:`RATE_MARGIN` of the new one.
+    """
+    if directive is None or directive.tokens_per_minute is None:
+        return directive
+    wanted = share(directive.tokens_per_minute, pods)
+    try:
+        have = int((_meta(pod).get("annotations") or {}).get(TOKENS_PER_MINUTE, ""))
+    except ValueError:
+        have = 0
+    if have > 0 and abs(have - wanted) <= wanted * RATE_MARGIN:
+        wanted = have
+    return dataclasses.replace(directive, tokens_per_minute=wanted)
+
+
+def cannot_stop(pod: Mapping[str, Any], directive: Directive | None,
+                patch: Mapping[str, Any] | None) -> str | None:
+    """The ``CannotStop`` Event message when this patch blocks a pod nothing can stop.
+
+    For a pod that is its own governed unit only; None unless the patch is the
+    one that turns it Blocked (so one Event per transition).
+    """
+    if directive is None or not directive.blocked or not patch:
+        return None
+    if ((patch.get("metadata") or {}).get("annotations") or {}).get(STATE) != State.BLOCKED.value:
+        return None
+    owners = [f"{r.get('kind')}/{r.get('name')}" for r in _meta(pod).get("ownerReferences") or []]
+    what = f"its owner {', '.join(owners)} is" if owners else "a bare Pod is"
+    return (f"blocked by {directive.budget}, but {what} not a kind the operator can stop "
+            f"(it scales Deployments and StatefulSets to zero and suspends Jobs and CronJobs); "
+            f"the pod carries {STATE}=Blocked for its agent to obey, new pods are refused, "
+            f"and running ones stop only if their agent obeys or someone deletes them")
 
 
 def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -73,8 +73,10 @@ def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
     it), labels, the ``tokenbudget.io/`` annotations (directives, previous replicas,
     the model annotation), owner references (kind and name), ``replicas`` and
     ``suspend``, and of the pod (template) its labels, its ``tokenbudget.io/``
-    annotations and the model environment variables of its containers. Everything
-    else a listed pod carries (volumes, tolerations, status, other annotations) is
+    annotations and the model environment variables of its containers, and of a
+    pod its phase and deletion time (whether it takes a share of a rate). Everything
+    else a listed pod carries (volumes, tolerations, the rest of its status, other
+    annotations) is
     dropped as each page arrives: held for 5,000 pods it was most of the
     evaluation's memory.
     """
@@ -108,8 +110,12 @@ def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
     }
     kind = obj.get("kind")
     if kind == "Pod":
+        # What patches.live reads: a finished or deleted pod has no share of a rate.
+        if meta.get("deletionTimestamp"):
+            out_meta["deletionTimestamp"] = meta["deletionTimestamp"]
         return {"kind": kind, "apiVersion": obj.get("apiVersion"), "metadata": out_meta,
-                "spec": pod(obj)["spec"]}
+                "spec": pod(obj)["spec"],
+                "status": {"phase": (obj.get("status") or {}).get("phase")}}
     out_spec: Obj = {k: spec[k] for k in ("replicas", "suspend") if k in spec}
     if kind == "CronJob":
         template = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template")
@@ -316,12 +322,18 @@ class Evaluator:
             enforced[d.budget] = enforced.get(d.budget, 0) + 1
         if self.settings.dry_run:
             return enforced
+        pods: dict[WorkloadKey, int] = {}  # live pods per unit, for their share of a rate
+        for key, obj in g.objects.items():
+            if key.kind == "Pod" and patches.live(obj):
+                pods[g.top[key]] = pods.get(g.top[key], 0) + 1
         for key, obj in sorted(g.objects.items()):
             unit = g.top[key]
             if unit in result.held:
                 continue  # Hold: spend unknown, keep what the workload has
             directive = result.directives.get(unit)
-            self._apply(key, obj, directive, now)
+            if key.kind == "Pod":
+                directive = patches.pod_share(directive, pods.get(unit, 1), obj)
+            self._apply(key, obj, directive, now, alone=unit == key)
         for unit, scaled in sorted(g.scaled_objects.items()):
             if unit in result.held:
                 continue
@@ -353,7 +365,7 @@ class Evaluator:
         return out
 
     def _apply(self, key: WorkloadKey, obj: Obj, directive: Directive | None,
-               now: dt.datetime) -> None:
+               now: dt.datetime, alone: bool = False) -> None:
         patch = patches.patch_for(obj, directive, now, may_scale=key.kind != "Pod")
         if patch is None:
             return
@@ -374,6 +386,9 @@ class Evaluator:
             return
         self.telemetry.action(key.kind, directive.state.value if directive else "Removed")
         if key.kind == "Pod":
+            cannot = patches.cannot_stop(obj, directive, patch) if alone else None
+            if cannot is not None:
+                self.event(obj, "Warning", "CannotStop", cannot)
             return
         text = patches.describe(patch)
         if drift:

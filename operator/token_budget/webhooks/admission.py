@@ -151,10 +151,21 @@ class AdmissionCache:
                 self.owners.pop(key, None)
             else:
                 ann = meta.get("annotations") or {}
-                self.owners[key] = {k: v for k, v in ann.items() if k in patches.DIRECTIVE_KEYS}
+                found = {k: v for k, v in ann.items() if k in patches.DIRECTIVE_KEYS}
+                rate = found.get(patches.TOKENS_PER_MINUTE, "")
+                if rate.isascii() and rate.isdigit():
+                    # A new pod takes its share of the owner's rate at once, not the whole
+                    # rate until the next evaluation divides it among the live pods.
+                    found[patches.TOKENS_PER_MINUTE] = str(patches.share(int(rate),
+                                                                         _pods_wanted(obj)))
+                self.owners[key] = found
 
     def owner_directive(self, namespace: str, pod: Mapping[str, Any]) -> dict[str, str]:
-        """The directive annotations of the pod's Deployment/StatefulSet/Job/CronJob."""
+        """The directive annotations of the pod's Deployment/StatefulSet/Job/CronJob.
+
+        Its ``tokens-per-minute`` is one pod's share: the owner's rate divided
+        by the replicas (Jobs: the parallelism) it asks for.
+        """
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
         with self.lock:
@@ -223,6 +234,15 @@ class AdmissionCache:
                 self._memo.clear()
             self._memo[key] = _Memo(generation, until, value)
         return value
+
+
+def _pods_wanted(obj: Mapping[str, Any]) -> int:
+    """How many pods a workload asks for at once: replicas, or a Job's parallelism."""
+    spec = obj.get("spec") or {}
+    if obj.get("kind") == "CronJob":
+        spec = (spec.get("jobTemplate") or {}).get("spec") or {}
+    wanted = spec.get("parallelism" if obj.get("kind") in patches.SUSPENDABLE else "replicas", 1)
+    return wanted if isinstance(wanted, int) and wanted > 0 else 1
 
 
 cache = AdmissionCache()
