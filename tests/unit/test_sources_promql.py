@@ -206,6 +206,8 @@ def test_a_later_evaluation_asks_a_calendar_window_for_a_longer_range() -> None:
 
 
 def test_spend_matcher_labels_become_group_labels_of_their_source() -> None:
+    # The source's own namespace/workload/model labels too: a matcher on them reads
+    # SpendSeries.labels like any other, so they must be there.
     budgets = [
         b.token_budget("a", spendMatchers=[{"label": "team", "value": "search"}]),
         b.token_budget("b", spendMatchers=[{"label": "env", "operator": "Regex", "value": "p.*"},
@@ -213,7 +215,8 @@ def test_spend_matcher_labels_become_group_labels_of_their_source() -> None:
         b.token_budget("c", source={"preset": "LiteLLM"}),
     ]
     plan = planner.plan(budgets, NOW)
-    assert plan.group_labels == {COUNTERS: ("env", "team"), _source(preset="LiteLLM"): ()}
+    assert plan.group_labels == {COUNTERS: ("env", "namespace", "team"),
+                                 _source(preset="LiteLLM"): ()}
 
 
 def test_outcome_counters_are_queried_once_per_metric_label_and_window() -> None:

@@ -57,6 +57,31 @@ def format_money(value: Decimal) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
+_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£"}
+_CENT = Decimal("0.01")
+_TEN_THOUSANDTH = Decimal("0.0001")
+
+
+def display_money(value: Decimal, currency: str, per_unit: bool = False) -> str:
+    """Money as people read it: ``$1,234.56``, ``1,234.56 CHF``.
+
+    The one formatter of money for people (status messages, reports, the
+    CLI); :func:`format_money` is the API's string.
+
+    Args:
+        value: the amount.
+        currency: an ISO 4217 code; USD, EUR and GBP get their symbol.
+        per_unit: a price per unit (cost per outcome): an amount below one
+            keeps four decimals ($0.0004, not $0.00).
+    """
+    if per_unit and value < 1:
+        text = f"{value.quantize(_TEN_THOUSANDTH)}"
+    else:
+        text = f"{value.quantize(_CENT):,.2f}"
+    symbol = _SYMBOLS.get(currency)
+    return f"{symbol}{text}" if symbol else f"{text} {currency}"
+
+
 Money = Annotated[
     Decimal,
     BeforeValidator(_parse_money),

@@ -113,7 +113,14 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
 
     conds = cond.set_condition(conds, cond.READY, True, "Evaluated",
                                "the budget is valid and evaluated", now, generation)
-    if known and not seen:
+    unmatched = sorted({d.unmatched for d in decisions if d.unmatched})
+    if known and not seen and unmatched:
+        # The source answers, but for other namespaces (or other matcher values): say
+        # which, or a label that never names the namespace reads as "no spend yet" forever.
+        conds = cond.set_condition(conds, cond.METRICS_AVAILABLE, True, "NoSeriesMatchScope",
+                                   ("; ".join(unmatched)[:900] + "; counted as zero"), now,
+                                   generation)
+    elif known and not seen:
         conds = cond.set_condition(conds, cond.METRICS_AVAILABLE, True, "NoSpendYet",
                                    "Prometheus answered; no spend series exist yet for this "
                                    "scope, counted as zero", now, generation)

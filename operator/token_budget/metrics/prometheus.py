@@ -33,6 +33,7 @@ from urllib3.util import Retry
 
 from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
 from token_budget.metrics import promql
+from token_budget.policy import inputs
 from token_budget.policy.inputs import SpendSeries, SpendSnapshot
 from token_budget.policy.planner import Plan
 from token_budget.policy.sources import Kind, ResolvedSource
@@ -316,6 +317,7 @@ class PrometheusSource:
         retention = self.retention() if errors.keys() != set(plan.sources) else None
         return SpendSnapshot(taken_at=now, windows=windows, recent=recent,
                              recent_seconds=plan.recent_seconds, errors=errors,
+                             returned=_returned(windows, recent),
                              outcomes=outcomes, outcome_errors=outcome_errors,
                              window_errors=window_errors, retention_seconds=retention)
 
@@ -418,3 +420,22 @@ def _duration_seconds(text: str) -> int | None:
         num = ""
         i += len(unit)
     return int(total) if total and not num else None
+
+
+def _returned(windows: Mapping[Any, tuple[SpendSeries, ...]],
+              recent: Mapping[ResolvedSource, tuple[SpendSeries, ...]]
+              ) -> dict[ResolvedSource, inputs.SourceSample]:
+    """Per source, how many series its queries returned and a few namespace-label values."""
+    found: dict[ResolvedSource, set[tuple[str, str, str, tuple[tuple[str, str], ...]]]] = {}
+    parts = [(rs, series) for (rs, _), series in windows.items()] + list(recent.items())
+    for rs, series in parts:
+        keys = found.setdefault(rs, set())
+        keys.update((s.namespace, s.workload, s.model, s.labels) for s in series)
+    out = {}
+    for rs, keys in found.items():
+        values = sorted({k[0] for k in keys})
+        out[rs] = inputs.SourceSample(
+            series=len(keys), label=rs.namespace_label,
+            values=tuple(values[:inputs.SAMPLE_VALUES]),
+            more=max(0, len(values) - inputs.SAMPLE_VALUES))
+    return out

@@ -145,6 +145,9 @@ class Decision:
     dry_run: bool = False
     workloads: tuple[WorkloadKey, ...] = ()
     directives: dict[WorkloadKey, Directive] = field(default_factory=dict)
+    # Why no series of the source is the scope's although the source returned some
+    # (its labels name other namespaces, or the spend matchers turned every one away).
+    unmatched: str | None = None
 
     @property
     def worst_window(self) -> WindowUsage | None:
@@ -158,3 +161,19 @@ class Evaluation:
     decisions: tuple[Decision, ...]
     directives: dict[WorkloadKey, Directive]
     held: frozenset[WorkloadKey] = frozenset()
+
+
+@dataclass(frozen=True)
+class ScopeSpend:
+    """What one budget scope spent over one window, summed as its decision sums it.
+
+    ``outcomes`` is None when the budget declares no outcome counter or it was
+    not read; ``cost_per_outcome`` is None also when no outcome was counted.
+    """
+
+    scope: ScopeKey
+    namespaces: tuple[str, ...]
+    tokens: float
+    cost: Decimal
+    outcomes: float | None = None
+    cost_per_outcome: Decimal | None = None

@@ -43,6 +43,7 @@ test_engine_index.py holds each to the plain computation).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import functools
@@ -54,7 +55,13 @@ from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 
 from token_budget.api import v1alpha1 as api
-from token_budget.api.types import LabelSelector, SelectorOperator, pattern_matches, utc
+from token_budget.api.types import (
+    LabelSelector,
+    SelectorOperator,
+    display_money,
+    pattern_matches,
+    utc,
+)
 from token_budget.policy import sources, windows
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import (
@@ -63,6 +70,7 @@ from token_budget.policy.decisions import (
     Decision,
     Directive,
     Evaluation,
+    ScopeSpend,
     WindowUsage,
     merge,
 )
@@ -668,10 +676,7 @@ def _percent(value: Decimal, limit: Decimal) -> Decimal:
     return value * HUNDRED / limit
 
 
-def _money(value: Decimal, currency: str) -> str:
-    symbol = {"USD": "$", "EUR": "€", "GBP": "£"}.get(currency)
-    text = f"{value.quantize(Decimal('0.01')):,.2f}"
-    return f"{symbol}{text}" if symbol else f"{text} {currency}"
+_money = display_money  # the one formatter of money for people
 
 
 def describe(w: WindowUsage, currency: str) -> tuple[str, str]:
@@ -787,17 +792,8 @@ class _ScopeEval:
         spend = self.spend_source.window(o.window, "UTC").spend
         cost = (spend.total(self.namespaces, self.spec.spend_matchers, None).cost
                 if spend is not None else Decimal(0))
-        rows = self.context.outcome_rows(outcome_key(o), self.namespaces)
-        if rows is None:
-            return None
-        count = 0.0
-        for _, labels, value in rows:
-            lab = dict(labels)
-            if all(_matcher_ok(m, lab.get(m.label, "")) for m in o.matchers):
-                count += value
-        if count <= 0:
-            return None
-        return cost / Decimal(round(count, 6))
+        return _per_outcome(cost, _outcome_count(self.context, o, outcome_key(o),
+                                                 self.namespaces))
 
     # -- decision ------------------------------------------------------------
 
@@ -1030,6 +1026,8 @@ def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime) -> Evaluat
         for scope, namespaces in scopes(budget, context.namespaces):
             governed = governed_by(budget, namespaces, context.workloads)
             decision = _ScopeEval(budget, scope, namespaces, context, governed).decide()
+            if decision.spend_known and not decision.series_seen:
+                decision = _explain_unseen(decision, budget, context)
             decisions.append(decision)
             if decision.dry_run:
                 continue
@@ -1051,3 +1049,106 @@ def _scope_order(d: Decision) -> tuple[str, str, str, str]:
 def outcome_key(o: api.Outcome) -> str:
     """The key under which the snapshot holds an outcome counter's answer."""
     return OutcomeQuery.key_of(o.metric, o.namespace_label, WindowKey.of(o.window, "UTC"))
+
+
+# ---------------------------------------------------------------------------
+# Outcomes, spend per scope for reports, and why a scope saw nothing
+# ---------------------------------------------------------------------------
+
+
+def _outcome_count(context: _Context, o: api.Outcome, key: str,
+                   namespaces: tuple[str, ...]) -> float | None:
+    """Outcomes of the namespaces under the outcome's matchers; None when not read."""
+    rows = context.outcome_rows(key, namespaces)
+    if rows is None:
+        return None
+    count = 0.0
+    for _, labels, value in rows:
+        lab = dict(labels)
+        if all(_matcher_ok(m, lab.get(m.label, "")) for m in o.matchers):
+            count += value
+    return count
+
+
+def _per_outcome(cost: Decimal, count: float | None) -> Decimal | None:
+    if count is None or count <= 0:
+        return None
+    return cost / Decimal(round(count, 6))
+
+
+def scope_spend(world: World, snapshot: SpendSnapshot, now: dt.datetime,
+                key: WindowKey) -> list[ScopeSpend]:
+    """What every budget scope spent over one window, summed as its decision sums it.
+
+    The reading ``tokenbudget report`` shows: the snapshot's series of the
+    budget's source over ``key``, picked by the scope's namespaces and every
+    spend matcher (Equal, NotEqual, Regex, NotRegex), summed and priced as
+    :func:`evaluate` sums and prices them; outcomes under the outcome's
+    matchers over the same window, and the cost per outcome from both.
+
+    Args:
+        world: budgets, catalog, namespaces (workloads and memory are unused).
+        snapshot: spend read for :func:`token_budget.policy.planner.report_plan`
+            over ``key``; a source missing from it counts as zero spend.
+        now: the time the snapshot was taken at.
+        key: the window every scope is summed over.
+    """
+    context = _Context(world, snapshot, now)
+    out = []
+    for budget in world.budgets:
+        spend = context.spend(context.source(budget.spec.source).rs, key)
+        o = budget.spec.outcome
+        outcomes = (OutcomeQuery.key_of(o.metric, o.namespace_label, key)
+                    if o is not None else None)
+        for scope, namespaces in scopes(budget, context.namespaces):
+            tokens, cost = 0.0, _ZERO
+            if spend is not None:
+                part = spend.total(namespaces, budget.spec.spend_matchers, None)
+                tokens, cost = part.tokens, part.cost
+            count = None
+            if o is not None and outcomes is not None:
+                count = _outcome_count(context, o, outcomes, namespaces)
+            out.append(ScopeSpend(scope=scope, namespaces=namespaces, tokens=tokens, cost=cost,
+                                  outcomes=count, cost_per_outcome=_per_outcome(cost, count)))
+    return out
+
+
+_OPERATORS = {api.MatchOperator.EQUAL: "=", api.MatchOperator.NOT_EQUAL: "!=",
+              api.MatchOperator.REGEX: "=~", api.MatchOperator.NOT_REGEX: "!~"}
+
+
+def _explain_unseen(decision: Decision, budget: api.Budget, context: _Context) -> Decision:
+    """The decision, saying why its scope saw no series when the source returned some.
+
+    Without it a source whose labels never name the scope's namespaces (the
+    LiteLLM preset where ``team_alias`` is not the namespace) reads as a scope
+    that has not spent yet, forever.
+    """
+    source = context.source(budget.spec.source)
+    rs = source.rs
+    sample = context.snapshot.returned.get(rs)
+    if sample is None or not sample.series:
+        return decision
+    namespaces = decision.namespaces
+    where = (f"namespace {namespaces[0]}" if len(namespaces) == 1
+             else f"any of the namespaces {', '.join(namespaces)}")
+    matchers = budget.spec.spend_matchers
+    if matchers:
+        inside: set[tuple[str, str, str]] = set()
+        for lim in budget.spec.limits:
+            spend = source.window(lim.window, lim.time_zone).spend
+            if spend is not None:
+                inside.update((s.namespace, s.workload, s.model)
+                              for ns in namespaces for s in spend.by_ns.get(ns, ()))
+        if inside:
+            wanted = ", ".join(f'{m.label}{_OPERATORS[m.operator]}"{m.value}"' for m in matchers)
+            return dataclasses.replace(decision, unmatched=(
+                f"the {rs.preset} source returned {len(inside)} series for {where}; none "
+                f"satisfies the spendMatchers {wanted}"))
+    values = ", ".join(v or '""' for v in sample.values)
+    if sample.more:
+        values += f" and {sample.more} more"
+    many = len(sample.values) + sample.more > 1
+    return dataclasses.replace(decision, unmatched=(
+        f"the {rs.preset} source returned {sample.series} series, their {sample.label} "
+        f"{'values are' if many else 'value is'} {values}; none names {where}"))

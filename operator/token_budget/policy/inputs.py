@@ -102,6 +102,8 @@ class SpendSnapshot:
     recent: Mapping[ResolvedSource, tuple[SpendSeries, ...]] = field(default_factory=dict)
     recent_seconds: int = 600
     errors: Mapping[ResolvedSource, str] = field(default_factory=dict)
+    # What each source returned, whatever the scopes: says why a scope matched nothing.
+    returned: Mapping[ResolvedSource, SourceSample] = field(default_factory=dict)
     outcomes: Mapping[str, tuple[tuple[str, tuple[tuple[str, str], ...], float], ...]] = field(
         default_factory=dict
     )
@@ -110,6 +112,28 @@ class SpendSnapshot:
     window_errors: Mapping[tuple[ResolvedSource, WindowKey], str] = field(default_factory=dict)
     # How far back Prometheus keeps data (None: unknown): longer windows are incomplete.
     retention_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    """A small, bounded sample of what one source returned in an evaluation.
+
+    ``series`` counts the (namespace, workload, model) series of every query of
+    the source; ``values`` are the first :data:`SAMPLE_VALUES` distinct values
+    of its namespace label (``label``; ``team_alias`` for LiteLLM), sorted, and
+    ``more`` how many others there were. Enough for a status to say "the
+    LiteLLM source returned 12 series, their team_alias values are None,
+    default-team" without carrying every series.
+    """
+
+    series: int
+    label: str
+    values: tuple[str, ...] = ()
+    more: int = 0
+
+
+#: How many namespace-label values a :class:`SourceSample` keeps.
+SAMPLE_VALUES = 5
 
 
 @quick_init

@@ -9,6 +9,7 @@ PromQL; the engine reads the answers back by the same keys.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -71,9 +72,9 @@ def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 
             o = spec.outcome
             okey = (o.metric, o.namespace_label, WindowKey.of(o.window, "UTC"))
             outcome_groups.setdefault(okey, set()).update(m.label for m in o.matchers)
-    base = {}
-    for rs, labels in extra.items():
-        base[rs] = tuple(sorted(labels - {rs.namespace_label, rs.workload_label, rs.model_label}))
+    # Every label a matcher names is read into SpendSeries.labels, the source's own
+    # namespace, workload and model labels too: `pod=~"search-.*"` must see the pod.
+    base = {rs: tuple(sorted(labels)) for rs, labels in extra.items()}
     outcomes = tuple(
         sorted(
             OutcomeQuery(metric, ns_label, key, tuple(sorted(labels - {ns_label})))
@@ -87,3 +88,40 @@ def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 
         recent_seconds=recent_seconds,
         sources=tuple(sorted(extra)),
     )
+
+
+def rolling_key(seconds: int) -> WindowKey:
+    """The rolling window of ``seconds`` in its largest whole unit (``7d``, ``90m``).
+
+    Raises:
+        ValueError: ``seconds`` is not a whole number of minutes.
+    """
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds > 0 and seconds % size == 0:
+            return WindowKey.of(f"{seconds // size}{unit}", "UTC")
+    raise ValueError(f"a window of {seconds} s is not a whole number of minutes")
+
+
+def report_plan(budgets: Iterable[api.Budget], extra_sources: Iterable[ResolvedSource],
+                key: WindowKey, now: dt.datetime) -> Plan:
+    """The queries of a report over one window, read as an evaluation reads them.
+
+    Every source of the budgets (and ``extra_sources``; the Counters preset
+    when there is none) over ``key``, grouped by the labels the budgets'
+    spend matchers name, and every budget's outcome counter over the same
+    window. No burn-rate queries: a report has no forecast.
+    """
+    base = plan(budgets, now)
+    resolved = {rs for rs, _ in base.windows} | set(extra_sources)
+    if not resolved:
+        resolved = {sources.resolve(api.SpendSource())}
+    seconds = windows.range_seconds(key, now)
+    groups: dict[tuple[str, str], set[str]] = {}
+    for o in base.outcomes:
+        groups.setdefault((o.metric, o.namespace_label), set()).update(o.group_labels)
+    outcomes = tuple(sorted(OutcomeQuery(metric, label, key, tuple(sorted(labels)))
+                            for (metric, label), labels in groups.items()))
+    return dataclasses.replace(
+        base, windows={(rs, key): seconds for rs in sorted(resolved)},
+        group_labels={rs: base.group_labels.get(rs, ()) for rs in sorted(resolved)},
+        outcomes=outcomes, sources=())

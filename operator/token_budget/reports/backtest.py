@@ -27,6 +27,7 @@ from decimal import Decimal
 from typing import Any
 
 from token_budget.api import v1alpha1 as api
+from token_budget.api.types import display_money
 from token_budget.metrics.prometheus import PrometheusSource
 from token_budget.policy import engine, planner
 from token_budget.policy.catalog import Catalog
@@ -185,7 +186,7 @@ def table(bt: Backtest) -> str:
         for w, d in sorted(restricted.items()):
             lines.append(f"  {w}: throttled {d.get(api.State.THROTTLED, 0) / 3600:g}h, "
                          f"blocked {d.get(api.State.BLOCKED, 0) / 3600:g}h")
-    lines.append(f"spend avoided (upper bound): {bt.avoided_total.quantize(CENT)} {bt.currency}")
+    lines.append(f"spend avoided (upper bound): {display_money(bt.avoided_total, bt.currency)}")
     if bt.unknown_steps:
         lines.append(f"steps with spend unknown: {bt.unknown_steps}")
     return "\n".join(lines) + "\n"

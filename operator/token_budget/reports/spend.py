@@ -1,10 +1,15 @@
 """``tokenbudget report``: what the tokens bought, from Prometheus, without writing PromQL.
 
-Spend over ``--since`` by namespace, budget, model and workload (one query per
-spend source, the same PromQL the operator uses), cost per outcome where a
-budget declares outcomes, and the savings the catalog makes visible: spend on
-frontier models in namespaces whose budgets allow a cheaper equivalent, and
-what the same tokens would have cost there.
+Spend over ``--since`` by namespace, budget, model and workload, cost per
+outcome where a budget declares outcomes, and the savings the catalog makes
+visible: spend on frontier models in namespaces whose budgets allow a cheaper
+equivalent, and what the same tokens would have cost there.
+
+Spend is read the one way the operator reads it, so a report and a budget's
+status agree on the same window: the planner's queries
+(:func:`token_budget.policy.planner.report_plan`), the Prometheus adapter's
+snapshot (:meth:`PrometheusSource.collect`), and the engine's per-scope sums
+with every spend and outcome matcher (:func:`token_budget.policy.engine.scope_spend`).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from decimal import Decimal
 from typing import Any
 
 from token_budget.api import v1alpha1 as api
-from token_budget.metrics import promql
-from token_budget.metrics.prometheus import PrometheusSource, to_series
+from token_budget.api.types import display_money
+from token_budget.errors import MetricsError
+from token_budget.metrics.prometheus import PrometheusSource
 from token_budget.policy import engine, planner, sources
 from token_budget.policy.catalog import Catalog
-from token_budget.policy.inputs import SpendSeries
+from token_budget.policy.inputs import SpendSeries, SpendSnapshot
+from token_budget.reports import tables
 
 CENT = Decimal("0.01")
 
@@ -106,17 +113,18 @@ def _cost(s: SpendSeries, catalog: Catalog) -> Decimal | None:
 def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Catalog,
           namespaces: Mapping[str, Mapping[str, str]], since_seconds: int, at: dt.datetime,
           presets: Iterable[api.SpendSource] = ()) -> Report:
-    """Query Prometheus once per spend source over ``since`` and fold the answers."""
+    """Read spend over ``since`` as the operator reads it and fold it into a report.
+
+    Raises:
+        MetricsError: a source, a window or an outcome counter could not be read.
+        ValueError: ``since_seconds`` is not a whole number of minutes.
+    """
     report = Report(since_seconds=since_seconds, at=at, currency=catalog.currency)
-    specs = [b.spec.source for b in budgets] + list(presets)
-    resolved = sorted({sources.resolve(s) for s in specs} or
-                      {sources.resolve(api.SpendSource())})
-    extra = planner.plan(budgets, at).group_labels  # labels the budgets' matchers need
-    series: list[SpendSeries] = []
-    for rs in resolved:
-        labels = extra.get(rs, ())
-        items = source.query(promql.spend(rs, since_seconds, labels), at, "report")
-        series += to_series(rs, items, labels)
+    key = planner.rolling_key(since_seconds)
+    plan = planner.report_plan(budgets, {sources.resolve(p) for p in presets}, key, at)
+    snapshot = source.collect(plan, at)
+    _raise_errors(snapshot)
+    series = [s for (_, k), found in snapshot.windows.items() if k == key for s in found]
     for s in series:
         cost = _cost(s, catalog)
         if cost is None:
@@ -129,29 +137,28 @@ def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Cata
         entry = catalog.resolve(s.model)
         if entry is not None and entry.tier is api.Tier.FRONTIER:
             _saving(report, s, cost, entry, budgets, catalog, namespaces)
-    for b in budgets:
-        for scope_key, scope_ns in engine.scopes(b, namespaces or _seen(series)):
-            del scope_key
-            picked = [s for s in series if s.namespace in scope_ns
-                      and engine.series_matches(s, b.spec.spend_matchers)]
-            name = f"{b.kind}/{b.metadata.namespace + '/' if b.metadata.namespace else ''}" \
-                   f"{b.metadata.name}"
-            for s in picked:
-                report.by_budget[name].add(s.tokens, _cost(s, catalog) or Decimal(0))
-            if b.spec.outcome is not None:
-                o = b.spec.outcome
-                matchers = ",".join(f'{m.label}="{m.value}"' for m in o.matchers
-                                    if m.operator is api.MatchOperator.EQUAL)
-                sel = f"{o.metric}{{{matchers}}}" if matchers else o.metric
-                q = f"sum by ({o.namespace_label}) (increase({sel}[{since_seconds}s]))"
-                count = sum(float(it["value"][1]) for it in source.query(q, at, "report")
-                            if it["metric"].get(o.namespace_label) in scope_ns)
-                spent = report.by_budget[name].cost
-                prev = report.outcomes.get(name, (0.0, None))
-                total = prev[0] + count
-                report.outcomes[name] = (total, spent / Decimal(str(round(total, 6)))
-                                         if total > 0 else None)
+    world = engine.World(budgets=list(budgets), catalog=catalog,
+                         namespaces=namespaces or _seen(series))
+    counted: dict[str, tuple[float, Decimal]] = {}
+    for spent in engine.scope_spend(world, snapshot, at, key):
+        b = spent.scope.budget
+        name = f"{b.kind}/{b}"
+        report.by_budget[name].add(spent.tokens, spent.cost)
+        if spent.outcomes is not None:
+            n, cost = counted.get(name, (0.0, Decimal(0)))
+            counted[name] = (n + spent.outcomes, cost + spent.cost)
+    for name, (n, cost) in counted.items():
+        # One scope: the engine's own figure; several (PerNamespace): their sums, alike.
+        report.outcomes[name] = (n, cost / Decimal(round(n, 6)) if n > 0 else None)
     return report
+
+
+def _raise_errors(snapshot: SpendSnapshot) -> None:
+    """A report is all or nothing: the first source, window or outcome not read fails it."""
+    problems = [*snapshot.errors.values(), *snapshot.window_errors.values(),
+                *snapshot.outcome_errors.values()]
+    if problems:
+        raise MetricsError(problems[0])
 
 
 def _seen(series: Iterable[SpendSeries]) -> dict[str, dict[str, str]]:
@@ -192,27 +199,13 @@ def _saving(report: Report, s: SpendSeries, cost: Decimal, entry: api.CatalogMod
 # ---------------------------------------------------------------------------
 
 
-def money(value: Decimal, currency: str) -> str:
-    symbol = {"USD": "$", "EUR": "€", "GBP": "£"}.get(currency, "")
-    text = f"{value.quantize(CENT):,.2f}"
-    return f"{symbol}{text}" if symbol else f"{text} {currency}"
-
-
-def _unit_money(value: Decimal, currency: str) -> str:
-    """Money per unit: sub-cent amounts keep four decimals ($0.0004, not $0.00)."""
-    if value >= 1:
-        return money(value, currency)
-    symbol = {"USD": "$", "EUR": "€", "GBP": "£"}.get(currency, "")
-    text = f"{value.quantize(Decimal('0.0001'))}"
-    return f"{symbol}{text}" if symbol else f"{text} {currency}"
-
-
 def table(report: Report) -> str:
     out = io.StringIO()
     c = report.currency
     days = report.since_seconds / 86400
+    total = display_money(report.total.cost, c)
     print(f"Spend over the last {days:g} days (to {report.at:%Y-%m-%d %H:%M} UTC): "
-          f"{money(report.total.cost, c)} for {report.total.tokens:,.0f} tokens", file=out)
+          f"{total} for {report.total.tokens:,.0f} tokens", file=out)
     sections: list[tuple[str, dict[Any, Row]]] = [
         ("NAMESPACE", report.by_namespace), ("BUDGET", report.by_budget),
         ("MODEL", report.by_model), ("WORKLOAD", report.by_workload)]
@@ -224,31 +217,26 @@ def table(report: Report) -> str:
         for k, r in sorted(rows.items(), key=lambda kv: -kv[1].cost):
             share = (r.cost * 100 / report.total.cost) if report.total.cost else Decimal(0)
             lines.append(["/".join(k) if isinstance(k, tuple) else k, f"{r.tokens:,.0f}",
-                          money(r.cost, c), f"{share:.1f}%"])
-        _render(lines, out)
+                          display_money(r.cost, c), f"{share:.1f}%"])
+        tables.render(lines, out)
     if report.outcomes:
         print(file=out)
         lines = [["BUDGET", "OUTCOMES", "COST/OUTCOME"]]
         for b, (n, cpo) in sorted(report.outcomes.items()):
-            lines.append([b, f"{n:,.0f}", _unit_money(cpo, c) if cpo is not None else "-"])
-        _render(lines, out)
+            lines.append([b, f"{n:,.0f}",
+                          display_money(cpo, c, per_unit=True) if cpo is not None else "-"])
+        tables.render(lines, out)
     if report.savings:
         print(file=out)
         lines = [["NAMESPACE", "MODEL", "INSTEAD", "COST", "WOULD COST", "SAVED"]]
         for s in sorted(report.savings, key=lambda s: -s.saved):
-            lines.append([s.namespace, s.model, s.instead, money(s.cost, c),
-                          money(s.cost_instead, c), money(s.saved, c)])
-        _render(lines, out)
+            lines.append([s.namespace, s.model, s.instead, display_money(s.cost, c),
+                          display_money(s.cost_instead, c), display_money(s.saved, c)])
+        tables.render(lines, out)
     if report.unpriced:
         print(f"\nmodels without a catalog price (counted as zero): "
               f"{', '.join(sorted(report.unpriced))}", file=out)
     return out.getvalue()
-
-
-def _render(rows: list[list[str]], out: io.StringIO) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("   ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip(), file=out)
 
 
 def to_csv(report: Report) -> str:
@@ -280,7 +268,7 @@ def _bars(title: str, rows: list[tuple[str, Decimal]], currency: str, color: str
                      f'<rect x="240" y="{y}" width="{max(width, 1)}" height="20" '
                      f'fill="{color}" rx="3"/>'
                      f'<text x="{248 + width}" y="{y + 15}" font-size="13">'
-                     f'{_esc(money(value, currency))}</text>')
+                     f'{_esc(display_money(value, currency))}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -303,7 +291,7 @@ def html(report: Report) -> str:
         "h1{font-size:22px}h2{font-size:16px;margin-top:28px}.big{font-size:32px;"
         "font-weight:600}</style></head><body>"
         f"<h1>Token spend, last {days:g} days</h1>"
-        f"<div class='big'>{_esc(money(report.total.cost, c))}</div>"
+        f"<div class='big'>{_esc(display_money(report.total.cost, c))}</div>"
         f"<div>{report.total.tokens:,.0f} tokens to {report.at:%Y-%m-%d %H:%M} UTC</div>"
         + _bars("Spend by namespace", by, c, "#3b6fd8")
         + _bars("Spend by model", models, c, "#8a5cd6")
