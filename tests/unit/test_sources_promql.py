@@ -74,7 +74,12 @@ def _source(**body: object) -> sources.ResolvedSource:
 )
 def test_each_preset_reads_its_exporter_in_one_query(preset: str, expected: str) -> None:
     # `increase(S[r])` above stands for the exact per-series increase, promql.increase(S, r).
-    assert promql.spend(_source(preset=preset), 86400) == _exact(expected)
+    text = promql.spend(_source(preset=preset), 86400)
+    rows, gaps = text.split(' or label_replace(count by', 1)
+    assert rows == _exact(expected)
+    # Then the two gap rows: series per namespace whose start a scrape gap hid.
+    assert f'"tb_kind", "{promql.GAP_BRIDGED}"' in gaps
+    assert gaps.endswith(f'"tb_kind", "{promql.GAP_UNKNOWN}", "", "")')
 
 
 def _exact(text: str) -> str:
@@ -82,12 +87,37 @@ def _exact(text: str) -> str:
                   lambda m: promql.increase(m[1], int(m[2])), text)
 
 
-def test_the_exact_increase_splits_series_by_age_and_resets() -> None:
+def test_the_exact_increase_takes_the_first_case_that_applies_in_order() -> None:
     text = promql.increase("m", 3600)
-    assert text == (
-        "((last_over_time(m[3600s]) - m offset 3600s) unless (resets(m[3900s]) > 0))"
-        " or (increase(m[3600s]) and (resets(m[3900s]) > 0))"
-        " or (last_over_time(m[3600s]) unless m offset 3600s)")
+    start = "last_over_time(m[3600s] offset 3600s)"  # within the horizon, an hour here
+    last, first = "last_over_time(m[3600s])", "min_over_time(m[3600s])"
+    cases = text.split(" or ", 3)  # `or` keeps the first case a series matches
+    assert cases[0] == (f"((({last} - {start}) unless (resets(m[3600s]) > 0))"
+                        f" unless ({first} < {start}))")
+    assert cases[1] == "(increase(m[3600s]) and (resets(m[3600s]) > 0))"
+    assert cases[2] == f"({last} and ({first} < {start}))"
+    # Born in the window only with evidence (its target up at the start, or no target
+    # yet while Prometheus scraped); otherwise only the growth seen, never the lifetime.
+    assert "on (job, instance) (up offset 3600s == 1)" in cases[3]
+    assert "and on () (count(up offset 3600s) > 0)" in cases[3]
+    assert cases[3].endswith(f" or (({last} - {first}) unless {start})")
+
+
+@pytest.mark.parametrize(("window", "horizon"), [
+    pytest.param(60, 300, id="a minute looks back the lookback"),
+    pytest.param(3600, 3600, id="an hour looks back an hour"),
+    pytest.param(30 * 86400, 3 * 3600, id="a month looks back three hours at most"),
+])
+def test_the_start_value_is_looked_for_within_a_horizon_bounded_by_the_window(
+        window: int, horizon: int) -> None:
+    assert promql.horizon(window) == horizon
+    assert f"[{horizon}s] offset {window}s)" in promql.increase("m", window)
+
+
+def test_the_recording_rules_bridge_gaps_as_far_as_the_longest_horizon() -> None:
+    rules = promql.rules_file([COUNTERS])
+    expr = rules["groups"][0]["rules"][0]["expr"]  # type: ignore[index]
+    assert f"[{promql.MAX_HORIZON_SECONDS}s] offset 3600s)" in expr
 
 
 def test_only_litellm_reports_money_itself() -> None:

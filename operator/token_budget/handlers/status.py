@@ -18,7 +18,7 @@ from token_budget.api import v1alpha1 as api
 from token_budget.api.types import format_money, utc
 from token_budget.policy import engine
 from token_budget.policy.decisions import SEVERITY, Decision
-from token_budget.policy.inputs import Memory, ScopeKey
+from token_budget.policy.inputs import Gap, Memory, ScopeKey
 
 
 def _time(value: dt.datetime | None) -> str | None:
@@ -39,11 +39,14 @@ def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
 
 def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,
                   now: dt.datetime, enforced: int, old: dict[str, Any] | None,
-                  autoscaled: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+                  autoscaled: tuple[int, int] = (0, 0),
+                  dry_run: bool = False) -> dict[str, Any]:
     """The full status of a budget after an evaluation.
 
     ``autoscaled`` counts the governed workloads scaled by an HPA and by KEDA,
     which Block handles differently (said in the Enforcing condition).
+    ``dry_run`` is the operator's global ``--dry-run``: like a budget's own
+    ``mode: DryRun``, Enforcing then says what would be, not what workloads carry.
     """
     old = old or {}
     generation = budget.metadata.generation
@@ -135,12 +138,16 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
                                    "; ".join(errors)[:1000], now, generation)
     partial = [(u.window, u.covered) for d in decisions for u in d.windows
                if u.covered is not None]
+    gapped = _gaps(decisions)
     if partial:
         text = "; ".join(f"window {w}: {c * 100:.0f}% of it is still in Prometheus"
                          for w, c in sorted(set(partial)))
         conds = cond.set_condition(conds, cond.DATA_INCOMPLETE, True, "RetentionShorterThanWindow",
                                    f"{text}; spend is estimated from the covered part's rate "
                                    "(raise the retention or install the recording rules)",
+                                   now, generation)
+    elif gapped:
+        conds = cond.set_condition(conds, cond.DATA_INCOMPLETE, True, "ScrapeGap", gapped,
                                    now, generation)
     elif known:
         conds = cond.set_condition(conds, cond.DATA_INCOMPLETE, False, "WindowCovered",
@@ -149,7 +156,7 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
     if unpriced:
         status["message"] += f"; models without a catalog price count as zero cost: " \
                              f"{', '.join(unpriced)}"
-    dry = any(d.dry_run for d in decisions)
+    dry = dry_run or any(d.dry_run for d in decisions)
     restrictive = SEVERITY[worst.state] > 0
     if dry:
         conds = cond.set_condition(conds, cond.ENFORCING, False, "DryRun",
@@ -247,3 +254,23 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
         if key not in new:
             patch[key] = None
     return {"status": patch}
+
+
+def _gaps(decisions: Sequence[Decision]) -> str:
+    """The DataIncomplete message for windows whose start a scrape gap hid ("" if none)."""
+    found: dict[str, Gap] = {}
+    for d in decisions:
+        for u in d.windows:
+            if u.gap is not None:
+                found[u.window] = found[u.window] + u.gap if u.window in found else u.gap
+    texts = []
+    for window, g in sorted(found.items()):
+        if g.unknown:
+            texts.append(f"window {window}: {g.unknown} series have no sample within "
+                         "the horizon before its start (a scrape gap longer than the window "
+                         "or 3 h, or a Prometheus younger than the window); only the spend "
+                         "seen inside the window counts")
+        if g.bridged:
+            texts.append(f"window {window}: a scrape gap covers the start of {g.bridged} "
+                         "series; their spend during the gap counts in full")
+    return "; ".join(texts)

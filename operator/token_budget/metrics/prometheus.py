@@ -34,7 +34,7 @@ from urllib3.util import Retry
 from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
 from token_budget.metrics import promql
 from token_budget.policy import inputs
-from token_budget.policy.inputs import SpendSeries, SpendSnapshot
+from token_budget.policy.inputs import Gap, SpendSeries, SpendSnapshot
 from token_budget.policy.planner import Plan
 from token_budget.policy.sources import Kind, ResolvedSource
 
@@ -216,8 +216,14 @@ class PrometheusSource:
         self._rule_times[rs] = (when, at)
         return when
 
+    def _read(self, rs: ResolvedSource, text: str, at: dt.datetime, kind: str,
+              extra: tuple[str, ...] = ()) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
+        """One spend query: its series and its gap rows."""
+        items = self.query(text, at, kind)
+        return to_series(rs, items, extra), gaps_of(rs, items)
+
     def _from_rules(self, rs: ResolvedSource, seconds: int, now: dt.datetime,
-                    last: dt.datetime) -> tuple[SpendSeries, ...]:
+                    last: dt.datetime) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
         """A long window as hourly recorded buckets plus the raw series at both ends.
 
         ::
@@ -229,32 +235,37 @@ class PrometheusSource:
         than an hour, so a 30-day window reads 720 samples a series, not 172,800.
         """
         step = promql.RULE_STEP_SECONDS
+        # The raw parts join the buckets, which bridge gaps as far back as this: with the
+        # same horizon the parts tile, and a gap across a join is counted once.
+        horizon = promql.MAX_HORIZON_SECONDS
         start = now - dt.timedelta(seconds=seconds)
         buckets = int((last - start).total_seconds() // step)  # (T - 1h, T] inside the window
-        parts: list[tuple[SpendSeries, ...]] = []
+        parts: list[tuple[tuple[SpendSeries, ...], dict[str, Gap]]] = []
         if buckets >= 1:
             first_start = last - dt.timedelta(seconds=buckets * step)
             # Samples at last, last - 1h, ...; +1 s takes the oldest one whether range
             # selectors are closed (Prometheus 2) or left-open (Prometheus 3).
             span = (buckets - 1) * step + 1
-            parts.append(to_series(rs, self.query(promql.recorded(rs, span), last,
-                                                  "recorded")))
+            parts.append(self._read(rs, promql.recorded(rs, span), last, "recorded"))
             head = math.ceil((first_start - start).total_seconds())
         else:
             first_start = last
             head = math.ceil((last - start).total_seconds())
         if head > 0:
-            parts.append(to_series(rs, self.query(promql.spend(rs, head), first_start, "spend")))
+            parts.append(self._read(rs, promql.spend(rs, head, horizon_seconds=horizon),
+                                    first_start, "spend"))
         # Rounded up: a raw sample right at a join belongs in the range, or the spend
         # between it and the next sample would be lost.
         tail = math.ceil((now - last).total_seconds())
         if tail > 0:
-            parts.append(to_series(rs, self.query(promql.spend(rs, tail), now, "spend")))
-        return _sum_series(parts)
+            parts.append(self._read(rs, promql.spend(rs, tail, horizon_seconds=horizon),
+                                    now, "spend"))
+        return _sum_series([p[0] for p in parts]), _sum_gaps([p[1] for p in parts])
 
     def collect(self, plan: Plan, now: dt.datetime) -> SpendSnapshot:
         """Run every query of the plan at ``now``; failures are recorded per source."""
         windows: dict[Any, tuple[SpendSeries, ...]] = {}
+        gaps: dict[Any, dict[str, Gap]] = {}
         recent: dict[ResolvedSource, tuple[SpendSeries, ...]] = {}
         errors: dict[ResolvedSource, str] = {}
         window_errors: dict[Any, str] = {}
@@ -270,7 +281,8 @@ class PrometheusSource:
                         rule_times[rs] = self.last_recorded(rs, now)
                     last = rule_times[rs]
                     if last is not None:
-                        windows[(rs, key)] = self._from_rules(rs, seconds, now, last)
+                        windows[(rs, key)], gaps[(rs, key)] = self._from_rules(
+                            rs, seconds, now, last)
                         continue
                 if self.max_samples and seconds > 86400:
                     # Long windows only: a day of 15 s samples is 5,760 per series.
@@ -285,8 +297,8 @@ class PrometheusSource:
                             "query may load: install the recording rules "
                             "(rules/token-budget.rules.yaml) or raise --prometheus-max-samples")
                         continue
-                items = self.query(promql.spend(rs, seconds, extra), now)
-                windows[(rs, key)] = to_series(rs, items, extra)
+                windows[(rs, key)], gaps[(rs, key)] = self._read(
+                    rs, promql.spend(rs, seconds, extra), now, "spend", extra)
             except MetricsError as exc:
                 errors[rs] = str(exc)
         for rs in plan.sources:
@@ -319,7 +331,8 @@ class PrometheusSource:
                              recent_seconds=plan.recent_seconds, errors=errors,
                              returned=_returned(windows, recent),
                              outcomes=outcomes, outcome_errors=outcome_errors,
-                             window_errors=window_errors, retention_seconds=retention)
+                             window_errors=window_errors, retention_seconds=retention,
+                             gaps={k: v for k, v in gaps.items() if v})
 
 
 def _fallback_seconds(window: Any, now: dt.datetime) -> int:
@@ -348,13 +361,19 @@ def _value(item: Mapping[str, Any]) -> float:
 
 def to_series(rs: ResolvedSource, items: list[ResultItem],
               extra: tuple[str, ...] = ()) -> tuple[SpendSeries, ...]:
-    """Fold a tagged spend result into one SpendSeries per (namespace, workload, model, extra)."""
+    """Fold a tagged spend result into one SpendSeries per (namespace, workload, model, extra).
+
+    The gap rows of the result (see :func:`gaps_of`) are left out.
+    """
     acc: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], dict[Kind, float]] = \
         defaultdict(dict)
     for item in items:
         labels = _labels(item)
+        tag = labels.get(promql.KIND_LABEL, "")
+        if tag in _GAP_TAGS:
+            continue
         try:
-            kind = Kind(labels.get(promql.KIND_LABEL, ""))
+            kind = Kind(tag)
         except ValueError as exc:
             raise QueryFailed(f"result series without a {promql.KIND_LABEL} tag: {labels}") from exc
         key = (
@@ -376,6 +395,30 @@ def to_series(rs: ResolvedSource, items: list[ResultItem],
             labels=extra_labels,
         ))
     return tuple(out)
+
+
+_GAP_TAGS = {promql.GAP_BRIDGED: 0, promql.GAP_UNKNOWN: 1}
+
+
+def gaps_of(rs: ResolvedSource, items: list[ResultItem]) -> dict[str, Gap]:
+    """The gap rows of a spend result: per namespace, series whose start was bridged
+    across a scrape gap and series whose start was unknown."""
+    out: dict[str, list[int]] = {}
+    for item in items:
+        labels = _labels(item)
+        i = _GAP_TAGS.get(labels.get(promql.KIND_LABEL, ""))
+        if i is not None:
+            counts = out.setdefault(labels.get(rs.namespace_label, ""), [0, 0])
+            counts[i] += int(_value(item))
+    return {ns: Gap(bridged=b, unknown=u) for ns, (b, u) in out.items()}
+
+
+def _sum_gaps(parts: list[dict[str, Gap]]) -> dict[str, Gap]:
+    out: dict[str, Gap] = {}
+    for part in parts:
+        for ns, g in part.items():
+            out[ns] = out[ns] + g if ns in out else g
+    return out
 
 
 def _sum_series(parts: list[tuple[SpendSeries, ...]]) -> tuple[SpendSeries, ...]:

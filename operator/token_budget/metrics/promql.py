@@ -54,34 +54,118 @@ def group_labels(rs: ResolvedSource, extra: tuple[str, ...]) -> tuple[str, ...]:
 
 #: Prometheus's default lookback: how far before the window start ``x offset r`` looks.
 LOOKBACK_SECONDS = 300
-#: Range selectors over the window in one :func:`increase` (for the sample estimate).
-RANGE_READS = 3
+#: The furthest back a window's start value is looked for when a scrape gap covers the
+#: start (see :func:`horizon`). Three hours bridge what a cluster meets within weeks (a
+#: Prometheus restart with a long WAL replay, an exporter or gateway unreachable for an
+#: hour, a network partition); a gap longer than that leaves the start unknown.
+MAX_HORIZON_SECONDS = 3 * 3600
+#: Range selectors over the window in one :func:`increase` (for the sample estimate):
+#: last, min, resets and increase over the window, plus the horizon before it.
+RANGE_READS = 5
+#: Tags of the gap rows of a spend query (``tb_kind``): how many series of a namespace
+#: had a start value older than the lookback (bridged) or none within the horizon.
+GAP_BRIDGED = "gap_bridged"
+GAP_UNKNOWN = "gap_unknown"
 
 
-def increase(sel: str, range_seconds: int) -> str:
+def horizon(range_seconds: int) -> int:
+    """How far before a window's start its start value may lie.
+
+    The window's own length, at least the lookback and at most
+    :data:`MAX_HORIZON_SECONDS`: a value found there counts the spend of the gap
+    that covers the start into the window, so the horizon bounds that over-read
+    by the window's own size (a 2-minute window never takes an hour's gap).
+    """
+    return min(MAX_HORIZON_SECONDS, max(range_seconds, LOOKBACK_SECONDS))
+
+
+class _Parts:
+    """The sub-expressions of the exact increase of one selector over one range."""
+
+    def __init__(self, sel: str, range_seconds: int, horizon_seconds: int) -> None:
+        r = f"{range_seconds}s"
+        self.range = f"{sel}[{r}]"
+        self.last = f"last_over_time({self.range})"
+        self.first = f"min_over_time({sel}[{r}])"  # a counter's first value, without resets
+        self.start = f"last_over_time({sel}[{horizon_seconds}s] offset {r})"
+        self.exact_start = f"{sel} offset {r}"
+        self.reset_inside = f"(resets({self.range}) > 0)"
+        # Lower than the start value before the first sample in the window: the agent
+        # restarted between the two, and counts again from zero.
+        self.reset_before = f"({self.first} < {self.start})"
+        # Evidence that a series missing before the window was born in it: its scrape
+        # target answered at the start without it (up == 1), or the target did not exist
+        # yet while Prometheus was scraping others (a new pod). Without either (Prometheus
+        # itself blind, or the target down) the start is unknown.
+        up = f"up offset {r}"
+        new = f"({self.last} unless {self.start})"
+        self.born = (f"(({new} and on (job, instance) ({up} == 1))"
+                     f" or (({new} unless on (job, instance) {up})"
+                     f" and on () (count({up}) > 0)))")
+
+    def increase(self) -> str:
+        return (f"((({self.last} - {self.start}) unless {self.reset_inside})"
+                f" unless {self.reset_before})"
+                f" or (increase({self.range}) and {self.reset_inside})"
+                f" or ({self.last} and {self.reset_before})"
+                f" or {self.born}"
+                f" or (({self.last} - {self.first}) unless {self.start})")
+
+    def bridged(self) -> str:
+        return f"(({self.start} unless {self.exact_start}) and {self.last})"
+
+    def unknown(self) -> str:
+        return f"(({self.last} unless {self.start}) unless {self.born})"
+
+
+def increase(sel: str, range_seconds: int, horizon_seconds: int | None = None) -> str:
     """The increase of each series of ``sel`` over the last range, to the last scrape.
 
-    No extrapolation except for series with a counter reset (see the module text).
-    ``resets`` looks one lookback further back than the window, so a reset between
-    the start value and the window's first sample is caught too.
+    Per series, the first case that applies:
+
+    1. a start value within the horizon before the window, no counter reset since:
+       last minus that value (exact when the value is within the lookback; across a
+       scrape gap that covers the start, the gap's spend is counted in full);
+    2. a counter reset in the window: ``increase()`` (at most one scrape
+       extrapolated);
+    2b. a counter reset between the start value and the window's first sample (an
+       agent restarted during a gap at the start): its last value, all of it spent
+       since the restart;
+    3. no value within the horizon and evidence that the series was born in the
+       window (see :class:`_Parts`): its last value, as counters start at zero;
+    4. no value within the horizon and no such evidence (a gap longer than the
+       horizon, or Prometheus younger than the window): only the growth that was
+       seen, last minus first; never the counter's lifetime total.
     """
-    r = f"{range_seconds}s"
-    last = f"last_over_time({sel}[{r}])"
-    start = f"{sel} offset {r}"
-    reset = f"resets({sel}[{range_seconds + LOOKBACK_SECONDS}s]) > 0"
-    return (f"(({last} - {start}) unless ({reset}))"
-            f" or (increase({sel}[{r}]) and ({reset}))"
-            f" or ({last} unless {start})")
+    h = horizon(range_seconds) if horizon_seconds is None else horizon_seconds
+    return _Parts(sel, range_seconds, h).increase()
 
 
-def spend(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = ()) -> str:
-    """Spend per namespace, workload, model (and ``extra`` labels) over the last range."""
+def spend(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = (),
+          horizon_seconds: int | None = None) -> str:
+    """Spend per namespace, workload, model (and ``extra`` labels) over the last range.
+
+    Two more rows per namespace, tagged :data:`GAP_BRIDGED` and :data:`GAP_UNKNOWN`,
+    count the series whose start value a scrape gap hid (see :func:`increase`); a
+    namespace without such series has no such row.
+    """
+    h = horizon(range_seconds) if horizon_seconds is None else horizon_seconds
     by = ", ".join(group_labels(rs, extra))
-    parts = []
+    rows = []
+    bridged, unknown = [], []
     for kind, sel in rs.counters:
-        inner = f"sum by ({by}) ({increase(selector(sel.metric, sel.matchers), range_seconds)})"
-        parts.append(f'label_replace({inner}, "{KIND_LABEL}", "{kind.value}", "", "")')
-    return " or ".join(parts)
+        parts = _Parts(selector(sel.metric, sel.matchers), range_seconds, h)
+        rows.append(_tagged(f"sum by ({by}) ({parts.increase()})", kind.value))
+        bridged.append(parts.bridged())
+        unknown.append(parts.unknown())
+    ns = rs.namespace_label
+    rows.append(_tagged(f"count by ({ns}) ({' or '.join(bridged)})", GAP_BRIDGED))
+    rows.append(_tagged(f"count by ({ns}) ({' or '.join(unknown)})", GAP_UNKNOWN))
+    return " or ".join(rows)
+
+
+def _tagged(expr: str, tag: str) -> str:
+    return f'label_replace({expr}, "{KIND_LABEL}", "{tag}", "", "")'
 
 
 def outcomes(metric: str, namespace_label: str, range_seconds: int,
@@ -114,7 +198,8 @@ def rules_file(resolved: list[ResolvedSource]) -> dict[str, object]:
     return {"groups": [{
         "name": "tokenbudget.spend",
         "interval": f"{RULE_STEP_SECONDS // 60}m",
-        "rules": [{"record": rule_name(rs), "expr": spend(rs, RULE_STEP_SECONDS)}
+        "rules": [{"record": rule_name(rs),
+                   "expr": spend(rs, RULE_STEP_SECONDS, horizon_seconds=MAX_HORIZON_SECONDS)}
                   for rs in resolved],
     }]}
 

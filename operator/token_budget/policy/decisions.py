@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
-from token_budget.policy.inputs import ScopeKey, WorkloadKey, quick_init
+from token_budget.policy.inputs import Gap, ScopeKey, WorkloadKey, quick_init
 
 SEVERITY: dict[api.State, int] = {
     api.State.OK: 0,
@@ -51,6 +51,9 @@ class WindowUsage:
     # Fraction of the window Prometheus still holds (None: all of it). Spend is then
     # estimated from the covered part's rate, never taken as zero for the missing part.
     covered: Decimal | None = None
+    # Series of the scope whose start value a scrape gap hid (None: none): bridged
+    # from an older sample, or unknown (only the growth seen in the window counts).
+    gap: Gap | None = None
 
 
 @quick_init

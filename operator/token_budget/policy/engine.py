@@ -762,12 +762,20 @@ class _ScopeEval:
                     candidate = now + dt.timedelta(seconds=float(secs))
                     if resets is None or candidate < resets:
                         run_out = candidate
+            gap = None
+            gaps = self.snapshot.gaps.get((self.source, window.key)) if self.snapshot.gaps \
+                else None
+            if gaps:
+                for ns in namespaces:
+                    g = gaps.get(ns)
+                    if g is not None:
+                        gap = g if gap is None else gap + g
             usages.append(WindowUsage(
                 window=lim.window, time_zone=lim.time_zone, model=lim.model, start=start,
                 resets_at=resets, tokens=int(round(tokens)), cost=cost,
                 limit_tokens=lim.tokens, limit_cost=lim.cost,
                 used_percent=max(pcts) if pcts else Decimal(0), run_out=run_out,
-                covered=covered,
+                covered=covered, gap=gap,
             ))
         if not seen:
             # A calendar window that began a moment ago holds no samples yet; the burn-rate

@@ -85,6 +85,22 @@ class SpendSeries:
 
 
 @dataclass(frozen=True)
+class Gap:
+    """Series of a namespace whose value at a window's start a scrape gap hid.
+
+    ``bridged``: the start value was older than Prometheus's lookback and taken from
+    within the horizon (the gap's spend counts in full); ``unknown``: there was none
+    within the horizon, so only the growth seen inside the window counts.
+    """
+
+    bridged: int = 0
+    unknown: int = 0
+
+    def __add__(self, other: Gap) -> Gap:
+        return Gap(self.bridged + other.bridged, self.unknown + other.unknown)
+
+
+@dataclass(frozen=True)
 class SpendSnapshot:
     """Everything read from the spend sources for one evaluation.
 
@@ -112,6 +128,10 @@ class SpendSnapshot:
     window_errors: Mapping[tuple[ResolvedSource, WindowKey], str] = field(default_factory=dict)
     # How far back Prometheus keeps data (None: unknown): longer windows are incomplete.
     retention_seconds: int | None = None
+    # Per (source, window), namespaces with series whose start a scrape gap hid.
+    gaps: Mapping[tuple[ResolvedSource, WindowKey], Mapping[str, Gap]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True)
