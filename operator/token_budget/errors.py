@@ -41,3 +41,11 @@ class Forbidden(EnforcementError):
 
 class TargetNotFound(EnforcementError):
     """The workload is gone (404)."""
+
+
+class NotLeader(OperatorError):
+    """A write was refused: this replica does not hold the leader Lease (any more).
+
+    Not an EnforcementError on purpose: it ends the whole evaluation instead of
+    being counted as one workload's failure and retried on the next.
+    """

@@ -46,6 +46,8 @@ class Settings:
     webhook_secret: str = "token-budget-operator-webhook-tls"
     webhook_hosts: tuple[str, ...] = ()
     webhook_cert_dir: str | None = None  # certificate from elsewhere (cert-manager)
+    webhook_certificate_seconds: int = 90 * 86400  # self-managed serving certificate
+    webhook_ca_seconds: int = 5 * 365 * 86400  # self-managed CA
     id: str | None = None
     agent_label: str = "tokenbudget.io/agent"
     lease_namespace: str = "default"
@@ -139,6 +141,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--webhook-cert-dir", default=_env("webhook-cert-dir", None),
         help="serve tls.crt/tls.key from this directory (e.g. a mounted cert-manager Secret) "
              "and leave the Secret and the webhook configurations to whoever issued it")
+    add("--webhook-certificate-seconds", type=int,
+        default=int(str(_env("webhook-certificate-seconds", d.webhook_certificate_seconds))),
+        help="lifetime of the serving certificate the operator issues itself; renewed while "
+             "running when a third of it remains (default 90 days)")
+    add("--webhook-ca-seconds", type=int,
+        default=int(str(_env("webhook-ca-seconds", d.webhook_ca_seconds))),
+        help="lifetime of the operator's own webhook CA, at least twice the certificate's; "
+             "rotated when a third of it remains, the old CA trusted until it expires "
+             "(default 5 years)")
     add("--webhook-host-name", dest="webhook_hosts", action="append",
         default=[h for h in str(_env("webhook-hosts", "")).split(",") if h],
         help="DNS name or IP for the serving certificate (repeatable)")
@@ -186,6 +197,8 @@ def from_args(args: argparse.Namespace) -> Settings:
         webhook_secret=args.webhook_secret,
         webhook_hosts=tuple(args.webhook_hosts),
         webhook_cert_dir=args.webhook_cert_dir,
+        webhook_certificate_seconds=args.webhook_certificate_seconds,
+        webhook_ca_seconds=args.webhook_ca_seconds,
         id=args.id,
         agent_label=args.agent_label,
         lease_namespace=args.lease_namespace,

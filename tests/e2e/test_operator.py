@@ -31,7 +31,7 @@ from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
 from harness.spend import seed, spend
 from harness.waiting import eventually
-from token_budget.handlers.operator import FINALIZER
+from token_budget.handlers.finalizers import FINALIZER
 from token_budget.kube import (
     CLUSTERTOKENBUDGETS,
     CRONJOBS,

@@ -13,7 +13,6 @@ and exclude system namespaces; the certificate lives in a Secret.
 from __future__ import annotations
 
 import base64
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,16 +86,10 @@ def test_an_invalid_budget_is_refused_with_the_webhooks_reason_and_a_valid_one_p
 
 def test_a_denied_model_is_refused_in_qa_and_accepted_in_production(
         kube: Kube, operator: OperatorProcess, namespace: str) -> None:
-    env = f"qa-{uuid.uuid4().hex[:6]}"
     prod = f"{namespace}-prod"
     kube.create(NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace",
                                    "metadata": {"name": prod}})
-    kube.patch(NAMESPACES, None, namespace, {"metadata": {"labels": {"environment": env}}})
-    kube.create(CLUSTERTOKENBUDGETS, None, {
-        "apiVersion": "tokenbudget.io/v1alpha1", "kind": "ClusterTokenBudget",
-        "metadata": {"name": env},
-        "spec": {"namespaceSelector": {"matchLabels": {"environment": env}},
-                 "deniedTiers": ["Frontier"], "limits": [{"window": "Month", "cost": "300"}]}})
+    env = webhooks.deny_frontier_in(kube, namespace)
     try:
         def denied() -> str:
             try:

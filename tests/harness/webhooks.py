@@ -26,7 +26,7 @@ from harness.controlplane import free_ports
 from harness.operator_process import OperatorProcess
 from harness.waiting import eventually
 from token_budget.errors import EnforcementError, TargetNotFound
-from token_budget.kube import NAMESPACES, PODS, TOKENBUDGETS, Kube
+from token_budget.kube import CLUSTERTOKENBUDGETS, NAMESPACES, PODS, TOKENBUDGETS, Kube
 from token_budget.webhooks.configuration import MUTATING, NAME, VALIDATING
 
 A = "tokenbudget.io/"
@@ -162,3 +162,16 @@ def _has_service_account(kube: Kube, namespace: str) -> bool:
         return True
     except TargetNotFound:
         return False
+
+
+def deny_frontier_in(kube: Kube, namespace: str) -> str:
+    """Label ``namespace`` with a fresh ``environment`` and create a ClusterTokenBudget
+    (named like it) that denies the Frontier tier there; its name (delete it after)."""
+    env = f"qa-{uuid.uuid4().hex[:6]}"
+    kube.patch(NAMESPACES, None, namespace, {"metadata": {"labels": {"environment": env}}})
+    kube.create(CLUSTERTOKENBUDGETS, None, {
+        "apiVersion": "tokenbudget.io/v1alpha1", "kind": "ClusterTokenBudget",
+        "metadata": {"name": env},
+        "spec": {"namespaceSelector": {"matchLabels": {"environment": env}},
+                 "deniedTiers": ["Frontier"], "limits": [{"window": "Month", "cost": "300"}]}})
+    return env

@@ -14,7 +14,11 @@ Covers:
 - TokenBudgets of other namespaces are never consulted; a deleted budget is gone;
 - malformed reviews (400), unknown resources (404), a handler's error (500);
 - :class:`admission.Server` over real TLS on loopback: answers, 404, 400, and
-  a renewed certificate served on new connections.
+  a renewed certificate served on new connections; a half-written pair keeps
+  the old certificate serving;
+- the operator's global dry-run: every scenario's pod and workload answers
+  allow and patch nothing, with warnings saying what would have happened (the
+  same through kopf's engine); budgets are still validated.
 """
 
 from __future__ import annotations
@@ -267,10 +271,11 @@ def _expected(s: Scenario) -> dict[str, Any]:
     return out
 
 
-async def _kopf_answer(webhook: str, body: Mapping[str, Any]) -> dict[str, Any]:
+async def _kopf_answer(webhook: str, body: Mapping[str, Any], dry_run: bool = False
+                       ) -> dict[str, Any]:
     """The response kopf's admission engine builds with register()'s handlers."""
     registry = kopf.OperatorRegistry()
-    admission.register(registry)
+    admission.register(registry, dry_run=dry_run)
     insights = Insights()
     insights.webhook_resources.update(
         Resource(e.group, e.version, e.plural) for e in admission.ENDPOINTS.values())
@@ -411,9 +416,40 @@ def test_a_handlers_error_denies_with_500_and_its_text(
 # -- the server, over TLS on loopback ---------------------------------------------------
 
 
+@pytest.mark.parametrize("s", list(SCENARIOS.values()), ids=list(SCENARIOS))
+def test_in_dry_run_pods_and_workloads_are_admitted_unchanged_with_a_warning(
+        fresh_cache: admission.AdmissionCache, s: Scenario) -> None:
+    _load(fresh_cache, s)
+    normal = admission.respond(s.webhook, review(s.obj, s.operation))["response"]
+    dry = admission.respond(s.webhook, review(s.obj, s.operation), dry_run=True)["response"]
+    theirs = asyncio.run(_kopf_answer(s.webhook, review(s.obj, s.operation), dry_run=True))
+    if not admission.ENDPOINTS[s.webhook].enforces:  # budgets: validated all the same
+        assert dry == normal
+        return
+    assert dry["allowed"] is True and "patch" not in dry and "status" not in dry
+    warnings = dry.get("warnings", [])
+    if not normal["allowed"]:
+        assert f"dry-run: would deny: {normal['status']['message']}" in warnings
+    if "patch" in normal:
+        said = [w for w in warnings if w.startswith("dry-run: would set ")]
+        assert len(said) == 1
+        already = s.obj["metadata"].get("annotations") or {}
+        for key, value in s.annotations.items():
+            assert (f"annotation {key}={value}" in said[0]) is (already.get(key) != value)
+        assert ("spec.volumes" in said[0]) is s.mounted
+    if normal["allowed"] and "patch" not in normal:
+        assert warnings == []
+    assert theirs["response"]["allowed"] is True and "patch" not in theirs["response"]
+    assert theirs["response"].get("warnings", []) == warnings
+
+
 def _files(tmp_path: Path, name: str) -> tuple[Path, bytes]:
     bundle = certificates.issue(["127.0.0.1"], dt.datetime.now(dt.UTC))
-    cert, key = certificates.write_files(bundle, tmp_path / name)
+    directory = tmp_path / name
+    directory.mkdir()
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    cert.write_bytes(bundle.tls_crt)
+    key.write_bytes(bundle.tls_key)
     return cert, bundle.ca_crt
 
 
@@ -462,6 +498,10 @@ def test_the_server_answers_over_tls_and_serves_a_renewed_certificate(
             # Renewal: new files with a new CA; new connections trust only the new one.
             new_cert, new_ca = _files(tmp_path, "two")
             cert.write_bytes(new_cert.read_bytes())
+            await asyncio.sleep(0.3)  # half the pair: it does not load, the old one serves
+            status, _ = await asyncio.to_thread(
+                _post, port, ca, "/mutate-pods", json.dumps(review(pod())).encode())
+            assert status == 200
             key.write_bytes(new_cert.with_name("tls.key").read_bytes())
             await asyncio.sleep(0.3)
             status, _ = await asyncio.to_thread(

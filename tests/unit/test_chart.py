@@ -126,6 +126,8 @@ def test_objects_are_named_after_the_operator_defaults_for_the_documented_releas
     defaults = settings.Settings()
     assert f"--webhook-service={defaults.webhook_service}" in args
     assert f"--webhook-secret={defaults.webhook_secret}" in args
+    assert f"--webhook-certificate-seconds={defaults.webhook_certificate_seconds}" in args
+    assert f"--webhook-ca-seconds={defaults.webhook_ca_seconds}" in args
     assert f"--lease-name={defaults.lease_name}" in args
 
 
@@ -170,6 +172,9 @@ def test_the_schema_rejects_a_broken_values_file_naming_every_wrong_key(
     pytest.param(["webhooks.enabled=false", "webhooks.certManager.enabled=true"],
                  "webhooks.certManager.enabled=true needs webhooks.enabled=true",
                  id="cert-manager without webhooks"),
+    pytest.param(["webhooks.certificateSeconds=3600", "webhooks.caSeconds=5400"],
+                 "webhooks.caSeconds must be at least twice webhooks.certificateSeconds",
+                 id="a CA that cannot outlive two certificates"),
     pytest.param(["prometheus.ca.secretName=a", "prometheus.ca.configMapName=b"],
                  "prometheus.ca: set secretName or configMapName, not both",
                  id="two CA sources"),
@@ -299,7 +304,7 @@ WEBHOOK_CONFIGS = "validatingwebhookconfigurations mutatingwebhookconfigurations
 WORKLOAD_RULES = [
     # Framework: kopf's Events. Application: Events on budgets and workloads.
     ("", "events", "create", ""),
-    # Framework: kopf's finalizer and annotations. Application: listing budgets.
+    # Framework: kopf's watch. Application: listing budgets, the leader's finalizer.
     ("tokenbudget.io", "tokenbudgets", "list watch patch", ""),
     ("tokenbudget.io", "tokenbudgets/status", "patch", ""),
     # Application: label-selected agent pods and workloads, directives and Block.
@@ -519,6 +524,12 @@ def test_self_managed_webhooks_render_no_configuration_and_no_certificate(helm: 
     for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration",
                  "Certificate", "Issuer", "Secret"):
         assert not ch.find(docs, kind), kind
+
+
+def test_self_managed_certificate_lifetimes_reach_the_operator(helm: Path) -> None:
+    docs = render(helm, None, "webhooks.certificateSeconds=120", "webhooks.caSeconds=300")
+    s = settings.from_args(_operator_args(docs))
+    assert (s.webhook_certificate_seconds, s.webhook_ca_seconds) == (120, 300)
 
 
 def test_cert_manager_mode_renders_the_configurations_the_operator_would_write(

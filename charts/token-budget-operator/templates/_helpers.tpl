@@ -110,6 +110,9 @@ namespace (kopf records its own Events about cluster-scoped objects in the pod's
 {{- if and .Values.webhooks.certManager.enabled (not .Values.webhooks.enabled) }}
 {{- fail "webhooks.certManager.enabled=true needs webhooks.enabled=true" }}
 {{- end }}
+{{- if lt (int64 .Values.webhooks.caSeconds) (mul 2 (int64 .Values.webhooks.certificateSeconds)) }}
+{{- fail "webhooks.caSeconds must be at least twice webhooks.certificateSeconds" }}
+{{- end }}
 {{- if and .Values.prometheus.ca.secretName .Values.prometheus.ca.configMapName }}
 {{- fail "prometheus.ca: set secretName or configMapName, not both" }}
 {{- end }}

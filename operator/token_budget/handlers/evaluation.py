@@ -416,7 +416,8 @@ class Evaluator:
             name = f"{key.kind}/{key}"
             new = statuses.budget_status(budget, decisions, currency, now,
                                          enforced.get(name, 0), body.get("status"),
-                                         autoscaled.get(name, (0, 0)))
+                                         autoscaled.get(name, (0, 0)),
+                                         dry_run=self.settings.dry_run)
             old = body.get("status") or {}
             if statuses.changed(old, new, now, self.settings.status_heartbeat_seconds):
                 writes += self._write_status(body, old, new)

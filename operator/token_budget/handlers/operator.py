@@ -37,6 +37,7 @@ from prometheus_client import start_http_server
 from token_budget.api.v1alpha1 import GROUP, VERSION
 from token_budget.enforcement import patches
 from token_budget.errors import EnforcementError
+from token_budget.handlers import catalogs
 from token_budget.handlers.evaluation import Evaluator, Outcome, enforced_only
 from token_budget.handlers.leader import LeaderElector
 from token_budget.handlers.telemetry import Telemetry
@@ -55,7 +56,7 @@ from token_budget.kube import (
 )
 from token_budget.metrics.prometheus import Auth, PrometheusSource
 from token_budget.settings import Settings, from_args
-from token_budget.webhooks import admission, certificates, configuration
+from token_budget.webhooks import admission, certificates, configuration, rotation
 
 log = logging.getLogger(__name__)
 registry = kopf.OperatorRegistry()
@@ -89,6 +90,8 @@ class Runtime:
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     webhook_files: tuple[Path, Path] | None = None
     webhook_configurations: tuple[dict[str, Any], ...] = ()
+    webhook_rotation: rotation.Rotation | None = None
+    catalogs_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def poke(self) -> None:
         """Ask for an evaluation soon; safe from any thread."""
@@ -132,7 +135,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         certfile, keyfile = rt.webhook_files
         settings.admission.server = admission.Server(
             addr=rt.settings.webhook_host, port=rt.settings.webhook_port,
-            certfile=str(certfile), pkeyfile=str(keyfile))
+            certfile=str(certfile), pkeyfile=str(keyfile),
+            file_check_interval=_lifetimes(rt.settings).check_seconds,
+            dry_run=rt.settings.dry_run)
         settings.admission.managed = None  # the operator writes its own configurations
 
 
@@ -177,6 +182,14 @@ def budget_changed(memo: Any, type: str | None, body: Any, **_: Any) -> None:
     if type == "DELETED" or meta.get("deletionTimestamp") or \
             status.get("observedGeneration") != meta.get("generation"):
         _rt(memo).poke()
+
+
+@kopf.on.event(GROUP, VERSION, "modelcatalogs", registry=registry, id="modelcatalog-status")
+def catalog_status(memo: Any, **_: Any) -> None:
+    """Ready, the model count, an invalid catalog's problems: see handlers.catalogs."""
+    rt = _rt(memo)
+    if rt.loop is not None:
+        rt.loop.call_soon_threadsafe(rt.catalogs_changed.set)
 
 
 @kopf.on.event("", "v1", "namespaces", registry=registry, id="namespace-changed")
@@ -302,8 +315,17 @@ async def _leadership_watcher(rt: Runtime) -> None:
             rt.poke()
 
 
+def _lifetimes(s: Settings) -> certificates.Lifetimes:
+    return certificates.Lifetimes(dt.timedelta(seconds=s.webhook_certificate_seconds),
+                                  dt.timedelta(seconds=s.webhook_ca_seconds))
+
+
 def setup_webhooks(rt: Runtime) -> None:
-    """Certificates from the Secret (issued or renewed), files for kopf, configurations."""
+    """Certificates from the Secret (issued or renewed), their files, the configurations.
+
+    Self-managed, :attr:`Runtime.webhook_rotation` then keeps all three current
+    (started by :func:`publish_webhooks`).
+    """
     s = rt.settings
     admission.cache.model_env = s.model_env
     if s.webhook_cert_dir:  # cert-manager (or another issuer) and the chart do the rest
@@ -315,17 +337,22 @@ def setup_webhooks(rt: Runtime) -> None:
     svc = f"{s.webhook_service}.{s.lease_namespace}.svc"
     hosts = list(s.webhook_hosts) or (
         ["127.0.0.1", "localhost"] if s.webhook_url else [svc, f"{svc}.cluster.local"])
-    bundle = certificates.ensure(rt.kube, s.lease_namespace, s.webhook_secret, hosts,
-                                 dt.datetime.now(dt.UTC))
-    directory = Path(tempfile.mkdtemp(prefix="tokenbudget-webhook-"))
-    rt.webhook_files = certificates.write_files(bundle, directory)
     if s.webhook_url:
         client: dict[str, Any] = {"url": s.webhook_url}
     else:
         client = {"service": {"namespace": s.lease_namespace, "name": s.webhook_service,
                               "port": s.webhook_service_port}}
-    rt.webhook_configurations = configuration.configurations(
-        client, bundle.ca_crt, s.lease_namespace, agent_label=s.agent_label)
+
+    def configurations(ca_bundle: bytes) -> tuple[dict[str, Any], ...]:
+        return configuration.configurations(client, ca_bundle, s.lease_namespace,
+                                            agent_label=s.agent_label)
+
+    rt.webhook_rotation = rotation.Rotation(
+        rt.kube, s.lease_namespace, s.webhook_secret, hosts,
+        Path(tempfile.mkdtemp(prefix="tokenbudget-webhook-")), _lifetimes(s), configurations)
+    bundle = rt.webhook_rotation.sync()
+    rt.webhook_files = rt.webhook_rotation.files
+    rt.webhook_configurations = configurations(bundle.trusted)
     log.info("webhooks on %s:%s, certificate valid until %s", s.webhook_host, s.webhook_port,
              bundle.not_after().isoformat())
 
@@ -364,7 +391,9 @@ async def publish_webhooks(rt: Runtime) -> None:
 
     The API server calls a configured webhook at once; written before kopf's server
     listens, every budget write would fail with "connection refused" (budgets fail
-    closed) and every pod would skip the checks (pods fail open).
+    closed) and every pod would skip the checks (pods fail open). Self-managed, it
+    then keeps the certificate and the configurations current, for as long as the
+    operator runs.
     """
     s = rt.settings
     host = "127.0.0.1" if s.webhook_host in ("0.0.0.0", "::", "") else s.webhook_host
@@ -378,6 +407,8 @@ async def publish_webhooks(rt: Runtime) -> None:
     await asyncio.to_thread(prime_admission_cache, rt)
     await asyncio.to_thread(configuration.apply, rt.kube, rt.webhook_configurations)
     log.info("webhook configurations written: the API server calls this replica's webhooks")
+    if rt.webhook_rotation is not None:
+        await rt.webhook_rotation.run()  # from now on: renewals, other replicas' renewals
 
 
 
@@ -417,7 +448,7 @@ async def serve(settings: Settings) -> None:
     if settings.webhook_port:
         # Registered only when served: kopf refuses to start with admission handlers
         # and no webhook server.
-        admission.register(registry)
+        admission.register(registry, dry_run=settings.dry_run)
         setup_webhooks(rt)
     # Everything built so far (modules, settings, clients) lives as long as the process:
     # out of the collector's sight, a full collection takes 1-2 ms instead of 90-160 ms
@@ -433,8 +464,11 @@ async def serve(settings: Settings) -> None:
         asyncio.create_task(evaluation_loop(rt)),
         asyncio.create_task(_leadership_watcher(rt)),
     ]
-    # Not among `tasks`: it ends once the configurations are written, the operator does not.
+    # Not among `tasks`: it survives its own failures (see rotation.Rotation.run).
     publisher = asyncio.create_task(publish_webhooks(rt)) if rt.webhook_configurations else None
+    tasks.append(asyncio.create_task(catalogs.keep_statuses(
+        rt.evaluator.kube, lambda: rt.elector.is_leader, rt.catalogs_changed,
+        settings.interval_seconds)))
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in done:

@@ -18,6 +18,11 @@ pod answers are memoised per namespace, namespace labels, pod labels and
 declared models (the pods of one ReplicaSet share all four), so a burst of pods
 costs one policy evaluation; any budget or catalog event forgets them.
 
+With the operator's global ``--dry-run`` the pod and workload webhooks deny
+nothing and mutate nothing: the answer allows the object unchanged and carries
+``warnings`` saying what would have happened (``kubectl`` prints them). Budgets
+and catalogs are still validated: an invalid one is refused in dry-run too.
+
 Two ways to serve the same handlers (:data:`ENDPOINTS`)::
 
     API server ──HTTPS──► Server (aiohttp) ─► respond(webhook, review) ─► handler ─► Answer
@@ -265,6 +270,32 @@ class Answer:
     message: str = ""
     code: int = 200
     patch: tuple[dict[str, Any], ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def dry_run(self) -> Answer:
+        """Allowed and unchanged, with warnings saying what this answer would have done."""
+        said = list(self.warnings)
+        if not self.allowed:
+            said.append(f"dry-run: would deny: {self.message}")
+        if self.patch:
+            said.append("dry-run: would set " + ", ".join(_said(op) for op in self.patch))
+        return Answer(warnings=tuple(said))
+
+
+def _said(op: Mapping[str, Any]) -> str:
+    """One JSON-patch operation in words: ``annotation k=v``, ``label k=v``, ``spec.volumes``."""
+    parts = [p.replace("~1", "/").replace("~0", "~")
+             for p in str(op.get("path", "")).split("/")[1:]]
+    value = op.get("value")
+    kind = {"annotations": "annotation", "labels": "label"}.get(parts[1] if len(parts) > 1
+                                                                 else "")
+    if parts[:1] == ["metadata"] and len(parts) == 1 and isinstance(value, Mapping):
+        return ", ".join(_said({"path": f"/metadata/{k}", "value": v}) for k, v in value.items())
+    if kind and len(parts) == 3:
+        return f"{kind} {parts[2]}={value}"
+    if kind and isinstance(value, Mapping):
+        return ", ".join(f"{kind} {k}={v}" for k, v in value.items())
+    return ".".join(parts)
 
 
 @dataclass(frozen=True)
@@ -411,15 +442,18 @@ class Endpoint:
     operations: frozenset[_Operation]
     handle: Callable[[dict[str, Any]], Answer]
     mutating: bool = False
+    enforces: bool = True  # False: validation of our own kinds, kept in dry-run
 
 
 _CU: frozenset[_Operation] = frozenset({"CREATE", "UPDATE"})
 _C: frozenset[_Operation] = frozenset({"CREATE"})
 ENDPOINTS: dict[str, Endpoint] = {
-    "validate-budgets": Endpoint(api.GROUP, api.VERSION, "tokenbudgets", _CU, validate_ours),
+    "validate-budgets": Endpoint(api.GROUP, api.VERSION, "tokenbudgets", _CU, validate_ours,
+                                 enforces=False),
     "validate-cluster-budgets": Endpoint(api.GROUP, api.VERSION, "clustertokenbudgets", _CU,
-                                         validate_ours),
-    "validate-catalogs": Endpoint(api.GROUP, api.VERSION, "modelcatalogs", _CU, validate_ours),
+                                         validate_ours, enforces=False),
+    "validate-catalogs": Endpoint(api.GROUP, api.VERSION, "modelcatalogs", _CU, validate_ours,
+                                  enforces=False),
     "validate-pods": Endpoint("", "v1", "pods", _C, validate_pod),
     **{f"validate-{plural}": Endpoint(group, "v1", plural, _C, validate_workload)
        for plural, group in (("deployments", "apps"), ("statefulsets", "apps"),
@@ -439,8 +473,11 @@ class UnknownResource(LookupError):
     """No webhook of this operator judges the request's resource (HTTP 404)."""
 
 
-def respond(webhook: str, review: Mapping[str, Any]) -> dict[str, Any]:
+def respond(webhook: str, review: Mapping[str, Any], dry_run: bool = False) -> dict[str, Any]:
     """The AdmissionReview response of ``webhook`` to ``review``, as kopf builds it.
+
+    With ``dry_run`` a pod or workload webhook allows and mutates nothing, and
+    warns what it would have done (:meth:`Answer.dry_run`).
 
     As in kopf's admission engine: a request for another resource than the
     webhook's, or a DELETE sent to a mutating webhook, is allowed unjudged (no
@@ -475,12 +512,16 @@ def respond(webhook: str, review: Mapping[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a denial with the reason, as kopf does
             log.exception("webhook %s failed", webhook)
             answer = Answer(False, str(exc) or repr(exc), 500)
+        if dry_run and endpoint.enforces:
+            answer = answer.dry_run()
     out: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": answer.allowed}
     if answer.patch:
         out["patch"] = base64.b64encode(json.dumps(list(answer.patch)).encode()).decode()
         out["patchType"] = "JSONPatch"
     if not answer.allowed:
         out["status"] = {"message": answer.message, "code": answer.code or 500}
+    if answer.warnings:
+        out["warnings"] = list(answer.warnings)
     return {"apiVersion": review.get("apiVersion", "admission.k8s.io/v1"),
             "kind": review.get("kind", "AdmissionReview"), "response": out}
 
@@ -495,56 +536,82 @@ class Server:
 
     Speaks kopf's webhook-server protocol (``kopf.WebhookServer``'s): kopf calls it
     with its admission function, which it never uses, and it yields the client
-    config once it listens. It re-reads the certificate files every
-    ``file_check_interval`` seconds and serves new connections with the new ones
-    when they change (cert-manager renewals). No access log: a line per request
-    costs about 0.1 ms of CPU at hundreds of pods a second, and the API server's
-    audit log has them.
+    config once it listens. No access log: a line per request costs about 0.1 ms of
+    CPU at hundreds of pods a second, and the API server's audit log has them.
+
+    Certificate reload: every ``file_check_interval`` seconds it reads the two
+    files; when they changed and make a valid pair it builds a new SSLContext,
+    and every new TLS handshake is served with it (the listening context's
+    ``sni_callback``, which OpenSSL calls on each ClientHello, with or without a
+    server name). Connections already open keep the certificate they started
+    with, which is still valid: renewals happen well before expiry. A pair
+    that does not load (caught between two file writes, a half-updated mounted
+    Secret) is tried again at the next check while the old one goes on serving.
     """
 
     def __init__(self, *, addr: str | None, port: int, certfile: str, pkeyfile: str,
-                 file_check_interval: float = 60.0) -> None:
+                 file_check_interval: float = 60.0, dry_run: bool = False) -> None:
         self.addr = addr
         self.port = port
         self.certfile = certfile
         self.pkeyfile = pkeyfile
         self.file_check_interval = file_check_interval
+        self.dry_run = dry_run
+        self._context: ssl.SSLContext | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/{webhook}", self._serve)
         return app
 
-    async def __call__(self, fn: kopf.WebhookFn | None = None
-                       ) -> AsyncIterator[kopf.WebhookClientConfig]:
+    def _load(self) -> ssl.SSLContext:
         context = ssl.create_default_context(purpose=ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.certfile, self.pkeyfile)
+        return context
+
+    def _current(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                 listening: ssl.SSLContext) -> None:
+        if self._context is not None and self._context is not listening:
+            conn.context = self._context
+
+    async def __call__(self, fn: kopf.WebhookFn | None = None
+                       ) -> AsyncIterator[kopf.WebhookClientConfig]:
+        listening = self._context = self._load()
+        listening.sni_callback = self._current
         digest = self._digest()
         runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.addr or None, self.port, ssl_context=context,
+            site = web.TCPSite(runner, self.addr or None, self.port, ssl_context=listening,
                                reuse_address=True, reuse_port=True)
             await site.start()
             log.debug("serving webhooks on %s:%s", self.addr or "*", self.port)
             yield {"url": f"https://{self.addr or 'localhost'}:{self.port}"}
             while True:
                 await asyncio.sleep(self.file_check_interval)
-                if (new := self._digest()) != digest:
-                    context.load_cert_chain(self.certfile, self.pkeyfile)
-                    digest = new
-                    log.info("webhook certificate reloaded from %s", self.certfile)
+                new = self._digest()
+                if new is None or new == digest:
+                    continue
+                try:
+                    self._context = self._load()
+                except (OSError, ssl.SSLError) as exc:
+                    log.info("webhook certificate files changed but do not load yet: %s", exc)
+                    continue
+                digest = new
+                log.info("webhook certificate reloaded from %s", self.certfile)
         finally:
             await runner.cleanup()
 
-    def _digest(self) -> str:
+    def _digest(self) -> str | None:
         h = hashlib.sha256()
-        for path in (self.certfile, self.pkeyfile):
-            h.update(Path(path).read_bytes())
+        try:
+            for path in (self.certfile, self.pkeyfile):
+                h.update(Path(path).read_bytes())
+        except OSError:
+            return None  # a mounted Secret between two versions
         return h.hexdigest()
 
-    @staticmethod
-    async def _serve(request: web.Request) -> web.Response:
+    async def _serve(self, request: web.Request) -> web.Response:
         webhook = request.match_info["webhook"]
         if webhook not in ENDPOINTS:
             raise web.HTTPNotFound(reason=f"no webhook {webhook}")
@@ -552,7 +619,7 @@ class Server:
             review = json.loads(await request.read())
             if not isinstance(review, Mapping):
                 raise BadReview("The admission review is not an object.")
-            out = respond(webhook, review)
+            out = respond(webhook, review, self.dry_run)
         except UnknownResource as exc:
             raise web.HTTPNotFound(reason=str(exc)) from exc
         except ValueError as exc:  # BadReview, invalid JSON
@@ -560,7 +627,7 @@ class Server:
         return web.Response(body=json.dumps(out).encode(), content_type="application/json")
 
 
-def register(registry: kopf.OperatorRegistry) -> None:
+def register(registry: kopf.OperatorRegistry, dry_run: bool = False) -> None:
     """Register :data:`ENDPOINTS` as kopf admission handlers, for ``kopf.WebhookServer``.
 
     Not needed with :class:`Server`, which answers without kopf's admission engine.
@@ -571,10 +638,15 @@ def register(registry: kopf.OperatorRegistry) -> None:
     for webhook, endpoint in ENDPOINTS.items():
         on = kopf.on.mutate if endpoint.mutating else kopf.on.validate
         on(endpoint.group, endpoint.version, endpoint.plural, id=webhook, registry=registry,
-           operations=sorted(endpoint.operations))(_kopf_handler(endpoint))
+           operations=sorted(endpoint.operations))(_kopf_handler(endpoint, dry_run))
 
 
-def _kopf_handler(endpoint: Endpoint) -> Callable[..., Any]:
+def _kopf_handler(endpoint: Endpoint, dry_run: bool) -> Callable[..., Any]:
+    if dry_run and endpoint.enforces:
+        async def warn(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+            warnings.extend(endpoint.handle(dict(body)).dry_run().warnings)
+
+        return warn
     if endpoint.mutating:
         async def mutate(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
             m = _mutation(dict(body))

@@ -10,7 +10,9 @@ operator builds them (pure :func:`configurations`) and keeps them current
   webhooks (an ``objectSelector``), so the cluster's other pods cost nothing;
 * system namespaces and the operator's own are excluded (``namespaceSelector``);
 * our own kinds fail closed (``failurePolicy: Fail``): an invalid budget must
-  not slip in while the operator restarts (configurable).
+  not slip in while the operator restarts (configurable);
+* the ``caBundle`` follows the certificate Secret: every replica checks it
+  (:func:`trusts`) each time it reads the Secret and rewrites it when it differs.
 """
 
 from __future__ import annotations
@@ -124,3 +126,17 @@ def apply(kube: Kube, objects: Sequence[dict[str, Any]]) -> None:
         body["metadata"] = {**obj["metadata"],
                             "resourceVersion": current["metadata"]["resourceVersion"]}
         kube.replace(res, None, name, body)
+
+
+def trusts(kube: Kube, ca_bundle: bytes) -> bool:
+    """Whether both live configurations exist and every webhook carries ``ca_bundle``."""
+    wanted = base64.b64encode(ca_bundle).decode()
+    for res in (VALIDATING, MUTATING):
+        try:
+            live = kube.get(res, None, NAME)
+        except TargetNotFound:
+            return False
+        if any((h.get("clientConfig") or {}).get("caBundle") != wanted
+               for h in live.get("webhooks") or []):
+            return False
+    return True
