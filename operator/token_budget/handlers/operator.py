@@ -10,7 +10,15 @@ Who does what::
 
 Budgets carry a finalizer: on deletion the leader runs an evaluation that
 leaves the budget out (which restores every workload it governed) and only
-then lets the budget go.
+then lets the budget go (:mod:`token_budget.handlers.finalizers`).
+
+Only the leader writes. kopf runs on every replica, for the webhook server and
+the watches that feed its cache, but has only ``on.event`` handlers: nothing
+that makes it add a finalizer, store progress or a diff-base. Everything that
+acts (the evaluation, the finalizers) writes through a
+:class:`~token_budget.handlers.leader.LeaderOnlyKube`, which refuses writes once
+the replica does not lead. (The webhook Secret and configurations are written
+by every replica: each serves the webhooks.)
 """
 
 from __future__ import annotations
@@ -36,10 +44,10 @@ from prometheus_client import start_http_server
 
 from token_budget.api.v1alpha1 import GROUP, VERSION
 from token_budget.enforcement import patches
-from token_budget.errors import EnforcementError
-from token_budget.handlers import catalogs
+from token_budget.errors import EnforcementError, NotLeader
+from token_budget.handlers import catalogs, finalizers
 from token_budget.handlers.evaluation import Evaluator, Outcome, enforced_only
-from token_budget.handlers.leader import LeaderElector
+from token_budget.handlers.leader import KubeLeaseStore, LeaderElector, LeaderOnlyKube, Timings
 from token_budget.handlers.telemetry import Telemetry
 from token_budget.kube import (
     CLUSTERTOKENBUDGETS,
@@ -60,7 +68,9 @@ from token_budget.webhooks import admission, certificates, configuration, rotati
 
 log = logging.getLogger(__name__)
 registry = kopf.OperatorRegistry()
-FINALIZER = f"{GROUP}/finalizer"
+# kopf removes its finalizer from objects it has no deletion handler for; ours is kept by
+# the leader (handlers/finalizers.py), so kopf's is a name no object carries.
+KOPF_FINALIZER = f"{GROUP}/kopf-finalizer-unused"
 DEBOUNCE_SECONDS = 0.5
 # Connections kopf may open at once (see `login`): its watch streams hold one each
 # (namespaces, our three kinds, its CRD observer; two more per watched namespace are
@@ -79,6 +89,7 @@ class Runtime:
     kube: Kube
     evaluator: Evaluator
     elector: LeaderElector
+    pending: finalizers.Pending = field(default_factory=lambda: finalizers.Pending(time.monotonic))
     loop: asyncio.AbstractEventLoop | None = None
     trigger: asyncio.Event = field(default_factory=asyncio.Event)
     evaluated: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -123,7 +134,7 @@ def _rt(memo: Any) -> Runtime:
 
 @kopf.on.startup(registry=registry)
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = KOPF_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
@@ -139,6 +150,16 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             file_check_interval=_lifetimes(rt.settings).check_seconds,
             dry_run=rt.settings.dry_run)
         settings.admission.managed = None  # the operator writes its own configurations
+
+
+@kopf.on.cleanup(registry=registry, id="release-lease")
+async def release_lease(memo: Any, **_: Any) -> None:
+    """On SIGTERM, first of all: stop acting and hand the Lease to a standby.
+
+    kopf runs cleanup handlers as soon as it begins to stop; releasing only once it
+    has stopped would add its shutdown (seconds) to the failover.
+    """
+    await _rt(memo).elector.release()
 
 
 @kopf.on.login(registry=registry, id="login")
@@ -173,12 +194,16 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
 @kopf.on.event(GROUP, VERSION, "clustertokenbudgets", registry=registry,
                id="clustertokenbudget-changed")
 @kopf.on.event(GROUP, VERSION, "modelcatalogs", registry=registry, id="modelcatalog-changed")
-def budget_changed(memo: Any, type: str | None, body: Any, **_: Any) -> None:
+def budget_changed(memo: Any, type: str | None, body: Any, resource: kopf.Resource,
+                   **_: Any) -> None:
     # Our own status writes also arrive here; they change no decision input, so only
     # spec changes (a new generation) and deletions wake the loop early.
     meta = body.get("metadata", {})
     status = body.get("status") or {}
     admission.cache.budget_event(dict(body), deleted=type == "DELETED")
+    res = _FINALIZED.get(resource.plural)
+    if res is not None:
+        _rt(memo).pending.observe(res, dict(body), deleted=type == "DELETED")
     if type == "DELETED" or meta.get("deletionTimestamp") or \
             status.get("observedGeneration") != meta.get("generation"):
         _rt(memo).poke()
@@ -211,18 +236,7 @@ def namespace_changed(memo: Any, type: str | None, body: Any, **_: Any) -> None:
         rt.poke()
 
 
-@kopf.on.delete(GROUP, VERSION, "tokenbudgets", registry=registry, id="tokenbudget-undo")
-@kopf.on.delete(GROUP, VERSION, "clustertokenbudgets", registry=registry,
-                id="clustertokenbudget-undo")
-async def budget_deleted(memo: Any, name: str, **_: Any) -> None:
-    """Hold the finalizer until an evaluation without this budget has restored its workloads."""
-    rt = _rt(memo)
-    if not rt.elector.is_leader:
-        raise kopf.TemporaryError("the active replica undoes this budget's effects", delay=3)
-    asked = time.monotonic()
-    rt.poke()
-    if not await rt.wait_evaluated_after(asked, timeout=60):
-        raise kopf.TemporaryError(f"workloads governed by {name} are not restored yet", delay=5)
+_FINALIZED = {r.plural: r for r in (TOKENBUDGETS, CLUSTERTOKENBUDGETS)}
 
 
 # ---------------------------------------------------------------------------
@@ -288,8 +302,12 @@ async def evaluation_loop(rt: Runtime) -> None:
             started = time.monotonic()
             ok = False
             try:
+                await asyncio.to_thread(_add_finalizers, rt)
                 rt.last_outcome = await asyncio.to_thread(rt.evaluator.run_once)
                 ok = True
+                await asyncio.to_thread(_release_finalizers, rt, started)
+            except NotLeader as exc:
+                log.info("leadership lost during an evaluation, stopped before a write: %s", exc)
             except Exception:
                 log.exception("evaluation failed; retrying at the next interval")
             async with rt.evaluated:
@@ -306,13 +324,17 @@ async def evaluation_loop(rt: Runtime) -> None:
         await asyncio.sleep(DEBOUNCE_SECONDS)  # let a burst of events settle into one run
 
 
-async def _leadership_watcher(rt: Runtime) -> None:
-    """Wake the loop as soon as this replica becomes the leader."""
-    while True:
-        await asyncio.to_thread(rt.elector.changed.wait, 1.0)
-        if rt.elector.changed.is_set():
-            rt.elector.changed.clear()
-            rt.poke()
+def _add_finalizers(rt: Runtime) -> None:
+    """Before a budget has effects, make sure its deletion will wait for their undoing."""
+    if not all(finalizers.add(rt.evaluator.kube, res, body) for res, body in rt.pending.to_add()):
+        rt.poke()  # a stale body: the watch brings the fresh one
+
+
+def _release_finalizers(rt: Runtime, started: float) -> None:
+    """Let go of the budgets deleted before ``started``: that evaluation undid their effects."""
+    if not all(finalizers.remove(rt.evaluator.kube, res, body)
+               for res, body in rt.pending.to_remove(seen_before=started)):
+        rt.poke()
 
 
 def _lifetimes(s: Settings) -> certificates.Lifetimes:
@@ -419,13 +441,17 @@ def build_runtime(settings: Settings) -> Runtime:
                               settings.prometheus_timeout_seconds, on_query=telemetry.query,
                               scrape_interval_seconds=settings.prometheus_scrape_interval_seconds,
                               max_samples=settings.prometheus_max_samples)
-    evaluator = Evaluator(kube, source, settings, telemetry)
     identity = settings.id or f"{socket.gethostname()}-{os.getpid()}"
+    timings = Timings.for_lease(settings.lease_seconds)
     # The elector gets its own request counters: Lease renewals are not evaluation writes.
-    elector = LeaderElector(Kube(kube.client), settings.lease_namespace,
-                            settings.lease_name, identity,
-                            settings.lease_seconds)
-    return Runtime(settings=settings, kube=kube, evaluator=evaluator, elector=elector)
+    store = KubeLeaseStore(Kube(kube.client), settings.lease_namespace, settings.lease_name,
+                           timeout=timings.renew_deadline_seconds)
+    elector = LeaderElector(store, identity, timings)
+    # Everything that acts writes through this client: only while this replica leads.
+    evaluator = Evaluator(LeaderOnlyKube(kube.client, elector), source, settings, telemetry)
+    rt = Runtime(settings=settings, kube=kube, evaluator=evaluator, elector=elector)
+    elector.on_change = lambda _leading: rt.poke()  # a new leader evaluates at once
+    return rt
 
 
 async def serve(settings: Settings) -> None:
@@ -437,7 +463,7 @@ async def serve(settings: Settings) -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host,
                           registry=rt.evaluator.telemetry.registry)
-    threads = [threading.Thread(target=rt.elector.run, name="leader", daemon=True)]
+    threads: list[threading.Thread] = []
     for res in (PODS, DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS):
         for selector in (settings.agent_label, enforced_only(settings.agent_label)):
             for ns in settings.namespaces or (None,):
@@ -462,7 +488,7 @@ async def serve(settings: Settings) -> None:
             clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
             liveness_endpoint=liveness)),
         asyncio.create_task(evaluation_loop(rt)),
-        asyncio.create_task(_leadership_watcher(rt)),
+        asyncio.create_task(rt.elector.run()),
     ]
     # Not among `tasks`: it survives its own failures (see rotation.Rotation.run).
     publisher = asyncio.create_task(publish_webhooks(rt)) if rt.webhook_configurations else None
@@ -475,10 +501,9 @@ async def serve(settings: Settings) -> None:
             t.result()
     finally:
         rt.stop.set()
-        rt.elector.stop()
         for t in [*tasks, *([publisher] if publisher else [])]:
             t.cancel()
-        rt.elector.release()
+        await rt.elector.release()
 
 
 def run(args: argparse.Namespace) -> int:
