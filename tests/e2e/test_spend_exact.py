@@ -53,12 +53,18 @@ def _readings(prometheus: Prometheus, ns: str, pod: str, seconds: int, duration:
 def test_a_counter_that_appears_with_its_value_counts_in_full(
         exporter: AgentExporter, prometheus: Prometheus) -> None:
     ns = f"exact-{uuid.uuid4().hex[:6]}"
+    # Born in the window needs evidence: Prometheus was scraping the exporter when the
+    # window began (a Prometheus younger than the window cannot tell a new series from an
+    # old one, and counts only what it saw grow). So the window is shorter than its age.
+    window = 30
+    eventually(lambda: prometheus.query(f"count(up offset {window + 5}s) > 0"), 60,
+               what="Prometheus older than the window")
     exporter.add(ns, "born", "gpt-4o", input=1_000)  # spent before its first scrape
     eventually(lambda: _samples(prometheus, ns, "born") >= 3, 30, what="three samples")
-    assert _input(prometheus, ns, "born", HOUR) == 1_000
+    assert _input(prometheus, ns, "born", window) == 1_000
     # What plain increase() would have said: nothing was spent.
     plain = prometheus.query(f'increase(llm_tokens_total{{namespace="{ns}", pod="born", '
-                             f'token_type="input"}}[{HOUR}s])')
+                             f'token_type="input"}}[{window}s])')
     assert float(plain[0]["value"][1]) == 0
 
 

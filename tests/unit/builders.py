@@ -118,7 +118,9 @@ def snapshot(budgets: Sequence[api.Budget], spend: Iterable[SpendSeries] = (), *
              recent: Iterable[SpendSeries] = (), recent_seconds: int = 600,
              errors: Mapping[api.Preset, str] | None = None,
              outcomes: Mapping[str, Iterable[tuple[str, tuple[tuple[str, str], ...], float]]]
-             | None = None) -> SpendSnapshot:
+             | None = None,
+             down: Mapping[sources.ResolvedSource, Mapping[str, str]] | None = None,
+             ) -> SpendSnapshot:
     """The snapshot the adapter would build for these budgets' plan.
 
     ``spend`` is reported for every planned window; ``per_window`` overrides it
@@ -137,13 +139,15 @@ def snapshot(budgets: Sequence[api.Budget], spend: Iterable[SpendSeries] = (), *
         recent_seconds=recent_seconds,
         errors=failed,
         outcomes={k: tuple(v) for k, v in (outcomes or {}).items()},
+        down=dict(down or {}),
     )
 
 
 def workload(name: str = "agent", namespace: str = NAMESPACE, *, kind: str = "Deployment",
-             labels: Mapping[str, str] | None = None, models: Sequence[str] = ()) -> Workload:
+             labels: Mapping[str, str] | None = None, models: Sequence[str] = (),
+             pods: int = 0) -> Workload:
     return Workload(WorkloadKey(kind, namespace, name),
-                    dict(AGENT if labels is None else labels), tuple(models))
+                    dict(AGENT if labels is None else labels), tuple(models), settled_pods=pods)
 
 
 def key(name: str = "agent", namespace: str = NAMESPACE, kind: str = "Deployment") -> WorkloadKey:

@@ -39,10 +39,12 @@ from typing import Any
 import pytest
 
 from token_budget.api import v1alpha1 as api
-from token_budget.policy import engine
+from token_budget.policy import engine, sources
 from token_budget.policy.decisions import OK_DIRECTIVE, Decision, Directive, Evaluation, merge
 from unit import builders as b
 from unit.builders import NOW, key, series, token_budget
+
+COUNTERS = sources.resolve(api.SpendSource())
 
 State = api.State
 LADDER = [
@@ -549,16 +551,21 @@ BROKEN = {api.Preset.COUNTERS: "Prometheus at http://prom:9090 cannot be reached
                      id="FailClosed blocks"),
     ],
 )
-@pytest.mark.parametrize("cause", ["source error", "empty result"])
+@pytest.mark.parametrize("cause", ["source error", "empty result while the pods run",
+                                   "its exporter down"])
 def test_when_spend_is_unknown_the_budget_policy_decides(
         cause: str, policy: str, remembered: State | None, seconds_ago: float | None,
         state: State, reason: str) -> None:
     budget = token_budget(whenSpendUnknown={"policy": policy, "staleAfterSeconds": 900})
     memory = b.memory(budget, remembered, seconds_ago=seconds_ago) if remembered else None
     errors = BROKEN if cause == "source error" else None
-    result = b.evaluate([budget], [], errors=errors, remembered=memory)
+    down = {COUNTERS: {b.NAMESPACE: "scrape target(s) down (up == 0): agents/10.0.0.7:9000"}} \
+        if cause == "its exporter down" else {}
+    spend = [series(100)] if cause == "its exporter down" else []
+    result = b.evaluate([budget], spend, errors=errors, remembered=memory, down=down,
+                        workloads=[b.workload(pods=2)])
     decision = only(result)
-    if cause == "empty result" and seconds_ago is None:
+    if cause == "empty result while the pods run" and seconds_ago is None:
         # No series was ever seen for the scope: a new scope spends zero, whatever the policy
         # (FailClosed must not lock a new namespace out before its first token).
         assert (decision.state, decision.reason, decision.spend_known) == (
@@ -577,10 +584,45 @@ def test_an_unknown_spend_says_why() -> None:
     failed = only(b.evaluate([token_budget()], [], errors=BROKEN))
     assert failed.spend_error == BROKEN[api.Preset.COUNTERS]
     budget = token_budget()
-    gone = only(b.evaluate([budget], [],
+    gone = only(b.evaluate([budget], [], workloads=[b.workload(pods=2)],
                            remembered=b.memory(budget, State.OK, seconds_ago=60)))
-    assert gone.spend_error == ("no Counters spend series exist any more for team-search; an "
-                                "empty result is not taken as zero spend")
+    assert gone.spend_error == (
+        "no Counters spend series exist any more for team-search while 2 governed pod(s) "
+        "run: their scrape is missing, and an empty result is not taken as zero spend")
+
+
+@pytest.mark.parametrize("policy", ["FailClosed", "Hold"])
+@pytest.mark.parametrize("pods", [
+    pytest.param(0, id="its pods gone"),
+    pytest.param(None, id="its pods too young to be scraped"),
+])
+def test_silence_after_the_pods_are_gone_is_zero_spend_and_lifts_a_block(
+        policy: str, pods: int | None) -> None:
+    """The FailClosed lock of issue 12: Block scaled the agents to zero, their series went
+    away with them, and an empty answer was taken as an outage for ever."""
+    budget = token_budget(whenSpendUnknown={"policy": policy, "staleAfterSeconds": 900})
+    result = b.evaluate([budget], [], workloads=[b.workload(pods=pods or 0)],
+                        remembered=b.memory(budget, State.BLOCKED, seconds_ago=3600))
+    decision = only(result)
+    assert (decision.state, decision.spend_known) == (State.OK, True)
+    assert "silence, counted as zero" in decision.message
+    assert told(result).state is State.OK
+
+
+def test_a_gateway_source_is_silent_while_its_callers_run() -> None:
+    """A LiteLLM proxy has series only for callers that called: running pods prove nothing."""
+    budget = token_budget(source={"preset": "LiteLLM"},
+                          whenSpendUnknown={"policy": "FailClosed"})
+    decision = only(b.evaluate([budget], [], workloads=[b.workload(pods=3)],
+                               remembered=b.memory(budget, State.OK, seconds_ago=60)))
+    assert (decision.state, decision.spend_known) == (State.OK, True)
+
+
+def test_a_down_exporter_of_another_namespace_changes_nothing() -> None:
+    budget = token_budget(whenSpendUnknown={"policy": "FailClosed"})
+    down = {COUNTERS: {"team-other": "scrape target(s) down (up == 0): agents/x"}}
+    decision = only(b.evaluate([budget], [series(100)], down=down))
+    assert (decision.state, decision.spend_known) == (State.OK, True)
 
 
 def test_a_window_that_was_not_read_makes_spend_unknown() -> None:

@@ -269,6 +269,8 @@ def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> Non
         if path.endswith("/status/runtimeinfo"):
             return 200, {"status": "success", "data": {"storageRetention": "30d or 10GiB"}}
         q = params["query"]
+        if q.startswith("(up == 0)"):
+            return vector()  # every scrape target answers
         if q.startswith("count("):
             return vector(item("3"))
         if "agent_outcomes_total" in q:
@@ -296,6 +298,7 @@ def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> Non
         promql.spend(COUNTERS, 19 * 86400 + 12 * 3600, ("team",)),
         promql.spend(COUNTERS, 600, ("team",)),
         promql.outcomes("agent_outcomes_total", "namespace", 86400, ("outcome",)),
+        "(up == 0) unless on (job, instance) (timestamp(up) < time() - 60)",  # none down
     ]
     assert {p["time"] for path, p in fake.requests if path == "/api/v1/query"} == {
         f"{NOW.timestamp():.3f}"}
@@ -426,3 +429,21 @@ def test_a_window_longer_than_the_retention_is_estimated_from_the_covered_part()
     [usage] = engine.evaluate(engine.World(budgets=[budget]), snap, NOW).decisions[0].windows
     assert usage.covered == Decimal("0.5")
     assert usage.tokens == 600_000, "the missing half is estimated, never taken as zero"
+
+
+def test_a_down_target_marks_the_namespaces_its_series_named(
+        serve: Callable[[Callable[[str, dict[str, str]], Answer]], FakePrometheus]) -> None:
+    """``up == 0`` first; only then, for those targets, whose spend they exported."""
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        q = params["query"]
+        if q.startswith("(up == 0)"):
+            return vector(item("0", job="agents", instance="10.0.0.7:9000"))
+        if q.startswith("count by (namespace) (last_over_time("):
+            assert 'job=~"agents", instance=~"10\\\\.0\\\\.0\\\\.7:9000"' in q, q
+            return vector(item("2", namespace="team-search"))
+        return vector()
+
+    fake = serve(answer)
+    snap = PrometheusSource(fake.url).collect(planner.plan([b.token_budget()], NOW), NOW)
+    assert snap.down == {COUNTERS: {
+        "team-search": "scrape target(s) down (up == 0): agents/10.0.0.7:9000"}}

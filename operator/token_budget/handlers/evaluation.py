@@ -17,6 +17,7 @@ reads the state back and converges.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -113,6 +114,8 @@ def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
         # What patches.live reads: a finished or deleted pod has no share of a rate.
         if meta.get("deletionTimestamp"):
             out_meta["deletionTimestamp"] = meta["deletionTimestamp"]
+        # And whether it is old enough to have been scraped (Workload.settled_pods).
+        out_meta["creationTimestamp"] = meta.get("creationTimestamp")
         return {"kind": kind, "apiVersion": obj.get("apiVersion"), "metadata": out_meta,
                 "spec": pod(obj)["spec"],
                 "status": {"phase": (obj.get("status") or {}).get("phase")}}
@@ -229,15 +232,38 @@ class Evaluator:
         units: set[WorkloadKey] = set()
         for key, obj in g.objects.items():
             g.top[key] = self._owner(key, obj, g.objects)
+        settled = self._settled_pods(g)
         for key, obj in g.objects.items():
             unit = g.top[key]
             if unit == key and unit not in units:
                 units.add(unit)
                 w = workload_of(obj, self.settings.model_env)
                 if w is not None:
-                    g.workloads.append(w)
+                    g.workloads.append(dataclasses.replace(w, settled_pods=settled.get(unit, 0))
+                                       if unit in settled else w)
         if any(u.kind in patches.SCALABLE for u in units):
             self._gather_scalers(g, units)
+
+    def _settled_pods(self, g: Gathered) -> dict[WorkloadKey, int]:
+        """Pods per governed unit that exist, are not being deleted and are older than
+        the scrape grace: four scrape intervals, at least a minute (a pod's first scrape
+        can take one interval and the series a few more to show)."""
+        grace = max(60.0, 4 * self.settings.prometheus_scrape_interval_seconds)
+        born_before = self.clock() - dt.timedelta(seconds=grace)
+        out: dict[WorkloadKey, int] = {}
+        for key, obj in g.objects.items():
+            if key.kind != "Pod":
+                continue
+            meta = obj.get("metadata") or {}
+            created = meta.get("creationTimestamp")
+            if meta.get("deletionTimestamp") or not created:
+                continue
+            when = created if isinstance(created, dt.datetime) else \
+                dt.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+            if when <= born_before:
+                unit = g.top.get(key, key)
+                out[unit] = out.get(unit, 0) + 1
+        return out
 
     def _gather_scalers(self, g: Gathered, units: set[WorkloadKey]) -> None:
         sources = [(HPAS, g.hpas)]
@@ -473,6 +499,8 @@ class Evaluator:
                 "apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
                 "name": meta.get("name"), "namespace": meta.get("namespace"),
                 "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion"),
+        "creationTimestamp": meta.get("creationTimestamp"),
+        "deletionTimestamp": meta.get("deletionTimestamp"),
             },
             "reason": reason, "message": message[:1024], "type": type_,
             "source": {"component": "token-budget-operator"},

@@ -327,12 +327,65 @@ class PrometheusSource:
             except MetricsError as exc:
                 outcome_errors[oq.key] = str(exc)
         retention = self.retention() if errors.keys() != set(plan.sources) else None
-        return SpendSnapshot(taken_at=now, windows=windows, recent=recent,
+        down: dict[ResolvedSource, dict[str, str]] = {}
+        if errors.keys() != set(plan.sources):
+            try:
+                down = self.down_targets([rs for rs in plan.sources if rs not in errors], now)
+            except MetricsError as exc:
+                for rs in plan.sources:
+                    errors.setdefault(rs, str(exc))
+        return SpendSnapshot(taken_at=now, windows=windows, recent=recent, down=down,
                              recent_seconds=plan.recent_seconds, errors=errors,
                              returned=_returned(windows, recent),
                              outcomes=outcomes, outcome_errors=outcome_errors,
                              window_errors=window_errors, retention_seconds=retention,
                              gaps={k: v for k, v in gaps.items() if v})
+
+
+    def down_targets(self, resolved: list[ResolvedSource], now: dt.datetime
+                     ) -> dict[ResolvedSource, dict[str, str]]:
+        """Per source, the namespaces whose series came from a scrape target that is
+        down now, with the targets named.
+
+        ``up == 0`` first (one small instant query; nothing more when every target
+        answers), then, only for the down targets, which namespaces their series of
+        the source named within :data:`DOWN_LOOKBACK_SECONDS`.
+        """
+        # Fresh samples only: a target dropped from the configuration by a reload keeps
+        # its last `up` for the lookback (Prometheus 2.42 writes no staleness marker then).
+        fresh = max(60, int(4 * self.scrape_interval_seconds))
+        items = self.query(f"(up == 0) unless on (job, instance) "
+                           f"(timestamp(up) < time() - {fresh})", now, "targets")
+        targets = sorted({(_labels(it).get("job", ""), _labels(it).get("instance", ""))
+                          for it in items})
+        if not targets:
+            return {}
+        instances = promql.quote("|".join(_re_escape(i) for _, i in targets))
+        jobs = promql.quote("|".join(sorted({_re_escape(j) for j, _ in targets})))
+        named = ", ".join(f"{j}/{i}" for j, i in targets[:5]) + \
+            (f" and {len(targets) - 5} more" if len(targets) > 5 else "")
+        out: dict[ResolvedSource, dict[str, str]] = {}
+        for rs in resolved:
+            metrics = promql.quote("|".join(rs.metrics))
+            text = (f"count by ({rs.namespace_label}) (last_over_time({{__name__=~{metrics}, "
+                    f"job=~{jobs}, instance=~{instances}}}[{DOWN_LOOKBACK_SECONDS}s]) "
+                    f"and on (job, instance) ((up == 0) unless on (job, instance) "
+                    f"(timestamp(up) < time() - {fresh})))")
+            for it in self.query(text, now, "targets"):
+                ns = _labels(it).get(rs.namespace_label, "")
+                out.setdefault(rs, {})[ns] = f"scrape target(s) down (up == 0): {named}"
+        return out
+
+
+#: How far back a down target's series are linked to namespaces: a target down for longer
+#: has no series left to say whose spend it exported (pods of a per-pod source that still
+#: run then say it; see the engine).
+DOWN_LOOKBACK_SECONDS = 3600
+
+
+def _re_escape(text: str) -> str:
+    """A literal for a PromQL (RE2) regular expression."""
+    return "".join("\\" + c if c in r".^$*+?()[]{}|\\" else c for c in text)
 
 
 def _fallback_seconds(window: Any, now: dt.datetime) -> int:

@@ -811,16 +811,31 @@ class _ScopeEval:
         try:
             if error is not None:
                 raise _Unknown(error)
+            down = self.snapshot.down.get(self.source) if self.snapshot.down else None
+            if down:
+                hit = sorted({down[ns] for ns in self.namespaces if ns in down})
+                if hit:
+                    # The exporter or gateway that reported this scope's spend does not
+                    # answer: what it counts now is unknown, whatever is still in the window.
+                    raise _Unknown(f"{hit[0]}; the spend they count cannot be read")
             usages, seen, unpriced = self.windows()
+            silent = False
             if not seen and self.memory is not None and self.memory.last_spend_time is not None:
-                # Series existed before and are gone: an outage of the exporter or of the
-                # scrape, not an idle agent. (Never seen at all: a new scope, zero spend;
-                # otherwise FailClosed would lock a new namespace out before its first token.)
-                raise _Unknown(
-                    f"no {self.source.preset} spend series exist any more for "
-                    f"{', '.join(self.namespaces) or 'any namespace'}; an empty result is not "
-                    "taken as zero spend"
-                )
+                # Series existed before and are gone. Silence, unless something says the
+                # scrape is missing: Prometheus failing and targets down are caught above;
+                # here, agent pods that run but no longer export anything. (Pods gone,
+                # scaled to zero, Jobs done: silence, and silence over a window is zero;
+                # a FailClosed budget that blocked them would otherwise never lift.)
+                running = sum(w.settled_pods for w in self.governed) if self.source.per_pod \
+                    else 0
+                if running:
+                    raise _Unknown(
+                        f"no {self.source.preset} spend series exist any more for "
+                        f"{', '.join(self.namespaces) or 'any namespace'} while {running} "
+                        "governed pod(s) run: their scrape is missing, and an empty result "
+                        "is not taken as zero spend"
+                    )
+                silent = True
         except _Unknown as unknown:
             return self.unknown(str(unknown), dry)
 
@@ -833,7 +848,10 @@ class _ScopeEval:
         window_text = f"{worst.window}" + (f" ({worst.time_zone})" if worst.resets_at else "")
         message = (f"spend in window {window_text} is {spend_text} of {limit_text} "
                    f"({used.quantize(_TENTH)}%)")
-        if not seen:
+        if silent:
+            message += ("; no spend series exist any more for this scope and none of its "
+                        "governed pods runs: silence, counted as zero")
+        elif not seen:
             message += "; no spend series exist yet for this scope"
         if rung.action is not None:
             message += f": {rung.action.type.value} from {rung.action.at_percent}%"

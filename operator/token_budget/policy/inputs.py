@@ -128,6 +128,9 @@ class SpendSnapshot:
     window_errors: Mapping[tuple[ResolvedSource, WindowKey], str] = field(default_factory=dict)
     # How far back Prometheus keeps data (None: unknown): longer windows are incomplete.
     retention_seconds: int | None = None
+    # Per source, namespaces whose series came (within the last hour) from a scrape
+    # target that is down now (up == 0), with the targets named: an outage.
+    down: Mapping[ResolvedSource, Mapping[str, str]] = field(default_factory=dict)
     # Per (source, window), namespaces with series whose start a scrape gap hid.
     gaps: Mapping[tuple[ResolvedSource, WindowKey], Mapping[str, Gap]] = field(
         default_factory=dict
@@ -174,6 +177,9 @@ class Workload:
     key: WorkloadKey
     pod_labels: Mapping[str, str]
     declared_models: tuple[str, ...] = ()
+    # Its pods that exist, are not being deleted and are older than the scrape grace
+    # (a new pod is not yet scraped): with none, its series going away is silence.
+    settled_pods: int = 0
 
 
 @quick_init

@@ -55,6 +55,15 @@ class ResolvedSource:
     workload_label: str
     model_label: str
     counters: tuple[tuple[Kind, Selector], ...]
+    # Whether each series comes from (or names) one agent pod, so that pods running
+    # without any series is a sign that their scrape is missing (not so for a gateway,
+    # whose series exist only for callers that called).
+    per_pod: bool = False
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metric names the counters read."""
+        return tuple(sorted({sel.metric for _, sel in self.counters}))
 
     @property
     def has_cost(self) -> bool:
@@ -79,6 +88,7 @@ _PRESETS: dict[api.Preset, ResolvedSource] = {
             (Kind.OUTPUT, _typed("llm_tokens_total", "token_type", "output")),
             (Kind.CACHED_INPUT, _typed("llm_tokens_total", "token_type", "cached_input")),
         ),
+        per_pod=True,
     ),
     api.Preset.LITELLM: ResolvedSource(
         preset="LiteLLM",
@@ -100,6 +110,7 @@ _PRESETS: dict[api.Preset, ResolvedSource] = {
             (Kind.INPUT, _typed("gen_ai_client_token_usage_sum", "gen_ai_token_type", "input")),
             (Kind.OUTPUT, _typed("gen_ai_client_token_usage_sum", "gen_ai_token_type", "output")),
         ),
+        per_pod=True,
     ),
 }
 
@@ -128,4 +139,5 @@ def resolve(source: api.SpendSource) -> ResolvedSource:
         workload_label=labels.workload or base.workload_label,
         model_label=labels.model or base.model_label,
         counters=tuple(sorted(counters.items(), key=lambda kv: list(Kind).index(kv[0]))),
+        per_pod=base.per_pod,
     )
