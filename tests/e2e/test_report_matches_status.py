@@ -69,9 +69,18 @@ def test_report_shows_a_budget_with_not_equal_and_regex_matchers_what_its_status
                                ("qa-1", "gpt-4o", 30_000)):          # pod !~ search-.*
         seed(exporter, prometheus, ns, pod, model)
         spend(exporter, prometheus, ns, pod, tokens, model)
-    for pod, outcome, n in (("search-1", "success", 4), ("search-1", "merged", 1),
-                            ("search-1", "failure", 10),  # outcome !~ success|merged
-                            ("canary", "success", 5)):    # pod == canary
+    outcomes = (("search-1", "success", 4), ("search-1", "merged", 1),
+                ("search-1", "failure", 10),  # outcome !~ success|merged
+                ("canary", "success", 5))     # pod == canary
+    # The counters exist at zero first, as a running agent's would: a counter that
+    # appears with its value counts in full only when Prometheus is older than the
+    # window (the test's Prometheus is younger than an hour).
+    for pod, outcome, _ in outcomes:
+        exporter.add_outcome(ns, pod, outcome, 0)
+    eventually(lambda: prometheus.query(
+        f'count(count_over_time(agent_outcomes_total{{namespace="{ns}"}}[1m]) > 1) == 4'),
+        30, what="two samples of each outcome counter")
+    for pod, outcome, n in outcomes:
         exporter.add_outcome(ns, pod, outcome, n)
     prometheus.wait_for(f'sum(agent_outcomes_total{{namespace="{ns}"}})',
                         lambda r: bool(r) and float(r[0]["value"][1]) == 20)
