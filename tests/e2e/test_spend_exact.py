@@ -12,6 +12,7 @@ They need Prometheus only (1 s scrape), no control plane.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import uuid
 
@@ -20,7 +21,7 @@ from harness.prometheus import Prometheus, values_by
 from harness.waiting import eventually
 from token_budget.api import v1alpha1 as api
 from token_budget.metrics import promql
-from token_budget.policy import sources
+from token_budget.policy import planner, sources
 
 COUNTERS = sources.resolve(api.SpendSource())
 HOUR = 3600
@@ -97,8 +98,10 @@ def test_an_old_series_reads_last_minus_start_in_a_short_window(
 def test_a_deleted_pods_spend_still_counts_inside_the_window(
         exporter: AgentExporter, prometheus: Prometheus) -> None:
     ns = f"exact-{uuid.uuid4().hex[:6]}"
-    exporter.add(ns, "gone", "gpt-4o", input=700)
+    exporter.add(ns, "gone", "gpt-4o")  # a running agent's counter, at zero at first
     eventually(lambda: _samples(prometheus, ns, "gone") >= 2, 30, what="two samples")
+    exporter.add(ns, "gone", "gpt-4o", input=700)
+    eventually(lambda: _input(prometheus, ns, "gone", HOUR) == 700, 30, what="700 read")
     exporter.remove(ns, "gone")
     # Stale after the next scrape: the instant selector no longer sees it ...
     eventually(lambda: not prometheus.query(f'llm_tokens_total{{namespace="{ns}"}}'), 30,
@@ -123,3 +126,39 @@ def test_a_restarted_agents_spend_is_neither_lost_nor_counted_twice(
     # Across a reset the reading is increase()'s: at most one scrape interval extrapolated.
     value = _input(prometheus, ns, "restart", HOUR)
     assert value is not None and 800 <= value <= 800 * (1 + 1.5 / (age - 1)), (value, age)
+
+
+def test_a_spend_matcher_on_a_high_cardinality_label_narrows_what_prometheus_loads(
+        exporter: AgentExporter, prometheus: Prometheus) -> None:
+    """Issue 12: the matcher goes into the selector, not only into the group-by."""
+    ns = f"narrow-{uuid.uuid4().hex[:6]}"
+    pods = [f"agent-{i}" for i in range(100)]
+    for pod in pods:
+        exporter.add(ns, pod, "gpt-4o")
+    eventually(lambda: prometheus.query(
+        f'count(count_over_time(llm_tokens_total{{namespace="{ns}", token_type="input"}}[1m])'
+        " > 1) == 100"), 30, what="two samples of each of the 100 pods")
+    exporter.add(ns, "agent-7", "gpt-4o", input=700)
+    exporter.add(ns, "agent-8", "gpt-4o", input=800)
+    budget = api.TokenBudget.model_validate({
+        "apiVersion": api.API_VERSION, "kind": "TokenBudget",
+        "metadata": {"name": "b", "namespace": ns},
+        "spec": {"limits": [{"window": "1h", "tokens": 1}],
+                 "spendMatchers": [{"label": "pod", "value": "agent-7"}]}})
+    plan = planner.plan([budget], dt.datetime.now(dt.UTC))
+    assert plan.narrow[COUNTERS] == (("pod", "agent-7"),)
+    narrowed = promql.spend(COUNTERS, HOUR, ("pod",), narrow=plan.narrow[COUNTERS])
+    everything = promql.spend(COUNTERS, HOUR, ("pod",))
+    eventually(lambda: _input(prometheus, ns, "agent-8", HOUR) == 800, 30, what="spend seen")
+    found = values_by(prometheus.query(narrowed), "namespace", "pod", promql.KIND_LABEL)
+    assert found[(ns, "agent-7", "input")] == 700
+    assert {pod for (_, pod, kind) in found if kind == "input"} == {"agent-7"}
+    loaded = {name: _samples_loaded(prometheus, text)
+              for name, text in (("narrowed", narrowed), ("everything", everything))}
+    print(f"\nsamples loaded for one pod's budget among 100+ series: {loaded}")
+    assert loaded["narrowed"] * 20 < loaded["everything"], loaded
+
+
+def _samples_loaded(prometheus: Prometheus, query: str) -> int:
+    body = prometheus.api("query", {"query": query, "stats": "all"})
+    return int(body["stats"]["samples"]["totalQueryableSamples"])

@@ -253,6 +253,9 @@ def test_a_scalar_answer_is_a_failed_query(serve: Any) -> None:
     assert rs in snap.errors
 
 
+TEAM = (("team", "search"),)
+
+
 def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> None:
     day = [item("900", tb_kind="input", namespace="team-search", pod="agent-0", model="large",
                 team="search"),
@@ -293,10 +296,11 @@ def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> Non
     assert snap.errors == {} and snap.outcome_errors == {}
     assert snap.retention_seconds == 30 * 86400
     assert fake.queries == [
-        promql.spend(COUNTERS, 86400, ("team",)),
+        # The budget's spend matcher narrows every selector (team=~"search").
+        promql.spend(COUNTERS, 86400, ("team",), narrow=TEAM),
         'count({__name__=~"llm_tokens_total"})',  # a long window: estimate its samples first
-        promql.spend(COUNTERS, 19 * 86400 + 12 * 3600, ("team",)),
-        promql.spend(COUNTERS, 600, ("team",)),
+        promql.spend(COUNTERS, 19 * 86400 + 12 * 3600, ("team",), narrow=TEAM),
+        promql.spend(COUNTERS, 600, ("team",), narrow=TEAM),
         promql.outcomes("agent_outcomes_total", "namespace", 86400, ("outcome",)),
         "(up == 0) unless on (job, instance) (timestamp(up) < time() - 60)",  # none down
     ]

@@ -265,3 +265,46 @@ def test_outcome_counters_are_queried_once_per_metric_label_and_window() -> None
     # The outcome window's spend is read too (cost per outcome needs it).
     assert (COUNTERS, WindowKey("7d")) in plan.windows
     assert plan.query_count == 2 + 1 + 2
+
+
+# ---------------------------------------------------------------------------
+# Spend matchers narrow the selector
+# ---------------------------------------------------------------------------
+
+
+def _matchers(*ms: tuple[str, str, str]) -> list[dict[str, str]]:
+    return [{"label": label, "operator": op, "value": value} for label, op, value in ms]
+
+
+@pytest.mark.parametrize(("budgets", "narrow"), [
+    pytest.param([[("user", "Equal", "ann")], [("user", "Equal", "bo.b")]],
+                 (("user", "ann|bo\\.b"),),
+                 id="every budget names the label: the union of its values, escaped"),
+    pytest.param([[("user", "Regex", "a.*")], [("user", "Equal", "bob"), ("team", "Equal", "x")]],
+                 (("user", "(?:a.*)|bob"),),
+                 id="a regex joins the union as a group; a label not every budget names does not"),
+    pytest.param([[("user", "Equal", "ann")], []], (),
+                 id="one budget without matchers reads everything: no narrowing"),
+    pytest.param([[("user", "NotEqual", "ann")]], (),
+                 id="negative matchers never narrow"),
+])
+def test_spend_matchers_every_budget_shares_narrow_the_selector(
+        budgets: list[list[tuple[str, str, str]]], narrow: tuple[tuple[str, str], ...]) -> None:
+    plan = planner.plan([b.token_budget(f"b{i}", spendMatchers=_matchers(*ms))
+                         for i, ms in enumerate(budgets)], NOW)
+    assert plan.narrow.get(COUNTERS, ()) == narrow
+    text = promql.spend(COUNTERS, 60, narrow=narrow)
+    for label, regex in narrow:
+        assert f'llm_tokens_total{{token_type="input",{label}=~{promql.quote(regex)}}}' in text
+
+
+def test_a_union_too_long_for_a_url_is_not_put_in_the_selector() -> None:
+    budgets = [b.token_budget(f"b{i}", spendMatchers=_matchers(("user", "Equal", f"u{i:05}")))
+               for i in range(1000)]
+    assert planner.plan(budgets, NOW).narrow == {}
+
+
+def test_a_report_is_never_narrowed() -> None:
+    budgets = [b.token_budget("a", spendMatchers=_matchers(("user", "Equal", "ann")))]
+    key = planner.rolling_key(3600)
+    assert planner.report_plan(budgets, (), key, NOW).narrow == {}

@@ -33,7 +33,7 @@ from urllib3.util import Retry
 
 from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
 from token_budget.metrics import promql
-from token_budget.policy import inputs
+from token_budget.policy import inputs, planner
 from token_budget.policy.inputs import Gap, SpendSeries, SpendSnapshot
 from token_budget.policy.planner import Plan
 from token_budget.policy.sources import Kind, ResolvedSource
@@ -298,7 +298,8 @@ class PrometheusSource:
                             "(rules/token-budget.rules.yaml) or raise --prometheus-max-samples")
                         continue
                 windows[(rs, key)], gaps[(rs, key)] = self._read(
-                    rs, promql.spend(rs, seconds, extra), now, "spend", extra)
+                    rs, promql.spend(rs, seconds, extra, narrow=plan.narrow.get(rs, ())),
+                    now, "spend", extra)
             except MetricsError as exc:
                 errors[rs] = str(exc)
         for rs in plan.sources:
@@ -306,7 +307,8 @@ class PrometheusSource:
                 continue
             extra = plan.group_labels.get(rs, ())
             try:
-                items = self.query(promql.spend(rs, plan.recent_seconds, extra), now, "recent")
+                items = self.query(promql.spend(rs, plan.recent_seconds, extra,
+                                                narrow=plan.narrow.get(rs, ())), now, "recent")
                 recent[rs] = to_series(rs, items, extra)
             except MetricsError as exc:
                 errors[rs] = str(exc)
@@ -360,8 +362,8 @@ class PrometheusSource:
                           for it in items})
         if not targets:
             return {}
-        instances = promql.quote("|".join(_re_escape(i) for _, i in targets))
-        jobs = promql.quote("|".join(sorted({_re_escape(j) for j, _ in targets})))
+        instances = promql.quote("|".join(planner.re_literal(i) for _, i in targets))
+        jobs = promql.quote("|".join(sorted({planner.re_literal(j) for j, _ in targets})))
         named = ", ".join(f"{j}/{i}" for j, i in targets[:5]) + \
             (f" and {len(targets) - 5} more" if len(targets) > 5 else "")
         out: dict[ResolvedSource, dict[str, str]] = {}
@@ -381,11 +383,6 @@ class PrometheusSource:
 #: has no series left to say whose spend it exported (pods of a per-pod source that still
 #: run then say it; see the engine).
 DOWN_LOOKBACK_SECONDS = 3600
-
-
-def _re_escape(text: str) -> str:
-    """A literal for a PromQL (RE2) regular expression."""
-    return "".join("\\" + c if c in r".^$*+?()[]{}|\\" else c for c in text)
 
 
 def _fallback_seconds(window: Any, now: dt.datetime) -> int:

@@ -40,10 +40,13 @@ def quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def selector(metric: str, matchers: tuple[tuple[str, str], ...]) -> str:
-    if not matchers:
+def selector(metric: str, matchers: tuple[tuple[str, str], ...],
+             regexes: tuple[tuple[str, str], ...] = ()) -> str:
+    """``metric{k="v",...,k=~"re",...}``: equality matchers, then regex matchers."""
+    if not matchers and not regexes:
         return metric
-    inner = ",".join(f"{k}={quote(v)}" for k, v in matchers)
+    inner = ",".join([f"{k}={quote(v)}" for k, v in matchers]
+                     + [f"{k}=~{quote(v)}" for k, v in regexes])
     return f"{metric}{{{inner}}}"
 
 
@@ -142,19 +145,20 @@ def increase(sel: str, range_seconds: int, horizon_seconds: int | None = None) -
 
 
 def spend(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = (),
-          horizon_seconds: int | None = None) -> str:
+          horizon_seconds: int | None = None, narrow: tuple[tuple[str, str], ...] = ()) -> str:
     """Spend per namespace, workload, model (and ``extra`` labels) over the last range.
 
     Two more rows per namespace, tagged :data:`GAP_BRIDGED` and :data:`GAP_UNKNOWN`,
     count the series whose start value a scrape gap hid (see :func:`increase`); a
-    namespace without such series has no such row.
+    namespace without such series has no such row. ``narrow`` adds regex matchers
+    to every counter's selector (the plan's union of the budgets' spend matchers).
     """
     h = horizon(range_seconds) if horizon_seconds is None else horizon_seconds
     by = ", ".join(group_labels(rs, extra))
     rows = []
     bridged, unknown = [], []
     for kind, sel in rs.counters:
-        parts = _Parts(selector(sel.metric, sel.matchers), range_seconds, h)
+        parts = _Parts(selector(sel.metric, sel.matchers, narrow), range_seconds, h)
         rows.append(_tagged(f"sum by ({by}) ({parts.increase()})", kind.value))
         bridged.append(parts.bridged())
         unknown.append(parts.unknown())

@@ -43,6 +43,10 @@ class Plan:
     outcomes: tuple[OutcomeQuery, ...] = ()
     recent_seconds: int = 600
     sources: tuple[ResolvedSource, ...] = field(default=())
+    # Per source, regex matchers that every budget reading it implies (see :func:`narrowing`):
+    # they go into the PromQL selector, so a matcher on a high-cardinality label does not
+    # pull every series of the source.
+    narrow: dict[ResolvedSource, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     @property
     def query_count(self) -> int:
@@ -61,11 +65,13 @@ def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 
     """The queries for one evaluation of ``budgets`` at ``now``."""
     ranges: dict[tuple[ResolvedSource, WindowKey], int] = {}
     extra: dict[ResolvedSource, set[str]] = {}
+    matchers: dict[ResolvedSource, list[tuple[api.SpendMatcher, ...]]] = {}
     outcome_groups: dict[tuple[str, str, WindowKey], set[str]] = {}
     for budget in budgets:
         spec = budget.spec
         rs = sources.resolve(spec.source)
         extra.setdefault(rs, set()).update(m.label for m in spec.spend_matchers)
+        matchers.setdefault(rs, []).append(tuple(spec.spend_matchers))
         for key in budget_windows(spec):
             ranges[(rs, key)] = windows.range_seconds(key, now)
         if spec.outcome is not None:
@@ -87,7 +93,46 @@ def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 
         outcomes=outcomes,
         recent_seconds=recent_seconds,
         sources=tuple(sorted(extra)),
+        narrow={rs: n for rs, per_budget in matchers.items() if (n := narrowing(per_budget))},
     )
+
+
+#: Longest regex put into a selector: a query travels in the URL, and past a few KiB
+#: proxies and Prometheus refuse it. Longer unions read the source unnarrowed.
+MAX_NARROW_CHARS = 4096
+
+
+def narrowing(per_budget: list[tuple[api.SpendMatcher, ...]]) -> tuple[tuple[str, str], ...]:
+    """Regex matchers that keep every series any of the budgets could count.
+
+    A label qualifies when every budget has an ``Equal`` or ``Regex`` matcher on it;
+    the selector then keeps the union of their values. ``NotEqual``/``NotRegex``
+    never narrow (their union is almost everything). The engine still applies each
+    budget's own matchers; this only spares Prometheus the series nobody counts.
+    """
+    positive: list[dict[str, set[str]]] = []
+    for ms in per_budget:
+        found: dict[str, set[str]] = {}
+        for m in ms:
+            if m.operator is api.MatchOperator.EQUAL:
+                found.setdefault(m.label, set()).add(re_literal(m.value))
+            elif m.operator is api.MatchOperator.REGEX:
+                found.setdefault(m.label, set()).add(f"(?:{m.value})")
+        positive.append(found)
+    if not positive:
+        return ()
+    common = set(positive[0]).intersection(*positive[1:])
+    out = []
+    for label in sorted(common):
+        union = "|".join(sorted(set().union(*(p[label] for p in positive))))
+        if len(union) <= MAX_NARROW_CHARS:
+            out.append((label, union))
+    return tuple(out)
+
+
+def re_literal(value: str) -> str:
+    """``value`` as an RE2 literal."""
+    return "".join("\\" + c if c in ".^$*+?()[]{}|\\" else c for c in value)
 
 
 def rolling_key(seconds: int) -> WindowKey:
@@ -124,4 +169,5 @@ def report_plan(budgets: Iterable[api.Budget], extra_sources: Iterable[ResolvedS
     return dataclasses.replace(
         base, windows={(rs, key): seconds for rs in sorted(resolved)},
         group_labels={rs: base.group_labels.get(rs, ()) for rs in sorted(resolved)},
-        outcomes=outcomes, sources=())
+        outcomes=outcomes, sources=(),
+        narrow={})  # a report shows every namespace's spend, not only the budgets' matches
