@@ -420,8 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_or_backtest(args, sys.stdout)
     if args.command == "run":
         from token_budget.handlers import run
+        from token_budget.settings import SettingsError
 
-        return run(args)
+        try:
+            return run(args)
+        except SettingsError as exc:
+            print(f"tokenbudget run: invalid settings: {exc}", file=sys.stderr)
+            return 2
     return 2  # pragma: no cover - argparse enforces the choices
 
 

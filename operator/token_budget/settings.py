@@ -1,59 +1,152 @@
-"""Operator settings: command-line flags, each with an environment variable default.
+"""Operator settings: one pydantic-settings model read from flags, env and a config file.
 
-Read once at start-up and passed down; nothing below reads the environment.
-Every flag ``--foo-bar`` defaults to ``$TOKENBUDGET_FOO_BAR``.
+Read once at start-up (:func:`load`) and passed down; nothing below reads the
+environment. Every field ``foo_bar`` is the flag ``--foo-bar``, the variable
+``$TOKENBUDGET_FOO_BAR`` and the key ``foo_bar`` of the YAML file named by
+``--config`` or ``$TOKENBUDGET_CONFIG``. Precedence: flag, variable, file,
+default. ``tokenbudget run --help`` is generated from the field descriptions.
+
+Kept from the hand-written parser it replaced, so that the chart, the tests and
+existing deployments work unchanged:
+
+- ``--namespace`` (repeatable) and ``--webhook-host-name`` (repeatable) are
+  short names of ``--namespaces`` and ``--webhook-hosts``; their variables take
+  comma-separated lists, as ``--model-env`` does;
+- ``$TOKENBUDGET_NO_FORECAST`` (``--no-forecast`` is the flag's negative form);
+- ``$POD_NAMESPACE`` is the Lease's namespace when nothing else names it.
+
+Booleans also take a negative form (``--no-dry-run``) and values are validated
+(``--metrics-port=eighty`` is a usage error, not a crash at run time).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    EnvSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+)
 
 ENV_PREFIX = "TOKENBUDGET_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+_TRUE = ("1", "true", "yes", "on")
+
+Names = Annotated[tuple[str, ...], NoDecode]
+"""A list of names: repeated flags, or one comma-separated value (env, flag or file)."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    prometheus_url: str = "http://localhost:9090"
-    prometheus_bearer_token_file: str | None = None
-    prometheus_username: str | None = None
-    prometheus_password_file: str | None = None
-    prometheus_ca_file: str | None = None
-    prometheus_insecure_skip_verify: bool = False
-    prometheus_timeout_seconds: float = 20.0
-    prometheus_scrape_interval_seconds: float = 15.0
-    prometheus_max_samples: int = 50_000_000
-    interval_seconds: float = 30.0
-    recent_seconds: int = 600
-    forecast: bool = True  # evaluate sooner when a budget is forecast to cross a threshold
-    forecast_poll_seconds: float = 2.0  # while a forecast crossing is due
-    namespaces: tuple[str, ...] = ()  # empty: all namespaces
-    dry_run: bool = False
-    log_format: str = "text"
-    verbose: bool = False
-    metrics_port: int = 8080
-    metrics_host: str = "0.0.0.0"
-    health_port: int = 8081
-    model_env: tuple[str, ...] = field(
-        default=("LLM_MODEL", "OPENAI_MODEL", "ANTHROPIC_MODEL", "MODEL_NAME")
+class Settings(BaseSettings):
+    """Everything ``tokenbudget run`` can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_shortcuts={"namespaces": "namespace", "webhook-hosts": "webhook-host-name"},
     )
-    webhook_port: int = 0  # 0: no webhook server
-    webhook_host: str = "0.0.0.0"
-    webhook_url: str | None = None  # how the API server reaches the webhook (tests, dev)
-    webhook_service: str = "token-budget-operator"
-    webhook_service_port: int = 443
-    webhook_secret: str = "token-budget-operator-webhook-tls"
-    webhook_hosts: tuple[str, ...] = ()
-    webhook_cert_dir: str | None = None  # certificate from elsewhere (cert-manager)
-    webhook_certificate_seconds: int = 90 * 86400  # self-managed serving certificate
-    webhook_ca_seconds: int = 5 * 365 * 86400  # self-managed CA
-    id: str | None = None
-    agent_label: str = "tokenbudget.io/agent"
-    lease_namespace: str = "default"
-    lease_name: str = "token-budget-operator"
-    lease_seconds: int = 15
-    status_heartbeat_seconds: int = 60
+
+    prometheus_url: str = Field("http://localhost:9090", description="Prometheus base URL")
+    prometheus_bearer_token_file: str | None = Field(
+        None, description="file holding a bearer token for Prometheus")
+    prometheus_username: str | None = Field(None, description="basic-auth user for Prometheus")
+    prometheus_password_file: str | None = Field(
+        None, description="file holding the basic-auth password for Prometheus")
+    prometheus_ca_file: str | None = Field(
+        None, description="CA bundle that signed Prometheus's certificate")
+    prometheus_insecure_skip_verify: bool = Field(
+        False, description="do not verify Prometheus's TLS certificate")
+    prometheus_timeout_seconds: float = Field(20.0, gt=0, description="timeout of one query")
+    prometheus_scrape_interval_seconds: float = Field(
+        15.0, gt=0,
+        description="scrape interval of the spend counters (to estimate a query's samples)")
+    prometheus_max_samples: int = Field(
+        50_000_000, ge=0,
+        description="do not send a window query estimated to load more samples (0: no limit)")
+    interval_seconds: float = Field(30.0, gt=0, description="evaluation interval")
+    recent_seconds: int = Field(600, gt=0, description="look-back for the burn rate used in "
+                                "forecasts")
+    forecast: bool = Field(
+        True,
+        description="look again at the moment a budget is forecast to cross a threshold, "
+        "then every few seconds until it shows (--no-forecast: only at the interval)")
+    forecast_poll_seconds: float = Field(
+        2.0, gt=0, description="while a budget's forecast crossing is due, evaluate this often")
+    namespaces: Names = Field(
+        (), description="watch only this namespace (--namespace, repeatable); default all")
+    dry_run: bool = Field(False, description="decide and report, touch no workload")
+    log_format: Literal["text", "json"] = Field("text", description="log format")
+    verbose: bool = Field(False, description="debug logging")
+    metrics_port: int = Field(8080, ge=0, le=65535, description="port of /metrics (0: off)")
+    metrics_host: str = Field("0.0.0.0", description="address /metrics listens on")
+    health_port: int = Field(
+        8081, ge=0, le=65535, description="port of the liveness endpoint /healthz (0: off)")
+    model_env: Names = Field(
+        ("LLM_MODEL", "OPENAI_MODEL", "ANTHROPIC_MODEL", "MODEL_NAME"),
+        description="comma-separated environment variables that name a container's model")
+    webhook_port: int = Field(
+        0, ge=0, le=65535, description="serve admission webhooks on this port (0: off)")
+    webhook_host: str = Field("0.0.0.0", description="address the webhook server listens on")
+    webhook_url: str | None = Field(
+        None, description="URL the API server calls (out-of-cluster, tests); default: the "
+        "Service below")
+    webhook_service: str = Field(
+        "token-budget-operator",
+        description="Service in the operator's namespace that fronts the webhook")
+    webhook_service_port: int = Field(443, ge=1, le=65535, description="that Service's port")
+    webhook_secret: str = Field(
+        "token-budget-operator-webhook-tls",
+        description="Secret holding the webhook CA and serving certificate (created and "
+        "rotated)")
+    webhook_hosts: Names = Field(
+        (), description="DNS name or IP for the serving certificate (--webhook-host-name, "
+        "repeatable)")
+    webhook_cert_dir: str | None = Field(
+        None, description="serve tls.crt/tls.key from this directory (e.g. a mounted "
+        "cert-manager Secret) and leave the Secret and the webhook configurations to whoever "
+        "issued it")
+    webhook_certificate_seconds: int = Field(
+        90 * 86400, gt=0,
+        description="lifetime of the serving certificate the operator issues itself; renewed "
+        "while running when a third of it remains (default 90 days)")
+    webhook_ca_seconds: int = Field(
+        5 * 365 * 86400, gt=0,
+        description="lifetime of the operator's own webhook CA, at least twice the "
+        "certificate's; rotated when a third of it remains, the old CA trusted until it "
+        "expires (default 5 years)")
+    id: str | None = Field(None, description="identity of this replica (leader election)")
+    agent_label: str = Field(
+        "tokenbudget.io/agent",
+        description="label key that marks agent workloads and pods (watched server-side)")
+    lease_namespace: str = Field(
+        "default", description="namespace of the leader-election Lease (default: "
+        "$POD_NAMESPACE, else default)")
+    lease_name: str = Field("token-budget-operator", description="name of that Lease")
+    lease_seconds: int = Field(15, gt=0, description="lease duration")
+    status_heartbeat_seconds: int = Field(
+        60, gt=0,
+        description="refresh status.lastEvaluationTime at most this often when nothing changed")
+
+    @field_validator("namespaces", "model_env", "webhook_hosts", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """``"a,b"`` or ``["a", "b,c"]`` -> ``("a", "b", "c")``; empty items dropped."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return tuple(n for v in value for n in str(v).split(",") if n)
+        return value
 
     @property
     def auth_kwargs(self) -> dict[str, object]:
@@ -72,137 +165,63 @@ class Settings:
         }
 
 
-def _env(name: str, default: object) -> object:
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
-
-
-def _bool(value: object) -> bool:
-    return str(value).lower() in ("1", "true", "yes", "on")
+class SettingsError(ValueError):
+    """The flags, variables or config file do not make valid settings."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = Settings()
-    add = p.add_argument
-    add("--prometheus-url", default=_env("prometheus-url", d.prometheus_url),
-        help="Prometheus base URL")
-    add("--prometheus-bearer-token-file", default=_env("prometheus-bearer-token-file", None))
-    add("--prometheus-username", default=_env("prometheus-username", None))
-    add("--prometheus-password-file", default=_env("prometheus-password-file", None))
-    add("--prometheus-ca-file", default=_env("prometheus-ca-file", None))
-    add("--prometheus-insecure-skip-verify", action="store_true",
-        default=_bool(_env("prometheus-insecure-skip-verify", False)))
-    add("--prometheus-timeout-seconds", type=float,
-        default=float(str(_env("prometheus-timeout-seconds", d.prometheus_timeout_seconds))))
-    add("--prometheus-scrape-interval-seconds", type=float,
-        default=float(str(_env("prometheus-scrape-interval-seconds",
-                               d.prometheus_scrape_interval_seconds))),
-        help="scrape interval of the spend counters (to estimate a query's samples)")
-    add("--prometheus-max-samples", type=int,
-        default=int(str(_env("prometheus-max-samples", d.prometheus_max_samples))),
-        help="do not send a window query estimated to load more samples (0: no limit)")
-    add("--interval-seconds", type=float,
-        default=float(str(_env("interval-seconds", d.interval_seconds))),
-        help="evaluation interval (default 30)")
-    add("--recent-seconds", type=int, default=int(str(_env("recent-seconds", d.recent_seconds))),
-        help="look-back for the burn rate used in forecasts")
-    add("--no-forecast", dest="forecast", action="store_false",
-        default=not _bool(_env("no-forecast", False)),
-        help="evaluate only at the interval, even when a budget is forecast to cross a "
-             "threshold sooner (default: look again at the forecast moment, then every "
-             "few seconds until it shows)")
-    add("--forecast-poll-seconds", type=float,
-        default=float(str(_env("forecast-poll-seconds", d.forecast_poll_seconds))),
-        help="while a budget's forecast crossing is due, evaluate this often (default 2)")
-    add("--namespace", dest="namespaces", action="append",
-        default=[n for n in str(_env("namespaces", "")).split(",") if n],
-        help="watch only this namespace (repeatable); default all")
-    add("--dry-run", action="store_true", default=_bool(_env("dry-run", False)),
-        help="decide and report, touch no workload")
-    add("--log-format", choices=("text", "json"), default=_env("log-format", d.log_format))
-    add("--verbose", action="store_true", default=_bool(_env("verbose", False)))
-    add("--metrics-port", type=int, default=int(str(_env("metrics-port", d.metrics_port))),
-        help="port of /metrics (0: off)")
-    add("--metrics-host", default=_env("metrics-host", d.metrics_host))
-    add("--health-port", type=int, default=int(str(_env("health-port", d.health_port))),
-        help="port of the liveness endpoint /healthz (0: off)")
-    add("--model-env", default=_env("model-env", ",".join(d.model_env)),
-        help="comma-separated environment variables that name a container's model")
-    add("--webhook-port", type=int, default=int(str(_env("webhook-port", 0))),
-        help="serve admission webhooks on this port (0: off)")
-    add("--webhook-host", default=_env("webhook-host", d.webhook_host))
-    add("--webhook-url", default=_env("webhook-url", None),
-        help="URL the API server calls (out-of-cluster); default: the Service below")
-    add("--webhook-service", default=_env("webhook-service", d.webhook_service),
-        help="Service in the operator's namespace that fronts the webhook")
-    add("--webhook-service-port", type=int,
-        default=int(str(_env("webhook-service-port", d.webhook_service_port))))
-    add("--webhook-secret", default=_env("webhook-secret", d.webhook_secret),
-        help="Secret holding the webhook CA and serving certificate (created and rotated)")
-    add("--webhook-cert-dir", default=_env("webhook-cert-dir", None),
-        help="serve tls.crt/tls.key from this directory (e.g. a mounted cert-manager Secret) "
-             "and leave the Secret and the webhook configurations to whoever issued it")
-    add("--webhook-certificate-seconds", type=int,
-        default=int(str(_env("webhook-certificate-seconds", d.webhook_certificate_seconds))),
-        help="lifetime of the serving certificate the operator issues itself; renewed while "
-             "running when a third of it remains (default 90 days)")
-    add("--webhook-ca-seconds", type=int,
-        default=int(str(_env("webhook-ca-seconds", d.webhook_ca_seconds))),
-        help="lifetime of the operator's own webhook CA, at least twice the certificate's; "
-             "rotated when a third of it remains, the old CA trusted until it expires "
-             "(default 5 years)")
-    add("--webhook-host-name", dest="webhook_hosts", action="append",
-        default=[h for h in str(_env("webhook-hosts", "")).split(",") if h],
-        help="DNS name or IP for the serving certificate (repeatable)")
-    add("--id", default=_env("id", None), help="identity of this replica (leader election)")
-    add("--agent-label", default=_env("agent-label", d.agent_label),
-        help="label key that marks agent workloads and pods (watched server-side)")
-    add("--lease-namespace",
-        default=_env("lease-namespace", os.environ.get("POD_NAMESPACE", d.lease_namespace)),
-        help="namespace of the leader-election Lease")
-    add("--lease-name", default=_env("lease-name", d.lease_name))
-    add("--lease-seconds", type=int, default=int(str(_env("lease-seconds", d.lease_seconds))))
-    add("--status-heartbeat-seconds", type=int,
-        default=int(str(_env("status-heartbeat-seconds", d.status_heartbeat_seconds))),
-        help="refresh status.lastEvaluationTime at most this often when nothing changed")
+    """Add every setting's flag (from the model) and ``--config`` to ``p``.
+
+    The CLI source is kept in the parsed namespace for :func:`from_args`.
+    """
+    source: CliSettingsSource[Settings] = CliSettingsSource(Settings, root_parser=p)
+    p.add_argument("--config", metavar="FILE",
+                   help=f"YAML file of settings (keys as the flags, with _); ${CONFIG_ENV}")
+    p.set_defaults(settings_source=source)
+
+
+def _config_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"config file {path}: {exc}") from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SettingsError(f"config file {path} must be a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in doc.items()}
+
+
+def _legacy_env() -> dict[str, Any]:
+    """The variables of the hand-written parser whose names the model does not give."""
+    out: dict[str, Any] = {}
+    no_forecast = os.environ.get(ENV_PREFIX + "NO_FORECAST")
+    if no_forecast is not None:
+        out["forecast"] = no_forecast.strip().lower() not in _TRUE
+    return out
 
 
 def from_args(args: argparse.Namespace) -> Settings:
-    return Settings(
-        prometheus_url=args.prometheus_url,
-        prometheus_bearer_token_file=args.prometheus_bearer_token_file,
-        prometheus_username=args.prometheus_username,
-        prometheus_password_file=args.prometheus_password_file,
-        prometheus_ca_file=args.prometheus_ca_file,
-        prometheus_insecure_skip_verify=args.prometheus_insecure_skip_verify,
-        prometheus_timeout_seconds=args.prometheus_timeout_seconds,
-        prometheus_scrape_interval_seconds=args.prometheus_scrape_interval_seconds,
-        prometheus_max_samples=args.prometheus_max_samples,
-        interval_seconds=args.interval_seconds,
-        recent_seconds=args.recent_seconds,
-        forecast=args.forecast,
-        forecast_poll_seconds=args.forecast_poll_seconds,
-        namespaces=tuple(args.namespaces),
-        dry_run=args.dry_run,
-        log_format=args.log_format,
-        verbose=args.verbose,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        health_port=args.health_port,
-        model_env=tuple(x for x in str(args.model_env).split(",") if x),
-        webhook_port=args.webhook_port,
-        webhook_host=args.webhook_host,
-        webhook_url=args.webhook_url,
-        webhook_service=args.webhook_service,
-        webhook_service_port=args.webhook_service_port,
-        webhook_secret=args.webhook_secret,
-        webhook_hosts=tuple(args.webhook_hosts),
-        webhook_cert_dir=args.webhook_cert_dir,
-        webhook_certificate_seconds=args.webhook_certificate_seconds,
-        webhook_ca_seconds=args.webhook_ca_seconds,
-        id=args.id,
-        agent_label=args.agent_label,
-        lease_namespace=args.lease_namespace,
-        lease_name=args.lease_name,
-        lease_seconds=args.lease_seconds,
-        status_heartbeat_seconds=args.status_heartbeat_seconds,
-    )
+    """The settings: flags over ``$TOKENBUDGET_*`` over the config file over defaults.
+
+    Args:
+        args: parsed by a parser that :func:`add_arguments` filled.
+
+    Raises:
+        SettingsError: a value is invalid (the message names the setting).
+    """
+    source: CliSettingsSource[Settings] = args.settings_source
+    # Lowest first; pydantic-settings puts the flags above all of these.
+    values: dict[str, Any] = {}
+    if os.environ.get("POD_NAMESPACE"):
+        values["lease_namespace"] = os.environ["POD_NAMESPACE"]
+    values.update(_config_file(getattr(args, "config", None) or os.environ.get(CONFIG_ENV)))
+    values.update(_legacy_env())
+    values.update(EnvSettingsSource(Settings)())
+    cli_values = {k: v for k, v in vars(args).items() if k != "settings_source"}
+    try:
+        return Settings(_cli_settings_source=source(parsed_args=cli_values), **values)
+    except ValidationError as exc:
+        raise SettingsError(str(exc)) from exc

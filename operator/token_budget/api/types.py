@@ -82,6 +82,15 @@ def display_money(value: Decimal, currency: str, per_unit: bool = False) -> str:
     return f"{symbol}{text}" if symbol else f"{text} {currency}"
 
 
+def plain_money(value: Decimal, quantum: Decimal = _CENT) -> str:
+    """Money for files (report JSON and CSV): fixed point rounded to ``quantum``, ``"1234.50"``.
+
+    The third and last formatter of money: :func:`format_money` is the API's
+    string, :func:`display_money` the one for people.
+    """
+    return str(value.quantize(quantum))
+
+
 Money = Annotated[
     Decimal,
     BeforeValidator(_parse_money),

@@ -27,14 +27,12 @@ from decimal import Decimal
 from typing import Any
 
 from token_budget.api import v1alpha1 as api
-from token_budget.api.types import display_money
+from token_budget.api.types import display_money, plain_money
 from token_budget.metrics.prometheus import PrometheusSource
 from token_budget.policy import engine, planner
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import Decision
 from token_budget.policy.inputs import Memory, ScopeKey, SpendSeries
-
-CENT = Decimal("0.01")
 
 
 @dataclass(frozen=True)
@@ -77,8 +75,8 @@ class Backtest:
                           for s, d in sorted(self.seconds_in.items())},
             "workloadSeconds": {w: {k.value: v for k, v in d.items()}
                                 for w, d in sorted(self.workload_seconds.items())},
-            "avoided": {k: str(v.quantize(CENT)) for k, v in sorted(self.avoided.items())},
-            "avoidedTotal": str(self.avoided_total.quantize(CENT)),
+            "avoided": {k: plain_money(v) for k, v in sorted(self.avoided.items())},
+            "avoidedTotal": plain_money(self.avoided_total),
             "queries": self.queries, "unknownSteps": self.unknown_steps,
         }
 

@@ -24,15 +24,13 @@ from decimal import Decimal
 from typing import Any
 
 from token_budget.api import v1alpha1 as api
-from token_budget.api.types import display_money
+from token_budget.api.types import display_money, plain_money
 from token_budget.errors import MetricsError
 from token_budget.metrics.prometheus import PrometheusSource
 from token_budget.policy import engine, planner, sources
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.inputs import SpendSeries, SpendSnapshot
 from token_budget.reports import tables
-
-CENT = Decimal("0.01")
 
 
 @dataclass
@@ -78,27 +76,26 @@ class Report:
             out = []
             for k, r in sorted(d.items(), key=lambda kv: -kv[1].cost):
                 name = "/".join(k) if isinstance(k, tuple) else k
-                out.append({key: name, "tokens": round(r.tokens), "cost": str(r.cost.quantize(
-                    CENT))})
+                out.append({key: name, "tokens": round(r.tokens), "cost": plain_money(r.cost)})
             return out
 
         return {
             "since": f"{self.since_seconds}s", "at": self.at.isoformat(),
             "currency": self.currency,
             "total": {"tokens": round(self.total.tokens),
-                      "cost": str(self.total.cost.quantize(CENT))},
+                      "cost": plain_money(self.total.cost)},
             "byNamespace": rows(self.by_namespace, "namespace"),
             "byBudget": rows(self.by_budget, "budget"),
             "byModel": rows(self.by_model, "model"),
             "byWorkload": rows(self.by_workload, "workload"),
             "costPerOutcome": [{"budget": b, "outcomes": round(n),
-                                "costPerOutcome": str(c.quantize(Decimal("0.0001")))
+                                "costPerOutcome": plain_money(c, Decimal("0.0001"))
                                 if c is not None else None}
                                for b, (n, c) in sorted(self.outcomes.items())],
             "savings": [{"namespace": s.namespace, "model": s.model, "instead": s.instead,
-                         "tokens": round(s.tokens), "cost": str(s.cost.quantize(CENT)),
-                         "costInstead": str(s.cost_instead.quantize(CENT)),
-                         "saved": str(s.saved.quantize(CENT))}
+                         "tokens": round(s.tokens), "cost": plain_money(s.cost),
+                         "costInstead": plain_money(s.cost_instead),
+                         "saved": plain_money(s.saved)}
                         for s in sorted(self.savings, key=lambda s: -s.saved)],
             "unpricedModels": sorted(self.unpriced),
         }
@@ -247,10 +244,10 @@ def to_csv(report: Report) -> str:
                       ("model", report.by_model), ("workload", report.by_workload)):
         for k, r in sorted(rows.items(), key=lambda kv: -kv[1].cost):
             w.writerow([dim, "/".join(k) if isinstance(k, tuple) else k, round(r.tokens),
-                        str(r.cost.quantize(CENT)), report.currency])
+                        plain_money(r.cost), report.currency])
     for s in report.savings:
         w.writerow(["saving", f"{s.namespace}/{s.model}->{s.instead}", round(s.tokens),
-                    str(s.saved.quantize(CENT)), report.currency])
+                    plain_money(s.saved), report.currency])
     return out.getvalue()
 
 
