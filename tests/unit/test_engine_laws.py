@@ -8,7 +8,9 @@ Covers:
   restrictive state, the lowest rate and the intersection of allowed models;
 - the order in which budgets are listed does not change the Evaluation;
 - evaluating twice gives the same result (no hidden state);
-- an expired exception changes nothing compared to no exception at all.
+- an expired exception changes nothing compared to no exception at all;
+- silence (series gone with their pods) decides as zero spend; an outage (a target
+  down, pods running without series) is never read as zero.
 """
 
 from __future__ import annotations
@@ -224,3 +226,64 @@ def test_an_expired_exception_changes_nothing(fields: dict[str, Any],
     without = [b.token_budget(**{**fields, "exceptions": []})]
     assert _run(with_expired, _series(rows), _memory(with_expired, [state])) == \
         _run(without, _series(rows), _memory(without, [state]))
+
+
+# ---------------------------------------------------------------------------
+# Silence is zero; an outage is never read as zero (issue 12)
+# ---------------------------------------------------------------------------
+
+POLICIES = st.sampled_from(["Hold", "FailOpen", "FailClosed"])
+
+
+def _with_policy(budgets_: list[api.TokenBudget], policy: str) -> list[api.TokenBudget]:
+    unknown = api.WhenSpendUnknown(policy=api.MissingDataPolicy(policy))
+    return [x.model_copy(update={"spec": x.spec.model_copy(
+        update={"when_spend_unknown": unknown})}) for x in budgets_]
+
+
+@LAWS
+@given(budgets_=budgets(), policy=POLICIES,
+       states=st.lists(st.sampled_from(list(api.State)), min_size=3, max_size=3),
+       ago=st.integers(0, 86_400))
+def test_silence_after_the_pods_are_gone_is_what_no_spend_at_all_gives(
+        budgets_: list[api.TokenBudget], policy: str, states: list[api.State],
+        ago: int) -> None:
+    """Series that existed and went away with their pods decide as zero spend would:
+    no budget stays blocked on an empty answer once the agents are gone."""
+    budgets_ = _with_policy(budgets_, policy)
+    memory: dict[Any, Any] = {}
+    for budget, state in zip(budgets_, states, strict=False):
+        memory.update(b.memory(budget, state, seconds_ago=ago))
+    silent = b.evaluate(budgets_, [], workloads=WORKLOADS, remembered=memory, now=NOW,
+                        outcomes=_outcomes(budgets_))
+    zero = _run(budgets_, [b.series(0, workload="agent-0", model="large")], memory)
+    for d in silent.decisions:
+        assert d.spend_known, d.message
+        same = next(z for z in zero.decisions if z.scope == d.scope)
+        assert (d.state, d.windows and d.windows[0].used_percent) == \
+            (same.state, same.windows and same.windows[0].used_percent)
+
+
+@LAWS
+@given(budgets_=budgets(), policy=POLICIES, rows=spend_rows,
+       state=st.sampled_from(list(api.State)), pods=st.integers(1, 5),
+       cause=st.sampled_from(["target down", "pods run without series"]))
+def test_an_outage_is_never_read_as_zero(
+        budgets_: list[api.TokenBudget], policy: str, rows: list[tuple[str, str, int, int]],
+        state: api.State, pods: int, cause: str) -> None:
+    budgets_ = _with_policy(budgets_, policy)
+    memory: dict[Any, Any] = {}
+    for budget in budgets_:
+        memory.update(b.memory(budget, state, seconds_ago=60))
+    counters = next(iter(b.snapshot(budgets_).recent))
+    if cause == "target down":
+        result = b.evaluate(budgets_, _series(rows), workloads=WORKLOADS, remembered=memory,
+                            down={counters: {b.NAMESPACE: "scrape target(s) down"}})
+    else:
+        running = [b.workload(w.key.name, labels=dict(w.pod_labels), pods=pods)
+                   for w in WORKLOADS]
+        result = b.evaluate(budgets_, [], workloads=running, remembered=memory)
+    for d in result.decisions:
+        if cause == "pods run without series" and not d.workloads:
+            continue  # governing no pod, its silence is not contradicted by anything
+        assert not d.spend_known, (cause, d.message)
