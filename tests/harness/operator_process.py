@@ -24,7 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class OperatorProcess:
     def __init__(self, kubeconfig: Path, prometheus_url: str, workdir: Path,
                  interval_seconds: float = 2.0, identity: str = "op-1",
-                 extra_args: Sequence[str] = (), lease_namespace: str = "default") -> None:
+                 extra_args: Sequence[str] = (), lease_namespace: str = "default",
+                 command: Sequence[str] = ()) -> None:
+        """``command`` replaces ``python -m token_budget run`` (e.g. the image's entrypoint
+        run through chroot: ``harness.image.Bundle.argv``); the flags follow it."""
         self.kubeconfig = kubeconfig
         self.prometheus_url = prometheus_url
         self.workdir = workdir
@@ -32,13 +35,14 @@ class OperatorProcess:
         self.identity = identity
         self.extra_args = list(extra_args)
         self.lease_namespace = lease_namespace
+        self.command = list(command) or [sys.executable, "-m", "token_budget", "run"]
         self.metrics_port, self.health_port = free_ports(2)
         self.log = workdir / f"operator-{identity}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
         return [
-            sys.executable, "-m", "token_budget", "run",
+            *self.command,
             "--prometheus-url", self.prometheus_url,
             "--interval-seconds", str(self.interval_seconds),
             "--recent-seconds", "60",
