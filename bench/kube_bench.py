@@ -20,6 +20,10 @@ limit in every namespace.
    of an evaluation already running when the spike became visible (a status heartbeat:
    the enforcing one can only start after it).
 
+With ``KUBE_BENCH_MANDATORY=1`` every namespace carries ``tokenbudget.io/enrolment=Mandatory``
+(issue 19): the operator then lists every Deployment, StatefulSet, Job, CronJob and pod of
+those namespaces, the P pods that are not agents included, and keeps only what it could stop.
+
 If the pods cannot all be created in about ten minutes here, the benchmark goes on with
 as many as were created and says so; figures that are scaled to the full size are
 marked "extrapolated".
@@ -152,7 +156,10 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
     kb = {"benchmark": "kube", "contended": not quiet}
     t_start = time.monotonic()
 
-    cluster.namespaces(names)
+    mandatory = os.environ.get("KUBE_BENCH_MANDATORY", "") == "1"
+    cluster.namespaces(names, {A + "enrolment": "Mandatory"} if mandatory else None)
+    if mandatory:
+        report.note("kube", "every namespace under mandatory enrolment (all its pods listed)")
     parallel(lambda ns: kube.create(DEPLOYMENTS, ns, agent_deployment("agent", replicas)),
              names, 16)
     parallel(lambda ns: kube.create(TOKENBUDGETS, ns, agent_budget(LIMIT)), names, 16)

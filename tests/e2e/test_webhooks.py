@@ -7,7 +7,8 @@ scope is refused with the budget, the rule and when the window resets; a new
 pod of a governed Deployment is stamped with its owner's directive; the opt-in
 label mounts the downward API file; pods without the agent label never reach
 the webhook; the configurations carry the operator's own CA, fail open for pods
-and exclude system namespaces; the certificate lives in a Secret.
+and exclude system namespaces; the certificate lives in a Secret. Issue 19: the
+agent label's removal is refused where enrolment is mandatory, allowed elsewhere.
 """
 
 from __future__ import annotations
@@ -221,3 +222,45 @@ def test_the_configurations_fail_open_for_pods_and_trust_the_operators_own_ca(
     secret = kube.get(SECRETS, "default", "token-budget-operator-webhook-tls")
     assert base64.b64decode(pods["clientConfig"]["caBundle"]) == \
         base64.b64decode(secret["data"]["ca-bundle.crt"])
+
+
+def test_removing_the_agent_label_is_refused_only_where_enrolment_is_mandatory(
+        kube: Kube, operator: OperatorProcess, namespace: str) -> None:
+    """Issue 19: the API server sends the label's removal to the webhook (its objectSelector
+    matches the old object), which refuses it in a namespace an admin made mandatory."""
+    labels = {A + "agent": "true", "app": "agent"}
+    kube.create(DEPLOYMENTS, namespace, {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "agent", "labels": {A + "agent": "true"}},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "agent"}},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "a", "image": "agent:1"}]}}}})
+    kube.patch(NAMESPACES, None, namespace,
+               {"metadata": {"labels": {A + "enrolment": "Mandatory"}}})
+    drop = {"metadata": {"labels": {A + "agent": None}}}
+
+    def denied() -> str:
+        try:
+            kube.patch(DEPLOYMENTS, namespace, "agent", drop)
+        except EnforcementError as exc:
+            return str(exc)
+        kube.patch(DEPLOYMENTS, namespace, "agent",
+                   {"metadata": {"labels": {A + "agent": "true"}}})
+        return ""
+
+    message = eventually(denied, 30, what="the webhook to know the namespace is mandatory")
+    assert "403" in message
+    assert f"must not be removed from metadata.labels: enrolment is mandatory in namespace " \
+           f"{namespace}" in message
+    kube.patch(NAMESPACES, None, namespace, {"metadata": {"labels": {A + "enrolment": None}}})
+
+    def allowed() -> bool:
+        try:
+            kube.patch(DEPLOYMENTS, namespace, "agent", drop)
+        except EnforcementError:
+            return False
+        return True
+
+    eventually(allowed, 30, what="the removal allowed once not mandatory")
+    assert A + "agent" not in (kube.get(DEPLOYMENTS, namespace, "agent")["metadata"]
+                               .get("labels") or {})

@@ -515,3 +515,76 @@ def test_the_server_answers_over_tls_and_serves_a_renewed_certificate(
                 await task
 
     asyncio.run(scenario())
+
+
+# -- keep-agent-label: mandatory enrolment ----------------------------------------------------
+
+
+def _change(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    out = review(new, "UPDATE")
+    out["request"]["oldObject"] = old
+    return out
+
+
+def _unlabelled(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
+    new = copy.deepcopy(dict(obj))
+    if where in ("object", "both"):
+        new["metadata"]["labels"].pop(A + "agent")
+    if where in ("template", "both"):
+        new["spec"]["template"]["metadata"]["labels"].pop(A + "agent")
+    return new
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    pytest.param("object", "metadata.labels", id="from the Deployment's own labels"),
+    pytest.param("template", "its pod template", id="from its pod template"),
+    pytest.param("both", "metadata.labels or its pod template", id="from both"),
+])
+def test_removing_the_agent_label_is_refused_while_a_cluster_budget_makes_enrolment_mandatory(
+        fresh_cache: admission.AdmissionCache, where: str, message: str) -> None:
+    fresh_cache.budget_event(cluster_budget(enrolment="Mandatory"), deleted=False)
+    old = {**deployment(), "metadata": {**deployment()["metadata"], "namespace": QA}}
+    review_ = _change(old, _unlabelled(old, where))
+    response = admission.respond("keep-agent-label-deployments", review_)["response"]
+    assert response["allowed"] is False
+    assert response["status"]["code"] == 403
+    assert f"must not be removed from {message}: enrolment is mandatory in namespace {QA}" \
+        in response["status"]["message"]
+    theirs = asyncio.run(_kopf_answer("keep-agent-label-deployments", review_))
+    assert theirs["response"]["allowed"] is False
+    assert theirs["response"]["status"] == response["status"]
+
+
+def test_the_namespace_label_an_admin_sets_makes_enrolment_mandatory_too(
+        fresh_cache: admission.AdmissionCache) -> None:
+    old = pod()
+    new = pod(labels={})
+    assert admission.respond("keep-agent-label-pods", _change(old, new))["response"]["allowed"]
+    fresh_cache.namespaces[NS] = {"tokenbudget.io/enrolment": "Mandatory"}
+    assert not admission.respond("keep-agent-label-pods",
+                                 _change(old, new))["response"]["allowed"]
+
+
+@pytest.mark.parametrize("ctb", [
+    pytest.param(cluster_budget(), id="a Selected cluster budget"),
+    pytest.param(cluster_budget(enrolment="Mandatory",
+                                namespaceSelector={"matchLabels": {"environment": "prod"}}),
+                 id="a Mandatory cluster budget of other namespaces"),
+])
+def test_without_mandatory_enrolment_a_team_may_remove_the_label(
+        fresh_cache: admission.AdmissionCache, ctb: dict[str, Any]) -> None:
+    fresh_cache.budget_event(ctb, deleted=False)
+    old = {**deployment(), "metadata": {**deployment()["metadata"], "namespace": QA}}
+    answer = admission.respond("keep-agent-label-deployments",
+                               _change(old, _unlabelled(old, "both")))
+    assert answer["response"]["allowed"] is True
+
+
+def test_an_update_that_keeps_the_label_is_allowed_under_mandatory_enrolment(
+        fresh_cache: admission.AdmissionCache) -> None:
+    fresh_cache.budget_event(cluster_budget(enrolment="Mandatory"), deleted=False)
+    old = {**deployment(), "metadata": {**deployment()["metadata"], "namespace": QA}}
+    new = copy.deepcopy(old)
+    new["spec"]["replicas"] = 0
+    assert admission.respond("keep-agent-label-deployments",
+                             _change(old, new))["response"]["allowed"] is True

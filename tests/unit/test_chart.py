@@ -380,7 +380,8 @@ def test_every_role_is_bound_to_the_operators_service_account_only(helm: Path) -
     docs = render(helm, None, "watchNamespaces={team-a,team-b}")
     roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
              for d in docs if d["kind"] in ("ClusterRole", "Role")
-             and "rbac.authorization.k8s.io/aggregate-to-view" not in d["metadata"]["labels"]}
+             and not any(k.startswith("rbac.authorization.k8s.io/aggregate-to-")
+                         for k in d["metadata"]["labels"])}
     bound = set()
     for b in docs:
         if b["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
@@ -399,10 +400,15 @@ def test_people_who_may_view_a_namespace_may_read_budgets_but_editors_cannot_lif
     [view] = [d for d in docs if d["kind"] == "ClusterRole"
               and d["metadata"]["labels"].get("rbac.authorization.k8s.io/aggregate-to-view")]
     assert {v for r in view["rules"] for v in r["verbs"]} == {"get", "list", "watch"}
-    assert not any("aggregate-to-edit" in k or "aggregate-to-admin" in k
-                   for d in docs for k in (d["metadata"].get("labels") or {}))
+    [edit] = [d for d in docs if d["kind"] == "ClusterRole"
+              and d["metadata"]["labels"].get("rbac.authorization.k8s.io/aggregate-to-edit")]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    # Editors write their own TokenBudgets only: never a cluster budget, a catalog or a status.
+    assert {res for r in edit["rules"] for res in r["resources"]} == {"tokenbudgets"}
     assert not [d for d in render(helm, None, "rbac.aggregateToView=false")
                 if d["metadata"]["name"].endswith("-view")]
+    assert not [d for d in render(helm, None, "rbac.aggregateToEdit=false")
+                if d["metadata"]["name"].endswith("-edit")]
 
 
 # -- CRDs -----------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ VERSION = "v1alpha1"
 API_VERSION: Final = "tokenbudget.io/v1alpha1"
 PREFIX = "tokenbudget.io/"
 DEFAULT_AGENT_LABEL = "tokenbudget.io/agent"
+#: A namespace label only an admin can set (tenants cannot edit Namespaces): with the value
+#: Mandatory, every workload of the namespace is governed, whatever its labels.
+ENROLMENT_LABEL = "tokenbudget.io/enrolment"
 
 
 # ---------------------------------------------------------------------------
@@ -423,6 +426,13 @@ class LimitScope(str, enum.Enum):
     SHARED = "Shared"
 
 
+class Enrolment(str, enum.Enum):
+    """Whether a workload may leave a budget by dropping a label."""
+
+    SELECTED = "Selected"
+    MANDATORY = "Mandatory"
+
+
 class ClusterTokenBudgetSpec(TokenBudgetSpec):
     """A budget for every namespace a label selector picks (an environment)."""
 
@@ -433,6 +443,12 @@ class ClusterTokenBudgetSpec(TokenBudgetSpec):
         default=LimitScope.PER_NAMESPACE,
         description="PerNamespace: each namespace gets the full limits. Shared: one pool for "
         "all matching namespaces together.",
+    )
+    enrolment: Enrolment = Field(
+        default=Enrolment.SELECTED,
+        description="Selected: the selector picks the governed workloads. Mandatory: every "
+        "Deployment, StatefulSet, Job and CronJob of the matching namespaces is governed by "
+        "every budget there, whatever its labels, and the agent label cannot be removed.",
     )
 
 
@@ -502,6 +518,12 @@ class BudgetStatus(_Base):
     cost_per_outcome: str | None = Field(default=None, description="Cost per outcome, if set.")
     enforced_workloads: int | None = Field(
         default=None, description="How many workloads carry this budget's directive."
+    )
+    ungoverned_workloads: tuple[str, ...] = Field(
+        default=(),
+        max_length=20,
+        description="Workload labels of spend series counted by this budget that belong to no "
+        "workload it governs (namespace/label, at most 20): spend it cannot stop.",
     )
     last_evaluation_time: dt.datetime | None = Field(default=None)
     last_spend_time: dt.datetime | None = Field(

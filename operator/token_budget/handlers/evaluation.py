@@ -130,6 +130,10 @@ def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
             "spec": out_spec}
 
 
+#: Owners through which a pod belongs to a kind a Block stops (a Deployment's ReplicaSet).
+_STOPPABLE_OWNERS = ("ReplicaSet", "StatefulSet", "Job")
+
+
 def enforced_only(agent_label: str) -> str:
     """Objects the operator marked but that are no longer labelled agents.
 
@@ -152,6 +156,8 @@ class Gathered:
     # Autoscalers of governed units: (kind, namespace, name) of the target -> objects.
     hpas: dict[WorkloadKey, list[Obj]] = field(default_factory=dict)
     scaled_objects: dict[WorkloadKey, list[Obj]] = field(default_factory=dict)
+    # Namespaces where every workload is governed, whatever its labels.
+    mandatory: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -229,18 +235,47 @@ class Evaluator:
             for selector in (label, enforced_only(label)):
                 for obj in self._list(res, selector):
                     g.objects[_key(obj)] = trimmed(obj, self.settings.model_env)
+        # Mandatory enrolment: in those namespaces (and only there) every object of the
+        # kinds the operator can stop is listed whatever its labels, and the pods they own.
+        g.mandatory = engine.mandatory_namespaces(g.budgets, g.namespaces)
+        enrolled: set[WorkloadKey] = set()
+        for ns in sorted(g.mandatory):
+            for res in (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS):
+                for obj in self.kube.iter_list(res, ns, None):
+                    key = _key(obj)
+                    if res is PODS and not any(
+                            r.get("kind") in _STOPPABLE_OWNERS
+                            for r in (obj.get("metadata") or {}).get("ownerReferences") or ()):
+                        continue  # dropped below anyway: never held, however many there are
+                    if key not in g.objects:
+                        g.objects[key] = trimmed(obj, self.settings.model_env)
+                        enrolled.add(key)
         units: set[WorkloadKey] = set()
         for key, obj in g.objects.items():
             g.top[key] = self._owner(key, obj, g.objects)
+        for key in enrolled:
+            if key.kind == "Pod" and g.top[key] == key:
+                # An unlabelled pod no workload of ours owns (a DaemonSet's, a bare pod's):
+                # nothing the operator could stop, so it is not enrolled.
+                del g.objects[key], g.top[key]
         settled = self._settled_pods(g)
+        pods: dict[WorkloadKey, list[str]] = {}
+        for key in g.objects:
+            if key.kind == "Pod" and g.top[key] != key:
+                pods.setdefault(g.top[key], []).append(key.name)
         for key, obj in g.objects.items():
             unit = g.top[key]
             if unit == key and unit not in units:
                 units.add(unit)
                 w = workload_of(obj, self.settings.model_env)
-                if w is not None:
-                    g.workloads.append(dataclasses.replace(w, settled_pods=settled.get(unit, 0))
-                                       if unit in settled else w)
+                if w is None:
+                    continue
+                labels = w.pod_labels
+                if unit.namespace in g.mandatory and label not in labels:
+                    labels = {**labels, label: "true"}  # enrolled as if labelled
+                g.workloads.append(dataclasses.replace(
+                    w, pod_labels=labels, settled_pods=settled.get(unit, 0),
+                    pods=tuple(sorted(pods.get(unit, ())))))
         if any(u.kind in patches.SCALABLE for u in units):
             self._gather_scalers(g, units)
 
@@ -448,6 +483,7 @@ class Evaluator:
             if statuses.changed(old, new, now, self.settings.status_heartbeat_seconds):
                 writes += self._write_status(body, old, new)
             self._transition_events(body, old, decisions)
+            self._ungoverned_event(body, old, new)
         for body, found in g.invalid:
             old = body.get("status") or {}
             new = statuses.invalid_status(body, found, now)
@@ -486,6 +522,18 @@ class Evaluator:
             self.event(body, kind, d.state.value,
                        f"{was or 'new'} -> {d.state.value}{scope}: {d.message}")
             self.telemetry.transition(d.state.value)
+
+    def _ungoverned_event(self, body: Obj, old: Obj, new: Obj) -> None:
+        """An ``UngovernedSpend`` Event when spend of a workload label the budget does not
+        govern appears (once per label while it stays in the status)."""
+        before = set(old.get("ungovernedWorkloads") or ())
+        appeared = [u for u in new.get("ungovernedWorkloads") or () if u not in before]
+        if appeared:
+            self.event(body, "Warning", "UngovernedSpend",
+                       f"spend of {', '.join(appeared)} counts toward this budget but no "
+                       "workload it governs accounts for it, so a Block cannot stop it: "
+                       f"label its workload {self.settings.agent_label}=true, or make "
+                       "enrolment Mandatory in a ClusterTokenBudget")
 
     def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about ``obj`` (cluster-scoped objects: in ``default``)."""

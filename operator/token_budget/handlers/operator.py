@@ -350,6 +350,7 @@ def setup_webhooks(rt: Runtime) -> None:
     """
     s = rt.settings
     admission.cache.model_env = s.model_env
+    admission.cache.agent_label = s.agent_label
     if s.webhook_cert_dir:  # cert-manager (or another issuer) and the chart do the rest
         directory = Path(s.webhook_cert_dir)
         rt.webhook_files = (directory / "tls.crt", directory / "tls.key")

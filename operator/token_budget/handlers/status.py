@@ -107,6 +107,9 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
     cpos = [d.cost_per_outcome for d in decisions if d.cost_per_outcome is not None]
     status["costPerOutcome"] = format_money(max(cpos).quantize(Decimal("0.0001"))) if cpos else None
     status["enforcedWorkloads"] = enforced
+    ungoverned = sorted({u for d in decisions for u in d.ungoverned})
+    if ungoverned:
+        status["ungovernedWorkloads"] = ungoverned[:engine.UNGOVERNED_SHOWN]
     known = all(d.spend_known for d in decisions)
     # Only real series count: an empty answer for a scope that never had any is a new
     # scope, but one for a scope that had series before is an outage (see the engine).

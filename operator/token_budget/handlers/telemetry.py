@@ -13,6 +13,8 @@ tokenbudget_evaluation_duration_seconds     one whole evaluation
 tokenbudget_promql_queries_total            by kind (spend, recent, outcome) and result
 tokenbudget_promql_query_duration_seconds
 tokenbudget_api_requests_total              requests to the Kubernetes API, by verb
+tokenbudget_ungoverned_workloads            workload labels whose spend a scope counts
+                                            but no workload it governs accounts for
 ==========================================  ===============================================
 """
 
@@ -62,6 +64,10 @@ class Telemetry:
         self.api_requests = Counter("tokenbudget_api_requests_total",
                                     "Requests to the Kubernetes API server.", ("verb",),
                                     registry=r)
+        self.ungoverned = Gauge("tokenbudget_ungoverned_workloads",
+                                "Workload labels of spend a budget scope counts but governs "
+                                "no workload of.", ("kind", "budget_namespace", "budget",
+                                                    "scope"), registry=r)
         self._api_seen: dict[str, int] = {}
 
     def api(self, by_verb: dict[str, int]) -> None:
@@ -88,13 +94,15 @@ class Telemetry:
     def observe(self, result: Evaluation, seconds: float) -> None:
         self.duration.observe(seconds)
         for g in (self.spend_tokens, self.spend_cost, self.limit_tokens, self.limit_cost,
-                  self.utilization, self.state):
+                  self.utilization, self.state, self.ungoverned):
             g.clear()  # budgets come and go: only current series are exported
         for d in result.decisions:
             b = d.scope.budget
             for s in api.State:
                 self.state.labels(b.kind, b.namespace, b.name, d.scope.namespace,
                                   s.value).set(1 if s is d.state else 0)
+            self.ungoverned.labels(b.kind, b.namespace, b.name, d.scope.namespace
+                                   ).set(d.ungoverned_series)
             for w in d.windows:
                 labels = (b.kind, b.namespace, b.name, d.scope.namespace,
                           w.window + (f"({w.model})" if w.model else ""))

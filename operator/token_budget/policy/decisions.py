@@ -151,6 +151,11 @@ class Decision:
     # Why no series of the source is the scope's although the source returned some
     # (its labels name other namespaces, or the spend matchers turned every one away).
     unmatched: str | None = None
+    # Spend the scope counts that no workload it governs accounts for: the workload
+    # labels ("namespace/label") of its series that name neither a governed workload
+    # nor one of its pods (at most UNGOVERNED_SHOWN of them; see ungoverned_series).
+    ungoverned: tuple[str, ...] = ()
+    ungoverned_series: int = 0
 
     @property
     def worst_window(self) -> WindowUsage | None:

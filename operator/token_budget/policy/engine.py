@@ -908,6 +908,8 @@ class _ScopeEval:
 
         directives = self.directives(state, reason, message, effective, usages)
         run_outs = [w.run_out for w in usages if w.run_out is not None]
+        unaccounted, unaccounted_n = ungoverned(
+            (s for counted in self._counted for s in counted.series), self.governed)
         return Decision(
             scope=self.scope, namespaces=self.namespaces, state=state, reason=reason,
             message=message, windows=tuple(usages), action=top_action,
@@ -915,6 +917,7 @@ class _ScopeEval:
             unpriced_models=tuple(sorted(unpriced)), series_seen=seen,
             exception=exception.reason if exception is not None else None, dry_run=dry,
             workloads=tuple(sorted(w.key for w in self.governed)), directives=directives,
+            ungoverned=unaccounted, ungoverned_series=unaccounted_n,
         )
 
     def active_exception(self) -> api.BudgetException | None:
@@ -1025,10 +1028,69 @@ class _Unknown(Exception):
 # ---------------------------------------------------------------------------
 
 
+def mandatory(budget: api.Budget) -> bool:
+    """Whether a budget governs every workload of its namespaces, whatever their labels."""
+    return isinstance(budget, api.ClusterTokenBudget) and \
+        budget.spec.enrolment is api.Enrolment.MANDATORY
+
+
+def mandatory_namespaces(budgets: Iterable[api.Budget],
+                         namespaces: Mapping[str, Mapping[str, str]]) -> frozenset[str]:
+    """Namespaces where enrolment is mandatory: picked by a Mandatory ClusterTokenBudget,
+    or labelled ``tokenbudget.io/enrolment=Mandatory`` (a label only an admin can set)."""
+    out = {ns for ns, labels in namespaces.items()
+           if labels.get(api.ENROLMENT_LABEL) == api.Enrolment.MANDATORY.value}
+    index: NamespaceIndex | None = None
+    for b in budgets:
+        if mandatory(b):
+            index = index or NamespaceIndex(namespaces)
+            for _, picked in scopes(b, index):
+                out.update(picked)
+    return frozenset(out)
+
+
 def governed_by(budget: api.Budget, namespaces: Iterable[str],
                 by_ns: Mapping[str, list[Workload]]) -> list[Workload]:
+    if mandatory(budget):
+        return [w for ns in namespaces for w in by_ns.get(ns, ())]
     sel = budget.spec.selector
     return [w for ns in namespaces for w in by_ns.get(ns, ()) if sel.matches(w.pod_labels)]
+
+
+#: Ungoverned workload labels a decision names (the count says how many there are).
+UNGOVERNED_SHOWN = 20
+
+
+def ungoverned(series: Iterable[SpendSeries], governed: Iterable[Workload]
+               ) -> tuple[tuple[str, ...], int]:
+    """Workload labels of spend series that belong to no governed workload.
+
+    A series belongs to a governed workload when its workload label is the
+    workload's name, one of the pods the operator listed for it, or, for a
+    pod it has not listed (not yet, or no longer), its name followed by ``-``
+    (pod names begin with their workload's). Series without a workload label
+    cannot be attributed and are left out, and so are series that spent
+    nothing in the window.
+
+    Returns:
+        Up to :data:`UNGOVERNED_SHOWN` sorted ``namespace/label`` strings, and
+        how many there are in all.
+    """
+    names: set[tuple[str, str]] = set()
+    for w in governed:
+        names.add((w.key.namespace, w.key.name))
+        names.update((w.key.namespace, p) for p in w.pods)
+    found: set[str] = set()
+    for s in series:
+        label = s.workload
+        if not label or (s.namespace, label) in names or not (s.tokens > 0 or s.cost):
+            continue  # unattributable, governed, or nothing spent in the window
+        parts = label.split("-")
+        # Each prefix of the label at a "-": a pod of workload "a-b" is "a-b-<hash>-<x>".
+        if any((s.namespace, "-".join(parts[:i])) in names for i in range(1, len(parts))):
+            continue
+        found.add(f"{s.namespace}/{label}")
+    return tuple(sorted(found)[:UNGOVERNED_SHOWN]), len(found)
 
 
 def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime) -> Evaluation:

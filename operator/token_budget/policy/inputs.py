@@ -180,6 +180,9 @@ class Workload:
     # Its pods that exist, are not being deleted and are older than the scrape grace
     # (a new pod is not yet scraped): with none, its series going away is silence.
     settled_pods: int = 0
+    # Names of its pods the operator listed: a spend series naming one is this
+    # workload's (engine.ungoverned).
+    pods: tuple[str, ...] = ()
 
 
 @quick_init

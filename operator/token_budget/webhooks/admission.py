@@ -7,6 +7,9 @@
   Deployment, StatefulSet, Job, CronJob) in a scope whose budget is Blocked, or
   one that declares a model its budgets do not allow
   (:mod:`token_budget.policy.admission`).
+* ``keep-agent-label-*``: refuse an update of a pod or workload that removes
+  the agent label (from the object or its pod template) while its namespace is
+  under mandatory enrolment (:func:`token_budget.policy.engine.mandatory_namespaces`).
 * ``mutate-pods``: stamp the current directive on a new governed pod, from its
   owner's annotations when it has them, else from the budgets' state; with the
   opt-in label ``tokenbudget.io/inject=true`` also mount the downward API file
@@ -61,7 +64,7 @@ from aiohttp import web
 from token_budget.api import rules
 from token_budget.api import v1alpha1 as api
 from token_budget.enforcement import patches
-from token_budget.policy import admission
+from token_budget.policy import admission, engine
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.inputs import BudgetKey
 from token_budget.policy.workloads import DEFAULT_MODEL_ENV, declared_models, pod_template
@@ -99,6 +102,7 @@ class AdmissionCache:
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     owners: dict[tuple[str, str, str], dict[str, str]] = field(default_factory=dict)
     model_env: tuple[str, ...] = DEFAULT_MODEL_ENV
+    agent_label: str = api.DEFAULT_AGENT_LABEL
     lock: threading.Lock = field(default_factory=threading.Lock)
     generation: int = 0  # bumped by every budget or catalog event: memoised answers expire
     _catalog: Catalog | None = None
@@ -164,6 +168,13 @@ class AdmissionCache:
                     found[patches.TOKENS_PER_MINUTE] = str(patches.share(int(rate),
                                                                          _pods_wanted(obj)))
                 self.owners[key] = found
+
+    def mandatory(self, namespace: str) -> bool:
+        """Whether every workload of ``namespace`` is governed, whatever its labels."""
+        with self.lock:
+            budgets = list(self.cluster.values())
+            labels = self.namespaces.get(namespace, {})
+        return namespace in engine.mandatory_namespaces(budgets, {namespace: labels})
 
     def owner_directive(self, namespace: str, pod: Mapping[str, Any]) -> dict[str, str]:
         """The directive annotations of the pod's Deployment/StatefulSet/Job/CronJob.
@@ -339,6 +350,35 @@ def _review(obj: Mapping[str, Any], pod: Mapping[str, Any], of: str = "pod") -> 
     return Answer()
 
 
+def keep_agent_label(obj: dict[str, Any], old: dict[str, Any]) -> Answer:
+    """Refuse an update that removes the agent label while enrolment is mandatory.
+
+    The label is looked for on the object and on its pod template: either
+    one leaving is a team leaving its budget. Without mandatory enrolment a
+    team may leave (its spend still counts and is reported as ungoverned).
+    """
+    label = cache.agent_label
+
+    def carries(o: Mapping[str, Any]) -> tuple[bool, bool]:
+        own = label in ((o.get("metadata") or {}).get("labels") or {})
+        pod = pod_template(o)
+        return own, pod is not o and label in ((pod.get("metadata") or {}).get("labels") or {})
+
+    gone = [where for where, had, has in zip(("metadata.labels", "its pod template"),
+                                            carries(old), carries(obj), strict=True)
+            if had and not has]
+    namespace = str((obj.get("metadata") or {}).get("namespace") or "")
+    if gone and cache.mandatory(namespace):
+        return Answer(False, f"the label {label} must not be removed from {' or '.join(gone)}: "
+                      f"enrolment is mandatory in namespace {namespace}, every workload there "
+                      "is governed by its budgets", 403)
+    return Answer()
+
+
+def _no_new_object(obj: dict[str, Any]) -> Answer:
+    return Answer()  # keep-agent-label judges a change (see Endpoint.change)
+
+
 def mutate_pod(obj: dict[str, Any]) -> Answer:
     return Answer(patch=_json_patch(obj, _mutation(obj)))
 
@@ -443,10 +483,21 @@ class Endpoint:
     handle: Callable[[dict[str, Any]], Answer]
     mutating: bool = False
     enforces: bool = True  # False: validation of our own kinds, kept in dry-run
+    # Judges an UPDATE from the old object to the new one (instead of ``handle``).
+    change: Callable[[dict[str, Any], dict[str, Any]], Answer] | None = None
+
+    def judge(self, obj: dict[str, Any], old: Mapping[str, Any] | None) -> Answer:
+        if self.change is not None:
+            return self.change(obj, dict(old)) if old is not None else Answer()
+        return self.handle(obj)
 
 
 _CU: frozenset[_Operation] = frozenset({"CREATE", "UPDATE"})
 _C: frozenset[_Operation] = frozenset({"CREATE"})
+_U: frozenset[_Operation] = frozenset({"UPDATE"})
+#: The kinds whose agent label keep-agent-label guards, as (plural, group).
+GUARDED = (("pods", ""), ("deployments", "apps"), ("statefulsets", "apps"), ("jobs", "batch"),
+           ("cronjobs", "batch"))
 ENDPOINTS: dict[str, Endpoint] = {
     "validate-budgets": Endpoint(api.GROUP, api.VERSION, "tokenbudgets", _CU, validate_ours,
                                  enforces=False),
@@ -458,6 +509,9 @@ ENDPOINTS: dict[str, Endpoint] = {
     **{f"validate-{plural}": Endpoint(group, "v1", plural, _C, validate_workload)
        for plural, group in (("deployments", "apps"), ("statefulsets", "apps"),
                              ("jobs", "batch"), ("cronjobs", "batch"))},
+    **{f"keep-agent-label-{plural}": Endpoint(group, "v1", plural, _U, _no_new_object,
+                                              change=keep_agent_label)
+       for plural, group in GUARDED},
     "mutate-pods": Endpoint("", "v1", "pods", _C, mutate_pod, mutating=True),
 }
 
@@ -508,7 +562,8 @@ def respond(webhook: str, review: Mapping[str, Any], dry_run: bool = False) -> d
     if wanted == (endpoint.group, endpoint.version, endpoint.plural) and \
             not (endpoint.mutating and request.get("operation") == "DELETE"):
         try:
-            answer = endpoint.handle(dict(obj))
+            answer = endpoint.judge(dict(obj), request.get("oldObject")
+                                    if request.get("object") is not None else None)
         except Exception as exc:  # noqa: BLE001 - a denial with the reason, as kopf does
             log.exception("webhook %s failed", webhook)
             answer = Answer(False, str(exc) or repr(exc), 500)
@@ -643,8 +698,9 @@ def register(registry: kopf.OperatorRegistry, dry_run: bool = False) -> None:
 
 def _kopf_handler(endpoint: Endpoint, dry_run: bool) -> Callable[..., Any]:
     if dry_run and endpoint.enforces:
-        async def warn(body: kopf.Body, warnings: list[str], **_: Any) -> None:
-            warnings.extend(endpoint.handle(dict(body)).dry_run().warnings)
+        async def warn(body: kopf.Body, warnings: list[str], old: Any = None, **_: Any
+                       ) -> None:
+            warnings.extend(endpoint.judge(dict(body), old).dry_run().warnings)
 
         return warn
     if endpoint.mutating:
@@ -661,8 +717,8 @@ def _kopf_handler(endpoint: Endpoint, dry_run: bool) -> Callable[..., Any]:
 
         return mutate
 
-    async def validate(body: kopf.Body, **_: Any) -> None:
-        answer = endpoint.handle(dict(body))
+    async def validate(body: kopf.Body, old: Any = None, **_: Any) -> None:
+        answer = endpoint.judge(dict(body), old)
         if not answer.allowed:
             raise kopf.AdmissionError(answer.message, code=answer.code)
 

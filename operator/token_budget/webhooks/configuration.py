@@ -8,6 +8,8 @@ operator builds them (pure :func:`configurations`) and keeps them current
   so an operator outage never stops a cluster from starting pods;
 * only objects labelled ``tokenbudget.io/agent`` reach the pod and workload
   webhooks (an ``objectSelector``), so the cluster's other pods cost nothing;
+  an update that removes the label reaches ``keep-agent-label-*`` (a selector
+  matches when the old or the new object does);
 * system namespaces and the operator's own are excluded (``namespaceSelector``);
 * our own kinds fail closed (``failurePolicy: Fail``): an invalid budget must
   not slip in while the operator restarts (configurable);
@@ -97,6 +99,16 @@ def configurations(client: dict[str, Any], ca_bundle: bytes, operator_namespace:
                          client, ca_bundle, pods_failure, pods_timeout, ns_sel, agents)
                 for group, plural in (("apps", "deployments"), ("apps", "statefulsets"),
                                       ("batch", "jobs"), ("batch", "cronjobs"))
+            ],
+            # An update that removes the label still reaches these: an objectSelector
+            # matches when the old or the new object matches it.
+            *[
+                _webhook(f"keep-agent-label-{plural}", f"keep-agent-label-{plural}",
+                         [rule(group, "v1", plural, ["UPDATE"])],
+                         client, ca_bundle, pods_failure, pods_timeout, ns_sel, agents)
+                for plural, group in (("pods", ""), ("deployments", "apps"),
+                                      ("statefulsets", "apps"), ("jobs", "batch"),
+                                      ("cronjobs", "batch"))
             ],
         ],
     }
