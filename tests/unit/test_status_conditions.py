@@ -78,3 +78,29 @@ def test_the_enforcing_condition_follows_the_global_dry_run(
     assert enforcing["reason"] == reason
     assert ("carry the" in enforcing["message"]) is claims
     assert (enforcing["status"] == "True") is claims
+
+
+def test_catalog_statuses_outlive_an_api_server_that_cannot_be_reached() -> None:
+    """A connection error is urllib3's, no OperatorError: it ended the task, and with it
+    the whole operator, at every API server restart (found by tests/e2e/test_chaos.py)."""
+    import asyncio
+
+    import urllib3
+
+    calls: list[int] = []
+
+    class Unreachable:
+        def list(self, *_: Any) -> list[Any]:
+            calls.append(1)
+            raise urllib3.exceptions.MaxRetryError(None, "/apis", None)  # type: ignore[arg-type]
+
+    async def scenario() -> bool:
+        task = asyncio.create_task(catalogs.keep_statuses(
+            Unreachable(), lambda: True, asyncio.Event(), 0.01))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        alive = not task.done()
+        task.cancel()
+        return alive
+
+    assert asyncio.run(scenario()), "the task ended"
+    assert len(calls) > 1, "and tried again"

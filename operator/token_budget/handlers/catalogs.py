@@ -84,6 +84,10 @@ async def keep_statuses(kube: Kube, leading: Callable[[], bool], changed: asynci
                 await asyncio.to_thread(sync, kube, dt.datetime.now(dt.UTC))
             except OperatorError as exc:  # not the leader any more, the API server failed
                 log.debug("catalog statuses not written: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. the API server unreachable
+                # urllib3's connection errors are no OperatorError; a task ending here
+                # stopped the whole operator (serve) at every API server restart.
+                log.warning("catalog statuses not written: %s", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout=interval)
         changed.clear()
