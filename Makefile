@@ -1,6 +1,7 @@
 # One entry point for everything; each target installs what it needs.
 #   make demo   the local end-to-end demo
 #   make test   every test: fast tier (no cluster) + cluster tier (real control plane, Prometheus)
+#   make chaos  the chaos suite at its big size (make test runs it with 50 kills)
 #   make image  the operator's OCI image archive in dist/ (no container engine needed)
 PYTHON ?= python3
 VENV   := .venv
@@ -38,6 +39,14 @@ test-fast: venv
 ## test-cluster: the tier on the real control plane and Prometheus
 test-cluster: prereqs
 	$(PYTEST) -m cluster
+
+## chaos: the chaos suite at its big size (tests/e2e/test_chaos.py; make test runs it with
+## 50 kills): CHAOS_KILLS kills, CHAOS_SEED replays a run, CHAOS_INTERVAL the operator's interval
+CHAOS_KILLS ?= 200
+.PHONY: chaos
+chaos: prereqs
+	CHAOS_KILLS=$(CHAOS_KILLS) CHAOS_SEED=$(CHAOS_SEED) CHAOS_INTERVAL=$(CHAOS_INTERVAL) \
+		$(PYTEST) -m chaos -s
 
 ## lint: the architecture contract (import-linter), mypy --strict and ruff
 lint: venv

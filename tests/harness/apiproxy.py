@@ -1,0 +1,156 @@
+"""A proxy in front of the API server that a test can cut: a partitioned client.
+
+The client speaks plain HTTP to the proxy (its kubeconfig has no credentials);
+the proxy forwards each connection over TLS to the API server as the admin
+(the control plane's client certificate). In between it reads the requests
+(method and path of each, with the time it was forwarded), so a test can tell
+exactly which writes of the client reached the API server and when.
+
+:meth:`ApiProxy.cut` partitions the client: connections already open stall
+(nothing more is forwarded either way, what was sent is dropped) and new ones
+are accepted and never answered, so the client's calls hang until their own
+timeouts, the worst case for a leader. :meth:`ApiProxy.heal` closes the
+stalled connections and forwards new ones again. Nothing that was sent during
+the cut is delivered later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+@dataclass(frozen=True)
+class Request:
+    at: float  # monotonic seconds when it was forwarded
+    method: str
+    path: str
+
+    @property
+    def write(self) -> bool:
+        return self.method in WRITES
+
+
+class ApiProxy:
+    """Plain HTTP on 127.0.0.1 in front of ``server`` (``https://host:port``)."""
+
+    def __init__(self, server: str, ssl_context: ssl.SSLContext) -> None:
+        url = urlparse(server)
+        self._upstream = (url.hostname or "127.0.0.1", url.port or 443)
+        self._ssl = ssl_context
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._cut = threading.Event()
+        self._open: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name="apiproxy").start()
+
+    def kubeconfig(self) -> str:
+        """A kubeconfig for a client of this proxy (no credentials: the proxy has them)."""
+        return (f"apiVersion: v1\nkind: Config\ncurrent-context: proxy\n"
+                f"clusters: [{{name: proxy, cluster: {{server: '{self.url}'}}}}]\n"
+                f"users: [{{name: proxy, user: {{}}}}]\n"
+                f"contexts: [{{name: proxy, context: {{cluster: proxy, user: proxy}}}}]\n")
+
+    def cut(self) -> None:
+        """Partition the client: forward nothing any more, answer nothing."""
+        self._cut.set()
+
+    def heal(self) -> None:
+        """Close what stalled during the cut; forward new connections again."""
+        with self._lock:
+            stalled, self._open = self._open, []
+        for s in stalled:
+            with contextlib.suppress(OSError):
+                s.close()
+        self._cut.clear()
+
+    def writes_since(self, t: float) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.write and r.at >= t]
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self.heal()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._open.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        if self._cut.is_set():
+            return  # accepted, never answered: closed at heal()
+        try:
+            raw = socket.create_connection(self._upstream, timeout=10)
+            upstream = self._ssl.wrap_socket(raw, server_hostname=self._upstream[0])
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._open.append(upstream)
+        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+        self._pump(client, upstream, True)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        """Copy ``src`` to ``dst`` until either closes; parse requests on the way up."""
+        pending = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data or self._cut.is_set():
+                    if self._cut.is_set():
+                        self._stall(src)
+                    break
+                if requests:
+                    pending = self._parse(pending + data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def _stall(self, s: socket.socket) -> None:
+        """Read and drop until heal() closes the socket."""
+        with contextlib.suppress(OSError):
+            while s.recv(65536):
+                pass
+
+    def _parse(self, buf: bytes) -> bytes:
+        """Record each complete request head in ``buf``; return what is left to read.
+
+        Requests of the kubernetes client carry a Content-Length, never chunked bodies.
+        """
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return buf
+            head = buf[:end].decode("latin-1").split("\r\n")
+            method, path = (head[0].split(" ") + ["", ""])[:2]
+            length = 0
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip())
+            if len(buf) < end + 4 + length:
+                return buf
+            with self._lock:
+                self.requests.append(Request(time.monotonic(), method, path))
+            buf = buf[end + 4 + length:]
