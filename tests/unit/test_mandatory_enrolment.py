@@ -78,6 +78,7 @@ def test_which_namespaces_are_under_mandatory_enrolment(
     pytest.param("listed-pod", True, id="a pod the operator listed for the workload"),
     pytest.param("agentx-0", False, id="a longer name is another workload"),
     pytest.param("other-0", False, id="another workload's pod"),
+    pytest.param("-agent-0", False, id="a leading dash names no workload"),
     pytest.param("", True, id="no workload label: cannot be attributed, left out"),
 ])
 def test_which_series_belong_to_a_governed_workload(label: str, governed: bool) -> None:

@@ -448,7 +448,8 @@ class ClusterTokenBudgetSpec(TokenBudgetSpec):
         default=Enrolment.SELECTED,
         description="Selected: the selector picks the governed workloads. Mandatory: every "
         "Deployment, StatefulSet, Job and CronJob of the matching namespaces is governed by "
-        "every budget there, whatever its labels, and the agent label cannot be removed.",
+        "this budget whatever its labels, counts as carrying the agent label for the other "
+        "budgets there, and the agent label cannot be removed.",
     )
 
 

@@ -908,8 +908,11 @@ class _ScopeEval:
 
         directives = self.directives(state, reason, message, effective, usages)
         run_outs = [w.run_out for w in usages if w.run_out is not None]
+        # Over the limit that counted the most series (the longest window, as a rule): a
+        # label is judged once, not once per window.
+        widest = max(self._counted, key=lambda c: len(c.series), default=None)
         unaccounted, unaccounted_n = ungoverned(
-            (s for counted in self._counted for s in counted.series), self.governed)
+            widest.series if widest is not None else (), self.governed)
         return Decision(
             scope=self.scope, namespaces=self.namespaces, state=state, reason=reason,
             message=message, windows=tuple(usages), action=top_action,
@@ -1076,21 +1079,30 @@ def ungoverned(series: Iterable[SpendSeries], governed: Iterable[Workload]
         Up to :data:`UNGOVERNED_SHOWN` sorted ``namespace/label`` strings, and
         how many there are in all.
     """
-    names: set[tuple[str, str]] = set()
+    known: dict[str, set[str]] = {}  # per namespace: labels that belong to a governed one
     for w in governed:
-        names.add((w.key.namespace, w.key.name))
-        names.update((w.key.namespace, p) for p in w.pods)
-    found: set[str] = set()
+        known.setdefault(w.key.namespace, set()).update((w.key.name, *w.pods))
+    strays: dict[str, set[str]] = {}  # per namespace: labels judged ungoverned
     for s in series:
         label = s.workload
-        if not label or (s.namespace, label) in names or not (s.tokens > 0 or s.cost):
-            continue  # unattributable, governed, or nothing spent in the window
-        parts = label.split("-")
+        if not label:
+            continue  # cannot be attributed
+        names = known.get(s.namespace)
+        if names is None:
+            names = known[s.namespace] = set()
+        if label in names or label in strays.get(s.namespace, ()) \
+                or not (s.tokens > 0 or s.cost):
+            continue  # governed, judged already, or nothing spent in the window
         # Each prefix of the label at a "-": a pod of workload "a-b" is "a-b-<hash>-<x>".
-        if any((s.namespace, "-".join(parts[:i])) in names for i in range(1, len(parts))):
-            continue
-        found.add(f"{s.namespace}/{label}")
-    return tuple(sorted(found)[:UNGOVERNED_SHOWN]), len(found)
+        cut = label.find("-")
+        while cut >= 0 and label[:cut] not in names:
+            cut = label.find("-", cut + 1)
+        if cut < 0:
+            strays.setdefault(s.namespace, set()).add(label)
+        else:
+            names.add(label)  # its other series (models, windows) are known at once
+    found = sorted(f"{ns}/{label}" for ns, labels in strays.items() for label in labels)
+    return tuple(found[:UNGOVERNED_SHOWN]), len(found)
 
 
 def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime) -> Evaluation:
