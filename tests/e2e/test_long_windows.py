@@ -117,10 +117,11 @@ def test_month_to_date_and_rolling_30_days_are_exact_with_and_without_recording_
     assert spend_per_namespace(raw, "Month") == want_mtd
     assert spend_per_namespace(raw, "30d") == want_30d
     raw_samples = samples_loaded(history, promql.spend(COUNTERS, 30 * 86400), END)
-    # With a sample limit below what the raw query loads, it is not sent, and the budget
-    # is told to install the rules: no timeout, no wrong number.
+    one_read = samples_loaded(history, "last_over_time(llm_tokens_total[30d])", END)
+    # With a sample limit below what one read of the window holds, the raw query is not
+    # sent, and the budget is told to install the rules: no timeout, no wrong number.
     limited = PrometheusSource(history.url, scrape_interval_seconds=STEP,
-                               max_samples=raw_samples // 2)
+                               max_samples=one_read // 2)
     snap = limited.collect(planner.plan([_budget("30d")], END), END)
     assert "install the recording rules" in snap.window_errors[(COUNTERS, WindowKey("30d"))]
 
@@ -154,6 +155,6 @@ def test_month_to_date_and_rolling_30_days_are_exact_with_and_without_recording_
         "hourly buckets must read an order of magnitude fewer samples than 5-minute raw ones"
     # ... so the same limit that refused the raw query now lets the budget be read.
     snap = PrometheusSource(history.url, scrape_interval_seconds=STEP,
-                            max_samples=raw_samples // 2).collect(
+                            max_samples=one_read // 2).collect(
         planner.plan([_budget("30d")], END), END)
     assert not snap.window_errors and (COUNTERS, WindowKey("30d")) in snap.windows

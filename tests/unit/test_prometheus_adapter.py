@@ -417,7 +417,7 @@ def test_a_window_query_too_large_for_prometheus_is_not_sent_and_says_how_to_fix
     snap = PrometheusSource(fake.url).collect(plan, NOW)
     key = (COUNTERS, WindowKey("30d"))
     assert key not in snap.windows and (COUNTERS, WindowKey("1h")) in snap.windows
-    assert "would load about 345,600,000 samples from 400 series" in snap.window_errors[key]
+    assert "would hold about 69,120,000 samples from 400 series" in snap.window_errors[key]
     assert not any("[2592000s]" in q for q in fake.queries), "the heavy query was never sent"
     decision = engine.evaluate(engine.World(budgets=[budget]), snap, NOW).decisions[0]
     assert not decision.spend_known

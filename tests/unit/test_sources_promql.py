@@ -92,15 +92,24 @@ def test_the_exact_increase_takes_the_first_case_that_applies_in_order() -> None
     start = "last_over_time(m[3600s] offset 3600s)"  # within the horizon, an hour here
     last, first = "last_over_time(m[3600s])", "min_over_time(m[3600s])"
     cases = text.split(" or ", 3)  # `or` keeps the first case a series matches
-    assert cases[0] == (f"((({last} - {start}) unless (resets(m[3600s]) > 0))"
-                        f" unless ({first} < {start}))")
+    # The start counts only where the counter did not fall below it before the window's
+    # first sample (a restart during a gap: then all of the last value was spent).
+    assert cases[0] == (f"(({last} - {start} * ({first} >= bool {start}))"
+                        " unless (resets(m[3600s]) > 0))")
     assert cases[1] == "(increase(m[3600s]) and (resets(m[3600s]) > 0))"
-    assert cases[2] == f"({last} and ({first} < {start}))"
-    # Born in the window only with evidence (its target up at the start, or no target
-    # yet while Prometheus scraped); otherwise only the growth seen, never the lifetime.
-    assert "on (job, instance) (up offset 3600s == 1)" in cases[3]
-    assert "and on () (count(up offset 3600s) > 0)" in cases[3]
-    assert cases[3].endswith(f" or (({last} - {first}) unless {start})")
+    # Born in the window only with evidence (its target not down at the start while
+    # Prometheus scraped); otherwise only the growth seen, never the lifetime.
+    assert "unless on (job, instance) (up offset 3600s == 0)" in cases[2]
+    assert "and on () (count(up offset 3600s) > 0)" in cases[2]
+    assert cases[3] == f"(({last} - {first}) unless {start})"
+
+
+def test_the_window_is_read_eight_times_a_series_and_the_gap_rows_add_one() -> None:
+    """The cost of exactness, in range reads (a plain increase() reads the window once)."""
+    assert promql.increase("m", 86400).count("[86400s]") == 8
+    text = promql.spend(COUNTERS, 86400)
+    # Three counters, and the gap rows read the first one's window 3 more times.
+    assert text.count("[86400s]") == 8 * 3 + 3
 
 
 @pytest.mark.parametrize(("window", "horizon"), [

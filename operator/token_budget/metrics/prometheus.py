@@ -288,11 +288,13 @@ class PrometheusSource:
                     # Long windows only: a day of 15 s samples is 5,760 per series.
                     if rs not in counts:
                         counts[rs] = self.series_count(rs, now)
-                    samples = (counts[rs] * seconds * promql.RANGE_READS
-                               / max(self.scrape_interval_seconds, 1.0))
+                    # What one range selector over the window holds at once: Prometheus
+                    # limits the samples a query holds in memory, and reads each
+                    # selector of the query in turn.
+                    samples = counts[rs] * seconds / max(self.scrape_interval_seconds, 1.0)
                     if samples > self.max_samples:
                         window_errors[(rs, key)] = (
-                            f"the {key} query would load about {samples:,.0f} samples from "
+                            f"the {key} query would hold about {samples:,.0f} samples from "
                             f"{counts[rs]:,} series, more than the {self.max_samples:,} a "
                             "query may load: install the recording rules "
                             "(rules/token-budget.rules.yaml) or raise --prometheus-max-samples")
