@@ -213,6 +213,9 @@ def test_exposition_is_valid(exporter: AgentExporter, promtool: Path) -> None:
     exporter.add(namespace=ns, workload="w", model="m", input=1, output=1, cost=0.1,
                  fmt="litellm")
     exporter.add(namespace=ns, workload="w", model="m", input=1, output=1, fmt="otel")
+    exporter.add(namespace=ns, workload="g", model="m", input=1, output=1, cached_input=1,
+                 fmt="envoy")
+    exporter.add(namespace=ns, workload="g0", model="m", input=1, output=1, fmt="envoy-v0.3")
     exporter.add_outcome(ns, "w", "success")
     text = exporter.exposition()
     families = {f.name: f.type for f in text_string_to_metric_families(text)}

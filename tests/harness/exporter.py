@@ -1,6 +1,6 @@
 """A synthetic agent exporter: token counters the test controls, for Prometheus to scrape.
 
-It speaks the three formats the operator's spend sources read, on its own
+It speaks the formats the operator's spend sources read, on its own
 ``CollectorRegistry`` and its own HTTP server (a daemon thread) on a free loopback port:
 
 ``counters`` (agent pods export plain counters)
@@ -20,6 +20,24 @@ exporter)
     k8s_namespace_name, k8s_pod_name. Each :meth:`AgentExporter.add` is one request: one
     observation per token type with a non-zero count, so ``_sum`` is the token total and
     ``_count`` the number of requests.
+
+``envoy`` (Envoy AI Gateway v0.4 and later, its Prometheus endpoint)
+    the same histogram as the gateway records it: labels gen_ai_operation_name,
+    gen_ai_original_model, gen_ai_provider_name, gen_ai_request_model,
+    gen_ai_response_model, gen_ai_token_type, otel_scope_name, and the caller's
+    k8s_namespace_name and k8s_pod_name, which the gateway takes from the request
+    headers ``x-k8s-namespace`` and ``x-k8s-pod`` when configured with
+    ``controller.metricsRequestHeaderAttributes:
+    "x-k8s-namespace:k8s.namespace.name,x-k8s-pod:k8s.pod.name"``. As the gateway
+    counts them, ``input`` includes the cached input (``add``'s ``input +
+    cached_input``), and ``reasoning`` (half of ``output`` here) is observed besides
+    ``output``, which includes it. Each :meth:`AgentExporter.add` is one request
+    that observes every type, zeros included.
+
+``envoy-v0.3`` (Envoy AI Gateway v0.3)
+    gen_ai_token_type ``input``, ``output`` and ``total`` (their sum), labels
+    gen_ai_operation_name, gen_ai_request_model, gen_ai_system_name and the
+    header-mapped ones; no cached-input type.
 
 Counters only go up (except through :meth:`AgentExporter.reset`, which simulates a
 restarted pod on purpose). Values are kept exactly as added, so a test can compare
@@ -45,8 +63,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-Format = Literal["counters", "litellm", "otel"]
-FORMATS: tuple[Format, ...] = ("counters", "litellm", "otel")
+Format = Literal["counters", "litellm", "otel", "envoy", "envoy-v0.3"]
+FORMATS: tuple[Format, ...] = ("counters", "litellm", "otel", "envoy", "envoy-v0.3")
+#: The formats with a cached-input series.
+CACHED_FORMATS: tuple[Format, ...] = ("counters", "envoy")
 
 #: The bucket boundaries the OpenTelemetry GenAI semantic conventions advise for
 #: ``gen_ai.client.token.usage``.
@@ -131,7 +151,7 @@ class Rate:
 
 
 class AgentExporter:
-    """Token counters in three formats, served over HTTP for Prometheus.
+    """Token counters in each format, served over HTTP for Prometheus.
 
     Attributes:
         url: the scrape URL, ``http://127.0.0.1:<port>/metrics``.
@@ -156,6 +176,8 @@ class AgentExporter:
         self._outcomes: dict[tuple[str, str, str], float] = {}
         self._litellm: dict[tuple[str, ...], dict[str, float]] = {}
         self._otel: dict[tuple[str, ...], _Histogram] = {}
+        # Envoy AI Gateway histograms, keyed by their sorted (label, value) pairs.
+        self._envoy: dict[tuple[tuple[str, str], ...], _Histogram] = {}
         self._emitted: dict[tuple[Format, str, str, str, str], float] = {}
         self._rates: dict[_RateKey, Rate] = {}
         self._rate_thread: threading.Thread | None = None
@@ -244,12 +266,12 @@ class AgentExporter:
             model: the model name.
             input: input (prompt) tokens.
             output: output (completion) tokens.
-            cached_input: cached input tokens; only the ``counters`` format has a series
-                for them.
+            cached_input: cached input tokens; only the ``counters`` and ``envoy``
+                formats have a series for them.
             cost: USD spend; only the ``litellm`` format has a spend series.
-            fmt: ``counters``, ``litellm`` or ``otel``.
+            fmt: ``counters``, ``litellm``, ``otel``, ``envoy`` or ``envoy-v0.3``.
             pod: the pod label for ``counters`` and ``otel`` (default: ``workload``).
-            provider: ``gen_ai_provider_name`` for ``otel``.
+            provider: ``gen_ai_provider_name`` for ``otel`` and ``envoy``.
             requested_model: LiteLLM's ``requested_model`` (default: ``model``).
 
         Raises:
@@ -259,7 +281,7 @@ class AgentExporter:
             raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")
         if min(input, output, cached_input) < 0 or (cost is not None and cost < 0):
             raise ValueError("counters only go up: amounts must be >= 0")
-        if cached_input and fmt != "counters":
+        if cached_input and fmt not in CACHED_FORMATS:
             raise ValueError(f"the {fmt} format has no cached-input series")
         if cost is not None and fmt != "litellm":
             raise ValueError(f"the {fmt} format has no spend series; use fmt='litellm'")
@@ -279,11 +301,14 @@ class AgentExporter:
                 entry["output"] += output
                 if cost is not None:
                     entry["spend"] = entry.get("spend", 0.0) + cost
-            else:
+            elif fmt == "otel":
                 for token_type, amount in (("input", input), ("output", output)):
                     if amount:
                         hkey = (token_type, model, provider, namespace, pod_name)
                         self._otel.setdefault(hkey, _Histogram()).observe(amount)
+            else:
+                self._observe_envoy(fmt, namespace, pod_name, model, provider,
+                                    input, output, cached_input)
             for token_type, amount in (
                 ("input", input), ("output", output), ("cached_input", cached_input),
             ):
@@ -292,6 +317,26 @@ class AgentExporter:
             if cost is not None:
                 ekey = (fmt, namespace, workload, model, "cost")
                 self._emitted[ekey] = self._emitted.get(ekey, 0.0) + cost
+
+    def _observe_envoy(self, fmt: Format, namespace: str, pod: str, model: str, provider: str,
+                       input: int, output: int, cached_input: int) -> None:  # noqa: A002
+        """One request through the gateway, recorded as the gateway records it."""
+        common = {"gen_ai_operation_name": "chat", "gen_ai_request_model": model,
+                  "k8s_namespace_name": namespace, "k8s_pod_name": pod,
+                  "otel_scope_name": "envoyproxy/ai-gateway"}
+        if fmt == "envoy":
+            common |= {"gen_ai_original_model": model, "gen_ai_provider_name": provider,
+                       "gen_ai_response_model": model}
+            observed = [("input", input + cached_input), ("cached_input", cached_input),
+                        ("output", output), ("reasoning", output // 2)]
+        else:
+            common |= {"gen_ai_system_name": provider}
+            observed = [("input", input), ("output", output), ("total", input + output)]
+        # Every type the provider reported is observed, zeros included (OpenAI reports
+        # cached and reasoning counts on every answer).
+        for token_type, amount in observed:
+            key = tuple(sorted((common | {"gen_ai_token_type": token_type}).items()))
+            self._envoy.setdefault(key, _Histogram()).observe(amount)
 
     def add_outcome(self, namespace: str, workload: str, outcome: str, n: int = 1,
                     pod: str | None = None) -> None:
@@ -322,6 +367,8 @@ class AgentExporter:
             for hkey in list(self._otel):
                 if hkey[3] == namespace and workload in (None, hkey[4]):
                     self._otel[hkey] = _Histogram()
+            for ekey in [k for k in self._envoy if _envoy_caller(k, namespace, workload)]:
+                self._envoy[ekey] = _Histogram()
 
     def remove(self, namespace: str, workload: str) -> None:
         """Stop exposing every series of the pod, as when the pod is deleted.
@@ -337,6 +384,8 @@ class AgentExporter:
                 del self._litellm[lkey]
             for hkey in [k for k in self._otel if k[3] == namespace and k[4] == workload]:
                 del self._otel[hkey]
+            for ekey in [k for k in self._envoy if _envoy_caller(k, namespace, workload)]:
+                del self._envoy[ekey]
 
     def emitted(
         self,
@@ -395,7 +444,7 @@ class AgentExporter:
         # Check the format accepts these values now rather than in the thread.
         self.add(namespace, workload, model, fmt=fmt, pod=pod,
                  cached_input=0, cost=0.0 if cost_per_second is not None else None)
-        if cached_input_per_second and fmt != "counters":
+        if cached_input_per_second and fmt not in CACHED_FORMATS:
             raise ValueError(f"the {fmt} format has no cached-input series")
         with self._lock:
             self._rates[key] = rate
@@ -484,10 +533,26 @@ class AgentExporter:
                            zip(OTEL_TOKEN_BUCKETS, hist.buckets, strict=True)]
                 buckets.append(("+Inf", float(hist.count)))
                 otel.add_metric(list(hkey), buckets, hist.total)
+            # The gateway's series share the family; their label sets differ from otel's.
+            for ekey, hist in sorted(self._envoy.items()):
+                labels = dict(ekey)
+                for bound, n in zip(OTEL_TOKEN_BUCKETS, hist.buckets, strict=True):
+                    otel.add_sample("gen_ai_client_token_usage_bucket",
+                                    labels | {"le": _le(bound)}, float(n))
+                otel.add_sample("gen_ai_client_token_usage_bucket", labels | {"le": "+Inf"},
+                                float(hist.count))
+                otel.add_sample("gen_ai_client_token_usage_count", labels, float(hist.count))
+                otel.add_sample("gen_ai_client_token_usage_sum", labels, hist.total)
             families: list[Metric] = [tokens, outcomes, lite_in, lite_out, lite_spend, otel]
         for family in families:
             if family.samples:
                 yield family
+
+
+def _envoy_caller(key: tuple[tuple[str, str], ...], namespace: str,
+                  pod: str | None) -> bool:
+    labels = dict(key)
+    return labels["k8s_namespace_name"] == namespace and pod in (None, labels["k8s_pod_name"])
 
 
 def _le(bound: float) -> str:

@@ -151,6 +151,17 @@ def test_a_reported_cost_is_kept_as_an_exact_decimal() -> None:
                                                                  Decimal("0.1"))
 
 
+def test_envoy_cached_input_is_taken_out_of_its_input_so_no_token_counts_twice() -> None:
+    envoy = sources.resolve(b.token_budget(source={"preset": "EnvoyAIGateway"}).spec.source)
+    labels = {"k8s_namespace_name": "search", "k8s_pod_name": "bot-0",
+              "gen_ai_request_model": "gpt-4o"}
+    items = [item("1000", tb_kind="input", **labels), item("250", tb_kind="output", **labels),
+             item("400", tb_kind="cached_input", **labels)]
+    [s] = to_series(envoy, items)
+    assert (s.input_tokens, s.output_tokens, s.cached_input_tokens) == (600.0, 250.0, 400.0)
+    assert s.tokens == 1250.0, "input + output, as the gateway counted them"
+
+
 def test_an_empty_result_is_no_series_not_an_error() -> None:
     assert to_series(COUNTERS, []) == ()
 

@@ -30,4 +30,4 @@ def test_promtool_accepts_the_rules_file() -> None:
     out = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                          text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "3 rules found" in out.stdout
+    assert "4 rules found" in out.stdout

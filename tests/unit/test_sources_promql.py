@@ -1,8 +1,8 @@
 """Spend sources, the query planner and the PromQL they produce.
 
 Covers:
-- the exact PromQL of each preset (Counters, LiteLLM, OpenTelemetry) for one
-  window, and of an outcome counter;
+- the exact PromQL of each preset (Counters, LiteLLM, OpenTelemetry,
+  EnvoyAIGateway) for one window, and of an outcome counter;
 - metric-name and label-name overrides; extra group labels from spend
   matchers; string quoting;
 - the planner makes one query per (source, window) however many budgets there
@@ -70,6 +70,18 @@ def _source(**body: object) -> sources.ResolvedSource:
             '(increase(gen_ai_client_token_usage_sum{gen_ai_token_type="output"}[86400s])), '
             '"tb_kind", "output", "", "")',
             id="OpenTelemetry reads gen_ai client token usage"),
+        pytest.param(
+            "EnvoyAIGateway",
+            'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
+            '(increase(gen_ai_client_token_usage_sum{gen_ai_token_type="input"}[86400s])), '
+            '"tb_kind", "input", "", "") or '
+            'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
+            '(increase(gen_ai_client_token_usage_sum{gen_ai_token_type="output"}[86400s])), '
+            '"tb_kind", "output", "", "") or '
+            'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
+            '(increase(gen_ai_client_token_usage_sum{gen_ai_token_type="cached_input"}'
+            '[86400s])), "tb_kind", "cached_input", "", "")',
+            id="EnvoyAIGateway reads the gateway's token usage by type, never total"),
     ],
 )
 def test_each_preset_reads_its_exporter_in_one_query(preset: str, expected: str) -> None:
@@ -146,6 +158,19 @@ def test_an_overridden_metric_counts_only_its_own_kind() -> None:
     assert promql.increase("agent_prompt_tokens_total", 60) in text
     assert promql.increase("agent_cost_dollars_total", 60) + '), "tb_kind", "cost"' in text
     assert rs.preset == "Counters*" and rs.has_cost
+
+
+def test_envoy_input_includes_its_cached_input_unless_either_counter_is_overridden() -> None:
+    envoy = _source(preset="EnvoyAIGateway")
+    assert envoy.cached_in_input and not envoy.per_pod
+    assert dict(envoy.counters)[Kind.INPUT] == envoy.counters[0][1], "input stays first"
+    assert _source(preset="EnvoyAIGateway", labels={"workload": "x_agent"}).cached_in_input
+    assert not _source(preset="EnvoyAIGateway",
+                       metrics={"cachedInputTokens": "my_cached_total"}).cached_in_input
+    assert not _source(preset="EnvoyAIGateway",
+                       metrics={"inputTokens": "my_input_total"}).cached_in_input
+    assert not any(_source(preset=p.value).cached_in_input
+                   for p in api.Preset if p is not api.Preset.ENVOY_AI_GATEWAY)
 
 
 def test_overridden_labels_are_grouped_by() -> None:

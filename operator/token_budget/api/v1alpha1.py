@@ -131,6 +131,7 @@ class Preset(str, enum.Enum):
     COUNTERS = "Counters"
     LITELLM = "LiteLLM"
     OPEN_TELEMETRY = "OpenTelemetry"
+    ENVOY_AI_GATEWAY = "EnvoyAIGateway"
 
 
 class SourceMetrics(_Base):
@@ -169,7 +170,9 @@ class SpendSource(_Base):
     preset: Preset = Field(
         default=Preset.COUNTERS,
         description="Counters (llm_tokens_total scraped from agent pods), LiteLLM (the "
-        "LiteLLM proxy's metrics) or OpenTelemetry (gen_ai.client.token.usage).",
+        "LiteLLM proxy's metrics), OpenTelemetry (gen_ai.client.token.usage) or "
+        "EnvoyAIGateway (the gateway's gen_ai.client.token.usage; the caller's namespace "
+        "and pod come from request headers the gateway maps to metric labels).",
     )
     metrics: SourceMetrics | None = Field(default=None, description="Metric-name overrides.")
     labels: SourceLabels | None = Field(default=None, description="Label-name overrides.")

@@ -415,7 +415,9 @@ def to_series(rs: ResolvedSource, items: list[ResultItem],
               extra: tuple[str, ...] = ()) -> tuple[SpendSeries, ...]:
     """Fold a tagged spend result into one SpendSeries per (namespace, workload, model, extra).
 
-    The gap rows of the result (see :func:`gaps_of`) are left out.
+    The gap rows of the result (see :func:`gaps_of`) are left out. When the source's
+    input counter includes the cached input (``rs.cached_in_input``), input is read as
+    input minus cached, so each token is counted and priced once.
     """
     acc: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], dict[Kind, float]] = \
         defaultdict(dict)
@@ -438,11 +440,17 @@ def to_series(rs: ResolvedSource, items: list[ResultItem],
     out = []
     for (ns, workload, model, extra_labels), kinds in sorted(acc.items()):
         cost = kinds.get(Kind.COST)
+        cached = kinds.get(Kind.CACHED_INPUT, 0.0)
+        input_tokens = kinds.get(Kind.INPUT, 0.0)
+        if rs.cached_in_input:
+            # Each request's cached tokens are part of its input (Envoy AI Gateway), so the
+            # increases nest; max() only guards a reset's extrapolation in one of the two.
+            input_tokens = max(0.0, input_tokens - cached)
         out.append(SpendSeries(
             namespace=ns, workload=workload, model=model,
-            input_tokens=kinds.get(Kind.INPUT, 0.0),
+            input_tokens=input_tokens,
             output_tokens=kinds.get(Kind.OUTPUT, 0.0),
-            cached_input_tokens=kinds.get(Kind.CACHED_INPUT, 0.0),
+            cached_input_tokens=cached,
             cost=Decimal(repr(cost)) if cost is not None else None,
             labels=extra_labels,
         ))

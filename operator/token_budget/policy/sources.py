@@ -16,9 +16,28 @@ LiteLLM        litellm_input_tokens_metric_total,         team_alias     api_key
                cost: litellm_spend_metric_total
 OpenTelemetry  gen_ai_client_token_usage_sum              k8s_namespace_ k8s_pod_name     gen_ai_request_model
                {gen_ai_token_type=input|output}           name
+EnvoyAIGateway gen_ai_client_token_usage_sum              k8s_namespace_ k8s_pod_name     gen_ai_request_model
+               {gen_ai_token_type=input|output|           name
+               cached_input}
 ============== ========================================== ============== ================ =====================
 
 An overridden metric name counts only its own kind (no token-type matcher).
+
+Envoy AI Gateway (v0.4 and later; verified on its source up to v1.1) records
+``gen_ai.client.token.usage`` in the gateway with ``gen_ai.token.type`` ``input``,
+``output``, ``cached_input`` (v0.4 on), ``cache_creation_input`` (v0.5 on) and
+``reasoning`` (v0.6 on); v0.3 recorded ``total`` instead of ``cached_input``. Its
+``input`` already includes the cached reads and the cache writes (OpenAI's
+``prompt_tokens``; Anthropic's input + cache read + cache creation), and its
+``output`` includes the reasoning tokens, so the preset reads input, output and
+cached_input only and the adapter takes cached_input out of input
+(:attr:`ResolvedSource.cached_in_input`): never ``total``, ``reasoning`` or
+``cache_creation_input`` (cache writes stay priced as input). The gateway knows
+no Kubernetes identity: its ``controller.metricsRequestHeaderAttributes`` maps
+request headers to metric attributes, and the preset expects
+``x-k8s-namespace:k8s.namespace.name,x-k8s-pod:k8s.pod.name`` (the Prometheus
+exporter turns the dots into underscores), the callers sending their namespace
+and pod name in those headers; ``source.labels`` names other labels.
 """
 
 from __future__ import annotations
@@ -59,6 +78,9 @@ class ResolvedSource:
     # without any series is a sign that their scrape is missing (not so for a gateway,
     # whose series exist only for callers that called).
     per_pod: bool = False
+    # Whether the input counter already counts the cached input tokens (Envoy AI Gateway,
+    # as the providers report it): the adapter then reads input as input minus cached.
+    cached_in_input: bool = False
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -75,6 +97,21 @@ class ResolvedSource:
 
 def _typed(metric: str, label: str, value: str) -> Selector:
     return Selector(metric, ((label, value),))
+
+
+def _gen_ai(preset: str, kinds: tuple[Kind, ...], per_pod: bool = False,
+            cached_in_input: bool = False) -> ResolvedSource:
+    """``gen_ai.client.token.usage`` as Prometheus names it, one token type a kind."""
+    return ResolvedSource(
+        preset=preset,
+        namespace_label="k8s_namespace_name",
+        workload_label="k8s_pod_name",
+        model_label="gen_ai_request_model",
+        counters=tuple((kind, _typed("gen_ai_client_token_usage_sum", "gen_ai_token_type",
+                                     kind.value)) for kind in kinds),
+        per_pod=per_pod,
+        cached_in_input=cached_in_input,
+    )
 
 
 _PRESETS: dict[api.Preset, ResolvedSource] = {
@@ -101,17 +138,10 @@ _PRESETS: dict[api.Preset, ResolvedSource] = {
             (Kind.COST, Selector("litellm_spend_metric_total")),
         ),
     ),
-    api.Preset.OPEN_TELEMETRY: ResolvedSource(
-        preset="OpenTelemetry",
-        namespace_label="k8s_namespace_name",
-        workload_label="k8s_pod_name",
-        model_label="gen_ai_request_model",
-        counters=(
-            (Kind.INPUT, _typed("gen_ai_client_token_usage_sum", "gen_ai_token_type", "input")),
-            (Kind.OUTPUT, _typed("gen_ai_client_token_usage_sum", "gen_ai_token_type", "output")),
-        ),
-        per_pod=True,
-    ),
+    api.Preset.OPEN_TELEMETRY: _gen_ai("OpenTelemetry", (Kind.INPUT, Kind.OUTPUT), per_pod=True),
+    api.Preset.ENVOY_AI_GATEWAY: _gen_ai("EnvoyAIGateway",
+                                         (Kind.INPUT, Kind.OUTPUT, Kind.CACHED_INPUT),
+                                         cached_in_input=True),
 }
 
 _OVERRIDE_FIELDS = {
@@ -140,4 +170,7 @@ def resolve(source: api.SpendSource) -> ResolvedSource:
         model_label=labels.model or base.model_label,
         counters=tuple(sorted(counters.items(), key=lambda kv: list(Kind).index(kv[0]))),
         per_pod=base.per_pod,
+        # Only the preset's own input and cached counters are known to nest.
+        cached_in_input=base.cached_in_input and all(
+            counters[k] == dict(base.counters)[k] for k in (Kind.INPUT, Kind.CACHED_INPUT)),
     )
