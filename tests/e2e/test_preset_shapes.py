@@ -7,8 +7,9 @@ the plan of a budget that names the preset, as the operator does, and must give
 back per workload and model exactly what was added.
 
 Covers:
-- LiteLLM: tokens per ``api_key_alias`` in a ``team_alias``, and the proxy's own
-  spend kept as an exact decimal;
+- LiteLLM: tokens per ``api_key_alias`` in a ``team_alias``, the cached part of the
+  input counter read once (``litellm_input_cached_tokens_metric``), and the proxy's
+  own spend kept as an exact decimal;
 - OpenTelemetry: ``gen_ai_client_token_usage_sum`` by ``gen_ai_token_type``,
   never ``_count`` or the buckets;
 - Envoy AI Gateway (v0.4 and later): input includes the cached input, which is
@@ -70,28 +71,43 @@ def _reads_as(prometheus: Prometheus, preset: str, ns: str,
     return _read(prometheus, preset, ns)
 
 
+def _plus(before: dict[tuple[str, str], tuple[float, float, float]],
+          added: dict[tuple[str, str], tuple[float, float, float]]
+          ) -> dict[tuple[str, str], tuple[float, float, float]]:
+    return {k: (before[k][0] + a[0], before[k][1] + a[1], before[k][2] + a[2])
+            for k, a in added.items()}
+
+
 def _scraped_twice(prometheus: Prometheus, selector: str, series: int) -> None:
     eventually(lambda: prometheus.query(
         f"count(count_over_time({selector}[1m]) > 1) == {series}"), 30,
         what=f"two samples of each of {series} series {selector}")
 
 
-def test_litellm_tokens_and_spend_are_read_per_key_alias_in_a_team(
+def test_litellm_tokens_cached_tokens_and_spend_are_read_per_key_alias_in_a_team(
         exporter: AgentExporter, prometheus: Prometheus) -> None:
     ns = f"lite-{uuid.uuid4().hex[:6]}"
-    for key, model in (("search-bot", "gpt-4o"), ("search-bot", "claude-sonnet-4"),
-                       ("triage", "gpt-4o")):
+    for key, model in (("search-bot", "claude-sonnet-4"), ("triage", "gpt-4o")):
         exporter.add(ns, key, model, cost=0.0, fmt="litellm")  # the key's first call
+    # LiteLLM's cached-token series appears with the first request that had some.
+    exporter.add(ns, "search-bot", "gpt-4o", cached_input=10, cost=0.0, fmt="litellm")
     _scraped_twice(prometheus, f'litellm_input_tokens_metric_total{{team_alias="{ns}"}}', 3)
-    exporter.add(ns, "search-bot", "gpt-4o", input=12_000, output=800, cost=0.038,
-                 fmt="litellm")
+    _scraped_twice(prometheus,
+                   f'litellm_input_cached_tokens_metric_total{{team_alias="{ns}"}}', 1)
+    # Whether that first request counts depends on whether Prometheus is older than the
+    # window (evidence that the series was born in it); what follows counts exactly.
+    before = _tokens(_read(prometheus, "LiteLLM", ns))
+    assert before[("search-bot", "gpt-4o")] in {(0.0, 0.0, 0.0), (0.0, 0.0, 10.0)}, before
+    # 12,000 prompt tokens of which 4,000 cached: LiteLLM's input counter grows by 12,000.
+    exporter.add(ns, "search-bot", "gpt-4o", input=8_000, cached_input=4_000, output=800,
+                 cost=0.038, fmt="litellm")
     exporter.add(ns, "search-bot", "claude-sonnet-4", input=3_000, output=200, cost=0.012,
                  fmt="litellm")
     exporter.add(ns, "triage", "gpt-4o", input=500, output=40, cost=0.0016, fmt="litellm")
-    want = {("search-bot", "gpt-4o"): (12_000.0, 800.0, 0.0),
-            ("search-bot", "claude-sonnet-4"): (3_000.0, 200.0, 0.0),
-            ("triage", "gpt-4o"): (500.0, 40.0, 0.0)}
-    found = _reads_as(prometheus, "LiteLLM", ns, want)
+    added = {("search-bot", "gpt-4o"): (8_000.0, 800.0, 4_000.0),
+             ("search-bot", "claude-sonnet-4"): (3_000.0, 200.0, 0.0),
+             ("triage", "gpt-4o"): (500.0, 40.0, 0.0)}
+    found = _reads_as(prometheus, "LiteLLM", ns, _plus(before, added))
     # The proxy's own spend, as reported (the exporter's float sums, to the micro-dollar).
     assert {k: round(s.cost or 0, 6) for k, s in found.items()} == {
         ("search-bot", "gpt-4o"): Decimal("0.038"),
@@ -117,9 +133,7 @@ def test_opentelemetry_token_usage_is_read_from_the_histogram_sum_by_token_type(
                  provider="anthropic")
     added = {("agent-0", "gpt-4o"): (12_000.0, 900.0, 0.0),
              ("agent-1", "claude-sonnet-4"): (900.0, 90.0, 0.0)}
-    want = {k: tuple(a + b for a, b in zip(before[k], v, strict=True))
-            for k, v in added.items()}
-    _reads_as(prometheus, "OpenTelemetry", ns, want)
+    _reads_as(prometheus, "OpenTelemetry", ns, _plus(before, added))
 
 
 def test_envoy_ai_gateway_reads_cached_input_once_and_never_total_or_reasoning(

@@ -11,7 +11,10 @@ It speaks the formats the operator's spend sources read, on its own
     ``litellm_input_tokens_metric_total``, ``litellm_output_tokens_metric_total`` and
     ``litellm_spend_metric_total`` (USD) with labels end_user, hashed_api_key,
     api_key_alias, model, team, team_alias, user, requested_model. The namespace is
-    ``team_alias`` and the workload is ``api_key_alias``.
+    ``team_alias`` and the workload is ``api_key_alias``. As LiteLLM 1.110 counts them,
+    input includes the cached input (``add``'s ``input + cached_input``) and
+    ``litellm_input_cached_tokens_metric_total`` (same labels) counts the cached part,
+    its series appearing with the first request that had some.
 
 ``otel`` (``gen_ai.client.token.usage`` after the OpenTelemetry collector's Prometheus
 exporter)
@@ -66,7 +69,7 @@ from prometheus_client.registry import Collector
 Format = Literal["counters", "litellm", "otel", "envoy", "envoy-v0.3"]
 FORMATS: tuple[Format, ...] = ("counters", "litellm", "otel", "envoy", "envoy-v0.3")
 #: The formats with a cached-input series.
-CACHED_FORMATS: tuple[Format, ...] = ("counters", "envoy")
+CACHED_FORMATS: tuple[Format, ...] = ("counters", "litellm", "envoy")
 
 #: The bucket boundaries the OpenTelemetry GenAI semantic conventions advise for
 #: ``gen_ai.client.token.usage``.
@@ -266,8 +269,8 @@ class AgentExporter:
             model: the model name.
             input: input (prompt) tokens.
             output: output (completion) tokens.
-            cached_input: cached input tokens; only the ``counters`` and ``envoy``
-                formats have a series for them.
+            cached_input: cached input tokens; the ``otel`` and ``envoy-v0.3`` formats
+                have no series for them.
             cost: USD spend; only the ``litellm`` format has a spend series.
             fmt: ``counters``, ``litellm``, ``otel``, ``envoy`` or ``envoy-v0.3``.
             pod: the pod label for ``counters`` and ``otel`` (default: ``workload``).
@@ -297,8 +300,10 @@ class AgentExporter:
             elif fmt == "litellm":
                 labels = self._litellm_labels(namespace, workload, model, requested_model)
                 entry = self._litellm.setdefault(labels, {"input": 0.0, "output": 0.0})
-                entry["input"] += input
+                entry["input"] += input + cached_input
                 entry["output"] += output
+                if cached_input:
+                    entry["cached"] = entry.get("cached", 0.0) + cached_input
                 if cost is not None:
                     entry["spend"] = entry.get("spend", 0.0) + cost
             elif fmt == "otel":
@@ -519,11 +524,17 @@ class AgentExporter:
             lite_spend = CounterMetricFamily(
                 "litellm_spend_metric", "Total spend on LLM requests", labels=_LITELLM_LABELS,
             )
+            lite_cached = CounterMetricFamily(
+                "litellm_input_cached_tokens_metric",
+                "Provider-side cached input tokens", labels=_LITELLM_LABELS,
+            )
             for lkey, entry in sorted(self._litellm.items()):
                 lite_in.add_metric(list(lkey), entry["input"])
                 lite_out.add_metric(list(lkey), entry["output"])
                 if "spend" in entry:
                     lite_spend.add_metric(list(lkey), entry["spend"])
+                if "cached" in entry:
+                    lite_cached.add_metric(list(lkey), entry["cached"])
             otel = HistogramMetricFamily(
                 "gen_ai_client_token_usage", "Number of input and output tokens used.",
                 labels=_OTEL_LABELS,
@@ -543,7 +554,8 @@ class AgentExporter:
                                 float(hist.count))
                 otel.add_sample("gen_ai_client_token_usage_count", labels, float(hist.count))
                 otel.add_sample("gen_ai_client_token_usage_sum", labels, hist.total)
-            families: list[Metric] = [tokens, outcomes, lite_in, lite_out, lite_spend, otel]
+            families: list[Metric] = [tokens, outcomes, lite_in, lite_out, lite_spend,
+                                      lite_cached, otel]
         for family in families:
             if family.samples:
                 yield family

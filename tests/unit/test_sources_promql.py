@@ -59,8 +59,11 @@ def _source(**body: object) -> sources.ResolvedSource:
             'label_replace(sum by (team_alias, api_key_alias, model) (increase('
             'litellm_output_tokens_metric_total[86400s])), "tb_kind", "output", "", "") or '
             'label_replace(sum by (team_alias, api_key_alias, model) (increase('
+            'litellm_input_cached_tokens_metric_total[86400s])), "tb_kind", "cached_input", '
+            '"", "") or '
+            'label_replace(sum by (team_alias, api_key_alias, model) (increase('
             'litellm_spend_metric_total[86400s])), "tb_kind", "cost", "", "")',
-            id="LiteLLM reads the proxy's token and spend counters"),
+            id="LiteLLM reads the proxy's token, cached-token and spend counters"),
         pytest.param(
             "OpenTelemetry",
             'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
@@ -160,17 +163,22 @@ def test_an_overridden_metric_counts_only_its_own_kind() -> None:
     assert rs.preset == "Counters*" and rs.has_cost
 
 
-def test_envoy_input_includes_its_cached_input_unless_either_counter_is_overridden() -> None:
-    envoy = _source(preset="EnvoyAIGateway")
-    assert envoy.cached_in_input and not envoy.per_pod
-    assert dict(envoy.counters)[Kind.INPUT] == envoy.counters[0][1], "input stays first"
-    assert _source(preset="EnvoyAIGateway", labels={"workload": "x_agent"}).cached_in_input
-    assert not _source(preset="EnvoyAIGateway",
+@pytest.mark.parametrize("preset", ["LiteLLM", "EnvoyAIGateway"])
+def test_an_input_that_includes_its_cached_input_is_known_unless_either_is_overridden(
+        preset: str) -> None:
+    rs = _source(preset=preset)
+    assert rs.cached_in_input and not rs.per_pod
+    assert rs.counters[0][0] is Kind.INPUT, "input stays first: the gap rows read it"
+    assert _source(preset=preset, labels={"workload": "x_agent"}).cached_in_input
+    assert not _source(preset=preset,
                        metrics={"cachedInputTokens": "my_cached_total"}).cached_in_input
-    assert not _source(preset="EnvoyAIGateway",
-                       metrics={"inputTokens": "my_input_total"}).cached_in_input
-    assert not any(_source(preset=p.value).cached_in_input
-                   for p in api.Preset if p is not api.Preset.ENVOY_AI_GATEWAY)
+    assert not _source(preset=preset, metrics={"inputTokens": "my_input_total"}).cached_in_input
+
+
+def test_counters_and_opentelemetry_count_cached_input_apart_or_not_at_all() -> None:
+    assert not _source(preset="Counters").cached_in_input
+    assert not _source(preset="OpenTelemetry").cached_in_input
+    assert Kind.CACHED_INPUT not in dict(_source(preset="OpenTelemetry").counters)
 
 
 def test_overridden_labels_are_grouped_by() -> None:

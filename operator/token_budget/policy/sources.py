@@ -13,6 +13,7 @@ Counters       llm_tokens_total{token_type=input|output|  namespace      pod    
                cached_input}
 LiteLLM        litellm_input_tokens_metric_total,         team_alias     api_key_alias    model
                litellm_output_tokens_metric_total,
+               litellm_input_cached_tokens_metric_total,
                cost: litellm_spend_metric_total
 OpenTelemetry  gen_ai_client_token_usage_sum              k8s_namespace_ k8s_pod_name     gen_ai_request_model
                {gen_ai_token_type=input|output}           name
@@ -22,6 +23,16 @@ EnvoyAIGateway gen_ai_client_token_usage_sum              k8s_namespace_ k8s_pod
 ============== ========================================== ============== ================ =====================
 
 An overridden metric name counts only its own kind (no token-type matcher).
+
+LiteLLM's input counter is the provider's ``prompt_tokens``, which already holds
+the cached reads (OpenAI) or the cache reads and writes (Anthropic, as LiteLLM
+sums them); ``litellm_input_cached_tokens_metric`` (read in LiteLLM 1.110.2; it
+has the input counter's labels and grows only on requests with cached tokens)
+counts the reads, so the preset takes it out of input as for Envoy below. A
+LiteLLM without that counter reads no cached tokens: all input at the input price.
+The OpenTelemetry GenAI conventions give ``gen_ai.client.token.usage`` only the
+token types ``input`` and ``output`` (cache reads are span attributes), so that
+preset reads no cached input.
 
 Envoy AI Gateway (v0.4 and later; verified on its source up to v1.1) records
 ``gen_ai.client.token.usage`` in the gateway with ``gen_ai.token.type`` ``input``,
@@ -78,8 +89,8 @@ class ResolvedSource:
     # without any series is a sign that their scrape is missing (not so for a gateway,
     # whose series exist only for callers that called).
     per_pod: bool = False
-    # Whether the input counter already counts the cached input tokens (Envoy AI Gateway,
-    # as the providers report it): the adapter then reads input as input minus cached.
+    # Whether the input counter already counts the cached input tokens (LiteLLM and Envoy
+    # AI Gateway, as the providers report it): the adapter reads input as input - cached.
     cached_in_input: bool = False
 
     @property
@@ -135,8 +146,10 @@ _PRESETS: dict[api.Preset, ResolvedSource] = {
         counters=(
             (Kind.INPUT, Selector("litellm_input_tokens_metric_total")),
             (Kind.OUTPUT, Selector("litellm_output_tokens_metric_total")),
+            (Kind.CACHED_INPUT, Selector("litellm_input_cached_tokens_metric_total")),
             (Kind.COST, Selector("litellm_spend_metric_total")),
         ),
+        cached_in_input=True,
     ),
     api.Preset.OPEN_TELEMETRY: _gen_ai("OpenTelemetry", (Kind.INPUT, Kind.OUTPUT), per_pod=True),
     api.Preset.ENVOY_AI_GATEWAY: _gen_ai("EnvoyAIGateway",
