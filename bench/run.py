@@ -8,7 +8,8 @@ Benchmarks (one module each): ``engine`` (policy engine, pure), ``promql`` (quer
 evaluation; batched vs one query per budget on a real Prometheus), ``kube`` (writes,
 memory and a spend spike on the real control plane), ``latency`` (spend visible ->
 workload enforced), ``overshoot`` (spend past the limit for ramps at a 15 s scrape),
-``admission`` (the pod webhook directly and through the API server).
+``admission`` (the pod webhook directly and through the API server), ``directive`` (a
+Block reaching 1,000 agents' Governors through the directive service).
 
 Prints a table of target vs reached and writes ``bench/results.json`` (figures, targets,
 met or not, the load average next to every figure, timestamps). A run of a subset keeps
@@ -34,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench import common  # noqa: E402  (sys.path first)
 from bench.common import Figure, Report  # noqa: E402
 
-ORDER = ("engine", "promql", "admission", "latency", "overshoot", "kube")
+ORDER = ("engine", "promql", "admission", "latency", "overshoot", "kube", "directive")
 
 
 def _module(name: str):  # type: ignore[no-untyped-def]

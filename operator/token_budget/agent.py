@@ -36,6 +36,17 @@ operator divides the workload's rate by its live pods), so a Governor per pod
 holds the workload to its rate. The token bucket allows a burst of one
 minute's worth and keeps its level when the rate changes.
 
+Faster than the file: the directive service. When the operator's mutating
+webhook injected ``TOKENBUDGET_DIRECTIVE_URL`` (and ``TOKENBUDGET_DIRECTIVE_CA``,
+the CA that signed the operator's certificate), the Governor long-polls that
+URL in a thread, with the pod's ServiceAccount token, on one kept-alive
+connection, and learns of a change within a second of the operator's write
+instead of at the kubelet's next refresh of the file (a minute or more). While
+the service does not answer (refused, unreachable, 401/403/404), it falls back
+to the file, and goes back to the service once it answers again::
+
+    gov = Governor(default_model="gpt-4o")   # the URL from the environment, else the file
+
 Only the standard library is used, so any agent can vendor this file. It does
 not talk to the API server, watch the file with inotify, or share a bucket
 between processes: one Governor per process, shared by its threads.
@@ -43,15 +54,30 @@ between processes: one Governor per process, shared by its threads.
 
 from __future__ import annotations
 
+import http.client
+import json
+import logging
 import math
 import os
+import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
 PREFIX = "tokenbudget.io/"
 DEFAULT_PATH = "/etc/tokenbudget/annotations"
+URL_ENV = "TOKENBUDGET_DIRECTIVE_URL"
+CA_ENV = "TOKENBUDGET_DIRECTIVE_CA"
+TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+# How long one long-poll waits for a change: the service answers at the latest after this,
+# so a connection that died silently is noticed within it (plus READ_MARGIN_SECONDS).
+WAIT_SECONDS = 30.0
+READ_MARGIN_SECONDS = 10.0
+# How long the constructor waits for the service's first answer before it reads the file.
+FIRST_ANSWER_SECONDS = 2.0
 # How often a waiting acquire() looks at the file again: a Block or a new rate is obeyed
 # this soon after the kubelet writes it (a stat() of a small file costs microseconds).
 POLL_SECONDS = 0.5
@@ -164,6 +190,74 @@ def directive_from(annotations: Mapping[str, str]) -> Directive:
     )
 
 
+class _Remote(threading.Thread):
+    """Long-polls the directive service; hands each new directive to ``apply``.
+
+    ``ok`` says whether the service answered the last request (and the request
+    now waiting has not failed): while it is False the Governor reads the file.
+    """
+
+    def __init__(self, url: str, token_file: str, ca_pem: str | None,
+                 apply: Callable[[Directive], None], wait_seconds: float) -> None:
+        super().__init__(daemon=True, name="tokenbudget-directive")
+        self.url = urllib.parse.urlsplit(url)
+        self.token_file = token_file
+        self.context = ssl.create_default_context(cadata=ca_pem or None) \
+            if self.url.scheme == "https" else None
+        self.apply = apply
+        self.wait_seconds = wait_seconds
+        self.ok = False
+        self.answered = threading.Event()
+        self.stopping = threading.Event()
+        self.version = ""
+
+    def _connect(self) -> http.client.HTTPConnection:
+        host, port, timeout = self.url.hostname or "", self.url.port, \
+            self.wait_seconds + READ_MARGIN_SECONDS
+        if self.context is not None:
+            return http.client.HTTPSConnection(host, port, timeout=timeout,
+                                               context=self.context)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def run(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        backoff = 0.0
+        while not self.stopping.is_set():
+            if backoff:
+                self.stopping.wait(backoff)
+            try:
+                with open(self.token_file, encoding="utf-8") as f:  # rotated by the kubelet
+                    token = f.read().strip()
+                conn = conn or self._connect()
+                query = urllib.parse.urlencode({"version": self.version,
+                                                "waitSeconds": self.wait_seconds})
+                conn.request("GET", f"{self.url.path}?{query}",
+                             headers={"Authorization": f"Bearer {token}"})
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status != 200:
+                    raise OSError(f"the directive service answered {resp.status} {resp.reason}")
+                doc = json.loads(body)
+                version = str(doc.get("version") or "")
+                if version != self.version or not self.ok:
+                    self.apply(directive_from(doc.get("annotations") or {}))
+                    self.version = version
+                self.ok = True
+                backoff = 0.0
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                if self.ok or not backoff:
+                    log.info("directive service unavailable, reading the file: %s", exc)
+                self.ok = False
+                if conn is not None:
+                    conn.close()
+                conn = None
+                backoff = min(10.0, max(0.5, backoff * 2))
+            finally:
+                self.answered.set()
+        if conn is not None:
+            conn.close()
+
+
 class TokenBucket:
     """Tokens per minute with a burst of one minute's worth; thread-safe.
 
@@ -222,15 +316,27 @@ class Governor:
         poll_seconds: how often a waiting :meth:`acquire` reads the directive again.
         missing_ok: a missing file means "not governed" (local runs) rather than
             :class:`DirectiveFileMissing`.
+        url: the directive service's URL for this pod; None: ``$TOKENBUDGET_DIRECTIVE_URL``
+            (the webhook injects it), "" or unset: the file only.
+        ca: PEM of the CA that signed the service's certificate; None:
+            ``$TOKENBUDGET_DIRECTIVE_CA``, else the system's CAs.
+        token_file: the pod's ServiceAccount token, read again for every request.
+        on_change: called with every new directive (from the service's thread too).
+        wait_seconds: how long one long-poll waits for a change.
 
     Raises:
-        DirectiveFileMissing: the file is missing and ``missing_ok`` is False.
+        DirectiveFileMissing: the file is missing, the service did not answer
+            within :data:`FIRST_ANSWER_SECONDS`, and ``missing_ok`` is False.
     """
 
     def __init__(self, path: str = DEFAULT_PATH, default_model: str = "",
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = time.sleep,
-                 poll_seconds: float = POLL_SECONDS, missing_ok: bool = False) -> None:
+                 poll_seconds: float = POLL_SECONDS, missing_ok: bool = False,
+                 url: str | None = None, ca: str | None = None,
+                 token_file: str = TOKEN_FILE,
+                 on_change: Callable[[Directive], object] | None = None,
+                 wait_seconds: float = WAIT_SECONDS) -> None:
         self.path = path
         self.default_model = default_model
         self.clock = clock
@@ -241,15 +347,43 @@ class Governor:
         self._directive = Directive()
         self._bucket: TokenBucket | None = None
         self._lock = threading.Lock()
+        self.on_change = on_change
+        url = os.environ.get(URL_ENV, "") if url is None else url
+        self._remote: _Remote | None = None
+        if url:
+            self._remote = _Remote(url, token_file, os.environ.get(CA_ENV) if ca is None else ca,
+                                   self._from_service, wait_seconds)
+            self._remote.start()
+            self._remote.answered.wait(FIRST_ANSWER_SECONDS)
         self.directive()
 
+    def close(self) -> None:
+        """Stop asking the directive service (after the request in flight)."""
+        if self._remote is not None:
+            self._remote.stopping.set()
+
+    @property
+    def served(self) -> bool:
+        """Whether the directive comes from the directive service now (not the file)."""
+        return self._remote is not None and self._remote.ok
+
+    def _from_service(self, d: Directive) -> None:
+        with self._lock:
+            self._seen = None  # on a fall back, the file is read afresh
+            self._apply(d)
+
     def directive(self) -> Directive:
-        """The directive now; the file is read again only when it changed.
+        """The directive now: the service's latest answer, else the file's.
+
+        The file is read again only when it changed.
 
         Raises:
-            DirectiveFileMissing: the file is missing and ``missing_ok`` is False.
+            DirectiveFileMissing: the service does not answer, the file is missing
+                and ``missing_ok`` is False.
         """
         with self._lock:
+            if self._remote is not None and self._remote.ok:
+                return self._directive
             try:
                 st = os.stat(self.path)
             except FileNotFoundError:
@@ -271,6 +405,8 @@ class Governor:
             return self._directive
 
     def _apply(self, d: Directive) -> None:
+        if d != self._directive and self.on_change is not None:
+            self.on_change(d)
         rate = d.tokens_per_minute
         if rate is None:
             self._bucket = None

@@ -125,6 +125,16 @@ class Settings(BaseSettings):
         description="lifetime of the operator's own webhook CA, at least twice the "
         "certificate's; rotated when a third of it remains, the old CA trusted until it "
         "expires (default 5 years)")
+    directives: bool = Field(
+        True, description="serve each governed pod's directive on the webhook port (GET "
+        "/v1/namespaces/NS/pods/NAME/directive, long-poll) and inject its URL into governed "
+        "pods (--no-directives: neither)")
+    directive_url: str | None = Field(
+        None, description="base URL agents reach the directive service at; default: "
+        "--webhook-url, else the webhook Service")
+    directive_token_cache_seconds: int = Field(
+        60, gt=0, description="trust an agent's token this long after a TokenReview accepted "
+        "it")
     id: str | None = Field(None, description="identity of this replica (leader election)")
     agent_label: str = Field(
         "tokenbudget.io/agent",

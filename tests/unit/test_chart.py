@@ -331,6 +331,8 @@ SELF_MANAGED_WEBHOOK_RULES = [
     (NS, "", "secrets", "create", ""),
     (NS, "", "secrets", "get update", "token-budget-operator-webhook-tls"),
 ]
+# Application: the directive service reviews agents' tokens (with the webhooks, unless off).
+DIRECTIVE_RULES = [("cluster", "authentication.k8s.io", "tokenreviews", "create", "")]
 LEADER_RULES = [
     (NS, "coordination.k8s.io", "leases", "create", ""),
     (NS, "coordination.k8s.io", "leases", "get update", "token-budget-operator"),
@@ -346,23 +348,26 @@ def _in(where: str, rules: list[tuple[str, str, str, str]]) -> list[tuple[str, .
 EXPECTED_RBAC = {
     "cluster-wide, self-managed webhooks (default)": (
         [], CLUSTER_RULES + _in("cluster", WORKLOAD_RULES) + SELF_MANAGED_WEBHOOK_RULES
-        + LEADER_RULES),
+        + DIRECTIVE_RULES + LEADER_RULES),
     "cluster-wide, cert-manager webhooks": (
         ["webhooks.certManager.enabled=true"],
-        CLUSTER_RULES + _in("cluster", WORKLOAD_RULES) + LEADER_RULES),
+        CLUSTER_RULES + _in("cluster", WORKLOAD_RULES) + DIRECTIVE_RULES + LEADER_RULES),
     "cluster-wide, no webhooks": (
         ["webhooks.enabled=false"], CLUSTER_RULES + _in("cluster", WORKLOAD_RULES)
         + LEADER_RULES),
+    "cluster-wide, webhooks without the directive service": (
+        ["webhooks.directives.enabled=false"], CLUSTER_RULES + _in("cluster", WORKLOAD_RULES)
+        + SELF_MANAGED_WEBHOOK_RULES + LEADER_RULES),
     "namespace-scoped": (
         ["watchNamespaces={team-a,team-b}"],
         CLUSTER_RULES + _in("team-a", WORKLOAD_RULES) + _in("team-b", WORKLOAD_RULES)
         + [("default", "", "events", "create", ""), (NS, "", "events", "create", "")]
-        + SELF_MANAGED_WEBHOOK_RULES + LEADER_RULES),
+        + SELF_MANAGED_WEBHOOK_RULES + DIRECTIVE_RULES + LEADER_RULES),
     "namespace-scoped, including the operator's namespace": (
         [f"watchNamespaces={{team-a,{NS}}}"],
         CLUSTER_RULES + _in("team-a", WORKLOAD_RULES) + _in(NS, WORKLOAD_RULES)
         + [("default", "", "events", "create", "")]
-        + SELF_MANAGED_WEBHOOK_RULES + LEADER_RULES),
+        + SELF_MANAGED_WEBHOOK_RULES + DIRECTIVE_RULES + LEADER_RULES),
 }
 
 
@@ -670,3 +675,11 @@ def test_the_recording_rules_ship_in_the_chart_exactly_as_in_the_rules_file(
     assert rule["spec"] == shipped, "the chart and rules/ must record the same series"
     assert not [d for d in render(helm, None, monitoring=True)
                 if d["metadata"]["name"].endswith("-recording")], "off by default"
+
+
+def test_the_directive_service_values_reach_the_operator(helm: Path) -> None:
+    default = settings.from_args(_operator_args(render(helm, None)))
+    assert default.directives and default.directive_token_cache_seconds == 60
+    off = settings.from_args(_operator_args(render(helm, None,
+                                                   "webhooks.directives.enabled=false")))
+    assert not off.directives

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.sslproto
 import contextlib
 import datetime as dt
 import gc
@@ -64,7 +65,7 @@ from token_budget.kube import (
 )
 from token_budget.metrics.prometheus import Auth, PrometheusSource
 from token_budget.settings import Settings, from_args
-from token_budget.webhooks import admission, certificates, configuration, rotation
+from token_budget.webhooks import admission, certificates, configuration, directives, rotation
 
 log = logging.getLogger(__name__)
 registry = kopf.OperatorRegistry()
@@ -79,6 +80,12 @@ DEBOUNCE_SECONDS = 0.5
 # connections and 72 s without a limit (load 8 on 2 cores): the API server sets the pace,
 # not the pool. Each connection costs ~0.3 MiB.
 KOPF_CONNECTIONS = 32
+# asyncio gives every TLS connection a zero-filled read buffer of this size (256 KiB by
+# default, resident at once): with 1,000 agents long-polling the directive service that was
+# 284 MiB of the operator's memory (bench/directive_bench.py). Webhook reviews, directives
+# and the API server's answers arrive in pieces of a few KiB; a larger answer is read in
+# more chunks of this size, not refused.
+TLS_READ_BUFFER = 32 * 1024
 
 
 @dataclass
@@ -103,6 +110,9 @@ class Runtime:
     webhook_configurations: tuple[dict[str, Any], ...] = ()
     webhook_rotation: rotation.Rotation | None = None
     catalogs_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Governed pods' directives, for the directive service (on every replica).
+    directive_store: directives.DirectiveStore = field(default_factory=directives.DirectiveStore)
+    directive_service: directives.Service | None = None
 
     def poke(self) -> None:
         """Ask for an evaluation soon; safe from any thread."""
@@ -148,7 +158,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             addr=rt.settings.webhook_host, port=rt.settings.webhook_port,
             certfile=str(certfile), pkeyfile=str(keyfile),
             file_check_interval=_lifetimes(rt.settings).check_seconds,
-            dry_run=rt.settings.dry_run)
+            dry_run=rt.settings.dry_run, directives=rt.directive_service)
         settings.admission.managed = None  # the operator writes its own configurations
 
 
@@ -257,6 +267,9 @@ def _watch(rt: Runtime, res: Any, selector: str, namespace: str | None = None) -
             data = kube.request("GET", res.path(namespace),
                                 {"labelSelector": selector, "limit": 1})
             version = (data.get("metadata") or {}).get("resourceVersion")
+            serves = res.kind == "Pod" and selector == rt.settings.agent_label
+            if serves:  # the directive service answers from this list and the events after it
+                rt.directive_store.replace(namespace, kube.list(res, namespace, selector))
             if res.kind != "Pod":  # owners' directives, for stamping their new pods
                 for obj in kube.iter_list(res, namespace, selector):
                     admission.cache.workload_event(obj, deleted=False)
@@ -266,6 +279,8 @@ def _watch(rt: Runtime, res: Any, selector: str, namespace: str | None = None) -
                 obj = event.get("object") or {}
                 if res.kind != "Pod" and obj.get("kind") == res.kind:
                     admission.cache.workload_event(obj, deleted=event.get("type") == "DELETED")
+                if serves and obj.get("kind") == "Pod":
+                    rt.directive_store.pod_event(obj, deleted=event.get("type") == "DELETED")
                 if res.kind != "Pod" or _pod_needs_evaluation(rt, event):
                     rt.poke()
         except Exception as exc:  # noqa: BLE001 - a watch must survive anything
@@ -351,13 +366,18 @@ def setup_webhooks(rt: Runtime) -> None:
     s = rt.settings
     admission.cache.model_env = s.model_env
     admission.cache.agent_label = s.agent_label
+    svc = f"{s.webhook_service}.{s.lease_namespace}.svc"
+    if s.directives:
+        admission.cache.directive_url = s.directive_url or s.webhook_url or \
+            f"https://{svc}:{s.webhook_service_port}"
     if s.webhook_cert_dir:  # cert-manager (or another issuer) and the chart do the rest
         directory = Path(s.webhook_cert_dir)
         rt.webhook_files = (directory / "tls.crt", directory / "tls.key")
+        with contextlib.suppress(OSError):  # cert-manager's Secrets carry the issuer's CA
+            admission.cache.directive_ca = (directory / "ca.crt").read_text() or None
         log.info("webhooks on %s:%s with the certificate in %s", s.webhook_host,
                  s.webhook_port, directory)
         return
-    svc = f"{s.webhook_service}.{s.lease_namespace}.svc"
     hosts = list(s.webhook_hosts) or (
         ["127.0.0.1", "localhost"] if s.webhook_url else [svc, f"{svc}.cluster.local"])
     if s.webhook_url:
@@ -376,6 +396,8 @@ def setup_webhooks(rt: Runtime) -> None:
     bundle = rt.webhook_rotation.sync()
     rt.webhook_files = rt.webhook_rotation.files
     rt.webhook_configurations = configurations(bundle.trusted)
+    if s.directives:
+        admission.cache.directive_ca = bundle.trusted.decode()
     log.info("webhooks on %s:%s, certificate valid until %s", s.webhook_host, s.webhook_port,
              bundle.not_after().isoformat())
 
@@ -435,6 +457,14 @@ async def publish_webhooks(rt: Runtime) -> None:
 
 
 
+def _token_review(kube: Kube, token: str) -> dict[str, Any]:
+    """The status of a TokenReview of ``token`` (who the API server says it is)."""
+    answer = kube.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body={
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        "spec": {"token": token}}, timeout=10.0)
+    return dict(answer.get("status") or {})
+
+
 def build_runtime(settings: Settings) -> Runtime:
     kube = Kube(api_client())
     telemetry = Telemetry(None)
@@ -458,6 +488,7 @@ def build_runtime(settings: Settings) -> Runtime:
 async def serve(settings: Settings) -> None:
     """Run until cancelled."""
     global _runtime
+    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
     rt = build_runtime(settings)
     rt.loop = asyncio.get_running_loop()
     _runtime = rt
@@ -472,6 +503,11 @@ async def serve(settings: Settings) -> None:
                                                 name=f"watch-{res.plural}", daemon=True))
     for thread in threads:
         thread.start()
+    rt.directive_store.bind(asyncio.get_running_loop())
+    if settings.webhook_port and settings.directives:
+        rt.directive_service = directives.Service(rt.directive_store, directives.Authenticator(
+            lambda token: asyncio.to_thread(_token_review, rt.kube, token),
+            settings.directive_token_cache_seconds))
     if settings.webhook_port:
         # Registered only when served: kopf refuses to start with admission handlers
         # and no webhook server.

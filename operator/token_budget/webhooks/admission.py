@@ -13,7 +13,8 @@
 * ``mutate-pods``: stamp the current directive on a new governed pod, from its
   owner's annotations when it has them, else from the budgets' state; with the
   opt-in label ``tokenbudget.io/inject=true`` also mount the downward API file
-  the agent helper reads.
+  the agent helper reads; with the directive service on, add the variables
+  that name its URL to every container (:mod:`token_budget.webhooks.directives`).
 
 Answers come from an in-memory :class:`AdmissionCache` kept current by the
 operator's watches, never from a request to the API server or Prometheus. The
@@ -68,6 +69,7 @@ from token_budget.policy import admission, engine
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.inputs import BudgetKey
 from token_budget.policy.workloads import DEFAULT_MODEL_ENV, declared_models, pod_template
+from token_budget.webhooks import directives
 
 log = logging.getLogger(__name__)
 INJECT_LABEL = f"{api.PREFIX}inject"
@@ -103,6 +105,10 @@ class AdmissionCache:
     owners: dict[tuple[str, str, str], dict[str, str]] = field(default_factory=dict)
     model_env: tuple[str, ...] = DEFAULT_MODEL_ENV
     agent_label: str = api.DEFAULT_AGENT_LABEL
+    # Where agents reach the directive service, and the CA that signed it (None: not
+    # served, nothing injected).
+    directive_url: str | None = None
+    directive_ca: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     generation: int = 0  # bumped by every budget or catalog event: memoised answers expire
     _catalog: Catalog | None = None
@@ -402,7 +408,25 @@ def _mutation(pod: Mapping[str, Any]) -> _Mutation:
     volumes = containers = None
     if labels.get(INJECT_LABEL) == "true":
         volumes, containers = _injected(pod)
+    if cache.directive_url:
+        containers = _with_directive_env(containers or (pod.get("spec") or {}).get("containers")
+                                         or [], containers is not None)
     return _Mutation(annotations, stamped, volumes, containers)
+
+
+def _with_directive_env(containers: list[dict[str, Any]], changed: bool
+                        ) -> list[dict[str, Any]] | None:
+    """The containers with the directive service's variables; None if all have them."""
+    wanted = directives.pod_env(str(cache.directive_url), cache.directive_ca)
+    out = []
+    for c in containers:
+        have = {e.get("name") for e in c.get("env") or []}
+        if directives.URL_ENV not in have:
+            c = {**c, "env": [*(c.get("env") or []),
+                              *(e for e in wanted if e["name"] not in have)]}
+            changed = True
+        out.append(c)
+    return out if changed else None
 
 
 def _injected(pod: Mapping[str, Any]
@@ -605,18 +629,22 @@ class Server:
     """
 
     def __init__(self, *, addr: str | None, port: int, certfile: str, pkeyfile: str,
-                 file_check_interval: float = 60.0, dry_run: bool = False) -> None:
+                 file_check_interval: float = 60.0, dry_run: bool = False,
+                 directives: directives.Service | None = None) -> None:
         self.addr = addr
         self.port = port
         self.certfile = certfile
         self.pkeyfile = pkeyfile
         self.file_check_interval = file_check_interval
         self.dry_run = dry_run
+        self.directives = directives
         self._context: ssl.SSLContext | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/{webhook}", self._serve)
+        if self.directives is not None:  # the directive service shares port and certificate
+            self.directives.add_routes(app)
         return app
 
     def _load(self) -> ssl.SSLContext:
@@ -655,6 +683,8 @@ class Server:
                 digest = new
                 log.info("webhook certificate reloaded from %s", self.certfile)
         finally:
+            if self.directives is not None:  # long-polls answered now, not when they time out
+                self.directives.store.close()
             await runner.cleanup()
 
     def _digest(self) -> str | None:
