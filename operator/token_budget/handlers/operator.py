@@ -507,7 +507,8 @@ async def serve(settings: Settings) -> None:
     if settings.webhook_port and settings.directives:
         rt.directive_service = directives.Service(rt.directive_store, directives.Authenticator(
             lambda token: asyncio.to_thread(_token_review, rt.kube, token),
-            settings.directive_token_cache_seconds))
+            settings.directive_token_cache_seconds),
+            readers=frozenset(settings.directive_readers))
     if settings.webhook_port:
         # Registered only when served: kopf refuses to start with admission handlers
         # and no webhook server.

@@ -298,6 +298,8 @@ class Service:
     store: DirectiveStore
     auth: Authenticator
     max_wait_seconds: float = MAX_WAIT_SECONDS
+    # ServiceAccounts ("namespace:name") that may read every pod's directive (gateways).
+    readers: frozenset[str] = frozenset()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(PATH, self.serve)
@@ -314,8 +316,15 @@ class Service:
             raise web.HTTPServiceUnavailable(reason="cannot review tokens now") from exc
         if who is None:
             raise web.HTTPUnauthorized(reason="the token is not valid")
+        if f"{who.namespace}:{who.service_account}" in self.readers and who.pod_name is None:
+            return await self._answer(request, namespace, name, None)
         if who.namespace != namespace or who.pod_name not in (None, name):
             raise web.HTTPForbidden(reason="a pod may read only its own directive")
+        return await self._answer(request, namespace, name, who)
+
+    async def _answer(self, request: web.Request, namespace: str, name: str,
+                      who: Identity | None) -> web.Response:
+        """The directive, after waiting if asked; ``who`` None: a reader of every pod."""
         version = request.query.get("version") or None
         try:
             wait = min(max(float(request.query.get("waitSeconds", "0")), 0.0),
@@ -323,13 +332,13 @@ class Service:
         except ValueError as exc:
             raise web.HTTPBadRequest(reason="waitSeconds must be a number") from exc
         entry = self.store.get(namespace, name)
-        if entry is not None and not who.may_read(entry):
+        if entry is not None and who is not None and not who.may_read(entry):
             raise web.HTTPForbidden(reason="a pod may read only its own directive")
         if wait:
             entry = await self.store.wait(namespace, name, version, wait)
         if entry is None:
             raise web.HTTPNotFound(reason="no governed pod of that name")
-        if not who.may_read(entry):  # a new pod of that name, run as someone else
+        if who is not None and not who.may_read(entry):  # a new pod of that name, run as another
             raise web.HTTPForbidden(reason="a pod may read only its own directive")
         return web.Response(body=json.dumps(entry.body()).encode(),
                             content_type="application/json",

@@ -1,0 +1,108 @@
+"""The LiteLLM proxy enforces directives per request (issue 15, part 2), end to end.
+
+A real LiteLLM proxy (``litellm[proxy]`` from PyPI, :mod:`harness.litellm_proxy`)
+in front of an OpenAI-compatible stub, with ``token_budget.litellm_callback``
+loaded from its config; the operator serves the directive service and lets the
+proxy's ServiceAccount read every pod's directive (``--directive-readers``). The
+"agent" is plain HTTP that ignores every annotation and only names its pod in
+the request's metadata. Real spend in Prometheus and a TokenBudget (Reroute at
+50 %, Block at 100 %) make the operator decide; the proxy then sends the
+agent's ``gpt-4o`` to ``gpt-4o-mini``, and later refuses it with 429 and the
+budget's reason. Throttle and ``allowed-models`` are covered by
+tests/unit/test_gateway.py, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import webhooks
+from harness.controlplane import ControlPlane
+from harness.directive_agents import injected, pod_body
+from harness.exporter import AgentExporter
+from harness.litellm_proxy import Proxy, Upstream
+from harness.operator_process import OperatorProcess
+from harness.prometheus import Prometheus
+from harness.spend import seed, spend
+from harness.waiting import eventually
+from token_budget.kube import PODS, TOKENBUDGETS, Kube, Resource
+
+SERVICEACCOUNTS = Resource("ServiceAccount", "v1", "serviceaccounts")
+
+
+@pytest.fixture
+def operator(kube: Kube, controlplane: ControlPlane, prometheus: Prometheus, namespace: str,
+             tmp_path: Path) -> Iterator[OperatorProcess]:
+    (tmp_path / "op").mkdir()
+    with webhooks.serving_operator(kube, controlplane.kubeconfig, prometheus.url,
+                                   tmp_path / "op", identity="gateway",
+                                   extra_args=["--directive-readers",
+                                               f"{namespace}:litellm"]) as op:
+        yield op
+
+
+def test_an_agent_that_ignores_annotations_is_rerouted_then_blocked_by_the_proxy(
+        kube: Kube, namespace: str, exporter: AgentExporter, prometheus: Prometheus,
+        operator: OperatorProcess, tmp_path: Path) -> None:
+    ns = namespace
+    eventually(lambda: webhooks._has_service_account(kube, ns), 60,
+               what="the namespace's default ServiceAccount")
+    agent = kube.create(PODS, ns, pod_body("agent-0"))
+    url, ca = injected(agent)
+    assert ca
+    kube.create(SERVICEACCOUNTS, ns, {"apiVersion": "v1", "kind": "ServiceAccount",
+                                      "metadata": {"name": "litellm"}})
+    token = kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/litellm/token",
+                         body={"apiVersion": "authentication.k8s.io/v1",
+                               "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}})
+    (tmp_path / "token").write_text(token["status"]["token"])
+    (tmp_path / "ca.crt").write_text(ca)
+    upstream = Upstream()
+    upstream.start()
+    proxy = Proxy(tmp_path, upstream, ["gpt-4o", "gpt-4o-mini"], {
+        "TOKENBUDGET_DIRECTIVE_BASE_URL": url.split("/v1/")[0],
+        "TOKENBUDGET_GATEWAY_TOKEN_FILE": str(tmp_path / "token"),
+        "TOKENBUDGET_DIRECTIVE_CA_FILE": str(tmp_path / "ca.crt"),
+        "TOKENBUDGET_GATEWAY_FAIL_CLOSED": "true",  # an unreadable directive fails the test
+    })
+    me = {"namespace": ns, "pod": "agent-0"}
+    try:
+        proxy.start()
+        seed(exporter, prometheus, ns, "agent-0")
+        status, body = proxy.chat("gpt-4o", me)
+        assert status == 200 and upstream.models[-1] == "gpt-4o", (status, body, proxy.tail())
+        kube.create(TOKENBUDGETS, ns, {
+            "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
+            "metadata": {"name": "team"},
+            "spec": {"limits": [{"window": "1h", "tokens": 1_000_000}],
+                     "actions": [{"type": "Reroute", "atPercent": 50},
+                                 {"type": "Block", "atPercent": 100}]}})
+        spend(exporter, prometheus, ns, "agent-0", 600_000)
+
+        def rerouted() -> bool:
+            status, body = proxy.chat("gpt-4o", me)
+            assert status == 200, (status, body)
+            return upstream.models[-1] == "gpt-4o-mini"
+
+        eventually(rerouted, 60, interval=0.5, what="the proxy to reroute gpt-4o")
+        spend(exporter, prometheus, ns, "agent-0", 500_000)
+
+        def blocked() -> str:
+            status, body = proxy.chat("gpt-4o", me)
+            assert status == 429, (status, body)
+            return str(body)
+
+        said = eventually(blocked, 60, interval=0.5, what="the proxy to refuse with 429")
+        assert f"blocked by TokenBudget/{ns}/team" in said, said
+        # Another caller the operator does not govern passes untouched.
+        status, _ = proxy.chat("gpt-4o", {"namespace": ns, "pod": "someone-else"})
+        assert status == 200 and upstream.models[-1] == "gpt-4o"
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- litellm:\n{proxy.tail()}\n--- operator:\n"
+                             f"{operator.tail(30)}") from None
+    finally:
+        proxy.stop()
+        upstream.stop()

@@ -1,0 +1,179 @@
+"""Directives enforced at a gateway: :mod:`token_budget.gateway` against the real service.
+
+Covers: the per-request decision (Blocked and a throttled caller in debt get 429, a
+model outside ``allowed-models`` 403, Reroute rewrites the model); the Enforcer asks
+the directive service (served by aiohttp on a loopback port, TokenReviews faked) as a
+reader ServiceAccount, at most once a second per pod, lets an ungoverned or unnamed
+caller through, settles the tokens a call used, and fails open (or closed when told)
+when the operator does not answer. A reader's token reads every pod's directive; a
+token of the reader bound to a pod does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from token_budget import gateway
+from token_budget.agent import Directive, TokenBucket
+from token_budget.webhooks import directives
+
+A = "tokenbudget.io/"
+NS = "team-a"
+READER = {"authenticated": True,
+          "user": {"username": "system:serviceaccount:gateway:litellm"}}
+BOUND_READER = {"authenticated": True, "user": {
+    "username": "system:serviceaccount:gateway:litellm",
+    "extra": {"authentication.kubernetes.io/pod-name": ["litellm-0"]}}}
+
+
+def pod(name: str, **ann: str) -> dict[str, Any]:
+    return {"kind": "Pod", "metadata": {"namespace": NS, "name": name, "uid": name,
+                                        "annotations": {A + k.replace("_", "-"): v
+                                                        for k, v in ann.items()}},
+            "spec": {"serviceAccountName": "agent"}}
+
+
+@pytest.mark.parametrize(("directive", "model", "outcome"), [
+    pytest.param(Directive(), "gpt-4o", "gpt-4o", id="no directive: the model asked for"),
+    pytest.param(Directive("Rerouted", "b", "r", use_model="gpt-4o-mini"), "gpt-4o",
+                 "gpt-4o-mini", id="Reroute rewrites the model"),
+    pytest.param(Directive("Blocked", "TokenBudget/a/b", "LimitReached"), "gpt-4o",
+                 (429, "blocked by TokenBudget/a/b: LimitReached"), id="Blocked is a 429"),
+    pytest.param(Directive("Warning", "b", "r", allowed_models=frozenset({"gpt-4o-mini"})),
+                 "gpt-4o", (403, "gpt-4o is not allowed"), id="a model not allowed is a 403"),
+    pytest.param(Directive("Rerouted", "b", "r", use_model="gpt-4o-mini",
+                           allowed_models=frozenset({"gpt-4o-mini"})), "gpt-4o",
+                 "gpt-4o-mini", id="the reroute target is judged, not the model asked for"),
+])
+def test_one_request_under_a_directive(directive: Directive, model: str,
+                                       outcome: str | tuple[int, str]) -> None:
+    if isinstance(outcome, str):
+        assert gateway.decide(directive, model, None) == outcome
+        return
+    with pytest.raises(gateway.Refusal) as refused:
+        gateway.decide(directive, model, None)
+    assert refused.value.status == outcome[0] and outcome[1] in refused.value.message
+
+
+def test_a_throttled_caller_waits_while_its_bucket_is_in_debt() -> None:
+    now = [0.0]
+    bucket = TokenBucket(600, clock=lambda: now[0])  # 10 tokens a second
+    d = Directive("Throttled", "b", "r", tokens_per_minute=600)
+    assert gateway.decide(d, "m", bucket) == "m"
+    bucket.settle(700)  # the call used more than the minute's worth: 100 in debt
+    with pytest.raises(gateway.Refusal) as refused:
+        gateway.decide(d, "m", bucket)
+    assert refused.value.status == 429 and refused.value.retry_after == pytest.approx(10)
+    now[0] += 10.1
+    assert gateway.decide(d, "m", bucket) == "m"
+
+
+class Served:
+    """The directive service on a loopback port, with a reader ServiceAccount."""
+
+    def __init__(self) -> None:
+        self.store = directives.DirectiveStore()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        async def review(token: str) -> dict[str, Any]:
+            return {"reader": READER, "bound-reader": BOUND_READER}.get(
+                token, {"authenticated": False})
+
+        self.store.bind(asyncio.get_running_loop())
+        app = web.Application()
+        directives.Service(self.store, directives.Authenticator(review),
+                           readers=frozenset({"gateway:litellm"})).add_routes(app)
+        self.runner = web.AppRunner(app, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        self.store.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def test_the_enforcer_asks_the_service_once_a_second_per_pod() -> None:
+    now = [0.0]
+
+    async def scenario() -> None:
+        served = Served()
+        await served.start()
+        enforcer = gateway.Enforcer(served.url, lambda: "reader", clock=lambda: now[0])
+        try:
+            served.store.pod_event(pod("a", state="Rerouted", use_model="gpt-4o-mini"), False)
+            meta = {"namespace": NS, "pod": "a"}
+            assert await enforcer.admit(meta, "gpt-4o") == "gpt-4o-mini"
+            served.store.pod_event(pod("a", state="Blocked", budget="b", reason="r"), False)
+            assert await enforcer.admit(meta, "gpt-4o") == "gpt-4o-mini"  # cached
+            now[0] += gateway.TTL_SECONDS
+            with pytest.raises(gateway.Refusal) as refused:
+                await enforcer.admit(meta, "gpt-4o")
+            assert refused.value.status == 429
+            assert enforcer.requests == 2
+            # Not governed, or not named: passes as asked.
+            assert await enforcer.admit({"namespace": NS, "pod": "ghost"}, "x") == "x"
+            assert await enforcer.admit({}, "x") == "x"
+            # Throttle: the call's tokens settle; the next waits.
+            served.store.pod_event(pod("t", state="Throttled", budget="b", reason="r",
+                                       tokens_per_minute="600"), False)
+            meta_t = {"namespace": NS, "pod": "t"}
+            assert await enforcer.admit(meta_t, "m") == "m"
+            enforcer.spent(meta_t, 1_000)
+            with pytest.raises(gateway.Refusal):
+                await enforcer.admit(meta_t, "m")
+        finally:
+            await enforcer.close()
+            await served.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_gateway_token_bound_to_a_pod_reads_no_other_pod() -> None:
+    async def scenario() -> None:
+        served = Served()
+        await served.start()
+        served.store.pod_event(pod("a", state="Blocked"), False)
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = served.url + directives.PATH.format(namespace=NS, name="a")
+                for token, status in (("reader", 200), ("bound-reader", 403)):
+                    async with session.get(url, headers={
+                            "Authorization": f"Bearer {token}"}) as resp:
+                        assert resp.status == status, token
+        finally:
+            await served.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fail_closed", [False, True], ids=["fails open", "fails closed"])
+def test_when_the_operator_does_not_answer(fail_closed: bool) -> None:
+    async def scenario() -> None:
+        served = Served()
+        await served.start()
+        url = served.url
+        await served.stop()  # nothing listens there any more
+        enforcer = gateway.Enforcer(url, lambda: "reader", fail_closed=fail_closed)
+        try:
+            meta = {"namespace": NS, "pod": "a"}
+            if fail_closed:
+                with pytest.raises(gateway.Refusal) as refused:
+                    await enforcer.admit(meta, "gpt-4o")
+                assert refused.value.status == 503
+            else:
+                assert await enforcer.admit(meta, "gpt-4o") == "gpt-4o"
+        finally:
+            await enforcer.close()
+
+    asyncio.run(scenario())
