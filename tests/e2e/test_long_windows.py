@@ -1,6 +1,6 @@
 """Monthly windows Prometheus can answer: exact spend with and without recording rules.
 
-35 days of history for 1,000 series (10 namespaces x 100 agent pods, each a
+35 days of history for 300 series (10 namespaces x 30 agent pods, each a
 linear counter at its own rate) are backfilled into a real Prometheus with
 ``promtool tsdb create-blocks-from openmetrics``; the project's recording rules
 (``rules/token-budget.rules.yaml``) are backfilled over the same history with
@@ -34,11 +34,11 @@ from token_budget.policy import planner, sources
 from token_budget.policy.windows import WindowKey
 
 REPO = Path(__file__).resolve().parents[2]
-STEP = 300  # 5-minute samples: 10 million for 1,000 series over 35 days
+STEP = 300  # 5-minute samples: 3 million for 300 series over 35 days
 END = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=3)
 START = END - dt.timedelta(days=35)
 NAMESPACES = [f"long-{i}" for i in range(10)]
-PODS = 100
+PODS = 30
 COUNTERS = sources.resolve(api.SpendSource())
 
 
