@@ -188,6 +188,12 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat, 100 ticks a second)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0
+
+
 def agent_deployment(name: str, replicas: int) -> dict[str, Any]:
     """A governed agent Deployment (agent label on the object and its pod template)."""
     agent = "tokenbudget.io/agent"

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from bench.cluster import parallel, shared, webhook_port
-from bench.common import Figure, Report, load, percentile, rss_mib, wait_for_quiet
+from bench.common import Figure, Report, cpu_seconds, load, percentile, rss_mib, wait_for_quiet
 from harness import webhooks
 from harness.directive_agents import Agent, StateWatch, connect, lags, pod_body
 from harness.waiting import eventually
@@ -36,12 +36,6 @@ from token_budget.kube import PODS, TOKENBUDGETS
 
 IDLE_SECONDS = 20.0
 LAG_TARGET_S = 1.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime, stime at 100 ticks/s
 
 
 def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:

@@ -9,7 +9,8 @@ evaluation; batched vs one query per budget on a real Prometheus), ``kube`` (wri
 memory and a spend spike on the real control plane), ``latency`` (spend visible ->
 workload enforced), ``overshoot`` (spend past the limit for ramps at a 15 s scrape),
 ``admission`` (the pod webhook directly and through the API server), ``directive`` (a
-Block reaching 1,000 agents' Governors through the directive service).
+Block reaching 1,000 agents' Governors through the directive service), ``gateway`` (the
+LiteLLM callback's added latency, the directive service's CPU per decision request).
 
 Prints a table of target vs reached and writes ``bench/results.json`` (figures, targets,
 met or not, the load average next to every figure, timestamps). A run of a subset keeps
@@ -35,7 +36,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench import common  # noqa: E402  (sys.path first)
 from bench.common import Figure, Report  # noqa: E402
 
-ORDER = ("engine", "promql", "admission", "latency", "overshoot", "kube", "directive")
+ORDER = ("engine", "promql", "admission", "latency", "overshoot", "kube", "directive",
+         "gateway")
 
 
 def _module(name: str):  # type: ignore[no-untyped-def]

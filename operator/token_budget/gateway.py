@@ -44,6 +44,8 @@ from token_budget.agent import Directive, TokenBucket, directive_from
 
 log = logging.getLogger(__name__)
 TTL_SECONDS = 1.0
+# Callers remembered at most (directives, locks); past it all are forgotten and asked again.
+CACHE_SIZE = 65_536
 PATH = "/v1/namespaces/{namespace}/pods/{name}/directive"
 
 
@@ -118,7 +120,9 @@ class Enforcer:
         self._cache: dict[Caller, tuple[Directive | None, float]] = {}
         self._buckets: dict[Caller, TokenBucket] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._lock = asyncio.Lock()
+        # One fetch at a time per caller (concurrent requests of one caller share it);
+        # different callers' fetches run side by side.
+        self._locks: dict[Caller, asyncio.Lock] = {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -133,7 +137,11 @@ class Enforcer:
         hit = self._cache.get(caller)
         if hit is not None and hit[1] > self.clock():
             return hit[0]
-        async with self._lock:
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+            self._locks.clear()
+        lock = self._locks.setdefault(caller, asyncio.Lock())
+        async with lock:
             hit = self._cache.get(caller)
             if hit is not None and hit[1] > self.clock():
                 return hit[0]

@@ -83,19 +83,20 @@ class Upstream(threading.Thread):
 
 
 class Proxy:
-    """``litellm --config`` with the callback, the given models routed to ``upstream``."""
+    """``litellm --config`` with the callback (unless told), the models routed to ``upstream``."""
 
     def __init__(self, workdir: Path, upstream: Upstream, models: list[str],
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], callback: bool = True) -> None:
         [self.port] = free_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "litellm.log"
-        config = workdir / "litellm.yaml"
+        self.log = workdir / f"litellm-{self.port}.log"
+        config = workdir / f"litellm-{self.port}.yaml"
         config.write_text(yaml.safe_dump({
             "model_list": [{"model_name": m, "litellm_params": {
                 "model": f"openai/{m}", "api_base": upstream.url, "api_key": "sk-stub"}}
                 for m in models],
-            "litellm_settings": {"callbacks": ["token_budget.litellm_callback.callback"]}}))
+            "litellm_settings": {"callbacks": ["token_budget.litellm_callback.callback"]
+                                 if callback else []}}))
         self.argv = [str(litellm_bin()), "--config", str(config), "--port", str(self.port)]
         self.env = {**os.environ, **env, "LITELLM_MASTER_KEY": MASTER_KEY,
                     "PYTHONPATH": str(REPO_ROOT / "operator")}
