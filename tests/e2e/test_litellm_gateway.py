@@ -6,14 +6,16 @@ loaded from its config; the operator serves the directive service and lets the
 proxy's ServiceAccount read every pod's directive (``--directive-readers``). The
 "agent" is plain HTTP that ignores every annotation and only names its pod in
 the request's metadata. Real spend in Prometheus and a TokenBudget (Reroute at
-50 %, Block at 100 %) make the operator decide; the proxy then sends the
-agent's ``gpt-4o`` to ``gpt-4o-mini``, and later refuses it with 429 and the
-budget's reason. Throttle and ``allowed-models`` are covered by
-tests/unit/test_gateway.py, not here.
+50 %, Throttle at 70 %, Block at 100 %) make the operator decide; the proxy then
+sends the agent's ``gpt-4o`` to ``gpt-4o-mini``, then refuses it with 429 once
+the calls' tokens (150 each, from the stub's ``usage``) exceed the pod's rate,
+and at last refuses everything with 429 and the budget's reason.
+``allowed-models`` is covered by tests/unit/test_gateway.py, not here.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
 from harness.spend import seed, spend
 from harness.waiting import eventually
+from token_budget import gateway
 from token_budget.kube import PODS, TOKENBUDGETS, Kube, Resource
 
 SERVICEACCOUNTS = Resource("ServiceAccount", "v1", "serviceaccounts")
@@ -79,6 +82,8 @@ def test_an_agent_that_ignores_annotations_is_rerouted_then_blocked_by_the_proxy
             "metadata": {"name": "team"},
             "spec": {"limits": [{"window": "1h", "tokens": 1_000_000}],
                      "actions": [{"type": "Reroute", "atPercent": 50},
+                                 {"type": "Throttle", "atPercent": 70,
+                                  "tokensPerMinute": 600},
                                  {"type": "Block", "atPercent": 100}]}})
         spend(exporter, prometheus, ns, "agent-0", 600_000)
 
@@ -88,11 +93,29 @@ def test_an_agent_that_ignores_annotations_is_rerouted_then_blocked_by_the_proxy
             return upstream.models[-1] == "gpt-4o-mini"
 
         eventually(rerouted, 60, interval=0.5, what="the proxy to reroute gpt-4o")
-        spend(exporter, prometheus, ns, "agent-0", 500_000)
+        spend(exporter, prometheus, ns, "agent-0", 150_000)
+        eventually(lambda: kube.get(PODS, ns, "agent-0")["metadata"]["annotations"].get(
+            "tokenbudget.io/tokens-per-minute") == "600", 60, what="the pod Throttled")
+        time.sleep(gateway.TTL_SECONDS + 0.2)  # the proxy's cached Reroute has expired
+
+        def throttled() -> int:
+            # 600 tokens a minute, 150 a call: a few calls pass, then the bucket is in debt.
+            calls = 0
+            while (answer := proxy.chat("gpt-4o", me))[0] == 200:
+                calls += 1
+                assert calls < 20, "the proxy does not hold the rate"
+            assert answer[0] == 429 and "throttled by" in str(answer[1]), answer
+            return calls
+
+        passed = throttled()
+        # A full bucket of 600 lets 5 calls through (the 5th leaves it at 0); LiteLLM settles
+        # a call's tokens in a background task, so one more may pass before it has.
+        assert 5 <= passed <= 6, f"{passed} calls of 150 tokens passed a 600/min bucket"
+        spend(exporter, prometheus, ns, "agent-0", 350_000)
 
         def blocked() -> str:
             status, body = proxy.chat("gpt-4o", me)
-            assert status == 429, (status, body)
+            assert status == 429 and "blocked by" in str(body), (status, body)
             return str(body)
 
         said = eventually(blocked, 60, interval=0.5, what="the proxy to refuse with 429")
