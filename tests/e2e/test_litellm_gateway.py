@@ -11,6 +11,10 @@ sends the agent's ``gpt-4o`` to ``gpt-4o-mini``, then refuses it with 429 once
 the calls' tokens (150 each, from the stub's ``usage``) exceed the pod's rate,
 and at last refuses everything with 429 and the budget's reason.
 ``allowed-models`` is covered by tests/unit/test_gateway.py, not here.
+
+The second test closes the loop: the budget's spend is LiteLLM's own metrics (the
+LiteLLM preset), scraped by the test Prometheus, so the agent's calls through the
+proxy are what reroutes and then blocks it.
 """
 
 from __future__ import annotations
@@ -47,10 +51,11 @@ def operator(kube: Kube, controlplane: ControlPlane, prometheus: Prometheus, nam
         yield op
 
 
-def test_an_agent_that_ignores_annotations_is_rerouted_then_blocked_by_the_proxy(
-        kube: Kube, namespace: str, exporter: AgentExporter, prometheus: Prometheus,
-        operator: OperatorProcess, tmp_path: Path) -> None:
-    ns = namespace
+def gateway_for_agent(kube: Kube, ns: str, tmp_path: Path, metrics: bool = False
+                      ) -> tuple[Upstream, Proxy]:
+    """A governed pod agent-0, and a proxy (not started) that reads directives as the
+    ServiceAccount litellm (the operator's reader) through the URL and CA the webhook
+    injected into the pod."""
     eventually(lambda: webhooks._has_service_account(kube, ns), 60,
                what="the namespace's default ServiceAccount")
     agent = kube.create(PODS, ns, pod_body("agent-0"))
@@ -65,12 +70,19 @@ def test_an_agent_that_ignores_annotations_is_rerouted_then_blocked_by_the_proxy
     (tmp_path / "ca.crt").write_text(ca)
     upstream = Upstream()
     upstream.start()
-    proxy = Proxy(tmp_path, upstream, ["gpt-4o", "gpt-4o-mini"], {
+    return upstream, Proxy(tmp_path, upstream, ["gpt-4o", "gpt-4o-mini"], {
         "TOKENBUDGET_DIRECTIVE_BASE_URL": url.split("/v1/")[0],
         "TOKENBUDGET_GATEWAY_TOKEN_FILE": str(tmp_path / "token"),
         "TOKENBUDGET_DIRECTIVE_CA_FILE": str(tmp_path / "ca.crt"),
         "TOKENBUDGET_GATEWAY_FAIL_CLOSED": "true",  # an unreadable directive fails the test
-    })
+    }, metrics=metrics)
+
+
+def test_an_agent_that_ignores_annotations_is_rerouted_then_blocked_by_the_proxy(
+        kube: Kube, namespace: str, exporter: AgentExporter, prometheus: Prometheus,
+        operator: OperatorProcess, tmp_path: Path) -> None:
+    ns = namespace
+    upstream, proxy = gateway_for_agent(kube, ns, tmp_path)
     me = {"namespace": ns, "pod": "agent-0"}
     try:
         proxy.start()
@@ -127,5 +139,61 @@ def test_an_agent_that_ignores_annotations_is_rerouted_then_blocked_by_the_proxy
         raise AssertionError(f"{exc}\n--- litellm:\n{proxy.tail()}\n--- operator:\n"
                              f"{operator.tail(30)}") from None
     finally:
+        proxy.stop()
+        upstream.stop()
+
+
+def test_litellms_own_metrics_are_the_spend_that_blocks_the_caller(
+        kube: Kube, namespace: str, prometheus: Prometheus, operator: OperatorProcess,
+        tmp_path: Path) -> None:
+    """The closed loop: nothing simulated but the model.
+
+    The budget reads spend from the proxy's own metrics (the LiteLLM preset, the
+    caller named by ``metadata_namespace`` / ``metadata_pod``), scraped by the test
+    Prometheus; the agent's calls through the proxy are the spend that first reroutes
+    and then blocks it.
+    """
+    ns = namespace
+    upstream, proxy = gateway_for_agent(kube, ns, tmp_path, metrics=True)
+    job = f"litellm-{ns[-6:]}"
+    me = {"namespace": ns, "pod": "agent-0"}
+    try:
+        proxy.start()
+        prometheus.add_scrape_target(job, f"127.0.0.1:{proxy.port}", metrics_path="/metrics/")
+        assert proxy.chat("gpt-4o", me)[0] == 200  # the series exist (at 150 tokens)
+        prometheus.wait_for(f'litellm_input_tokens_metric_total{{metadata_namespace="{ns}"}}',
+                            timeout=30)
+        kube.create(TOKENBUDGETS, ns, {
+            "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
+            "metadata": {"name": "team"},
+            "spec": {"source": {"preset": "LiteLLM", "labels": {
+                         "namespace": "metadata_namespace", "workload": "metadata_pod"}},
+                     "limits": [{"window": "1h", "tokens": 1_500}],
+                     "actions": [{"type": "Reroute", "atPercent": 40},
+                                 {"type": "Block", "atPercent": 100}]}})
+        answers: list[tuple[int, str]] = []
+
+        def blocked() -> bool:
+            status, body = proxy.chat("gpt-4o", me)
+            answers.append((status, upstream.models[-1] if status == 200 else str(body)))
+            return status == 429 and "blocked by" in str(body)
+
+        try:
+            eventually(blocked, 60, interval=1.0, what="the agent's own spend to block it")
+        except AssertionError as exc:
+            seen = prometheus.query(
+                f'litellm_input_tokens_metric_total{{metadata_namespace="{ns}"}}')
+            budget = kube.get(TOKENBUDGETS, ns, "team").get("status")
+            raise AssertionError(f"{exc}\nbudget: {budget}\nseries: {seen}") from None
+        models = [m for s, m in answers if s == 200]
+        assert "gpt-4o-mini" in models, f"never rerouted on the way: {answers}"
+        assert models.index("gpt-4o-mini") > 0 and "gpt-4o" in models[:1], answers
+        status = kube.get(TOKENBUDGETS, ns, "team")["status"]
+        assert status["state"] == "Blocked" and status["usedPercent"] >= 100, status
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- litellm:\n{proxy.tail()}\n--- operator:\n"
+                             f"{operator.tail(30)}") from None
+    finally:
+        prometheus.remove_scrape_target(job)
         proxy.stop()
         upstream.stop()

@@ -86,7 +86,10 @@ class Proxy:
     """``litellm --config`` with the callback (unless told), the models routed to ``upstream``."""
 
     def __init__(self, workdir: Path, upstream: Upstream, models: list[str],
-                 env: dict[str, str], callback: bool = True) -> None:
+                 env: dict[str, str], callback: bool = True,
+                 metrics: bool = False) -> None:
+        """``metrics``: LiteLLM's own Prometheus metrics at ``/metrics/``, unauthenticated,
+        labelled with the requests' ``metadata.namespace`` and ``metadata.pod``."""
         [self.port] = free_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"litellm-{self.port}.log"
@@ -95,8 +98,11 @@ class Proxy:
             "model_list": [{"model_name": m, "litellm_params": {
                 "model": f"openai/{m}", "api_base": upstream.url, "api_key": "sk-stub"}}
                 for m in models],
-            "litellm_settings": {"callbacks": ["token_budget.litellm_callback.callback"]
-                                 if callback else []}}))
+            "litellm_settings": {
+                "callbacks": [*(["token_budget.litellm_callback.callback"] if callback else []),
+                              *(["prometheus"] if metrics else [])],
+                **({"custom_prometheus_metadata_labels": ["metadata.namespace", "metadata.pod"],
+                    "require_auth_for_metrics_endpoint": False} if metrics else {})}}))
         self.argv = [str(litellm_bin()), "--config", str(config), "--port", str(self.port)]
         self.env = {**os.environ, **env, "LITELLM_MASTER_KEY": MASTER_KEY,
                     "PYTHONPATH": str(REPO_ROOT / "operator")}
