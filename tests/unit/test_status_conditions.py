@@ -11,15 +11,16 @@ carries a directive.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 from typing import Any
 
 import pytest
-from builders import CATALOG_BODY, NOW, evaluate, series, token_budget
+from builders import CATALOG_BODY, NAMESPACE, NOW, evaluate, series, snapshot, token_budget
 
 from token_budget.handlers import catalogs
 from token_budget.handlers import status as statuses
-from token_budget.policy.inputs import BudgetKey
+from token_budget.policy.inputs import BudgetKey, Gap
 
 LATER = NOW + dt.timedelta(minutes=5)
 
@@ -104,3 +105,31 @@ def test_catalog_statuses_outlive_an_api_server_that_cannot_be_reached() -> None
 
     assert asyncio.run(scenario()), "the task ended"
     assert len(calls) > 1, "and tried again"
+
+
+@pytest.mark.parametrize(("gap", "says"), [
+    pytest.param(Gap(bridged=2), "a scrape gap covers the start of 2 series",
+                 id="a start value bridged across a gap"),
+    pytest.param(Gap(unknown=3), "3 series have no sample within the horizon",
+                 id="a start value unknown: only what was seen counts"),
+])
+def test_a_scrape_gap_at_a_windows_start_is_reported_as_data_incomplete(
+        gap: Gap, says: str) -> None:
+    """Issue 12: the README promises DataIncomplete=True, reason ScrapeGap, naming the
+    window and the number of series; without a gap the window is covered."""
+    budget = token_budget()
+    snap = snapshot([budget], [series(500)])
+
+    def incomplete(snap: Any) -> dict[str, Any]:
+        result = evaluate([budget], snap=snap)
+        decisions = [d for d in result.decisions if d.scope.budget == BudgetKey.of(budget)]
+        status = statuses.budget_status(budget, decisions, "USD", NOW, 1, None)
+        [c] = [c for c in status["conditions"] if c["type"] == "DataIncomplete"]
+        return dict(c)
+
+    clean = incomplete(snap)
+    assert (clean["status"], clean["reason"]) == ("False", "WindowCovered")
+    gapped = incomplete(dataclasses.replace(
+        snap, gaps={key: {NAMESPACE: gap} for key in snap.windows}))
+    assert (gapped["status"], gapped["reason"]) == ("True", "ScrapeGap")
+    assert says in gapped["message"] and "window " in gapped["message"]

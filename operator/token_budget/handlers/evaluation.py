@@ -293,8 +293,7 @@ class Evaluator:
             created = meta.get("creationTimestamp")
             if meta.get("deletionTimestamp") or not created:
                 continue
-            when = created if isinstance(created, dt.datetime) else \
-                dt.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+            when = dt.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
             if when <= born_before:
                 unit = g.top.get(key, key)
                 out[unit] = out.get(unit, 0) + 1

@@ -99,9 +99,6 @@ class Runtime:
     pending: finalizers.Pending = field(default_factory=lambda: finalizers.Pending(time.monotonic))
     loop: asyncio.AbstractEventLoop | None = None
     trigger: asyncio.Event = field(default_factory=asyncio.Event)
-    evaluated: asyncio.Condition = field(default_factory=asyncio.Condition)
-    last_started: float = 0.0
-    last_finished: float = 0.0
     last_ok: bool = False
     last_outcome: Outcome | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -118,14 +115,6 @@ class Runtime:
         """Ask for an evaluation soon; safe from any thread."""
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.trigger.set)
-
-    async def wait_evaluated_after(self, t: float, timeout: float) -> bool:
-        async with self.evaluated:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.evaluated.wait_for(lambda: self.last_started > t and self.last_ok),
-                    timeout)
-            return self.last_started > t and self.last_ok
 
 
 _runtime: Runtime | None = None
@@ -325,9 +314,7 @@ async def evaluation_loop(rt: Runtime) -> None:
                 log.info("leadership lost during an evaluation, stopped before a write: %s", exc)
             except Exception:
                 log.exception("evaluation failed; retrying at the next interval")
-            async with rt.evaluated:
-                rt.last_started, rt.last_finished, rt.last_ok = started, time.monotonic(), ok
-                rt.evaluated.notify_all()
+            rt.last_ok = ok
         wait = interval
         outcome = rt.last_outcome
         if rt.last_ok and outcome is not None and outcome.next_check is not None:
