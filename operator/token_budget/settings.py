@@ -36,6 +36,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from token_budget.policy import signals
+
 ENV_PREFIX = "TOKENBUDGET_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 _TRUE = ("1", "true", "yes", "on")
@@ -138,6 +140,22 @@ class Settings(BaseSettings):
     directive_token_cache_seconds: int = Field(
         60, gt=0, description="trust an agent's token this long after a TokenReview accepted "
         "it")
+    enrolment_by_signal: bool = Field(
+        True, description="in namespaces under mandatory enrolment, add the agent label to a "
+        "new pod, Deployment, StatefulSet, Job or CronJob that shows an LLM signal (its pod "
+        "template too, at creation only), and to an updated workload's own labels "
+        "(--no-enrolment-by-signal: unlabelled objects never reach the webhook)")
+    enrolment_signals: Names = Field(
+        signals.DEFAULT, description="comma-separated signals: NAME or env:NAME (a "
+        "container variable, or the Secret/ConfigMap key it reads; globs such as LITELLM_*), "
+        "annotation:KEY; the --model-env variables count too")
+    enrolment_signals_extra: Names = Field(
+        (), description="comma-separated signals added to --enrolment-signals (the admin's "
+        "own: an in-house gateway's variable, a provider's key)")
+    gateway_env: dict[str, str] = Field(
+        default_factory=dict, description="variables set on every container of a new "
+        "governed pod that does not set them (e.g. OPENAI_BASE_URL=http://litellm.litellm"
+        ".svc:4000, repeatable, or a JSON object); a container with envFrom is left alone")
     id: str | None = Field(None, description="identity of this replica (leader election)")
     agent_label: str = Field(
         "tokenbudget.io/agent",
@@ -152,7 +170,7 @@ class Settings(BaseSettings):
         description="refresh status.lastEvaluationTime at most this often when nothing changed")
 
     @field_validator("namespaces", "model_env", "webhook_hosts", "directive_readers",
-                     mode="before")
+                     "enrolment_signals", "enrolment_signals_extra", mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
         """``"a,b"`` or ``["a", "b,c"]`` -> ``("a", "b", "c")``; empty items dropped."""
@@ -161,6 +179,26 @@ class Settings(BaseSettings):
         if isinstance(value, list | tuple):
             return tuple(n for v in value for n in str(v).split(",") if n)
         return value
+
+    @field_validator("enrolment_signals", "enrolment_signals_extra")
+    @classmethod
+    def _signals(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        signals.Signals.parse(value)  # a typo is a usage error at start, not a silent miss
+        return value
+
+    @field_validator("gateway_env")
+    @classmethod
+    def _gateway_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name or "=" in name:
+                raise ValueError(f"gateway_env: {name!r} must be a variable name")
+        return value
+
+    @property
+    def signals(self) -> signals.Signals:
+        """The enrolment signals: the list, the admin's additions, the model variables."""
+        return signals.Signals.parse([*self.enrolment_signals, *self.enrolment_signals_extra],
+                                     self.model_env)
 
     @property
     def auth_kwargs(self) -> dict[str, object]:

@@ -54,7 +54,7 @@ A = "tokenbudget.io/"
 AGENT = {A + "agent": "true"}
 GROUP, VERSION = "tokenbudget.io", "v1alpha1"
 RESOURCES = {"Pod": ("", "v1", "pods"), "Deployment": ("apps", "v1", "deployments"),
-             "CronJob": ("batch", "v1", "cronjobs"),
+             "CronJob": ("batch", "v1", "cronjobs"), "Job": ("batch", "v1", "jobs"),
              "TokenBudget": (GROUP, VERSION, "tokenbudgets")}
 
 

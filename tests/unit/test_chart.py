@@ -687,3 +687,30 @@ def test_the_directive_service_values_reach_the_operator(helm: Path) -> None:
     off = settings.from_args(_operator_args(render(helm, None,
                                                    "webhooks.directives.enabled=false")))
     assert not off.directives
+
+
+def test_the_enrolment_and_gateway_values_reach_the_operator(helm: Path) -> None:
+    default = settings.from_args(_operator_args(render(helm, None)))
+    assert default.enrolment_by_signal and default.enrolment_signals_extra == ()
+    assert default.gateway_env == {}
+    url = "http://litellm.litellm.svc:4000"
+    s = settings.from_args(_operator_args(render(
+        helm, None, "enrolment.signals.extra={ACME_LLM_*,annotation:acme.io/llm}",
+        f"gateway.inject.env.OPENAI_BASE_URL={url}", f"gateway.inject.env.LITELLM_URL={url}")))
+    assert s.enrolment_signals_extra == ("ACME_LLM_*", "annotation:acme.io/llm")
+    assert s.gateway_env == {"LITELLM_URL": url, "OPENAI_BASE_URL": url}
+    assert "acme.io/llm" in s.signals.annotations and "ACME_LLM_*" in s.signals.env
+    off = settings.from_args(_operator_args(render(helm, None,
+                                                   "enrolment.signals.enabled=false")))
+    assert not off.enrolment_by_signal
+
+
+def test_cert_manager_mode_without_enrolment_by_signal_sends_no_unlabelled_object(
+        helm: Path) -> None:
+    docs = render(helm, None, "webhooks.certManager.enabled=true",
+                  "enrolment.signals.enabled=false")
+    client = {"service": {"namespace": NS, "name": "token-budget-operator", "port": 443}}
+    _, want = configuration.configurations(client, b"", NS, enrol=False)
+    [got] = ch.find(docs, want["kind"], configuration.NAME)
+    assert [h["name"] for h in got["webhooks"]] == [h["name"] for h in want["webhooks"]] == \
+        ["pods.tokenbudget.io"]

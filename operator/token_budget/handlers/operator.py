@@ -353,6 +353,9 @@ def setup_webhooks(rt: Runtime) -> None:
     s = rt.settings
     admission.cache.model_env = s.model_env
     admission.cache.agent_label = s.agent_label
+    admission.cache.signals = s.signals
+    admission.cache.enrol_by_signal = s.enrolment_by_signal
+    admission.cache.gateway_env = dict(s.gateway_env)
     svc = f"{s.webhook_service}.{s.lease_namespace}.svc"
     if s.directives:
         admission.cache.directive_url = s.directive_url or s.webhook_url or \
@@ -375,7 +378,8 @@ def setup_webhooks(rt: Runtime) -> None:
 
     def configurations(ca_bundle: bytes) -> tuple[dict[str, Any], ...]:
         return configuration.configurations(client, ca_bundle, s.lease_namespace,
-                                            agent_label=s.agent_label)
+                                            agent_label=s.agent_label,
+                                            enrol=s.enrolment_by_signal)
 
     rt.webhook_rotation = rotation.Rotation(
         rt.kube, s.lease_namespace, s.webhook_secret, hosts,

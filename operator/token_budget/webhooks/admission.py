@@ -14,7 +14,13 @@
   owner's annotations when it has them, else from the budgets' state; with the
   opt-in label ``tokenbudget.io/inject=true`` also mount the downward API file
   the agent helper reads; with the directive service on, add the variables
-  that name its URL to every container (:mod:`token_budget.webhooks.directives`).
+  that name its URL to every container (:mod:`token_budget.webhooks.directives`),
+  and the admin's gateway variables (``--gateway-env``) a container does not set.
+* ``mutate-pods`` (again, for unlabelled pods) and ``enrol-*``: in a namespace
+  under mandatory enrolment, add the agent label to a new pod or workload that
+  shows an LLM signal (:mod:`token_budget.policy.signals`), on the object and
+  its pod template at creation; at an update on the object only, never on the
+  template, whose change would roll the workload's pods.
 
 Answers come from an in-memory :class:`AdmissionCache` kept current by the
 operator's watches, never from a request to the API server or Prometheus. The
@@ -65,7 +71,7 @@ from aiohttp import web
 from token_budget.api import rules
 from token_budget.api import v1alpha1 as api
 from token_budget.enforcement import patches
-from token_budget.policy import admission, engine
+from token_budget.policy import admission, engine, signals
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.inputs import BudgetKey
 from token_budget.policy.workloads import DEFAULT_MODEL_ENV, declared_models, pod_template
@@ -109,6 +115,12 @@ class AdmissionCache:
     # served, nothing injected).
     directive_url: str | None = None
     directive_ca: str | None = None
+    # What enrols an unlabelled pod or workload in a mandatory namespace (--enrolment-*).
+    signals: signals.Signals = field(
+        default_factory=lambda: signals.Signals.parse(signals.DEFAULT, DEFAULT_MODEL_ENV))
+    enrol_by_signal: bool = True
+    # Set on a new governed pod's containers that do not set them (--gateway-env).
+    gateway_env: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     generation: int = 0  # bumped by every budget or catalog event: memoised answers expire
     _catalog: Catalog | None = None
@@ -181,6 +193,17 @@ class AdmissionCache:
             budgets = list(self.cluster.values())
             labels = self.namespaces.get(namespace, {})
         return namespace in engine.mandatory_namespaces(budgets, {namespace: labels})
+
+    def enrols(self, namespace: str, pod: Mapping[str, Any]) -> str | None:
+        """The signal that enrols an unlabelled ``pod`` (template) of ``namespace``, in words.
+
+        None when enrolment by signal is off, the pod shows no signal or the
+        namespace is not under mandatory enrolment.
+        """
+        if not self.enrol_by_signal:
+            return None
+        shown = self.signals.shown(pod)
+        return shown if shown is not None and self.mandatory(namespace) else None
 
     def owner_directive(self, namespace: str, pod: Mapping[str, Any]) -> dict[str, str]:
         """The directive annotations of the pod's Deployment/StatefulSet/Job/CronJob.
@@ -323,6 +346,7 @@ class _Mutation:
     labels: dict[str, str] = field(default_factory=dict)
     volumes: list[dict[str, Any]] | None = None  # the whole new list, when injected
     containers: list[dict[str, Any]] | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def validate_ours(obj: dict[str, Any]) -> Answer:
@@ -386,13 +410,23 @@ def _no_new_object(obj: dict[str, Any]) -> Answer:
 
 
 def mutate_pod(obj: dict[str, Any]) -> Answer:
-    return Answer(patch=_json_patch(obj, _mutation(obj)))
+    m = _mutation(obj)
+    return Answer(patch=_json_patch(obj, m), warnings=m.warnings)
 
 
 def _mutation(pod: Mapping[str, Any]) -> _Mutation:
     meta = pod.get("metadata") or {}
     namespace = str(meta.get("namespace") or "")
     labels = meta.get("labels") or {}
+    enrolled: dict[str, str] = {}
+    said: tuple[str, ...] = ()
+    if cache.agent_label not in labels:  # sent by enrol-pods: unlabelled, any namespace
+        signal = cache.enrols(namespace, pod)
+        if signal is None:
+            return _Mutation()
+        enrolled = {cache.agent_label: "true"}
+        labels = {**labels, **enrolled}
+        said = (_enrolment_warning(namespace, "pod", signal),)
     wanted = cache.owner_directive(namespace, pod)
     if not wanted:
         wanted = cache.directive(namespace, labels, declared_models(pod, cache.model_env),
@@ -405,13 +439,99 @@ def _mutation(pod: Mapping[str, Any]) -> _Mutation:
         # next evaluation finds the pod as it wants it and writes nothing (it used to
         # PATCH every new governed pod just for this label).
         stamped = {patches.ENFORCED_LABEL: "true"}
+    stamped = {**enrolled, **stamped}
     volumes = containers = None
     if labels.get(INJECT_LABEL) == "true":
         volumes, containers = _injected(pod)
     if cache.directive_url:
         containers = _with_directive_env(containers or (pod.get("spec") or {}).get("containers")
                                          or [], containers is not None)
-    return _Mutation(annotations, stamped, volumes, containers)
+    if cache.gateway_env:
+        containers = _with_gateway_env(containers or (pod.get("spec") or {}).get("containers")
+                                       or [], containers is not None)
+    return _Mutation(annotations, stamped, volumes, containers, said)
+
+
+def _enrolment_warning(namespace: str, what: str, signal: str) -> str:
+    return (f"namespace {namespace} is under mandatory enrolment and this {what} shows "
+            f"{signal}: {cache.agent_label}=true is set, so its budgets' admission checks "
+            "apply to its pods")
+
+
+def _with_gateway_env(containers: list[dict[str, Any]], changed: bool
+                      ) -> list[dict[str, Any]] | None:
+    """The containers with each gateway variable they do not set; None if nothing is added.
+
+    A variable a container sets in ``env`` is never replaced. A container with
+    ``envFrom`` is left alone: whatever its Secret or ConfigMap holds is unknown
+    here, and an ``env`` entry would override it.
+    """
+    out = []
+    for c in containers:
+        have = {e.get("name") for e in c.get("env") or []}
+        missing = [{"name": k, "value": v} for k, v in cache.gateway_env.items()
+                   if k not in have]
+        if missing and not c.get("envFrom"):
+            c = {**c, "env": [*(c.get("env") or []), *missing]}
+            changed = True
+        out.append(c)
+    return out if changed else None
+
+
+#: Where each kind keeps its pod template, from the object's root.
+_TEMPLATE = {"Deployment": ("spec", "template"), "StatefulSet": ("spec", "template"),
+             "Job": ("spec", "template"), "CronJob": ("spec", "jobTemplate", "spec", "template")}
+
+
+def enrol_workload(obj: dict[str, Any]) -> Answer:
+    """A new workload: the agent label on the object and its pod template.
+
+    A new object has no running pods, so labelling its template restarts
+    nothing: its first pods are created labelled.
+    """
+    return _enrol(obj, template=True)
+
+
+def enrol_updated_workload(obj: dict[str, Any], old: dict[str, Any]) -> Answer:
+    """An updated workload: the agent label on the object only.
+
+    Never on the pod template: a changed template rolls a Deployment's or
+    StatefulSet's pods (and a Job's is immutable). Its pods are labelled as
+    they are created (``mutate-pods``), and governance comes from the listing.
+    """
+    return _enrol(obj, template=False)
+
+
+def _enrol(obj: Mapping[str, Any], template: bool) -> Answer:
+    meta = obj.get("metadata") or {}
+    label = cache.agent_label
+    if label in (meta.get("labels") or {}):
+        return Answer()
+    namespace = str(meta.get("namespace") or "")
+    pod = pod_template(obj)
+    signal = cache.enrols(namespace, pod)
+    if signal is None:
+        return Answer()
+    ops = _set(obj, ("metadata", "labels", label), "true")
+    where = _TEMPLATE.get(str(obj.get("kind")))
+    if template and where is not None and \
+            label not in ((pod.get("metadata") or {}).get("labels") or {}):
+        ops += _set(obj, (*where, "metadata", "labels", label), "true")
+    return Answer(patch=tuple(ops),
+                  warnings=(_enrolment_warning(namespace, str(obj.get("kind")), signal),))
+
+
+def _set(obj: Mapping[str, Any], parts: Sequence[str], value: Any) -> list[dict[str, Any]]:
+    """The JSON-patch ``add`` that sets ``obj[parts...]``, creating the maps it lacks."""
+    node: Any = obj
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, Mapping) else None
+        if not isinstance(child, Mapping):
+            for p in reversed(parts[i + 1:]):
+                value = {p: value}
+            return [{"op": "add", "path": _pointer(*parts[:i + 1]), "value": value}]
+        node = child
+    return [{"op": "add", "path": _pointer(*parts), "value": value}]
 
 
 def _with_directive_env(containers: list[dict[str, Any]], changed: bool
@@ -507,12 +627,12 @@ class Endpoint:
     handle: Callable[[dict[str, Any]], Answer]
     mutating: bool = False
     enforces: bool = True  # False: validation of our own kinds, kept in dry-run
-    # Judges an UPDATE from the old object to the new one (instead of ``handle``).
+    # Judges an UPDATE from the old object to the new one (``handle`` judges a CREATE).
     change: Callable[[dict[str, Any], dict[str, Any]], Answer] | None = None
 
     def judge(self, obj: dict[str, Any], old: Mapping[str, Any] | None) -> Answer:
-        if self.change is not None:
-            return self.change(obj, dict(old)) if old is not None else Answer()
+        if self.change is not None and old is not None:
+            return self.change(obj, dict(old))
         return self.handle(obj)
 
 
@@ -536,7 +656,11 @@ ENDPOINTS: dict[str, Endpoint] = {
     **{f"keep-agent-label-{plural}": Endpoint(group, "v1", plural, _U, _no_new_object,
                                               change=keep_agent_label)
        for plural, group in GUARDED},
+    # Labelled pods, and unlabelled ones in any namespace (enrol-pods in the configuration).
     "mutate-pods": Endpoint("", "v1", "pods", _C, mutate_pod, mutating=True),
+    **{f"enrol-{plural}": Endpoint(group, "v1", plural, _CU, enrol_workload, mutating=True,
+                                   change=enrol_updated_workload)
+       for plural, group in GUARDED if group},
 }
 
 
@@ -734,16 +858,17 @@ def _kopf_handler(endpoint: Endpoint, dry_run: bool) -> Callable[..., Any]:
 
         return warn
     if endpoint.mutating:
-        async def mutate(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-            m = _mutation(dict(body))
-            for k, v in m.annotations.items():
-                patch.metadata.setdefault("annotations", {})[k] = v
-            for k, v in m.labels.items():
-                patch.metadata.setdefault("labels", {})[k] = v
-            if m.volumes is not None:
-                patch.spec["volumes"] = m.volumes
-            if m.containers is not None:
-                patch.spec["containers"] = m.containers
+        async def mutate(body: kopf.Body, patch: kopf.Patch, warnings: list[str],
+                         old: Any = None, **_: Any) -> None:
+            answer = endpoint.judge(dict(body), old)
+            warnings.extend(answer.warnings)
+            for op in answer.patch:  # only "add"s: each is a key of kopf's merge-style patch
+                parts = [p.replace("~1", "/").replace("~0", "~")
+                         for p in str(op["path"]).split("/")[1:]]
+                node: dict[str, Any] = patch
+                for part in parts[:-1]:
+                    node = node.setdefault(part, {})
+                node[parts[-1]] = op["value"]
 
         return mutate
 

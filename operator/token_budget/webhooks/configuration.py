@@ -10,6 +10,14 @@ operator builds them (pure :func:`configurations`) and keeps them current
   webhooks (an ``objectSelector``), so the cluster's other pods cost nothing;
   an update that removes the label reaches ``keep-agent-label-*`` (a selector
   matches when the old or the new object does);
+* objects *without* the label reach ``enrol-pods`` (pods, at creation) and
+  ``enrol-*`` (workloads, at creation and update) in every namespace: whether a
+  namespace is under mandatory enrolment can come from a ClusterTokenBudget's
+  ``namespaceSelector``, which no static selector here can follow, so the
+  webhook decides from its cache and answers "no change" elsewhere. That costs
+  every unlabelled pod and workload write outside the excluded namespaces one
+  call to the operator (failing open, like the others); ``enrol=False``
+  (``--no-enrolment-by-signal``) leaves them out;
 * system namespaces and the operator's own are excluded (``namespaceSelector``);
 * our own kinds fail closed (``failurePolicy: Fail``): an invalid budget must
   not slip in while the operator restarts (configurable);
@@ -67,12 +75,14 @@ def configurations(client: dict[str, Any], ca_bundle: bytes, operator_namespace:
                    agent_label: str = f"{api.PREFIX}agent",
                    excluded: Sequence[str] = SYSTEM_NAMESPACES,
                    pods_failure: str = "Ignore", budgets_failure: str = "Fail",
-                   pods_timeout: int = 5) -> tuple[dict[str, Any], dict[str, Any]]:
+                   pods_timeout: int = 5, enrol: bool = True
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(validating, mutating) configurations for ``client`` ({"url": ...} or {"service": ...})."""
     skip = sorted({*excluded, operator_namespace})
     ns_sel = {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
                                     "values": skip}]}
     agents = {"matchExpressions": [{"key": agent_label, "operator": "Exists"}]}
+    others = {"matchExpressions": [{"key": agent_label, "operator": "DoesNotExist"}]}
 
     def rule(group: str, version: str, plural: str, ops: list[str]) -> dict[str, Any]:
         return {"apiGroups": [group], "apiVersions": [version], "resources": [plural],
@@ -119,6 +129,20 @@ def configurations(client: dict[str, Any], ca_bundle: bytes, operator_namespace:
             {**_webhook("pods", "mutate-pods", [rule("", "v1", "pods", ["CREATE"])],
                         client, ca_bundle, pods_failure, pods_timeout, ns_sel, agents),
              "reinvocationPolicy": "Never"},
+            # After "pods": an object these label is not sent to it again (the API server
+            # matches each webhook's selector against the object as mutated so far), and
+            # the validating webhooks, called after every mutation, see the label.
+            *([
+                {**_webhook("enrol-pods", "mutate-pods", [rule("", "v1", "pods", ["CREATE"])],
+                            client, ca_bundle, pods_failure, pods_timeout, ns_sel, others),
+                 "reinvocationPolicy": "Never"},
+                *[{**_webhook(f"enrol-{plural}", f"enrol-{plural}",
+                              [rule(group, "v1", plural, cud)], client, ca_bundle,
+                              pods_failure, pods_timeout, ns_sel, others),
+                   "reinvocationPolicy": "Never"}
+                  for group, plural in (("apps", "deployments"), ("apps", "statefulsets"),
+                                        ("batch", "jobs"), ("batch", "cronjobs"))],
+            ] if enrol else []),
         ],
     }
     return validating, mutating
