@@ -332,8 +332,10 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
         "spec": {"limits": [{"window": "1h", "tokens": 1_000_000_000}],
                  "deniedModels": ["claude-opus-4-1"]}})
     port = webhook_port()
+    # Unlabelled pods reach no webhook: their cost with enrolment by signal is enrolment_bench's.
     op = cluster.operator(30, "--webhook-port", str(port), "--webhook-host", "127.0.0.1",
-                          "--webhook-url", f"https://127.0.0.1:{port}", identity="admission")
+                          "--webhook-url", f"https://127.0.0.1:{port}",
+                          "--no-enrolment-by-signal", identity="admission")
     try:
         def configured() -> bool:
             try:

@@ -8,7 +8,8 @@ Benchmarks (one module each): ``engine`` (policy engine, pure), ``promql`` (quer
 evaluation; batched vs one query per budget on a real Prometheus), ``kube`` (writes,
 memory and a spend spike on the real control plane), ``latency`` (spend visible ->
 workload enforced), ``overshoot`` (spend past the limit for ramps at a 15 s scrape),
-``admission`` (the pod webhook directly and through the API server), ``directive`` (a
+``admission`` (the pod webhook directly and through the API server), ``enrolment`` (what
+unlabelled pods sent to the webhook cost where enrolment is not mandatory), ``directive`` (a
 Block reaching 1,000 agents' Governors through the directive service), ``gateway`` (the
 LiteLLM callback's added latency, the directive service's CPU per decision request).
 
@@ -36,8 +37,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench import common  # noqa: E402  (sys.path first)
 from bench.common import Figure, Report  # noqa: E402
 
-ORDER = ("engine", "promql", "admission", "latency", "overshoot", "kube", "directive",
-         "gateway")
+ORDER = ("engine", "promql", "admission", "enrolment", "latency", "overshoot", "kube",
+         "directive", "gateway")
 
 
 def _module(name: str):  # type: ignore[no-untyped-def]

@@ -368,3 +368,15 @@ def test_the_configuration_sends_unlabelled_objects_after_the_labelled_pods() ->
     _, off = configuration.configurations({"url": "https://127.0.0.1:9443"}, b"ca", "ops",
                                           enrol=False)
     assert [h["name"] for h in off["webhooks"]] == ["pods.tokenbudget.io"]
+
+
+def test_a_label_removed_from_a_workload_with_a_signal_comes_back_before_the_check() -> None:
+    """Mutating webhooks run first: keep-agent-label then sees the label still there."""
+    old = _unlabelled_deployment()
+    old["metadata"]["labels"][AGENT] = "true"
+    new = _unlabelled_deployment()
+    restored = _patched(new, _respond("enrol-deployments", new, "UPDATE", old))
+    assert restored["metadata"]["labels"][AGENT] == "true"
+    assert _respond("keep-agent-label-deployments", restored, "UPDATE", old)["allowed"]
+    assert not _respond("keep-agent-label-deployments", new, "UPDATE", old)["allowed"], \
+        "not put back, the removal would be refused"

@@ -190,9 +190,20 @@ class AdmissionCache:
     def mandatory(self, namespace: str) -> bool:
         """Whether every workload of ``namespace`` is governed, whatever its labels."""
         with self.lock:
-            budgets = list(self.cluster.values())
             labels = self.namespaces.get(namespace, {})
-        return namespace in engine.mandatory_namespaces(budgets, {namespace: labels})
+            key: _MemoKey = ("mandatory", namespace, frozenset(labels.items()), frozenset(), ())
+            hit = self._memo.get(key)
+            if hit is not None and hit.generation == self.generation:
+                return bool(hit.value)
+            budgets = list(self.cluster.values())
+            generation = self.generation
+        # Asked for every unlabelled pod with a signal, in any namespace: remembered.
+        found = namespace in engine.mandatory_namespaces(budgets, {namespace: labels})
+        with self.lock:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = _Memo(generation, None, found)
+        return found
 
     def enrols(self, namespace: str, pod: Mapping[str, Any]) -> str | None:
         """The signal that enrols an unlabelled ``pod`` (template) of ``namespace``, in words.
