@@ -7,6 +7,9 @@ Covers:
   tests/unit/test_chart.py;
 - variables: comma lists, ``TOKENBUDGET_NO_FORECAST``, ``POD_NAMESPACE`` as the Lease's
   namespace; precedence flag > variable > config file > default;
+- enrolment signals (additions, a replaced list, the model variables) and the gateway's
+  variables from flags, variables and a file; a misspelt signal or a variable name with
+  ``=`` stops the start;
 - an invalid value is a usage error (exit 2) naming the setting; ``run --help`` carries every
   field's description; ``tokenbudget --version``.
 """
@@ -126,3 +129,44 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"tokenbudget {__version__}"
+
+
+def test_enrolment_signals_and_gateway_variables_from_flags_variables_and_a_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = parse()
+    assert default.enrolment_by_signal and default.gateway_env == {}
+    assert "OPENAI_API_KEY" in default.signals.env and "LLM_MODEL" in default.signals.env
+    s = parse("--enrolment-signals-extra", "ACME_*,annotation:acme.io/llm",
+              "--gateway-env", "OPENAI_BASE_URL=http://gw:4000", "--gateway-env", "X=1",
+              "--no-enrolment-by-signal", "--model-env", "MY_MODEL")
+    assert s.enrolment_signals_extra == ("ACME_*", "annotation:acme.io/llm")
+    assert s.gateway_env == {"OPENAI_BASE_URL": "http://gw:4000", "X": "1"}
+    assert not s.enrolment_by_signal
+    assert {"ACME_*", "MY_MODEL", "OPENAI_API_KEY"} <= set(s.signals.env)
+    assert "LLM_MODEL" not in s.signals.env, "the model variables are --model-env's"
+    assert parse("--enrolment-signals", "ONLY_THIS").signals.env[-1] == "ONLY_THIS"
+    monkeypatch.setenv("TOKENBUDGET_GATEWAY_ENV", '{"OPENAI_BASE_URL": "http://env:4000"}')
+    monkeypatch.setenv("TOKENBUDGET_ENROLMENT_SIGNALS_EXTRA", "A_*,B_*")
+    s = parse()
+    assert s.gateway_env == {"OPENAI_BASE_URL": "http://env:4000"}
+    assert s.enrolment_signals_extra == ("A_*", "B_*")
+    monkeypatch.delenv("TOKENBUDGET_GATEWAY_ENV")
+    monkeypatch.delenv("TOKENBUDGET_ENROLMENT_SIGNALS_EXTRA")
+    config = tmp_path / "operator.yaml"
+    config.write_text("gateway_env: {ANTHROPIC_BASE_URL: 'http://file:4000'}\n"
+                      "enrolment_signals_extra: [C_*, 'annotation:c.io/llm']\n")
+    s = parse("--config", str(config))
+    assert s.gateway_env == {"ANTHROPIC_BASE_URL": "http://file:4000"}
+    assert s.signals.annotations[-1] == "c.io/llm"
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    pytest.param(("--enrolment-signals-extra", "anotation:acme.io/llm"),
+                 "enrolment_signals_extra", id="a misspelt signal prefix"),
+    pytest.param(("--gateway-env", '{"A=B": "x"}'), "gateway_env",
+                 id="a gateway variable name with '='"),
+])
+def test_a_signal_or_gateway_variable_that_cannot_work_stops_the_start(
+        argv: tuple[str, ...], named: str) -> None:
+    with pytest.raises(settings.SettingsError, match=named):
+        parse(*argv)
