@@ -16,7 +16,9 @@ Covers:
   rendered objects), are gated by ``crds.enabled`` and kept by ``crds.keep``;
 - the Deployment: flags the operator's own argument parser accepts, hardening, /tmp, probes,
   Recreate for one replica, RollingUpdate and a PodDisruptionBudget for more;
-- cert-manager mode renders the same webhook configurations the operator writes itself;
+- cert-manager mode renders the same webhook configurations the operator writes itself
+  (with and without the enrolment webhooks); the enrolment and gateway values reach the
+  operator, and the schema refuses a misspelt signal or a gateway variable that is no name;
 - ServiceMonitor and PrometheusRule only when monitoring.coreos.com/v1 is served; the rules
   pass ``promtool check rules``; the dashboard is JSON over metrics the operator exports;
 - Chart appVersion, pyproject version, the package version and the Dockerfile agree.
@@ -714,3 +716,18 @@ def test_cert_manager_mode_without_enrolment_by_signal_sends_no_unlabelled_objec
     [got] = ch.find(docs, want["kind"], configuration.NAME)
     assert [h["name"] for h in got["webhooks"]] == [h["name"] for h in want["webhooks"]] == \
         ["pods.tokenbudget.io"]
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    pytest.param(["enrolment.signals.extra={anotation:acme.io/llm}"],
+                 "at '/enrolment/signals/extra/0': 'anotation:acme.io/llm' does not match",
+                 id="a misspelt signal prefix"),
+    pytest.param(["gateway.inject.env.OPENAI-BASE-URL=http://gw"],
+                 "'OPENAI-BASE-URL' does not match pattern",
+                 id="a gateway variable that is no variable name"),
+])
+def test_the_schema_refuses_a_signal_or_gateway_variable_that_cannot_work(
+        helm: Path, sets: list[str], message: str) -> None:
+    done = ch.template(helm, sets=sets, check=False)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
