@@ -182,7 +182,7 @@ def test_an_unlabelled_pod_with_a_key_is_enrolled_and_stamped_in_a_mandatory_nam
     assert response["warnings"] == [
         f"namespace {MANDATORY} is under mandatory enrolment and this pod shows variable "
         f"OPENAI_API_KEY of container agent: {AGENT}=true is set, so its budgets' admission "
-        "checks apply to its pods"]
+        "checks apply to it"]
 
 
 def test_an_enrolled_pod_is_refused_while_its_budget_blocks(

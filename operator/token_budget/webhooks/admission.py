@@ -466,7 +466,7 @@ def _mutation(pod: Mapping[str, Any]) -> _Mutation:
 def _enrolment_warning(namespace: str, what: str, signal: str) -> str:
     return (f"namespace {namespace} is under mandatory enrolment and this {what} shows "
             f"{signal}: {cache.agent_label}=true is set, so its budgets' admission checks "
-            "apply to its pods")
+            f"apply to {'it' if what == 'pod' else 'its pods'}")
 
 
 def _with_gateway_env(containers: list[dict[str, Any]], changed: bool
