@@ -5,9 +5,10 @@ valid one passes; a pod declaring a denied model is refused in an
 ``environment=qa`` namespace and accepted in production; a pod in a Blocked
 scope is refused with the budget, the rule and when the window resets; a new
 pod of a governed Deployment is stamped with its owner's directive; the opt-in
-label mounts the downward API file; pods without the agent label never reach
-the webhook; the configurations carry the operator's own CA, fail open for pods
-and exclude system namespaces; the certificate lives in a Secret. Issue 19: the
+label mounts the downward API file; a pod without the agent label is neither
+refused nor changed outside mandatory namespaces; the configurations carry the
+operator's own CA, fail open for pods and exclude system namespaces; the
+certificate lives in a Secret. Issue 19: the
 agent label's removal is refused where enrolment is mandatory, allowed elsewhere.
 """
 
