@@ -632,11 +632,9 @@ def gateway_litellm(args: argparse.Namespace, out: TextIO) -> int:
     """``tokenbudget gateway litellm``: the proxy's config as the catalogs imply it.
 
     Printing merges into ``--config`` when given; ``--apply`` reads the
-    ConfigMap, merges into its config and applies it (server-side, this
-    command's field manager owning only its key, with the read's
-    resourceVersion as a precondition: a change made in between is merged
-    again, not overwritten); ``--check`` lists the drift of ``--config`` or
-    of the ConfigMap (:func:`token_budget.proxies.litellm.drift`).
+    ConfigMap, merges into its config and writes it (:func:`apply_litellm`);
+    ``--check`` lists the drift of ``--config`` or of the ConfigMap
+    (:func:`token_budget.proxies.litellm.drift`).
     """
     from token_budget.errors import EnforcementError
     from token_budget.proxies import litellm
@@ -645,6 +643,10 @@ def gateway_litellm(args: argparse.Namespace, out: TextIO) -> int:
     if args.apply and args.config:
         print(f"{prog}: --apply writes the ConfigMap; --config is for printing and --check",
               file=sys.stderr)
+        return 2
+    if args.catalog is not None and args.catalog_name:
+        print(f"{prog}: --catalog-name picks the cluster's catalogs; --catalog reads files "
+              "instead: give one of them", file=sys.stderr)
         return 2
     if (args.apply or args.check) and not args.config and not args.namespace:
         print(f"{prog}: --apply and --check need the ConfigMap's -n/--namespace "
@@ -662,7 +664,10 @@ def gateway_litellm(args: argparse.Namespace, out: TextIO) -> int:
                                   environment=environment)
         catalog = Catalog(catalogs)
         if args.apply:
-            return _apply_litellm(args, catalog, options, out)
+            from token_budget.kube import Kube, api_client
+
+            return apply_litellm(Kube(api_client(args.kubeconfig)), args.namespace,
+                                 args.configmap, args.key, catalog, options, out)
         if args.check:
             if args.config:
                 where, config = args.config, _proxy_config(_read_text(args.config), args.config)
@@ -776,16 +781,24 @@ def _configmap_config(args: argparse.Namespace) -> tuple[str, dict[str, Any] | N
     return f"{where} ({args.key})", _proxy_config(text, where)
 
 
-def _apply_litellm(args: argparse.Namespace, catalog: Catalog, options: Any,
-                   out: TextIO) -> int:
+def apply_litellm(kube: Any, ns: str, name: str, key: str, catalog: Catalog, options: Any,
+                  out: TextIO) -> int:
+    """``--apply``: merge into the ConfigMap's config and write it; print what changed.
+
+    Creates the ConfigMap, or updates it by server-side apply (this command's
+    field manager owns only its key; other keys stay whoever's they are) with
+    the read's resourceVersion as a precondition. Either way a change made
+    between the read and the write (409) is read and merged into again, not
+    overwritten; nothing is written when the merge changes nothing.
+
+    Args:
+        kube: a :class:`token_budget.kube.Kube` (``get`` and ``request``).
+    """
     import difflib
 
     from token_budget.errors import Conflict, TargetNotFound
-    from token_budget.kube import Kube, api_client
     from token_budget.proxies import litellm
 
-    kube = Kube(api_client(args.kubeconfig))
-    ns, name, key = args.namespace, args.configmap, args.key
     where = f"ConfigMap {ns}/{name}"
     for _ in range(3):
         try:
@@ -798,16 +811,19 @@ def _apply_litellm(args: argparse.Namespace, catalog: Catalog, options: Any,
         if existing == merged:
             print(f"{where} ({key}) unchanged", file=out)
             return 0
-        meta: dict[str, Any] = {"name": name, "namespace": ns}
-        if current is not None:  # a precondition: changed since read -> 409, merge again
-            meta["resourceVersion"] = current["metadata"]["resourceVersion"]
         new_text = dump_yaml(merged)
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
+                                "metadata": {"name": name, "namespace": ns},
+                                "data": {key: new_text}}
         try:
-            kube.request("PATCH", _configmaps().path(ns, name),
-                         {"fieldManager": FIELD_MANAGER, "force": "true"},
-                         json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-                                     "data": {key: new_text}}),
-                         content_type="application/apply-patch+yaml")
+            if current is None:  # created meanwhile -> 409, merge into theirs
+                kube.request("POST", _configmaps().path(ns), {"fieldManager": FIELD_MANAGER},
+                             body)
+            else:  # the read's version as a precondition: changed since -> 409, merge again
+                body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                kube.request("PATCH", _configmaps().path(ns, name),
+                             {"fieldManager": FIELD_MANAGER, "force": "true"},
+                             json.dumps(body), content_type="application/apply-patch+yaml")
         except Conflict:
             continue
         print(f"{where} ({key}) {'created' if current is None else 'updated'}", file=out)

@@ -12,14 +12,21 @@ Covers:
 - the caller labels are those the LiteLLM preset reads with :data:`SOURCE`, and
   the environment listed is what the callback reads;
 - ``tokenbudget gateway litellm``: printing, ``--config`` merging, ``--check``
-  exit codes, and input errors (exit 1) against usage errors (exit 2).
-The ConfigMap (``--apply``, ``--check`` against the cluster) and a real proxy
+  exit codes, and input errors (exit 1) against usage errors (exit 2);
+- ``--apply`` against a fake API server: creates, then writes nothing; keeps the
+  ConfigMap's other keys; a change made between its read and its write (409) is
+  merged, not overwritten, for an update as for a creation; gives up after three;
+  refuses a config that is not YAML.
+The real ConfigMap (``--apply``, ``--check`` against the cluster) and a real proxy
 routing a Reroute: tests/e2e/test_gateway_config.py.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,7 @@ import yaml
 
 from token_budget import cli
 from token_budget.api import v1alpha1 as api
+from token_budget.errors import Conflict, TargetNotFound
 from token_budget.policy import engine, sources
 from token_budget.policy.catalog import Catalog
 from token_budget.proxies import litellm
@@ -321,6 +329,7 @@ def test_no_catalog_in_the_files_exits_1(capsys: pytest.CaptureFixture[str],
     pytest.param(["--apply"], id="apply without a namespace"),
     pytest.param(["--check"], id="check without a namespace or a file"),
     pytest.param(["--apply", "--config", "x.yaml", "-n", "x"], id="apply from a file"),
+    pytest.param(["--catalog-name", "x"], id="catalogs from files and the cluster"),
 ])
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     assert cli.main(["gateway", "litellm", "--catalog", str(EXAMPLE), *argv]) == 2
@@ -335,3 +344,142 @@ def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[s
     with pytest.raises(SystemExit) as exc:
         cli.main(["gateway", "litellm", "--catalog", str(EXAMPLE), *argv])
     assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------
+# --apply against a fake API server (the real one: tests/e2e/test_gateway_config.py)
+# ---------------------------------------------------------------------------
+
+
+class FakeConfigMaps:
+    """One ConfigMap as the API server keeps it: resourceVersion, 409 on a stale write.
+
+    ``meddle`` runs before each write, as another client changing the object
+    between this command's read and write would.
+    """
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        self.obj: dict[str, Any] | None = None
+        self.version = 1
+        self.writes: list[str] = []
+        self.meddle: list[Any] = []
+        if config is not None:
+            self.store({"config.yaml": yaml.safe_dump(config), "other": "kept"})
+
+    def store(self, data: dict[str, str]) -> None:
+        self.version += 1
+        self.obj = {"metadata": {"name": "cm", "namespace": "ns",
+                                 "resourceVersion": str(self.version)}, "data": data}
+
+    def config(self) -> dict[str, Any]:
+        assert self.obj is not None
+        return dict(yaml.safe_load(self.obj["data"]["config.yaml"]))
+
+    def get(self, res: Any, ns: str, name: str) -> dict[str, Any]:
+        if self.obj is None:
+            raise TargetNotFound(f"GET {name}: 404")
+        return copy.deepcopy(self.obj)
+
+    def request(self, method: str, path: str, query: dict[str, str], body: Any,
+                content_type: str | None = None) -> dict[str, Any]:
+        if self.meddle:
+            self.meddle.pop(0)(self)
+        self.writes.append(method)
+        assert query["fieldManager"] == "tokenbudget"
+        if method == "POST":
+            if self.obj is not None:
+                raise Conflict("POST: 409 already exists")
+            self.store(dict(body["data"]))
+        else:
+            assert (method, content_type) == ("PATCH", "application/apply-patch+yaml")
+            applied = json.loads(body)
+            assert self.obj is not None
+            if applied["metadata"]["resourceVersion"] != self.obj["metadata"]["resourceVersion"]:
+                raise Conflict("PATCH: 409 the object has been modified")
+            self.store({**self.obj["data"], **applied["data"]})
+        assert self.obj is not None
+        return self.obj
+
+
+def _apply(api: FakeConfigMaps, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli.apply_litellm(api, "ns", "cm", "config.yaml", CATALOG, litellm.Options(),
+                             sys.stdout)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_apply_creates_then_changes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    api = FakeConfigMaps()
+    code, said = _apply(api, capsys)
+    assert code == 0 and said.startswith("ConfigMap ns/cm (config.yaml) created\n"), said
+    assert "+- model_name: gpt-4o-mini" in said
+    assert _names(api.config()) == list(CATALOG.models)
+    assert _apply(api, capsys) == (0, "ConfigMap ns/cm (config.yaml) unchanged\n")
+    assert api.writes == ["POST"]
+
+
+def test_apply_keeps_the_configmaps_other_keys_and_the_users_config(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    api = FakeConfigMaps(USERS)
+    code, said = _apply(api, capsys)
+    assert code == 0 and "updated" in said and "\n-  model_name: retired" in said, said
+    assert api.obj is not None and api.obj["data"]["other"] == "kept"
+    assert api.config()["router_settings"] == {"num_retries": 2}
+    assert api.writes == ["PATCH"]
+
+
+def test_a_change_between_read_and_write_is_merged_not_overwritten(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    api = FakeConfigMaps(USERS)
+
+    def someone_edits(a: FakeConfigMaps) -> None:
+        a.store({"config.yaml": yaml.safe_dump({**a.config(), "router_settings": {"x": 1}})})
+
+    api.meddle = [someone_edits]
+    assert _apply(api, capsys)[0] == 0
+    assert api.writes == ["PATCH", "PATCH"]
+    assert api.config()["router_settings"] == {"x": 1}
+    assert "gpt-4o-mini" in _names(api.config())
+
+
+def test_a_configmap_created_meanwhile_is_merged_into(capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    api = FakeConfigMaps()
+    api.meddle = [lambda a: a.store({"config.yaml": yaml.safe_dump(USERS)})]
+    code, said = _apply(api, capsys)
+    assert code == 0 and "updated" in said, said
+    assert api.writes == ["POST", "PATCH"]
+    assert api.config()["general_settings"] == USERS["general_settings"]
+
+
+def test_apply_gives_up_after_three_conflicts(capsys: pytest.CaptureFixture[str]) -> None:
+    api = FakeConfigMaps(USERS)
+    api.meddle = [lambda a: a.store(dict(a.obj["data"]))] * 3  # a new version each time
+    code, said = _apply(api, capsys)
+    assert code == 1 and "changed under us three times" in said, said
+    assert api.config() == USERS
+
+
+def test_apply_refuses_a_configmap_whose_config_is_not_yaml(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    api = FakeConfigMaps()
+    api.store({"config.yaml": "model_list: [\n"})
+    with pytest.raises(cli._InputError, match="ConfigMap ns/cm: is not YAML"):
+        _apply(api, capsys)
+    assert api.writes == []
+
+
+def test_the_readmes_example_is_what_the_command_prints(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Every line of the README's example, bar its ``# ...`` elision, in the same order."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Enforcing at the gateway"):]
+    example = section[section.index("```yaml\n") + 8:]
+    example = example[:example.index("```")]
+    assert cli.main(["gateway", "litellm", "--catalog", str(EXAMPLE), "--directive-url",
+                     "https://token-budget-operator.tokenbudget.svc",
+                     "--ca-file", "/etc/tokenbudget/ca.crt"]) == 0
+    printed = iter(capsys.readouterr().out.splitlines())
+    for line in example.splitlines():
+        if not line.startswith("# ..."):
+            assert any(p == line for p in printed), f"README line not printed: {line!r}"
