@@ -10,7 +10,9 @@ One test, in the order an operator meets it:
    ``environment_variables``, not from the proxy's process environment.
 3. A budget's Reroute (no model named: the catalog's cheapest equivalent) sends
    the agent's ``gpt-5`` through the proxy to the stub as ``gpt-5-nano``, a model
-   the proxy routes only because the command listed every catalog model.
+   the proxy routes only because the command listed every catalog model. The
+   proxy's own metrics name the caller with the labels of the source the command
+   prints for budgets (``metadata_namespace``, ``metadata_pod``).
 4. Someone edits the ConfigMap: removes ``gpt-5-nano`` and adds a key of their
    own. A proxy started from the edited config answers the rerouted request with
    400, which is what ``--check`` then warns of: it exits 1 naming ``gpt-5-nano``
@@ -21,6 +23,7 @@ One test, in the order an operator meets it:
 from __future__ import annotations
 
 import concurrent.futures
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,13 +35,15 @@ from harness import webhooks
 from harness.controlplane import ControlPlane
 from harness.directive_agents import injected, pod_body
 from harness.exporter import AgentExporter
-from harness.litellm_proxy import Proxy, Upstream
+from harness.litellm_proxy import MASTER_KEY, Proxy, Upstream
 from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
 from harness.spend import seed, spend
 from harness.waiting import eventually
 from token_budget import cli
 from token_budget.kube import PODS, TOKENBUDGETS, Kube, Resource
+from token_budget.policy import sources
+from token_budget.proxies import litellm
 
 SERVICEACCOUNTS = Resource("ServiceAccount", "v1", "serviceaccounts")
 CONFIGMAPS = Resource("ConfigMap", "v1", "configmaps")
@@ -143,6 +148,17 @@ def test_the_applied_config_routes_every_reroute_and_check_finds_drift(
             return upstream.models[-1] == "gpt-5-nano"
 
         eventually(rerouted, 60, interval=0.5, what="the proxy to reroute gpt-5 to gpt-5-nano")
+        # Its own metrics name the caller as the LiteLLM preset reads them with the source
+        # the command prints.
+        wanted = sources.resolve(litellm.SOURCE)
+        request = urllib.request.Request(proxy.url + "/metrics/",
+                                         headers={"Authorization": f"Bearer {MASTER_KEY}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            exposition = answer.read().decode()
+        assert any(line.startswith("litellm_input_tokens_metric_total{")
+                   and f'{wanted.namespace_label}="{ns}"' in line
+                   and f'{wanted.workload_label}="agent-0"' in line
+                   for line in exposition.splitlines()), exposition[-3000:]
         status, body = drifted.chat("gpt-5", me)  # rerouted to a model it cannot route
         assert status == 400 and "gpt-5-nano" in str(body), (status, body)
 
