@@ -9,6 +9,10 @@ Covers:
   idempotent;
 - drift lists the unroutable catalog models (saying which Reroute picks them),
   a missing callback or caller label, and honours LiteLLM's wildcards;
+- laws over generated catalogs and user configs: merging is idempotent, keeps
+  the user's entries first and unchanged, never routes a model twice and agrees
+  with the catalog; removing any entry is drift that names it, and merging again
+  repairs exactly that;
 - the caller labels are those the LiteLLM preset reads with :data:`SOURCE`, and
   the environment listed is what the callback reads;
 - ``tokenbudget gateway litellm``: printing, ``--config`` merging, ``--check``
@@ -32,6 +36,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from token_budget import cli
 from token_budget.api import v1alpha1 as api
@@ -41,6 +47,7 @@ from token_budget.policy.catalog import Catalog
 from token_budget.proxies import litellm
 
 REPO = Path(__file__).resolve().parents[2]
+LAWS = settings(max_examples=200, deadline=None)
 EXAMPLE = REPO / "examples" / "model-catalog.yaml"
 
 
@@ -483,3 +490,73 @@ def test_the_readmes_example_is_what_the_command_prints(
     for line in example.splitlines():
         if not line.startswith("# ..."):
             assert any(p == line for p in printed), f"README line not printed: {line!r}"
+
+
+# ---------------------------------------------------------------------------
+# laws, over generated catalogs and user configs
+# ---------------------------------------------------------------------------
+
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+@st.composite
+def catalogs(draw: st.DrawFn) -> Catalog:
+    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, unique=True))
+    # Equivalents point down the list only: cheaper, no cycles, as the webhook demands.
+    return _catalog(*(_model(n, draw(st.sampled_from(["openai", "google", ""])),
+                             tuple(draw(st.lists(st.sampled_from(names[i + 1:]), unique=True)))
+                             if i + 1 < len(names) else (), price=str(10 - i))
+                      for i, n in enumerate(names)))
+
+
+@st.composite
+def user_configs(draw: st.DrawFn) -> dict[str, Any] | None:
+    if draw(st.booleans()):
+        return None
+    entries = [{"model_name": draw(st.sampled_from([*NAMES, "x", "y", "*"])),
+                "litellm_params": {"model": draw(st.sampled_from(["u/1", "u/2"]))},
+                **({"model_info": {litellm.MANAGED: True}} if draw(st.booleans()) else {})}
+               for _ in range(draw(st.integers(0, 4)))]
+    callbacks = draw(st.lists(st.sampled_from(["langfuse", litellm.CALLBACK]), unique=True))
+    return {"model_list": entries, "litellm_settings": {"callbacks": callbacks},
+            "general_settings": {"k": draw(st.integers())}}
+
+
+OPTIONS = st.builds(litellm.Options, upstreams=st.dictionaries(
+    st.sampled_from(["openai", "google", "*"]), st.sampled_from(["http://a", "http://b"])),
+    metrics=st.booleans(), environment=st.dictionaries(st.sampled_from(["A", "B"]),
+                                                       st.sampled_from(["1", "2"])))
+
+
+@LAWS
+@given(catalogs(), user_configs(), OPTIONS)
+def test_merging_is_idempotent_keeps_the_users_work_and_agrees_with_the_catalog(
+        catalog: Catalog, config: dict[str, Any] | None, options: litellm.Options) -> None:
+    merged = litellm.merge(config, catalog, options)
+    assert litellm.merge(merged, catalog, options) == merged
+    assert litellm.drift(merged, catalog, options.metrics) == []
+    users = [e for e in (config or {}).get("model_list", [])
+             if e.get("model_info", {}).get(litellm.MANAGED) is not True]
+    assert merged["model_list"][:len(users)] == users
+    assert all(e.get("model_info", {}).get(litellm.MANAGED) is True
+               for e in merged["model_list"][len(users):])
+    for key in ("general_settings",):
+        assert merged.get(key) == (config or {}).get(key)
+    for cb in (config or {}).get("litellm_settings", {}).get("callbacks", []):
+        assert cb in merged["litellm_settings"]["callbacks"]
+    # No model is routed twice by the two owners together.
+    names = [e["model_name"] for e in merged["model_list"][len(users):]]
+    assert len(names) == len(set(names)) and not set(names) & {e["model_name"] for e in users}
+
+
+@LAWS
+@given(catalogs(), OPTIONS, st.data())
+def test_removing_any_entry_a_reroute_can_pick_is_drift_and_merging_repairs_it(
+        catalog: Catalog, options: litellm.Options, data: st.DataObject) -> None:
+    merged = litellm.merge(None, catalog, options)
+    gone = data.draw(st.sampled_from(list(catalog.models)))
+    broken = {**merged, "model_list": [e for e in merged["model_list"]
+                                       if e["model_name"] != gone]}
+    found = litellm.drift(broken, catalog, options.metrics)
+    assert len(found) == 1 and f"'{gone}'" in found[0]
+    assert litellm.merge(broken, catalog, options) == merged
