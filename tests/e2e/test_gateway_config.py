@@ -2,9 +2,10 @@
 
 One test, in the order an operator meets it:
 
-1. ``--apply`` reads the cluster's ModelCatalog by name and creates the proxy's
-   ConfigMap (server-side apply, field manager ``tokenbudget``); a second run
-   changes nothing (same resourceVersion).
+1. ``--check`` before there is a ConfigMap says so (exit 1). ``--apply`` reads
+   the cluster's ModelCatalog by name and creates the proxy's ConfigMap (field
+   manager ``tokenbudget``); a second run changes nothing (same
+   resourceVersion). The last ``--apply`` updates it by server-side apply.
 2. A real LiteLLM proxy 1.108.0 starts from that ConfigMap's ``config.yaml`` and
    nothing else: the callback's settings come from the config's
    ``environment_variables``, not from the proxy's process environment.
@@ -107,6 +108,8 @@ def test_the_applied_config_routes_every_reroute_and_check_finds_drift(
     me = {"namespace": ns, "pod": "agent-0"}
     proxies: list[Proxy] = []
     try:
+        assert _tokenbudget(capsys, *check) == (
+            1, f"tokenbudget gateway litellm: ConfigMap {ns}/litellm-config does not exist\n")
         code, said = _tokenbudget(capsys, "--apply", *apply)
         assert code == 0 and f"ConfigMap {ns}/litellm-config (config.yaml) created" in said, said
         assert "+- model_name: gpt-5-nano" in said, said
