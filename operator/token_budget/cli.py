@@ -4,6 +4,7 @@ Subcommands:
   crds       print the CustomResourceDefinitions generated from the models
   validate   check manifests against the schema and the cross-field rules
   simulate   evaluate budgets against a spend snapshot, offline
+  gateway    print, apply or check an LLM proxy's configuration (LiteLLM)
   run        run the operator (see ``token_budget.handlers``)
 
 Everything here is thin: parse arguments, read files, call the layers below,
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: the cluster's")
             rp.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
+    _gateway_parser(sub)
+
     r = sub.add_parser("run", help="run the operator")
     from token_budget.settings import add_arguments
 
@@ -418,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status(args, sys.stdout)
     if args.command in ("report", "backtest"):
         return report_or_backtest(args, sys.stdout)
+    if args.command == "gateway":
+        return gateway_litellm(args, sys.stdout)
     if args.command == "run":
         from token_budget.handlers import run
         from token_budget.settings import SettingsError
@@ -559,6 +564,310 @@ def report_or_backtest(args: argparse.Namespace, out: TextIO) -> int:
     except MetricsError as exc:
         print(f"tokenbudget {args.command}: {exc}", file=sys.stderr)
         return 1
+
+# ---------------------------------------------------------------------------
+# gateway
+# ---------------------------------------------------------------------------
+
+#: The field manager of ``gateway litellm --apply`` (server-side apply).
+FIELD_MANAGER = "tokenbudget"
+
+
+class _InputError(Exception):
+    """A problem with the command's input, printed as is; exit status 1."""
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} must be KEY=VALUE")
+    return key, value
+
+
+def _gateway_parser(sub: Any) -> None:
+    g = sub.add_parser("gateway", help="print, apply or check an LLM proxy's configuration, "
+                       "so that it routes every model a budget can reroute to")
+    proxies = g.add_subparsers(dest="proxy", required=True)
+    lp = proxies.add_parser(
+        "litellm", help="the LiteLLM proxy's config.yaml from the ModelCatalogs",
+        description="Print (default), apply to a ConfigMap (--apply) or check (--check) the "
+        "LiteLLM proxy's config.yaml: a model_list entry for every catalog model (so every "
+        "equivalent a Reroute picks is routable), the token budget callback, and LiteLLM's "
+        "metrics labelled by caller as the LiteLLM preset reads them. Merges into an existing "
+        "config: the user's other keys and entries are kept.")
+    lp.add_argument("--catalog", action="append", default=None, metavar="PATH",
+                    help="ModelCatalog manifests (files or directories); default: the "
+                    "cluster's ModelCatalogs, merged as the operator merges them")
+    lp.add_argument("--catalog-name", action="append", default=None, metavar="NAME",
+                    help="only these ModelCatalogs of the cluster")
+    lp.add_argument("--kubeconfig", default=None)
+    lp.add_argument("--upstream", action="append", default=[], type=_assignment,
+                    metavar="PROVIDER=URL", help="the api_base of the models whose catalog "
+                    "provider is PROVIDER (* for any)")
+    lp.add_argument("--params", metavar="PATH", help="YAML: catalog provider (or *) to a "
+                    "litellm_params template, {name} and {provider} filled in; default "
+                    "{model: <provider>/{name}} (google: gemini/{name})")
+    lp.add_argument("--no-metrics", dest="metrics", action="store_false",
+                    help="leave out LiteLLM's prometheus callback and the caller labels "
+                    "(no budget reads the proxy's spend)")
+    lp.add_argument("--directive-url", help="TOKENBUDGET_DIRECTIVE_BASE_URL, written into "
+                    "the config's environment_variables")
+    lp.add_argument("--ca-file", help="TOKENBUDGET_DIRECTIVE_CA_FILE, likewise")
+    lp.add_argument("--env", action="append", default=[], type=_assignment,
+                    metavar="NAME=VALUE", help="another environment_variables entry "
+                    "(TOKENBUDGET_GATEWAY_REPLICAS=3)")
+    lp.add_argument("--config", metavar="PATH", help="the proxy's current config.yaml, "
+                    "merged into (printing) or checked (--check) instead of the ConfigMap")
+    mode = lp.add_mutually_exclusive_group()
+    mode.add_argument("--apply", action="store_true", help="create or update the ConfigMap "
+                      "(server-side apply) and print what changed")
+    mode.add_argument("--check", action="store_true", help="exit 1 listing where the "
+                      "proxy's config and the catalogs disagree")
+    lp.add_argument("-n", "--namespace", help="the ConfigMap's namespace (--apply, --check)")
+    lp.add_argument("--configmap", default="litellm-config", help="the ConfigMap's name")
+    lp.add_argument("--key", default="config.yaml", help="the ConfigMap's key")
+
+
+def gateway_litellm(args: argparse.Namespace, out: TextIO) -> int:
+    """``tokenbudget gateway litellm``: the proxy's config as the catalogs imply it.
+
+    Printing merges into ``--config`` when given; ``--apply`` reads the
+    ConfigMap, merges into its config and writes it (:func:`apply_litellm`);
+    ``--check`` lists the drift of ``--config`` or of the ConfigMap
+    (:func:`token_budget.proxies.litellm.drift`).
+    """
+    from token_budget.errors import EnforcementError
+    from token_budget.proxies import litellm
+
+    prog = "tokenbudget gateway litellm"
+    if args.apply and args.config:
+        print(f"{prog}: --apply writes the ConfigMap; --config is for printing and --check",
+              file=sys.stderr)
+        return 2
+    if args.catalog is not None and args.catalog_name:
+        print(f"{prog}: --catalog-name picks the cluster's catalogs; --catalog reads files "
+              "instead: give one of them", file=sys.stderr)
+        return 2
+    if (args.apply or args.check) and not args.config and not args.namespace:
+        print(f"{prog}: --apply and --check need the ConfigMap's -n/--namespace "
+              "(or --check --config PATH)", file=sys.stderr)
+        return 2
+    environment = dict(args.env)
+    if args.directive_url:
+        environment["TOKENBUDGET_DIRECTIVE_BASE_URL"] = args.directive_url
+    if args.ca_file:
+        environment["TOKENBUDGET_DIRECTIVE_CA_FILE"] = args.ca_file
+    try:
+        catalogs = _gateway_catalogs(args)
+        options = litellm.Options(params=_gateway_params(args.params),
+                                  upstreams=dict(args.upstream), metrics=args.metrics,
+                                  environment=environment)
+        catalog = Catalog(catalogs)
+        if args.apply:
+            from token_budget.kube import Kube, api_client
+
+            return apply_litellm(Kube(api_client(args.kubeconfig)), args.namespace,
+                                 args.configmap, args.key, catalog, options, out)
+        if args.check:
+            if args.config:
+                where, config = args.config, _proxy_config(_read_text(args.config), args.config)
+            else:
+                where, config = _configmap_config(args)
+            found = litellm.drift(config or {}, catalog, args.metrics)
+            for line in found:
+                print(f"{where}: {line}", file=out)
+            if found:
+                print(f"{len(found)} disagreement(s) between {where} and the catalog",
+                      file=out)
+                return 1
+            print(f"{where} agrees with the catalog: all {len(catalog.models)} models "
+                  "routable", file=out)
+            return 0
+        existing = _proxy_config(_read_text(args.config), args.config) if args.config \
+            else None
+        merged = litellm.merge(existing, catalog, options)
+    except (_InputError, litellm.ConfigError, EnforcementError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    out.write(_litellm_header(catalogs, merged) + dump_yaml(merged))
+    return 0
+
+
+def _gateway_catalogs(args: argparse.Namespace) -> list[api.ModelCatalog]:
+    """The catalogs named by ``--catalog`` files or the cluster's, each valid."""
+    found: list[api.ModelCatalog] = []
+    problems: list[str] = []
+    if args.catalog is not None:
+        docs, errors = load_documents(args.catalog)
+        problems += errors
+        for doc in docs:
+            if doc.body.get("kind") != "ModelCatalog" or not _ours(doc):
+                continue
+            bad = rules.schema_problems(doc.body)
+            if bad:
+                problems += [f"{doc.where}: {p}" for p in bad]
+                continue
+            cat = api.ModelCatalog.model_validate(doc.body)
+            problems += [f"{doc.where}: {p}" for p in rules.problems(cat)]
+            found.append(cat)
+    else:
+        from token_budget.kube import MODELCATALOGS, Kube, api_client
+
+        names = set(args.catalog_name or ())
+        for body in Kube(api_client(args.kubeconfig)).list(MODELCATALOGS):
+            if names and body["metadata"]["name"] not in names:
+                continue
+            try:
+                cat = api.ModelCatalog.model_validate(body)
+            except pydantic.ValidationError as exc:
+                problems.append(f"ModelCatalog {body['metadata']['name']}: {exc}")
+                continue
+            problems += [f"ModelCatalog {cat.metadata.name}: {p}" for p in rules.problems(cat)]
+            found.append(cat)
+        missing = names - {c.metadata.name for c in found}
+        if missing:
+            problems.append(f"no ModelCatalog named {', '.join(sorted(missing))} in the cluster")
+    if problems:
+        raise _InputError("the catalogs cannot be used:\n  " + "\n  ".join(problems))
+    if not found:
+        raise _InputError("found no ModelCatalog: give --catalog PATH or create one")
+    return found
+
+
+def _gateway_params(path: str | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    try:
+        body = yaml.load(_read_text(path), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise _InputError(f"{path}: cannot be read: {exc}") from exc
+    if not isinstance(body, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in body.items()):
+        raise _InputError(f"{path}: must map catalog providers (or *) to litellm_params "
+                          "mappings")
+    return body
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise _InputError(f"{path}: cannot be read: {exc}") from exc
+
+
+def _proxy_config(text: str, where: str) -> dict[str, Any] | None:
+    """A config.yaml's mapping (None when empty)."""
+    try:
+        body = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise _InputError(f"{where}: is not YAML: {exc}") from exc
+    if body is not None and not isinstance(body, dict):
+        raise _InputError(f"{where}: must be a mapping (a LiteLLM config)")
+    return body
+
+
+def _configmap_config(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
+    from token_budget.errors import TargetNotFound
+    from token_budget.kube import Kube, api_client
+
+    where = f"ConfigMap {args.namespace}/{args.configmap}"
+    try:
+        cm = Kube(api_client(args.kubeconfig)).get(_configmaps(), args.namespace, args.configmap)
+    except TargetNotFound as exc:
+        raise _InputError(f"{where} does not exist") from exc
+    text = (cm.get("data") or {}).get(args.key)
+    if text is None:
+        raise _InputError(f"{where} has no key {args.key}")
+    return f"{where} ({args.key})", _proxy_config(text, where)
+
+
+def apply_litellm(kube: Any, ns: str, name: str, key: str, catalog: Catalog, options: Any,
+                  out: TextIO) -> int:
+    """``--apply``: merge into the ConfigMap's config and write it; print what changed.
+
+    Creates the ConfigMap, or updates it by server-side apply (this command's
+    field manager owns only its key; other keys stay whoever's they are) with
+    the read's resourceVersion as a precondition. Either way a change made
+    between the read and the write (409) is read and merged into again, not
+    overwritten; nothing is written when the merge changes nothing.
+
+    Args:
+        kube: a :class:`token_budget.kube.Kube` (``get`` and ``request``).
+    """
+    import difflib
+
+    from token_budget.errors import Conflict, TargetNotFound
+    from token_budget.proxies import litellm
+
+    where = f"ConfigMap {ns}/{name}"
+    for _ in range(3):
+        try:
+            current: dict[str, Any] | None = kube.get(_configmaps(), ns, name)
+        except TargetNotFound:
+            current = None
+        text = ((current or {}).get("data") or {}).get(key)
+        existing = _proxy_config(text, where) if text is not None else None
+        merged = litellm.merge(existing, catalog, options)
+        if existing == merged:
+            print(f"{where} ({key}) unchanged", file=out)
+            return 0
+        new_text = dump_yaml(merged)
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
+                                "metadata": {"name": name, "namespace": ns},
+                                "data": {key: new_text}}
+        try:
+            if current is None:  # created meanwhile -> 409, merge into theirs
+                kube.request("POST", _configmaps().path(ns), {"fieldManager": FIELD_MANAGER},
+                             body)
+            else:  # the read's version as a precondition: changed since -> 409, merge again
+                body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                kube.request("PATCH", _configmaps().path(ns, name),
+                             {"fieldManager": FIELD_MANAGER, "force": "true"},
+                             json.dumps(body), content_type="application/apply-patch+yaml")
+        except Conflict:
+            continue
+        print(f"{where} ({key}) {'created' if current is None else 'updated'}", file=out)
+        out.writelines(difflib.unified_diff(
+            dump_yaml(existing).splitlines(keepends=True) if existing else [],
+            new_text.splitlines(keepends=True), f"{key} (before)", f"{key} (after)"))
+        return 0
+    print(f"tokenbudget gateway litellm: {where} changed under us three times; run it again",
+          file=sys.stderr)
+    return 1
+
+
+def _litellm_header(catalogs: Sequence[api.ModelCatalog], config: dict[str, Any]) -> str:
+    from token_budget.proxies import litellm
+
+    names = ", ".join(c.metadata.name for c in catalogs)
+    lines = [f"# The LiteLLM proxy's config.yaml for ModelCatalog {names}",
+             "# (tokenbudget gateway litellm). Entries whose model_info has "
+             f"{litellm.MANAGED} are",
+             "# rewritten by every run; edit the others, and every other key, freely."]
+    missing = litellm.missing_environment(config)
+    if missing:
+        lines.append("# The proxy's environment (or this config's environment_variables):")
+        width = max(len(n) for n, _, _ in missing)
+        lines += [f"#   {n:<{width}}  {'(required) ' if required else ''}{what}"
+                  for n, required, what in missing]
+    labels = litellm.SOURCE.labels
+    assert labels is not None
+    lines += [
+        "# The operator lets the proxy read every directive: --directive-readers="
+        "NAMESPACE:SERVICEACCOUNT",
+        "# (chart: webhooks.directives.readers). Budgets reading the proxy's spend:",
+        f"#   source: {{preset: LiteLLM, labels: {{namespace: {labels.namespace}, "
+        f"workload: {labels.workload}}}}}",
+        "# Agents name themselves in each request's metadata:",
+        '#   {"namespace": "$TOKENBUDGET_POD_NAMESPACE", "pod": "$TOKENBUDGET_POD_NAME"}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _configmaps() -> Any:
+    from token_budget.kube import Resource  # not at import: the kubernetes client is slow
+
+    return Resource("ConfigMap", "v1", "configmaps")
 
 
 def dump_yaml(body: Any) -> str:

@@ -87,14 +87,17 @@ class Proxy:
 
     def __init__(self, workdir: Path, upstream: Upstream, models: list[str],
                  env: dict[str, str], callback: bool = True,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, config_body: dict[str, Any] | None = None) -> None:
         """``metrics``: LiteLLM's own Prometheus metrics at ``/metrics/``, unauthenticated,
-        labelled with the requests' ``metadata.namespace`` and ``metadata.pod``."""
+        labelled with the requests' ``metadata.namespace`` and ``metadata.pod``.
+        ``config_body``: the proxy's config.yaml as given (``upstream``, ``models``,
+        ``callback`` and ``metrics`` are then unused)."""
         [self.port] = free_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"litellm-{self.port}.log"
         config = workdir / f"litellm-{self.port}.yaml"
-        config.write_text(yaml.safe_dump({
+        config.write_text(yaml.safe_dump(config_body) if config_body is not None
+                          else yaml.safe_dump({
             "model_list": [{"model_name": m, "litellm_params": {
                 "model": f"openai/{m}", "api_base": upstream.url, "api_key": "sk-stub"}}
                 for m in models],
