@@ -378,6 +378,18 @@ def client_ip_of(data: Mapping[str, Any]) -> str | None:
     return ip if isinstance(ip, str) and ip else None
 
 
+def check_forwarding(identity: IdentityMode, general_settings: Mapping[str, Any]) -> None:
+    """Refuse (500) to know callers by IP while the proxy believes ``X-Forwarded-For``.
+
+    Raises:
+        Refusal: in the IP modes when ``general_settings.use_x_forwarded_for`` is on.
+    """
+    if identity is not IdentityMode.METADATA \
+            and general_settings.get("use_x_forwarded_for") is True:
+        raise Refusal(500, f"TOKENBUDGET_GATEWAY_IDENTITY={identity.value} needs the "
+                           "proxy's use_x_forwarded_for off: a caller writes that header")
+
+
 def stamp_request(data: dict[str, Any], caller: Caller | None) -> None:
     """Name the judged caller in a LiteLLM request in place of the claim: in the
     caller's metadata (read after the call to settle its tokens) and in the

@@ -79,10 +79,7 @@ class TokenBudgetCallback(CustomLogger):  # type: ignore[misc]
         model = str(data.get("model") or "")
         by_ip = self.enforcer.identity is not gateway.IdentityMode.METADATA
         try:
-            if by_ip and _forwarded_for_trusted():
-                raise gateway.Refusal(500, "TOKENBUDGET_GATEWAY_IDENTITY="
-                                      f"{self.enforcer.identity.value} needs the proxy's "
-                                      "use_x_forwarded_for off: a caller writes that header")
+            gateway.check_forwarding(self.enforcer.identity, _general_settings())
             admitted = await self.enforcer.judge(data.get("metadata"), model,
                                                  gateway.client_ip_of(data))
             data["model"] = admitted.model
@@ -103,12 +100,12 @@ class TokenBudgetCallback(CustomLogger):  # type: ignore[misc]
         self.enforcer.spent(metadata, tokens)
 
 
-def _forwarded_for_trusted() -> bool:
-    """Whether the proxy takes a request's address from ``X-Forwarded-For``."""
-    from litellm.proxy import proxy_server  # the running proxy's settings, loaded by then
+def _general_settings() -> dict[str, Any]:
+    """The running proxy's ``general_settings`` (a module global it rebinds on load)."""
+    from litellm.proxy import proxy_server  # loaded by then: the proxy imported us
 
-    settings = getattr(proxy_server, "general_settings", None) or {}
-    return settings.get("use_x_forwarded_for") is True
+    settings = getattr(proxy_server, "general_settings", None)
+    return settings if isinstance(settings, dict) else {}
 
 
 callback = TokenBudgetCallback.from_env()

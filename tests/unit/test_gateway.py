@@ -332,3 +332,43 @@ def test_the_address_is_read_from_the_metadata_the_proxy_wrote_not_the_callers()
         data["litellm_metadata"]["requester_metadata"]
     # Nothing the proxy wrote: no address.
     assert gateway.client_ip_of({"metadata": {"requester_ip_address": "10.0.0.1"}}) is None
+
+
+@pytest.mark.parametrize("mode", list(gateway.IdentityMode))
+@pytest.mark.parametrize("forwarded", [True, False], ids=["believes XFF", "ignores XFF"])
+def test_the_ip_modes_refuse_to_work_while_the_proxy_believes_x_forwarded_for(
+        mode: gateway.IdentityMode, forwarded: bool) -> None:
+    settings = {"use_x_forwarded_for": forwarded}
+    if mode is gateway.IdentityMode.METADATA or not forwarded:
+        gateway.check_forwarding(mode, settings)
+        return
+    with pytest.raises(gateway.Refusal) as refused:
+        gateway.check_forwarding(mode, settings)
+    assert refused.value.status == 500 and "use_x_forwarded_for" in refused.value.message
+
+
+def test_in_pod_ip_mode_a_calls_tokens_settle_on_the_pod_the_address_belongs_to() -> None:
+    """The callback stamps the judged pod into the request; the settling reads it back."""
+    async def scenario() -> None:
+        served = Served()
+        await served.start()
+        enforcer = gateway.Enforcer(served.url, lambda: "reader",
+                                    identity=gateway.IdentityMode.POD_IP)
+        try:
+            served.store.pod_event(at("t", "10.0.0.3", state="Throttled", budget="b",
+                                      reason="r", tokens_per_minute="600"), False)
+            data: dict[str, Any] = {"metadata": {
+                "user_api_key_request_route": "/chat/completions",
+                "requester_ip_address": "10.0.0.3", "namespace": NS, "pod": "someone-else"}}
+            admitted = await enforcer.judge(data["metadata"], "m", gateway.client_ip_of(data))
+            gateway.stamp_request(data, admitted.caller)
+            assert gateway.caller_of(data["metadata"]) == gateway.Caller(NS, "t")
+            enforcer.spent(data["metadata"], 1_000)
+            with pytest.raises(gateway.Refusal) as refused:
+                await enforcer.admit(None, "m", "10.0.0.3")
+            assert refused.value.status == 429
+        finally:
+            await enforcer.close()
+            await served.stop()
+
+    asyncio.run(scenario())
