@@ -57,6 +57,7 @@ decide anything: the evaluation writes the annotations, this only serves them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ipaddress
 import json
@@ -108,12 +109,18 @@ class Entry:
     annotations: Mapping[str, str]
     version: str
     ips: frozenset[str] = frozenset()  # normalised (:func:`normal_ip`); none once finished
+    # The version of this pod's answer by IP: also changes when another pod (another uid)
+    # takes the IP with the same directive. Computed once, in the watch's thread: a digest
+    # in every request made a request by IP cost 0.24 ms of CPU against 0.19 ms by name
+    # (bench/gateway_bench.py); with this, 0.19-0.22 against 0.18-0.20.
+    holder_version: str = ""
 
     def body(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "pod": self.name, "version": self.version,
                 "annotations": dict(self.annotations)}
 
 
+@functools.lru_cache(maxsize=4096)  # gateways ask about the same few IPs every second
 def normal_ip(text: str) -> str | None:
     """An IP address in one spelling (IPv6 compressed, IPv4-mapped IPv6 as IPv4); None
     if ``text`` is not one."""
@@ -149,9 +156,9 @@ class Resolution:
     @property
     def version(self) -> str | None:
         """A digest of the holders and their directives; None when nobody holds it."""
-        if not self.holders:
-            return None
-        text = json.dumps([[e.namespace, e.name, e.uid, e.version] for e in self.holders])
+        if len(self.holders) < 2:
+            return self.holders[0].holder_version if self.holders else None
+        text = ",".join(e.holder_version for e in self.holders)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def body(self) -> dict[str, Any]:
@@ -175,10 +182,12 @@ def entry_of(pod: Mapping[str, Any]) -> Entry:
     meta = pod.get("metadata") or {}
     ann = meta.get("annotations") or {}
     served = {k: str(ann[k]) for k in SERVED_KEYS if k in ann}
-    return Entry(str(meta.get("namespace") or ""), str(meta.get("name") or ""),
-                 str(meta.get("uid") or ""),
+    namespace, name, uid = (str(meta.get(k) or "") for k in ("namespace", "name", "uid"))
+    version = version_of(served)
+    holder = hashlib.sha256(f"{namespace}/{name}/{uid}/{version}".encode()).hexdigest()[:16]
+    return Entry(namespace, name, uid,
                  str((pod.get("spec") or {}).get("serviceAccountName") or "default"),
-                 served, version_of(served), ips_of(pod))
+                 served, version, ips_of(pod), holder)
 
 
 class DirectiveStore:
