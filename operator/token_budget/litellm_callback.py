@@ -71,8 +71,7 @@ class TokenBudgetCallback(CustomLogger):  # type: ignore[misc]
             Path(ca_file).read_text() if ca_file else None,
             replicas=int(env.get("TOKENBUDGET_GATEWAY_REPLICAS", "1")),
             fail_closed=env.get("TOKENBUDGET_GATEWAY_FAIL_CLOSED", "").lower() == "true",
-            identity=gateway.IdentityMode(
-                env.get("TOKENBUDGET_GATEWAY_IDENTITY", "metadata").strip().lower())))
+            identity=_identity(env.get("TOKENBUDGET_GATEWAY_IDENTITY", "metadata"))))
 
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
                                   call_type: Any) -> dict[str, Any]:
@@ -98,6 +97,15 @@ class TokenBudgetCallback(CustomLogger):  # type: ignore[misc]
         tokens = int(getattr(usage, "total_tokens", 0) or 0)
         metadata = (kwargs.get("litellm_params") or {}).get("metadata")
         self.enforcer.spent(metadata, tokens)
+
+
+def _identity(text: str) -> gateway.IdentityMode:
+    try:
+        return gateway.IdentityMode(text.strip().lower())
+    except ValueError:
+        raise ValueError(f"TOKENBUDGET_GATEWAY_IDENTITY must be one of "
+                         f"{', '.join(m.value for m in gateway.IdentityMode)}, not {text!r}"
+                         ) from None
 
 
 def _general_settings() -> dict[str, Any]:

@@ -225,31 +225,31 @@ def test_the_proxy_knows_callers_by_their_pod_ip_and_checks_their_claims(
     upstream, by_ip = gateway_for_agent(kube, ns, tmp_path, metrics=True, identity="pod-ip")
     checked = Proxy(tmp_path, upstream, MODELS,
                     {**by_ip.env, "TOKENBUDGET_GATEWAY_IDENTITY": "checked"})
-    for name in ("agent-1", "agent-2"):
-        kube.create(PODS, ns, pod_body(name))
-    kube.patch(PODS, ns, "agent-0", {"metadata": {"labels": {"role": "restricted"}}})
-    kube.create(TOKENBUDGETS, ns, {
-        "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
-        "metadata": {"name": "restricted"},
-        "spec": {"selector": {"matchLabels": {"tokenbudget.io/agent": "true",
-                                              "role": "restricted"}},
-                 "limits": [{"window": "1h", "tokens": 1_000_000}],
-                 "allowedModels": ["gpt-4o-mini"]}})
-    _holds(kube, ns, "agent-0", "127.0.0.7")
-    _holds(kube, ns, "agent-1", "127.0.0.8")
-    restricted_ip, free_ip, nobody_ip = "127.0.0.7", "127.0.0.8", "127.0.0.9"
-    not_allowed = f"gpt-4o is not allowed by TokenBudget/{ns}/restricted"
-
-    def model_of(answer: tuple[int, Any]) -> str:
-        assert answer[0] == 200, answer
-        return upstream.models[-1]
-
-    def refused(answer: tuple[int, Any]) -> bool:
-        return answer[0] == 403 and not_allowed in str(answer[1])
-
     try:
-        by_ip.spawn()
+        by_ip.spawn()  # both come up (20-40 s under load) while the operator does the rest
         checked.spawn()
+        for name in ("agent-1", "agent-2"):
+            kube.create(PODS, ns, pod_body(name))
+        kube.patch(PODS, ns, "agent-0", {"metadata": {"labels": {"role": "restricted"}}})
+        kube.create(TOKENBUDGETS, ns, {
+            "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
+            "metadata": {"name": "restricted"},
+            "spec": {"selector": {"matchLabels": {"tokenbudget.io/agent": "true",
+                                                  "role": "restricted"}},
+                     "limits": [{"window": "1h", "tokens": 1_000_000}],
+                     "allowedModels": ["gpt-4o-mini"]}})
+        _holds(kube, ns, "agent-0", "127.0.0.7")
+        _holds(kube, ns, "agent-1", "127.0.0.8")
+        restricted_ip, free_ip, nobody_ip = "127.0.0.7", "127.0.0.8", "127.0.0.9"
+        not_allowed = f"gpt-4o is not allowed by TokenBudget/{ns}/restricted"
+
+        def model_of(answer: tuple[int, Any]) -> str:
+            assert answer[0] == 200, answer
+            return upstream.models[-1]
+
+        def refused(answer: tuple[int, Any]) -> bool:
+            return answer[0] == 403 and not_allowed in str(answer[1])
+
         by_ip.wait_ready()
         checked.wait_ready()
         started = time.monotonic()
