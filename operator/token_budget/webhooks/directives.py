@@ -33,7 +33,8 @@ who sent it (an agent that names nobody, or names another pod)::
     409 {"ip": ..., "pods": [{"namespace": ..., "pod": ...}, ...]}: several do
 
 The IP is the ``status.podIP``/``podIPs`` of governed pods that have not
-finished (a Succeeded or Failed pod's IP goes back to the node's pool at once).
+finished (a Succeeded or Failed pod's sandbox is torn down and its IP may be
+given to another pod).
 An IP that more than one live pod holds (``hostNetwork`` pods share their
 node's) resolves to nobody: the 409 names them all, so a gateway can still
 check a claim against that short list. The version covers who holds the IP as
