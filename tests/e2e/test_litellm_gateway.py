@@ -19,7 +19,11 @@ proxy are what reroutes and then blocks it.
 
 from __future__ import annotations
 
+import json
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ import pytest
 
 from harness import webhooks
 from harness.controlplane import ControlPlane
-from harness.directive_agents import injected, pod_body
+from harness.directive_agents import injected, pod_body, token_for
 from harness.exporter import AgentExporter
 from harness.litellm_proxy import Proxy, Upstream
 from harness.operator_process import OperatorProcess
@@ -209,6 +213,18 @@ def _holds(kube: Kube, ns: str, name: str, ip: str | None) -> None:
         content_type=MERGE_PATCH)
 
 
+def _ask_caller(base: str, ca: str, ip: str, token: str) -> tuple[int, Any]:
+    """GET /v1/callers/{ip}/directive over the operator's TLS."""
+    request = urllib.request.Request(f"{base}/v1/callers/{ip}/directive",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cadata=ca),
+                                    timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
 def test_the_proxy_knows_callers_by_their_pod_ip_and_checks_their_claims(
         kube: Kube, namespace: str, operator: OperatorProcess, tmp_path: Path) -> None:
     """Issues 15 and 19: the caller's pod IP, resolved by the operator.
@@ -219,7 +235,8 @@ def test_the_proxy_knows_callers_by_their_pod_ip_and_checks_their_claims(
     under a TokenBudget that allows only gpt-4o-mini (a directive the operator
     writes without any spend, so the test needs no Prometheus); agent-1 at
     127.0.0.8 is under none. Each asks for gpt-4o: what the proxy answers says
-    whom it judged.
+    whom it judged. The caller endpoint answers the proxy's reader token over the
+    operator's TLS, and refuses a pod's own token (the API server's TokenReview).
     """
     ns = namespace
     upstream, by_ip = gateway_for_agent(kube, ns, tmp_path, metrics=True, identity="pod-ip")
@@ -293,6 +310,14 @@ def test_the_proxy_knows_callers_by_their_pod_ip_and_checks_their_claims(
                                                  restricted_ip)) == "gpt-4o",
                    gateway.TTL_SECONDS + 5, interval=0.3, what="checked to follow 127.0.0.7")
         elapsed = time.monotonic() - started
+        # The service itself, with the API server's own TokenReview: the proxy's reader
+        # token resolves an IP, a pod's own token may not.
+        base, ca = by_ip.env["TOKENBUDGET_DIRECTIVE_BASE_URL"], (tmp_path / "ca.crt").read_text()
+        status, doc = _ask_caller(base, ca, free_ip, (tmp_path / "token").read_text())
+        assert status == 200 and (doc["namespace"], doc["pod"], doc["ip"]) == \
+            (ns, "agent-1", free_ip), (status, doc)
+        agent_1 = token_for(kube, kube.get(PODS, ns, "agent-1"))
+        assert _ask_caller(base, ca, free_ip, agent_1)[0] == 403
         # LiteLLM's own metrics name the pod the address belongs to, not the claim: agent-0
         # was only ever let through for gpt-4o-mini (the free agent's gpt-4o that claimed
         # to be agent-0 is agent-1's).
