@@ -13,6 +13,9 @@ cache, bucket, settle) on every request.
 
 Figures: p50/p99 latency through the proxy without and with the callback at
 ``RATE`` requests a second; the directive service's CPU per directive request.
+First, without the proxy: the service's CPU per request by pod name and by
+caller IP (``pod-ip``/``checked`` identity), asked in alternating blocks on one
+kept-alive connection so both see the same machine.
 
 Run: ``.venv/bin/python bench/run.py --only gateway`` (``--quick``: fewer requests).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import http.client
 import json
 import random
 import subprocess
@@ -38,6 +42,11 @@ from harness.operator_process import REPO_ROOT
 RATE = 20.0  # requests a second, open loop
 PODS = 100
 NS = "bench"
+ROUNDS = 4  # blocks of each kind of request, alternating (by name, by IP, by name, ...)
+
+
+def _ip(i: int) -> str:
+    return f"10.1.{i // 256}.{i % 256}"
 
 
 def serve(port: int) -> None:
@@ -57,7 +66,7 @@ def serve(port: int) -> None:
             store.pod_event({"metadata": {"namespace": NS, "name": f"agent-{i}", "annotations": {
                 "tokenbudget.io/state": "Throttled", "tokenbudget.io/budget": "b",
                 "tokenbudget.io/reason": "r", "tokenbudget.io/tokens-per-minute": "100000000"}},
-                "spec": {}}, deleted=False)
+                "spec": {}, "status": {"phase": "Running", "podIP": _ip(i)}}, deleted=False)
         service = directives.Service(store, directives.Authenticator(review),
                                      readers=frozenset({"gw:litellm"}))
         served = [0]
@@ -105,6 +114,38 @@ def _load(proxy: Proxy, n: int, rng: random.Random) -> list[float]:
     return out
 
 
+def _service_cost(report: Report, port: int, pid: int, n: int, kb: dict[str, object]) -> None:
+    """The service's CPU per request by name and by IP, side by side."""
+    paths = {"by pod name": lambda i: f"/v1/namespaces/{NS}/pods/agent-{i % PODS}/directive",
+             "by caller IP": lambda i: f"/v1/callers/{_ip(i % PODS)}/directive"}
+    cpu = dict.fromkeys(paths, 0.0)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": "Bearer gateway"}
+    load0 = load()
+    try:
+        for path in paths.values():  # warm-up: the TokenReview cache, imports
+            for i in range(20):
+                conn.request("GET", path(i), headers=headers)
+                conn.getresponse().read()
+        for _ in range(ROUNDS):
+            for what, path in paths.items():
+                cpu0 = cpu_seconds(pid)
+                for i in range(n // ROUNDS):
+                    conn.request("GET", path(i), headers=headers)
+                    resp = conn.getresponse()
+                    resp.read()
+                    assert resp.status == 200, (path(i), resp.status)
+                cpu[what] += cpu_seconds(pid) - cpu0
+    finally:
+        conn.close()
+    for what, seconds in cpu.items():
+        report.add(Figure(**kb, name=f"directive service CPU per request {what}",
+                          value=seconds / n * 1000, unit="ms",
+                          note=f"{n} requests in {ROUNDS} blocks alternating with the other "
+                               f"kind, one connection; {seconds:.2f} s CPU; load {load0} -> "
+                               f"{load()}"))
+
+
 def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
     n = 200 if quick else 1_200
     quiet = wait_for_quiet(0 if quick else wait_seconds)
@@ -119,6 +160,8 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
     upstream.start()
     rng = random.Random(15)
     try:
+        _wait_serving(port)
+        _service_cost(report, port, service.pid, 800 if quick else 8_000, kb)
         for callback in (False, True):
             proxy = Proxy(workdir, upstream, ["gpt-4o"], {
                 "TOKENBUDGET_DIRECTIVE_BASE_URL": f"http://127.0.0.1:{port}",
@@ -151,6 +194,18 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
         upstream.stop()
         service.terminate()
         service.wait(10)
+
+
+def _wait_serving(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 if __name__ == "__main__":

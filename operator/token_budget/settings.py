@@ -136,7 +136,8 @@ class Settings(BaseSettings):
         "--webhook-url, else the webhook Service")
     directive_readers: Names = Field(
         (), description="ServiceAccounts (namespace:name, comma-separated) that may read every "
-        "pod's directive: gateways such as the LiteLLM proxy")
+        "pod's directive and resolve a caller's pod by its IP (/v1/callers/{ip}/directive): "
+        "gateways such as the LiteLLM proxy")
     directive_token_cache_seconds: int = Field(
         60, gt=0, description="trust an agent's token this long after a TokenReview accepted "
         "it")

@@ -19,15 +19,20 @@ proxy are what reroutes and then blocks it.
 
 from __future__ import annotations
 
+import json
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness import webhooks
 from harness.controlplane import ControlPlane
-from harness.directive_agents import injected, pod_body
+from harness.directive_agents import injected, pod_body, token_for
 from harness.exporter import AgentExporter
 from harness.litellm_proxy import Proxy, Upstream
 from harness.operator_process import OperatorProcess
@@ -35,9 +40,10 @@ from harness.prometheus import Prometheus
 from harness.spend import seed, spend
 from harness.waiting import eventually
 from token_budget import gateway
-from token_budget.kube import PODS, TOKENBUDGETS, Kube, Resource
+from token_budget.kube import MERGE_PATCH, PODS, TOKENBUDGETS, Kube, Resource
 
 SERVICEACCOUNTS = Resource("ServiceAccount", "v1", "serviceaccounts")
+MODELS = ["gpt-4o", "gpt-4o-mini"]
 
 
 @pytest.fixture
@@ -51,11 +57,11 @@ def operator(kube: Kube, controlplane: ControlPlane, prometheus: Prometheus, nam
         yield op
 
 
-def gateway_for_agent(kube: Kube, ns: str, tmp_path: Path, metrics: bool = False
-                      ) -> tuple[Upstream, Proxy]:
+def gateway_for_agent(kube: Kube, ns: str, tmp_path: Path, metrics: bool = False,
+                      identity: str = "metadata") -> tuple[Upstream, Proxy]:
     """A governed pod agent-0, and a proxy (not started) that reads directives as the
     ServiceAccount litellm (the operator's reader) through the URL and CA the webhook
-    injected into the pod."""
+    injected into the pod, and knows callers as ``identity`` says."""
     eventually(lambda: webhooks._has_service_account(kube, ns), 60,
                what="the namespace's default ServiceAccount")
     agent = kube.create(PODS, ns, pod_body("agent-0"))
@@ -70,11 +76,12 @@ def gateway_for_agent(kube: Kube, ns: str, tmp_path: Path, metrics: bool = False
     (tmp_path / "ca.crt").write_text(ca)
     upstream = Upstream()
     upstream.start()
-    return upstream, Proxy(tmp_path, upstream, ["gpt-4o", "gpt-4o-mini"], {
+    return upstream, Proxy(tmp_path, upstream, MODELS, {
         "TOKENBUDGET_DIRECTIVE_BASE_URL": url.split("/v1/")[0],
         "TOKENBUDGET_GATEWAY_TOKEN_FILE": str(tmp_path / "token"),
         "TOKENBUDGET_DIRECTIVE_CA_FILE": str(tmp_path / "ca.crt"),
         "TOKENBUDGET_GATEWAY_FAIL_CLOSED": "true",  # an unreadable directive fails the test
+        "TOKENBUDGET_GATEWAY_IDENTITY": identity,
     }, metrics=metrics)
 
 
@@ -196,4 +203,134 @@ def test_litellms_own_metrics_are_the_spend_that_blocks_the_caller(
     finally:
         prometheus.remove_scrape_target(job)
         proxy.stop()
+        upstream.stop()
+
+
+def _holds(kube: Kube, ns: str, name: str, ip: str | None) -> None:
+    """Give a pod an IP as a kubelet would (this control plane has none): ``pods/status``."""
+    kube.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", body={
+        "status": {"podIP": ip, "podIPs": [{"ip": ip}] if ip else None}},
+        content_type=MERGE_PATCH)
+
+
+def _ask_caller(base: str, ca: str, ip: str, token: str) -> tuple[int, Any]:
+    """GET /v1/callers/{ip}/directive over the operator's TLS."""
+    request = urllib.request.Request(f"{base}/v1/callers/{ip}/directive",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cadata=ca),
+                                    timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+def test_the_proxy_knows_callers_by_their_pod_ip_and_checks_their_claims(
+        kube: Kube, namespace: str, operator: OperatorProcess, tmp_path: Path) -> None:
+    """Issues 15 and 19: the caller's pod IP, resolved by the operator.
+
+    Two proxies, ``pod-ip`` and ``checked``, in front of one stub. Three governed
+    pods hold loopback addresses (written to ``pods/status`` by the test: no
+    kubelet here) and each "agent" connects from its own. agent-0 at 127.0.0.7 is
+    under a TokenBudget that allows only gpt-4o-mini (a directive the operator
+    writes without any spend, so the test needs no Prometheus); agent-1 at
+    127.0.0.8 is under none. Each asks for gpt-4o: what the proxy answers says
+    whom it judged. The caller endpoint answers the proxy's reader token over the
+    operator's TLS, and refuses a pod's own token (the API server's TokenReview).
+    """
+    ns = namespace
+    upstream, by_ip = gateway_for_agent(kube, ns, tmp_path, metrics=True, identity="pod-ip")
+    checked = Proxy(tmp_path, upstream, MODELS,
+                    {**by_ip.env, "TOKENBUDGET_GATEWAY_IDENTITY": "checked"})
+    try:
+        by_ip.spawn()  # both come up (20-40 s under load) while the operator does the rest
+        checked.spawn()
+        for name in ("agent-1", "agent-2"):
+            kube.create(PODS, ns, pod_body(name))
+        kube.patch(PODS, ns, "agent-0", {"metadata": {"labels": {"role": "restricted"}}})
+        kube.create(TOKENBUDGETS, ns, {
+            "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
+            "metadata": {"name": "restricted"},
+            "spec": {"selector": {"matchLabels": {"tokenbudget.io/agent": "true",
+                                                  "role": "restricted"}},
+                     "limits": [{"window": "1h", "tokens": 1_000_000}],
+                     "allowedModels": ["gpt-4o-mini"]}})
+        _holds(kube, ns, "agent-0", "127.0.0.7")
+        _holds(kube, ns, "agent-1", "127.0.0.8")
+        restricted_ip, free_ip, nobody_ip = "127.0.0.7", "127.0.0.8", "127.0.0.9"
+        not_allowed = f"gpt-4o is not allowed by TokenBudget/{ns}/restricted"
+
+        def model_of(answer: tuple[int, Any]) -> str:
+            assert answer[0] == 200, answer
+            return upstream.models[-1]
+
+        def refused(answer: tuple[int, Any]) -> bool:
+            return answer[0] == 403 and not_allowed in str(answer[1])
+
+        by_ip.wait_ready()
+        checked.wait_ready()
+        started = time.monotonic()
+        # pod-ip: the agent sends nothing; its address is who it is. (The operator may be
+        # a moment behind the budget and the status patches: wait for the first answer.)
+        eventually(lambda: refused(by_ip.chat("gpt-4o", None, restricted_ip)), 30,
+                   interval=0.5, what="the proxy to know 127.0.0.7 as the restricted agent-0")
+        assert model_of(by_ip.chat("gpt-4o-mini", None, restricted_ip)) == "gpt-4o-mini"
+        assert model_of(by_ip.chat("gpt-4o", None, free_ip)) == "gpt-4o"
+        # Naming the free pod, writing its IP into the metadata or X-Forwarded-For: the
+        # restricted agent is still itself.
+        for meta, headers in (({"namespace": ns, "pod": "agent-1"}, None),
+                              ({"requester_ip_address": free_ip}, None),
+                              (None, {"X-Forwarded-For": free_ip})):
+            answer = by_ip.chat("gpt-4o", meta, restricted_ip, headers)
+            assert refused(answer), (meta, headers, answer)
+        # The free agent claiming the restricted pod is judged (and labelled) as itself.
+        claim_0 = {"namespace": ns, "pod": "agent-0"}
+        assert model_of(by_ip.chat("gpt-4o", claim_0, free_ip)) == "gpt-4o"
+        # An address no governed pod holds passes as nobody.
+        assert model_of(by_ip.chat("gpt-4o", None, nobody_ip)) == "gpt-4o"
+
+        # checked: a claim the address does not prove is refused, naming both.
+        status, body = checked.chat("gpt-4o", claim_0, free_ip)
+        assert status == 403, (status, body)
+        assert f"names {ns}/agent-0 but comes from {free_ip}, the IP of {ns}/agent-1" \
+            in str(body), body
+        assert model_of(checked.chat("gpt-4o", {"namespace": ns, "pod": "agent-1"},
+                                     free_ip)) == "gpt-4o"
+        assert refused(checked.chat("gpt-4o", claim_0, restricted_ip))
+        assert refused(checked.chat("gpt-4o", None, restricted_ip))  # no claim: the address
+        assert checked.chat("gpt-4o", claim_0, nobody_ip)[0] == 403
+
+        # agent-0 goes; its address goes to agent-2 (no budget): the address follows.
+        kube.request("DELETE", PODS.path(ns, "agent-0"), {"gracePeriodSeconds": 0})
+        _holds(kube, ns, "agent-2", restricted_ip)
+        eventually(lambda: by_ip.chat("gpt-4o", None, restricted_ip)[0] == 200, 30,
+                   interval=0.5, what="127.0.0.7 to be agent-2's")
+        # The checked proxy's cache of 127.0.0.7 (a second at most) may still say agent-0.
+        eventually(lambda: model_of(checked.chat("gpt-4o", {"namespace": ns, "pod": "agent-2"},
+                                                 restricted_ip)) == "gpt-4o",
+                   gateway.TTL_SECONDS + 5, interval=0.3, what="checked to follow 127.0.0.7")
+        elapsed = time.monotonic() - started
+        # The service itself, with the API server's own TokenReview: the proxy's reader
+        # token resolves an IP, a pod's own token may not.
+        base, ca = by_ip.env["TOKENBUDGET_DIRECTIVE_BASE_URL"], (tmp_path / "ca.crt").read_text()
+        status, doc = _ask_caller(base, ca, free_ip, (tmp_path / "token").read_text())
+        assert status == 200 and (doc["namespace"], doc["pod"], doc["ip"]) == \
+            (ns, "agent-1", free_ip), (status, doc)
+        agent_1 = token_for(kube, kube.get(PODS, ns, "agent-1"))
+        assert _ask_caller(base, ca, free_ip, agent_1)[0] == 403
+        # LiteLLM's own metrics name the pod the address belongs to, not the claim: agent-0
+        # was only ever let through for gpt-4o-mini (the free agent's gpt-4o that claimed
+        # to be agent-0 is agent-1's).
+        tokens = [line for line in by_ip.metrics().splitlines()
+                  if line.startswith("litellm_input_tokens_metric_total{")]
+        mine = [t for t in tokens if 'metadata_pod="agent-0"' in t]
+        assert mine and all('requested_model="gpt-4o-mini"' in t for t in mine), tokens
+        assert any('metadata_pod="agent-1"' in t for t in tokens), tokens
+        print(f"identity checks took {elapsed:.1f} s after the proxies were up")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- litellm pod-ip:\n{by_ip.tail()}\n--- checked:\n"
+                             f"{checked.tail()}\n--- operator:\n{operator.tail(30)}") from None
+    finally:
+        by_ip.stop()
+        checked.stop()
         upstream.stop()

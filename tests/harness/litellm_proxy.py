@@ -9,13 +9,13 @@ answer carries a fixed ``usage`` and the stub records which model was asked for.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -112,9 +112,17 @@ class Proxy:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting (two proxies come up side by side)."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                          env=self.env, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -126,19 +134,30 @@ class Proxy:
                 time.sleep(0.3)
         raise RuntimeError(f"litellm did not come up in {timeout:.0f} s:\n{self.tail()}")
 
-    def chat(self, model: str, metadata: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        """One chat completion as an agent that ignores every annotation sends it."""
-        request = urllib.request.Request(
-            self.url + "/chat/completions", method="POST",
-            headers={"Authorization": f"Bearer {MASTER_KEY}",
-                     "Content-Type": "application/json"},
-            data=json.dumps({"model": model, "metadata": metadata,
-                             "messages": [{"role": "user", "content": "hi"}]}).encode())
+    def chat(self, model: str, metadata: dict[str, str] | None, source: str = "127.0.0.1",
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        """One chat completion as an agent that ignores every annotation sends it.
+
+        ``metadata`` None sends none; ``source`` is the loopback address the
+        connection comes from (any of 127.0.0.0/8: the proxy sees it as the client IP).
+        """
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                **({"metadata": metadata} if metadata is not None else {})}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30,
+                                          source_address=(source, 0))
         try:
-            with urllib.request.urlopen(request, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+            conn.request("POST", "/chat/completions", json.dumps(body).encode(), headers={
+                "Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json",
+                **(headers or {})})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
+
+    def metrics(self) -> str:
+        """LiteLLM's own metrics page (``metrics=True``)."""
+        with urllib.request.urlopen(self.url + "/metrics/", timeout=10) as resp:
+            return str(resp.read().decode())
 
     def tail(self, lines: int = 40) -> str:
         try:

@@ -271,11 +271,12 @@ def test_the_command_writes_the_environment_into_the_config(
                      "https://op.svc", "--ca-file", "/ca.crt", "--env",
                      "TOKENBUDGET_GATEWAY_TOKEN_FILE=/t", "--env",
                      "TOKENBUDGET_GATEWAY_REPLICAS=3", "--env",
-                     "TOKENBUDGET_GATEWAY_FAIL_CLOSED=true"]) == 0
+                     "TOKENBUDGET_GATEWAY_FAIL_CLOSED=true", "--env",
+                     "TOKENBUDGET_GATEWAY_IDENTITY=pod-ip"]) == 0
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["environment_variables"] == {
         "TOKENBUDGET_GATEWAY_TOKEN_FILE": "/t", "TOKENBUDGET_GATEWAY_REPLICAS": "3",
-        "TOKENBUDGET_GATEWAY_FAIL_CLOSED": "true",
+        "TOKENBUDGET_GATEWAY_FAIL_CLOSED": "true", "TOKENBUDGET_GATEWAY_IDENTITY": "pod-ip",
         "TOKENBUDGET_DIRECTIVE_BASE_URL": "https://op.svc",
         "TOKENBUDGET_DIRECTIVE_CA_FILE": "/ca.crt"}
     assert "# The proxy's environment" not in out  # all set: nothing left to list

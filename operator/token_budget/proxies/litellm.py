@@ -70,6 +70,7 @@ ENVIRONMENT: tuple[tuple[str, bool, str], ...] = (
     ("TOKENBUDGET_GATEWAY_TOKEN_FILE", False, "default: the pod's ServiceAccount token"),
     ("TOKENBUDGET_GATEWAY_REPLICAS", False, "proxy replicas sharing each caller's rate (1)"),
     ("TOKENBUDGET_GATEWAY_FAIL_CLOSED", False, "true: refuse (503) while the operator is away"),
+    ("TOKENBUDGET_GATEWAY_IDENTITY", False, "metadata (default), pod-ip or checked"),
 )
 
 
