@@ -325,6 +325,7 @@ CLUSTER_RULES = [
     ("cluster", "tokenbudget.io", "clustertokenbudgets", "list watch patch", ""),
     ("cluster", "tokenbudget.io", "clustertokenbudgets/status", "patch", ""),
     ("cluster", "tokenbudget.io", "modelcatalogs", "list watch", ""),
+    ("cluster", "tokenbudget.io", "modelcatalogs/status", "patch", ""),
 ]
 SELF_MANAGED_WEBHOOK_RULES = [
     ("cluster", "admissionregistration.k8s.io", WEBHOOK_CONFIGS, "create", ""),
