@@ -150,6 +150,20 @@ class DirectiveStore:
         for k in (*gone, *changed):
             self._wake(k)
 
+    def entries(self) -> list[Entry]:
+        """Every pod's entry (a copy, for a snapshot)."""
+        with self._lock:
+            return list(self._pods.values())
+
+    def load(self, entries: Iterable[Entry]) -> None:
+        """Hold exactly ``entries`` (from :meth:`entries` elsewhere); waiters are woken."""
+        new = {(e.namespace, e.name): e for e in entries}
+        with self._lock:
+            keys = {*self._pods, *new}
+            self._pods = new
+        for k in keys:
+            self._wake(k)
+
     def _wake(self, key: _Key) -> None:
         if self._loop is None or key not in self._waiters:
             return
