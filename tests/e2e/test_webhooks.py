@@ -17,7 +17,6 @@ SIGKILLed, lets pods in meanwhile (fail open) and answers again within seconds.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import signal
 import time
@@ -279,18 +278,6 @@ def test_removing_the_agent_label_is_refused_only_where_enrolment_is_mandatory(
                                .get("labels") or {})
 
 
-def _admission_process(op: OperatorProcess) -> int | None:
-    """The pid of the operator's admission process, if one runs."""
-    assert op.proc is not None
-    for task in Path(f"/proc/{op.proc.pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            with contextlib.suppress(OSError):
-                if b"token_budget.webhooks import process" in \
-                        Path(f"/proc/{child}/cmdline").read_bytes():
-                    return int(child)
-    return None
-
-
 def test_the_admission_process_killed_fails_open_and_answers_again_within_seconds(
         kube: Kube, operator: OperatorProcess, namespace: str) -> None:
     """Issue 16: the webhooks run in a process of their own, which the operator restarts."""
@@ -310,7 +297,7 @@ def test_the_admission_process_killed_fails_open_and_answers_again_within_second
 
     assert "model gpt-4o is not allowed" in eventually(lambda: denied("before"), 30,
                                                        what="the webhook to know the budget")
-    first = _admission_process(operator)
+    first = webhooks.admission_process(operator)
     assert first is not None
     os.kill(first, signal.SIGKILL)
     killed = time.monotonic()
@@ -326,6 +313,6 @@ def test_the_admission_process_killed_fails_open_and_answers_again_within_second
     took = time.monotonic() - killed
     assert "model gpt-4o is not allowed" in message
     assert took < 10, f"admission answered again only after {took:.1f} s"
-    second = _admission_process(operator)
+    second = webhooks.admission_process(operator)
     assert second not in (None, first)
     assert "admission process exited" in operator.tail(200)

@@ -620,9 +620,17 @@ class Server:
     has them.
 
     Connections stay open between requests (HTTP/1.1 keep-alive, closed after
-    ``keepalive_timeout`` idle seconds, longer than the 90 s the API server's client
-    keeps an idle one), so the API server pays one TLS handshake per connection it
-    keeps, not per review.
+    :data:`KEEPALIVE_SECONDS` idle, longer than the 90 s the API server's client keeps
+    an idle one), so the API server pays one TLS handshake per connection it keeps,
+    not per review. HTTP/2 would not help: kube-apiserver's webhook client offers only
+    ``http/1.1`` in ALPN to every webhook behind a Service and to every URL webhook
+    that is not on loopback (k8s.io/apiserver pkg/util/webhook/client.go, v0.35.0;
+    kubernetes/kubernetes#75791: one HTTP/2 connection would pin all calls to one
+    replica). Its transport keeps at most 25 idle connections per host (client-go
+    transport/cache.go): more calls in flight than that open new connections, closed
+    after their one call, which is where the 650-780 handshakes per 2,400 pods came
+    from at 692 ms p99 (200 pods/s x 2 calls x latency). The cure is the latency (one
+    call per pod, this server out of the evaluation's process), not the protocol.
 
     Certificate reload: every ``file_check_interval`` seconds it reads the two
     files; when they changed and make a valid pair it builds a new SSLContext,
