@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -268,13 +269,13 @@ def _figures(report: Report, what: str, result: Load, cpu: dict[str, float], cou
 
 
 def direct(report: Report, port: int, ca: bytes, namespace: str, n: int, contended: bool,
-           pids: dict[str, int | None]) -> None:
+           pids: dict[str, int | None], label: str = "") -> None:
     path = "mutate-pods"
     t = Target(f"https://127.0.0.1:{port}/{path}", ca, 200, review=True)
     warm = [review(namespace, f"warm-{i}") for i in range(WARMUP)]
     bodies = [review(namespace, f"direct-{i}") for i in range(n)]
     result, cpu, conns = measured(t, warm, bodies, RATE, pids, port)
-    _figures(report, f"webhook {path} directly", result, cpu, n, WEBHOOK_P99_MS,
+    _figures(report, f"{label}webhook {path} directly", result, cpu, n, WEBHOOK_P99_MS,
              contended, conns)
 
 
@@ -297,14 +298,14 @@ def _apiserver_pid(cluster: Cluster) -> int | None:
 
 def through_apiserver(report: Report, cluster: Cluster, namespace: str, n: int,
                       contended: bool, pids: dict[str, int | None], port: int,
-                      evaluated: Callable[[], int]) -> None:
+                      evaluated: Callable[[], int], label: str = "") -> None:
     t = _apiserver_target(cluster, namespace)
     pids = {**pids, "API server": _apiserver_pid(cluster)}
     for rate in (RATE, RATE / 2):
         count = n if rate == RATE else n // 2
         p99s: dict[bool, float] = {}
         for agent in (False, True):  # side by side: webhooks off, then on
-            prefix = f"{'agent' if agent else 'plain'}-{int(rate)}"
+            prefix = f"{label.strip(': ')}-{'agent' if agent else 'plain'}-{int(rate)}".strip("-")
 
             def bodies(fmt: Callable[[int], str], k: int, agent: bool = agent) -> list[bytes]:
                 return [json.dumps(pod(fmt(i), agent)).encode() for i in range(k)]
@@ -314,20 +315,20 @@ def through_apiserver(report: Report, cluster: Cluster, namespace: str, n: int,
                 t, bodies(lambda i, p=prefix: f"{p}-warm-{i}", WARMUP),
                 bodies(lambda i, p=prefix: f"{p}-{i}", count), rate, pids, port)
             what = "agent pods (the webhook)" if agent else "pods without the label (no webhook)"
-            _figures(report, f"API server at {rate:g}/s, {what}", result, cpu, count, None,
-                     contended, conns)
-            report.note("admission", f"at {rate:g}/s, {what}: {evaluated() - runs} "
+            _figures(report, f"{label}API server at {rate:g}/s, {what}", result, cpu, count,
+                     None, contended, conns)
+            report.note("admission", f"{label}at {rate:g}/s, {what}: {evaluated() - runs} "
                                      "evaluations of the operator finished meanwhile")
             p99s[agent] = percentile(result.latencies_ms, 99) or 0.0
         ratio = p99s[True] / p99s[False] if p99s[False] else None
-        report.add(Figure("admission", f"API server at {rate:g}/s: p99 with the webhook / "
-                                       "without", ratio, "x", target=f"<= {RATIO:g}",
+        report.add(Figure("admission", f"{label}API server at {rate:g}/s: p99 with the "
+                                       "webhook / without", ratio, "x", target=f"<= {RATIO:g}",
                           met=ratio is not None and ratio <= RATIO, contended=contended,
                           note=f"p99 {p99s[True]:.1f} ms with, {p99s[False]:.1f} ms without"))
     stamped = [p for p in cluster.client().list(PODS, namespace, AGENT)
                if (p["metadata"].get("annotations") or {}).get("tokenbudget.io/state")]
-    report.note("admission", f"{len(stamped)} agent pods were stamped with a directive by "
-                             "the mutating webhook")
+    report.note("admission", f"{label}{len(stamped)} agent pods were stamped with a "
+                             "directive by the mutating webhook")
 
 
 def evaluated_budgets(cluster: Cluster, total: int, tag: str) -> list[str]:
@@ -346,23 +347,18 @@ def evaluated_budgets(cluster: Cluster, total: int, tag: str) -> list[str]:
     return names
 
 
-def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
-    n = 400 if quick else 2_000
-    quiet = wait_for_quiet(0 if quick else wait_seconds)
-    cluster = shared()
+def measure(report: Report, cluster: Cluster, ns: str, n: int, contended: bool,
+            label: str = "", source: str | None = None) -> None:
+    """Start an operator (the code under ``source``, an ``operator/`` source root, if given),
+    measure, stop it and remove its configurations and the pods it admitted."""
     kube = cluster.client()
-    tag = uuid.uuid4().hex[:6]
-    ns = f"adm-{tag}"
-    cluster.namespaces([ns])
-    others = evaluated_budgets(cluster, EVALUATED // 10 if quick else EVALUATED, tag)
-    kube.create(TOKENBUDGETS, ns, {
-        "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
-        "metadata": {"name": "team"},
-        "spec": {"limits": [{"window": "1h", "tokens": 1_000_000_000}],
-                 "deniedModels": ["claude-opus-4-1"]}})
     port = webhook_port()
+    command = ["env", f"PYTHONPATH={source}", sys.executable, "-m", "token_budget", "run"] \
+        if source else ()
     op = cluster.operator(2, "--webhook-port", str(port), "--webhook-host", "127.0.0.1",
-                          "--webhook-url", f"https://127.0.0.1:{port}", identity="admission")
+                          "--webhook-url", f"https://127.0.0.1:{port}",
+                          identity=f"admission{('-' + label.strip(': ')) if label else ''}",
+                          command=command)
 
     def evaluated() -> int:
         return len(evaluations(op.log.read_text(errors="replace")))
@@ -384,10 +380,10 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
         pids = {"operator": op.proc.pid if op.proc is not None else None,
                 "admission process": webhooks.admission_process(op)}
         load0 = load()
-        direct(report, port, ca, ns, n, not quiet, pids)
-        through_apiserver(report, cluster, ns, n, not quiet, pids, port, evaluated)
+        direct(report, port, ca, ns, n, contended, pids, label)
+        through_apiserver(report, cluster, ns, n, contended, pids, port, evaluated, label)
         last = evaluations(op.log.read_text(errors="replace"))[-1]
-        report.note("admission", f"load before {load0}, after {load()}; the operator "
+        report.note("admission", f"{label}load before {load0}, after {load()}; the operator "
                                  f"evaluated {last[0]} budgets every 2 s meanwhile (the "
                                  f"last evaluation took {last[1]:.2f} s)")
     finally:
@@ -397,4 +393,29 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
                 kube.request("DELETE", res.path(None, NAME))
             except TargetNotFound:
                 pass
+        kube.request("DELETE", PODS.path(ns))  # the next operator starts from no pods
+
+
+def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
+    """The operator of this checkout; first the one under $ADMISSION_BENCH_BASELINE if set
+    (another checkout's ``operator/`` directory), in the same run, as "before: " figures."""
+    n = 400 if quick else 2_000
+    quiet = wait_for_quiet(0 if quick else wait_seconds)
+    cluster = shared()
+    kube = cluster.client()
+    tag = uuid.uuid4().hex[:6]
+    ns = f"adm-{tag}"
+    cluster.namespaces([ns])
+    others = evaluated_budgets(cluster, EVALUATED // 10 if quick else EVALUATED, tag)
+    kube.create(TOKENBUDGETS, ns, {
+        "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
+        "metadata": {"name": "team"},
+        "spec": {"limits": [{"window": "1h", "tokens": 1_000_000_000}],
+                 "deniedModels": ["claude-opus-4-1"]}})
+    baseline = os.environ.get("ADMISSION_BENCH_BASELINE")
+    try:
+        if baseline:
+            measure(report, cluster, ns, n, not quiet, "before: ", baseline)
+        measure(report, cluster, ns, n, not quiet, "after: " if baseline else "")
+    finally:
         cluster.delete_namespaces([ns, *others])
