@@ -8,7 +8,9 @@ Covers:
   answer already knows what the operator knew before it started; a change fed
   afterwards changes its next answer; killed, it is started again, answers again
   within seconds and still knows everything (a new snapshot); it exits when the
-  operator's end of the pipe closes, and when the operator stops it.
+  operator's end of the pipe closes, and when the operator stops it; stopped (alive,
+  not reading), it is killed and replaced once a send times out, and the operator's
+  feed never blocks longer than that.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def _alive(pid: int) -> bool:
 def test_the_admission_process_answers_follows_the_feed_and_comes_back_when_killed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process, "RESTART_MIN_SECONDS", 0.2)
+    monkeypatch.setattr(process, "SEND_TIMEOUT_SECONDS", 1)
     bundle = certificates.issue(["127.0.0.1"], dt.datetime.now(dt.UTC))
     (tmp_path / "tls.crt").write_bytes(bundle.tls_crt)
     (tmp_path / "tls.key").write_bytes(bundle.tls_key)
@@ -196,6 +199,19 @@ def test_the_admission_process_answers_follows_the_feed_and_comes_back_when_kill
                 await asyncio.sleep(0.05)
             assert not _alive(second)
             assert (await _answer(port, bundle.ca_crt, "medium"))["allowed"] is False
+            # Alive but no longer reading (stopped): the feed gives up after its send
+            # timeout instead of blocking the operator, and the child is replaced.
+            third = supervisor.pid
+            assert third is not None
+            os.kill(third, signal.SIGSTOP)
+            pods = [agent_pod("medium", f"agent-{i}") for i in range(200)]
+            started = time.monotonic()
+            while supervisor.pid in (None, third):
+                await asyncio.to_thread(feed.pods, NS, pods)  # each returns within the timeout
+                assert time.monotonic() - started < 15, "the feed blocked on a stopped child"
+            assert not _alive(third)
+            assert (await _answer(port, bundle.ca_crt, "medium"))["allowed"] is False
+            assert supervisor.starts == 4
             second = supervisor.pid
         finally:
             task.cancel()

@@ -28,7 +28,10 @@ nobody feeds. The chart needs nothing new.
 
 Consistency: the :class:`Feed` applies a change to the operator's copies and
 sends it under one lock, and a (re)started child first receives a snapshot taken
-under the same lock, so it never misses a change nor sees one twice. It listens
+under the same lock, so it never misses a change nor sees one twice. A child that
+stops reading (wedged, stopped) is killed once a send has waited
+:data:`SEND_TIMEOUT_SECONDS`: the operator's watches never wait longer on it, and
+a child that missed a change never answers. It listens
 only once the snapshot is loaded: its first answer already knows every budget
 the operator knows.
 
@@ -51,6 +54,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -77,6 +81,10 @@ RESTART_MIN_SECONDS = 0.5
 RESTART_MAX_SECONDS = 30.0
 STABLE_SECONDS = 60.0
 STOP_SECONDS = 5.0  # SIGTERM, then SIGKILL after this long
+# A send to the admission process that cannot complete within this long (a child alive
+# but no longer reading) gives up: the child is killed and its successor gets a snapshot,
+# rather than the operator's watch threads and handlers waiting on it.
+SEND_TIMEOUT_SECONDS = 5
 # How the child starts (also what `ps` shows): this module's main(), imported once.
 ENTRY = "from token_budget.webhooks import process; raise SystemExit(process.main())"
 
@@ -150,8 +158,9 @@ class Feed:
     Applies the change to the operator's own :class:`~admission.AdmissionCache` and
     :class:`~directives.DirectiveStore` (the source of the next snapshot), then sends
     it to the admission process, both under one lock. Safe from any thread; a send
-    that fails (the child died) detaches it until the :class:`Supervisor` attaches
-    the next one.
+    that fails (the child died, or stopped reading for :data:`SEND_TIMEOUT_SECONDS`)
+    detaches it and calls ``lost`` (the :class:`Supervisor` kills it: a child that
+    missed a change must not answer) until the next one is attached.
     """
 
     def __init__(self, cache: admission.AdmissionCache,
@@ -160,6 +169,7 @@ class Feed:
         self.store = store
         self._lock = threading.Lock()
         self._conn: Connection | None = None
+        self._lost: Callable[[], None] | None = None
         self.sent = 0  # changes sent (for tests)
 
     def budget_event(self, body: dict[str, Any], deleted: bool) -> None:
@@ -190,20 +200,22 @@ class Feed:
         try:
             self._conn.send(message)
             self.sent += 1
-        except (OSError, ValueError) as exc:  # the child is gone: its successor gets a snapshot
-            log.info("admission process unreachable (%s); changes wait for its restart", exc)
+        except (OSError, ValueError) as exc:  # its successor gets a snapshot
+            log.warning("admission process unreachable (%s); it is replaced", exc)
             self._conn = None
+            if self._lost is not None:
+                self._lost()
 
-    def attach(self, conn: Connection) -> None:
-        """Send ``conn`` a snapshot, then every change after it."""
+    def attach(self, conn: Connection, lost: Callable[[], None] | None = None) -> None:
+        """Send ``conn`` a snapshot, then every change after it; ``lost`` if a send fails."""
         with self._lock:
-            self._conn = conn
+            self._conn, self._lost = conn, lost
             self._send(("snapshot", snapshot(self.cache, self.store)))
 
     def detach(self, conn: Connection) -> None:
         with self._lock:
             if self._conn is conn:
-                self._conn = None
+                self._conn, self._lost = None, None
 
 
 class Supervisor:
@@ -239,12 +251,14 @@ class Supervisor:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", ENTRY, "--fd", str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),), env=env)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", SEND_TIMEOUT_SECONDS, 0))
         conn = Connection(ours.detach())
         self.pid = proc.pid
         self.starts += 1
         try:
             await asyncio.to_thread(conn.send, self.config)
-            await asyncio.to_thread(self.feed.attach, conn)
+            await asyncio.to_thread(self.feed.attach, conn, lambda: _kill(proc.pid))
             log.info("admission process %s started (start %s)", proc.pid, self.starts)
             self.ready.set()
             return await proc.wait()
@@ -255,6 +269,12 @@ class Supervisor:
             self.feed.detach(conn)
             conn.close()
             self.pid = None
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL from any thread (the Supervisor then sees the exit and starts another)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
