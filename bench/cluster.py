@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +99,10 @@ class Cluster:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def operator(self, interval: float, *extra: str, identity: str = "bench") -> OperatorProcess:
+    def operator(self, interval: float, *extra: str, identity: str = "bench",
+                 command: Sequence[str] = ()) -> OperatorProcess:
         op = OperatorProcess(self.cp.kubeconfig, self.prometheus.url, self.workdir,
-                             interval_seconds=interval, identity=identity,
+                             interval_seconds=interval, identity=identity, command=command,
                              extra_args=["--lease-name", f"bench-{uuid.uuid4().hex[:6]}",
                                          *extra])
         op.start()

@@ -10,11 +10,17 @@ refused nor changed outside mandatory namespaces; the configurations carry the
 operator's own CA, fail open for pods and exclude system namespaces; the
 certificate lives in a Secret. Issue 19: the
 agent label's removal is refused where enrolment is mandatory, allowed elsewhere.
+Issue 16: a new pod costs one call (the mutating webhook refuses, no validating pod
+webhook exists, reinvoked if a later mutator changed the pod); the admission process,
+SIGKILLed, lets pods in meanwhile (fail open) and answers again within seconds.
 """
 
 from __future__ import annotations
 
 import base64
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,7 @@ from token_budget.kube import (
     Kube,
 )
 from token_budget.webhooks.certificates import SECRETS
-from token_budget.webhooks.configuration import NAME, VALIDATING
+from token_budget.webhooks.configuration import MUTATING, NAME, VALIDATING
 
 REPO = Path(__file__).resolve().parents[2]
 A = "tokenbudget.io/"
@@ -214,7 +220,13 @@ def test_the_configurations_fail_open_for_pods_and_trust_the_operators_own_ca(
         kube: Kube, operator: OperatorProcess) -> None:
     validating = kube.get(VALIDATING, None, NAME)
     hooks = {h["name"]: h for h in validating["webhooks"]}
-    pods = hooks["pods.tokenbudget.io"]
+    # One call per new pod: the mutating webhook denies too; none validates pods on create.
+    assert not [h for h in validating["webhooks"]
+                if any("pods" in r["resources"] and "CREATE" in r["operations"]
+                       for r in h["rules"])]
+    [pods] = kube.get(MUTATING, None, NAME)["webhooks"]
+    assert pods["name"] == "pods.tokenbudget.io"
+    assert pods["reinvocationPolicy"] == "IfNeeded"
     assert pods["failurePolicy"] == "Ignore" and pods["timeoutSeconds"] == 5
     assert pods["objectSelector"]["matchExpressions"][0]["key"] == A + "agent"
     skipped = pods["namespaceSelector"]["matchExpressions"][0]["values"]
@@ -265,3 +277,43 @@ def test_removing_the_agent_label_is_refused_only_where_enrolment_is_mandatory(
     eventually(allowed, 30, what="the removal allowed once not mandatory")
     assert A + "agent" not in (kube.get(DEPLOYMENTS, namespace, "agent")["metadata"]
                                .get("labels") or {})
+
+
+def test_the_admission_process_killed_fails_open_and_answers_again_within_seconds(
+        kube: Kube, operator: OperatorProcess, namespace: str) -> None:
+    """Issue 16: the webhooks run in a process of their own, which the operator restarts."""
+    kube.create(TOKENBUDGETS, namespace, {
+        "apiVersion": "tokenbudget.io/v1alpha1", "kind": "TokenBudget",
+        "metadata": {"name": "team"},
+        "spec": {"limits": [{"window": "1h", "tokens": 1_000_000}],
+                 "deniedModels": ["gpt-4o"]}})
+
+    def denied(name: str) -> str:
+        try:
+            kube.create(PODS, namespace, pod(name, model="gpt-4o"))
+        except EnforcementError as exc:
+            return str(exc)
+        kube.request("DELETE", PODS.path(namespace, name), {"gracePeriodSeconds": 0})
+        return ""
+
+    assert "model gpt-4o is not allowed" in eventually(lambda: denied("before"), 30,
+                                                       what="the webhook to know the budget")
+    first = webhooks.admission_process(operator)
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    killed = time.monotonic()
+    # Meanwhile the pod webhook fails open (failurePolicy: Ignore): the API server admits.
+    admitted = 0
+    for i in range(20):
+        if not denied(f"meanwhile-{i}"):
+            admitted += 1
+            break
+    assert admitted, "no pod was admitted while the admission process was down"
+    message = eventually(lambda: denied("after"), 30, interval=0.1,
+                         what="the restarted admission process to answer")
+    took = time.monotonic() - killed
+    assert "model gpt-4o is not allowed" in message
+    assert took < 10, f"admission answered again only after {took:.1f} s"
+    second = webhooks.admission_process(operator)
+    assert second not in (None, first)
+    assert "admission process exited" in operator.tail(200)

@@ -175,3 +175,17 @@ def deny_frontier_in(kube: Kube, namespace: str) -> str:
         "spec": {"namespaceSelector": {"matchLabels": {"environment": env}},
                  "deniedTiers": ["Frontier"], "limits": [{"window": "Month", "cost": "300"}]}})
     return env
+
+
+def admission_process(op: OperatorProcess) -> int | None:
+    """The pid of the operator's admission process (token_budget.webhooks.process), if any."""
+    if op.proc is None:
+        return None
+    for task in Path(f"/proc/{op.proc.pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if b"token_budget.webhooks import process" in \
+                            Path(f"/proc/{child}/cmdline").read_bytes():
+                        return int(child)
+    return None

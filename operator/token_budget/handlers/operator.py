@@ -65,7 +65,14 @@ from token_budget.kube import (
 )
 from token_budget.metrics.prometheus import Auth, PrometheusSource
 from token_budget.settings import Settings, from_args
-from token_budget.webhooks import admission, certificates, configuration, directives, rotation
+from token_budget.webhooks import (
+    admission,
+    certificates,
+    configuration,
+    directives,
+    process,
+    rotation,
+)
 
 log = logging.getLogger(__name__)
 registry = kopf.OperatorRegistry()
@@ -80,12 +87,9 @@ DEBOUNCE_SECONDS = 0.5
 # connections and 72 s without a limit (load 8 on 2 cores): the API server sets the pace,
 # not the pool. Each connection costs ~0.3 MiB.
 KOPF_CONNECTIONS = 32
-# asyncio gives every TLS connection a zero-filled read buffer of this size (256 KiB by
-# default, resident at once): with 1,000 agents long-polling the directive service that was
-# 284 MiB of the operator's memory (bench/directive_bench.py). Webhook reviews, directives
-# and the API server's answers arrive in pieces of a few KiB; a larger answer is read in
-# more chunks of this size, not refused.
-TLS_READ_BUFFER = 32 * 1024
+# The operator's TLS connections (kopf's, the evaluation's) get the admission process's
+# read buffer size too (see there).
+TLS_READ_BUFFER = process.TLS_READ_BUFFER
 
 
 @dataclass
@@ -109,7 +113,12 @@ class Runtime:
     catalogs_changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Governed pods' directives, for the directive service (on every replica).
     directive_store: directives.DirectiveStore = field(default_factory=directives.DirectiveStore)
-    directive_service: directives.Service | None = None
+    # Every change the admission process answers from goes through this (webhooks/process.py).
+    feed: process.Feed = field(init=False)
+    admission_process: process.Supervisor | None = None
+
+    def __post_init__(self) -> None:
+        self.feed = process.Feed(admission.cache, self.directive_store)
 
     def poke(self) -> None:
         """Ask for an evaluation soon; safe from any thread."""
@@ -140,15 +149,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
-    rt = _runtime
-    if rt is not None and rt.webhook_files is not None:
-        certfile, keyfile = rt.webhook_files
-        settings.admission.server = admission.Server(
-            addr=rt.settings.webhook_host, port=rt.settings.webhook_port,
-            certfile=str(certfile), pkeyfile=str(keyfile),
-            file_check_interval=_lifetimes(rt.settings).check_seconds,
-            dry_run=rt.settings.dry_run, directives=rt.directive_service)
-        settings.admission.managed = None  # the operator writes its own configurations
 
 
 @kopf.on.cleanup(registry=registry, id="release-lease")
@@ -199,7 +199,7 @@ def budget_changed(memo: Any, type: str | None, body: Any, resource: kopf.Resour
     # spec changes (a new generation) and deletions wake the loop early.
     meta = body.get("metadata", {})
     status = body.get("status") or {}
-    admission.cache.budget_event(dict(body), deleted=type == "DELETED")
+    _rt(memo).feed.budget_event(dict(body), deleted=type == "DELETED")
     res = _FINALIZED.get(resource.plural)
     if res is not None:
         _rt(memo).pending.observe(res, dict(body), deleted=type == "DELETED")
@@ -222,11 +222,7 @@ def namespace_changed(memo: Any, type: str | None, body: Any, **_: Any) -> None:
     rt = _rt(memo)
     name = body.get("metadata", {}).get("name", "")
     labels = dict(body.get("metadata", {}).get("labels") or {})
-    with admission.cache.lock:
-        if type == "DELETED":
-            admission.cache.namespaces.pop(name, None)
-        else:
-            admission.cache.namespaces[name] = labels
+    rt.feed.namespace(name, None if type == "DELETED" else labels)
     if type == "DELETED":
         rt.namespace_labels.pop(name, None)
         rt.poke()
@@ -258,18 +254,18 @@ def _watch(rt: Runtime, res: Any, selector: str, namespace: str | None = None) -
             version = (data.get("metadata") or {}).get("resourceVersion")
             serves = res.kind == "Pod" and selector == rt.settings.agent_label
             if serves:  # the directive service answers from this list and the events after it
-                rt.directive_store.replace(namespace, kube.list(res, namespace, selector))
+                rt.feed.pods(namespace, kube.list(res, namespace, selector))
             if res.kind != "Pod":  # owners' directives, for stamping their new pods
                 for obj in kube.iter_list(res, namespace, selector):
-                    admission.cache.workload_event(obj, deleted=False)
+                    rt.feed.workload_event(obj, deleted=False)
             for event in kube.stream(res.path(namespace), {
                     "labelSelector": selector, "watch": "true", "resourceVersion": version,
                     "allowWatchBookmarks": "false", "timeoutSeconds": 240}, rt.stop):
                 obj = event.get("object") or {}
                 if res.kind != "Pod" and obj.get("kind") == res.kind:
-                    admission.cache.workload_event(obj, deleted=event.get("type") == "DELETED")
+                    rt.feed.workload_event(obj, deleted=event.get("type") == "DELETED")
                 if serves and obj.get("kind") == "Pod":
-                    rt.directive_store.pod_event(obj, deleted=event.get("type") == "DELETED")
+                    rt.feed.pod_event(obj, deleted=event.get("type") == "DELETED")
                 if res.kind != "Pod" or _pod_needs_evaluation(rt, event):
                     rt.poke()
         except Exception as exc:  # noqa: BLE001 - a watch must survive anything
@@ -393,6 +389,18 @@ def setup_webhooks(rt: Runtime) -> None:
              bundle.not_after().isoformat())
 
 
+def admission_config(rt: Runtime) -> process.Config:
+    """What the admission process serves: port, certificate files, dry-run, directives."""
+    s = rt.settings
+    assert rt.webhook_files is not None, "setup_webhooks first"
+    certfile, keyfile = rt.webhook_files
+    return process.Config(
+        host=s.webhook_host, port=s.webhook_port, certfile=str(certfile), keyfile=str(keyfile),
+        check_seconds=_lifetimes(s).check_seconds, dry_run=s.dry_run,
+        directives=s.directives, token_cache_seconds=s.directive_token_cache_seconds,
+        readers=frozenset(s.directive_readers), verbose=s.verbose)
+
+
 def prime_admission_cache(rt: Runtime) -> None:
     """Fill the webhook's cache from lists, so its first answer already knows every budget.
 
@@ -407,7 +415,7 @@ def prime_admission_cache(rt: Runtime) -> None:
     for res, ns in sources:
         try:
             for obj in kube.list(res, ns):
-                admission.cache.budget_event(obj, deleted=False)
+                rt.feed.budget_event(obj, deleted=False)
         except EnforcementError as exc:  # the watches fill it in later
             log.warning("could not list %s for the webhook cache: %s", res.plural, exc)
     try:
@@ -415,9 +423,7 @@ def prime_admission_cache(rt: Runtime) -> None:
         for obj in kube.list(NAMESPACES, None):
             meta = obj.get("metadata") or {}
             if names is None or meta.get("name") in names:
-                with admission.cache.lock:
-                    admission.cache.namespaces[meta.get("name", "")] = dict(
-                        meta.get("labels") or {})
+                rt.feed.namespace(meta.get("name", ""), meta.get("labels") or {})
     except EnforcementError as exc:
         log.warning("could not list namespaces for the webhook cache: %s", exc)
 
@@ -446,14 +452,6 @@ async def publish_webhooks(rt: Runtime) -> None:
     if rt.webhook_rotation is not None:
         await rt.webhook_rotation.run()  # from now on: renewals, other replicas' renewals
 
-
-
-def _token_review(kube: Kube, token: str) -> dict[str, Any]:
-    """The status of a TokenReview of ``token`` (who the API server says it is)."""
-    answer = kube.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body={
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-        "spec": {"token": token}}, timeout=10.0)
-    return dict(answer.get("status") or {})
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -494,17 +492,9 @@ async def serve(settings: Settings) -> None:
                                                 name=f"watch-{res.plural}", daemon=True))
     for thread in threads:
         thread.start()
-    rt.directive_store.bind(asyncio.get_running_loop())
-    if settings.webhook_port and settings.directives:
-        rt.directive_service = directives.Service(rt.directive_store, directives.Authenticator(
-            lambda token: asyncio.to_thread(_token_review, rt.kube, token),
-            settings.directive_token_cache_seconds),
-            readers=frozenset(settings.directive_readers))
     if settings.webhook_port:
-        # Registered only when served: kopf refuses to start with admission handlers
-        # and no webhook server.
-        admission.register(registry, dry_run=settings.dry_run)
         setup_webhooks(rt)
+        rt.admission_process = process.Supervisor(admission_config(rt), rt.feed)
     # Everything built so far (modules, settings, clients) lives as long as the process:
     # out of the collector's sight, a full collection takes 1-2 ms instead of 90-160 ms
     # (80k objects), which stalled every webhook answer queued behind it.
@@ -521,6 +511,9 @@ async def serve(settings: Settings) -> None:
     ]
     # Not among `tasks`: it survives its own failures (see rotation.Rotation.run).
     publisher = asyncio.create_task(publish_webhooks(rt)) if rt.webhook_configurations else None
+    # Nor this one: it restarts the admission process whenever it exits.
+    admitting = asyncio.create_task(rt.admission_process.run()) \
+        if rt.admission_process is not None else None
     tasks.append(asyncio.create_task(catalogs.keep_statuses(
         rt.evaluator.kube, lambda: rt.elector.is_leader, rt.catalogs_changed,
         settings.interval_seconds)))
@@ -532,6 +525,10 @@ async def serve(settings: Settings) -> None:
         rt.stop.set()
         for t in [*tasks, *([publisher] if publisher else [])]:
             t.cancel()
+        if admitting is not None:
+            admitting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await admitting  # the admission process stopped, not orphaned
         await rt.elector.release()
 
 

@@ -3,50 +3,50 @@
 * ``validate-budgets`` / ``validate-catalogs``: the rules a schema cannot say
   (the same :mod:`token_budget.api.rules` as ``tokenbudget validate``); each
   rejection names the field and what would be valid.
-* ``validate-pods`` / ``validate-workloads``: deny a governed pod (or a new
-  Deployment, StatefulSet, Job, CronJob) in a scope whose budget is Blocked, or
-  one that declares a model its budgets do not allow
-  (:mod:`token_budget.policy.admission`).
+* ``mutate-pods``: the one call a new governed pod costs. It denies the pod in
+  a scope whose budget is Blocked, or one that declares a model its budgets do
+  not allow (:mod:`token_budget.policy.admission`); else it stamps the current
+  directive, from its owner's annotations when it has them, else from the
+  budgets' state; with the opt-in label ``tokenbudget.io/inject=true`` also
+  mounts the downward API file the agent helper reads; with the directive
+  service on, adds the variables that name its URL to every container
+  (:mod:`token_budget.webhooks.directives`). A mutating webhook may deny, so a
+  validating pod webhook would only be a second round trip for every pod
+  (:mod:`token_budget.webhooks.configuration` says why it is reinvoked).
+* ``validate-workloads``: deny a new Deployment, StatefulSet, Job or CronJob
+  whose pod template the same checks would refuse.
 * ``keep-agent-label-*``: refuse an update of a pod or workload that removes
   the agent label (from the object or its pod template) while its namespace is
   under mandatory enrolment (:func:`token_budget.policy.engine.mandatory_namespaces`).
-* ``mutate-pods``: stamp the current directive on a new governed pod, from its
-  owner's annotations when it has them, else from the budgets' state; with the
-  opt-in label ``tokenbudget.io/inject=true`` also mount the downward API file
-  the agent helper reads; with the directive service on, add the variables
-  that name its URL to every container (:mod:`token_budget.webhooks.directives`),
-  and the admin's gateway variables (``--gateway-env``) a container does not set.
-* ``mutate-pods`` (again, for unlabelled pods) and ``enrol-*``: in a namespace
-  under mandatory enrolment, add the agent label to a new pod or workload that
-  shows an LLM signal (:mod:`token_budget.policy.signals`), on the object and
-  its pod template at creation; at an update on the object only, never on the
-  template, whose change would roll the workload's pods.
+* ``mutate-pods`` (again, for unlabelled pods: ``enrol-pods``) and ``enrol-*``:
+  in a namespace under mandatory enrolment, add the agent label to a new pod or
+  workload that shows an LLM signal (:mod:`token_budget.policy.signals`), on
+  the object and its pod template at creation; at an update on the object only,
+  never on the template, whose change would roll the workload's pods. A pod
+  enrolled so is judged as a governed pod at once (denied while Blocked); the
+  admin's gateway variables (``--gateway-env``) are added to the containers of
+  a new governed pod that do not set them.
 
-Answers come from an in-memory :class:`AdmissionCache` kept current by the
-operator's watches, never from a request to the API server or Prometheus. The
-pod answers are memoised per namespace, namespace labels, pod labels and
-declared models (the pods of one ReplicaSet share all four), so a burst of pods
-costs one policy evaluation; any budget or catalog event forgets them.
+Answers come from an in-memory :class:`AdmissionCache`, never from a request to
+the API server or Prometheus. It lives in the admission process
+(:mod:`token_budget.webhooks.process`), fed by the operator's watches over a
+pipe. The pod answers are memoised per namespace, namespace labels, pod labels
+and declared models (the pods of one ReplicaSet share all four), so a burst of
+pods costs one policy evaluation; any budget or catalog event forgets them.
 
 With the operator's global ``--dry-run`` the pod and workload webhooks deny
 nothing and mutate nothing: the answer allows the object unchanged and carries
 ``warnings`` saying what would have happened (``kubectl`` prints them). Budgets
 and catalogs are still validated: an invalid one is refused in dry-run too.
 
-Two ways to serve the same handlers (:data:`ENDPOINTS`)::
+One path serves them (:data:`ENDPOINTS`)::
 
     API server ──HTTPS──► Server (aiohttp) ─► respond(webhook, review) ─► handler ─► Answer
-    API server ──HTTPS──► kopf.WebhookServer ─► kopf's admission engine ─► register()'s adapters
 
 :class:`Server` answers an AdmissionReview with nothing between aiohttp and
-the handler: no kopf cause, memo, diff, handler state, thread-pool hop, JSON-patch
-diff of the whole pod or log lines. Through kopf a pod review cost the operator
-about 1.5 ms of CPU, through :class:`Server` 0.6-0.7 ms, most of it aiohttp and
-TLS (bench/admission_bench.py). It speaks kopf's server protocol, so it can be
-kopf's ``settings.admission.server``, which then never calls kopf's admission
-engine.
-:func:`register` keeps the same handlers available to ``kopf.WebhookServer``;
-both produce the same answers (tests/unit/test_admission_webhooks.py).
+the handler: no framework cause, diff, thread-pool hop, JSON-patch diff of the
+whole pod or log lines (0.6-0.7 ms of CPU a review, most of it aiohttp and TLS;
+bench/admission_bench.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import kopf
 import pydantic
 from aiohttp import web
 
@@ -84,6 +83,10 @@ MOUNT_PATH = "/etc/tokenbudget"
 # Memoised pod answers kept at most; past it they are all dropped (a cluster with that
 # many distinct label sets among new pods gets no help from a memo anyway).
 MEMO_SIZE = 4096
+# Idle seconds before the server closes a client connection: longer than the 90 s the API
+# server's Go client keeps an idle one, so the client closes first and never sends on a
+# connection the server is closing (aiohttp's default is 75 s).
+KEEPALIVE_SECONDS = 120.0
 
 _Labels = frozenset[tuple[str, str]]
 _MemoKey = tuple[str, str, _Labels, _Labels, tuple[str, ...]]
@@ -374,10 +377,6 @@ def validate_ours(obj: dict[str, Any]) -> Answer:
     return Answer()
 
 
-def validate_pod(obj: dict[str, Any]) -> Answer:
-    return _review(obj, obj)
-
-
 def validate_workload(obj: dict[str, Any]) -> Answer:
     return _review(obj, pod_template(obj), of=f"{obj.get('kind')} pod template")
 
@@ -421,7 +420,22 @@ def _no_new_object(obj: dict[str, Any]) -> Answer:
 
 
 def mutate_pod(obj: dict[str, Any]) -> Answer:
+    """Deny the pod as :func:`_review` does, else the patch of :func:`_mutation`.
+
+    A pod that enrolment labels here is judged with that label, as the governed
+    pod it becomes: no other webhook call follows to judge it.
+    """
     m = _mutation(obj)
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if cache.agent_label in m.labels and cache.agent_label not in labels:
+        judged: Mapping[str, Any] = {**obj, "metadata": {**meta, "labels": {**labels,
+                                                                           **m.labels}}}
+    else:
+        judged = obj
+    refused = _review(obj, judged)
+    if not refused.allowed:
+        return Answer(False, refused.message, refused.code, warnings=m.warnings)
     return Answer(patch=_json_patch(obj, m), warnings=m.warnings)
 
 
@@ -627,8 +641,8 @@ _Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
 class Endpoint:
     """One webhook path: the resource it judges, its handler, its configuration's operations.
 
-    The operations are what kopf's registration and the configurations send; like
-    kopf's admission engine, :func:`respond` judges whatever operation arrives.
+    The operations are what the configurations send; like kopf's admission engine,
+    :func:`respond` judges whatever operation arrives.
     """
 
     group: str
@@ -660,7 +674,6 @@ ENDPOINTS: dict[str, Endpoint] = {
                                          validate_ours, enforces=False),
     "validate-catalogs": Endpoint(api.GROUP, api.VERSION, "modelcatalogs", _CU, validate_ours,
                                   enforces=False),
-    "validate-pods": Endpoint("", "v1", "pods", _C, validate_pod),
     **{f"validate-{plural}": Endpoint(group, "v1", plural, _C, validate_workload)
        for plural, group in (("deployments", "apps"), ("statefulsets", "apps"),
                              ("jobs", "batch"), ("cronjobs", "batch"))},
@@ -741,17 +754,31 @@ def respond(webhook: str, review: Mapping[str, Any], dry_run: bool = False) -> d
 
 
 # ---------------------------------------------------------------------------
-# serving: our own aiohttp server, or kopf's
+# serving
 # ---------------------------------------------------------------------------
 
 
 class Server:
     """HTTPS for :data:`ENDPOINTS`: aiohttp and :func:`respond`, nothing per request besides.
 
-    Speaks kopf's webhook-server protocol (``kopf.WebhookServer``'s): kopf calls it
-    with its admission function, which it never uses, and it yields the client
-    config once it listens. No access log: a line per request costs about 0.1 ms of
-    CPU at hundreds of pods a second, and the API server's audit log has them.
+    Calling it gives an async iterator that yields the client config once it listens
+    and serves until closed (the admission process runs it:
+    :mod:`token_budget.webhooks.process`). No access log: a line per request costs
+    about 0.1 ms of CPU at hundreds of pods a second, and the API server's audit log
+    has them.
+
+    Connections stay open between requests (HTTP/1.1 keep-alive, closed after
+    :data:`KEEPALIVE_SECONDS` idle, longer than the 90 s the API server's client keeps
+    an idle one), so the API server pays one TLS handshake per connection it keeps,
+    not per review. HTTP/2 would not help: kube-apiserver's webhook client offers only
+    ``http/1.1`` in ALPN to every webhook behind a Service and to every URL webhook
+    that is not on loopback (k8s.io/apiserver pkg/util/webhook/client.go, v0.35.0;
+    kubernetes/kubernetes#75791: one HTTP/2 connection would pin all calls to one
+    replica). Its transport keeps at most 25 idle connections per host (client-go
+    transport/cache.go): more calls in flight than that open new connections, closed
+    after their one call, which is where the 650-780 handshakes per 2,400 pods came
+    from at 692 ms p99 (200 pods/s x 2 calls x latency). The cure is the latency (one
+    call per pod, this server out of the evaluation's process), not the protocol.
 
     Certificate reload: every ``file_check_interval`` seconds it reads the two
     files; when they changed and make a valid pair it builds a new SSLContext,
@@ -792,12 +819,12 @@ class Server:
         if self._context is not None and self._context is not listening:
             conn.context = self._context
 
-    async def __call__(self, fn: kopf.WebhookFn | None = None
-                       ) -> AsyncIterator[kopf.WebhookClientConfig]:
+    async def __call__(self) -> AsyncIterator[dict[str, str]]:
         listening = self._context = self._load()
         listening.sni_callback = self._current
         digest = self._digest()
-        runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
+        runner = web.AppRunner(self.app(), handle_signals=False, access_log=None,
+                               keepalive_timeout=KEEPALIVE_SECONDS)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.addr or None, self.port, ssl_context=listening,
@@ -845,47 +872,3 @@ class Server:
         except ValueError as exc:  # BadReview, invalid JSON
             raise web.HTTPBadRequest(reason=str(exc)) from exc
         return web.Response(body=json.dumps(out).encode(), content_type="application/json")
-
-
-def register(registry: kopf.OperatorRegistry, dry_run: bool = False) -> None:
-    """Register :data:`ENDPOINTS` as kopf admission handlers, for ``kopf.WebhookServer``.
-
-    Not needed with :class:`Server`, which answers without kopf's admission engine.
-    The handlers are coroutines, so kopf runs them in its event loop and not in its
-    thread pool: a hop there and back waits for the GIL twice, up to the 5 ms switch
-    interval each while the watch threads or an evaluation hold it.
-    """
-    for webhook, endpoint in ENDPOINTS.items():
-        on = kopf.on.mutate if endpoint.mutating else kopf.on.validate
-        on(endpoint.group, endpoint.version, endpoint.plural, id=webhook, registry=registry,
-           operations=sorted(endpoint.operations))(_kopf_handler(endpoint, dry_run))
-
-
-def _kopf_handler(endpoint: Endpoint, dry_run: bool) -> Callable[..., Any]:
-    if dry_run and endpoint.enforces:
-        async def warn(body: kopf.Body, warnings: list[str], old: Any = None, **_: Any
-                       ) -> None:
-            warnings.extend(endpoint.judge(dict(body), old).dry_run().warnings)
-
-        return warn
-    if endpoint.mutating:
-        async def mutate(body: kopf.Body, patch: kopf.Patch, warnings: list[str],
-                         old: Any = None, **_: Any) -> None:
-            answer = endpoint.judge(dict(body), old)
-            warnings.extend(answer.warnings)
-            for op in answer.patch:  # only "add"s: each is a key of kopf's merge-style patch
-                parts = [p.replace("~1", "/").replace("~0", "~")
-                         for p in str(op["path"]).split("/")[1:]]
-                node: dict[str, Any] = patch
-                for part in parts[:-1]:
-                    node = node.setdefault(part, {})
-                node[parts[-1]] = op["value"]
-
-        return mutate
-
-    async def validate(body: kopf.Body, old: Any = None, **_: Any) -> None:
-        answer = endpoint.judge(dict(body), old)
-        if not answer.allowed:
-            raise kopf.AdmissionError(answer.message, code=answer.code)
-
-    return validate

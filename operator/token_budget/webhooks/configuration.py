@@ -21,6 +21,17 @@ operator builds them (pure :func:`configurations`) and keeps them current
 * system namespaces and the operator's own are excluded (``namespaceSelector``);
 * our own kinds fail closed (``failurePolicy: Fail``): an invalid budget must
   not slip in while the operator restarts (configurable);
+* a new agent pod costs one call, to ``mutate-pods``, which denies as well as
+  stamps (there is no validating pod webhook). It is ``reinvocationPolicy:
+  IfNeeded``: a validating webhook runs after every mutation and judged the
+  final pod, a mutating one runs in turn with the others (by their
+  configurations' names), and a mutator called after it may change what it
+  judged (a platform injector that sets ``LLM_MODEL``, a sidecar). With
+  ``IfNeeded`` the API server calls it once more when, and only when, a later
+  mutation changed the pod, so it judges the model that will run; without one
+  it costs nothing. Its answer is idempotent (a second call adds nothing the
+  first one added, beyond a fresh ``updated-at``). A mutator that changes the
+  pod again after the reinvocation is outside what one webhook can see;
 * the ``caBundle`` follows the certificate Secret: every replica checks it
   (:func:`trusts`) each time it reads the Secret and rewrites it when it differs.
 """
@@ -102,8 +113,6 @@ def configurations(client: dict[str, Any], ca_bundle: bytes, operator_namespace:
             _webhook("catalogs", "validate-catalogs",
                      [rule(api.GROUP, api.VERSION, "modelcatalogs", cud)],
                      client, ca_bundle, budgets_failure, 10, {}, None),
-            _webhook("pods", "validate-pods", [rule("", "v1", "pods", ["CREATE"])],
-                     client, ca_bundle, pods_failure, pods_timeout, ns_sel, agents),
             *[
                 _webhook(plural, f"validate-{plural}", [rule(group, "v1", plural, ["CREATE"])],
                          client, ca_bundle, pods_failure, pods_timeout, ns_sel, agents)
@@ -128,7 +137,7 @@ def configurations(client: dict[str, Any], ca_bundle: bytes, operator_namespace:
         "webhooks": [
             {**_webhook("pods", "mutate-pods", [rule("", "v1", "pods", ["CREATE"])],
                         client, ca_bundle, pods_failure, pods_timeout, ns_sel, agents),
-             "reinvocationPolicy": "Never"},
+             "reinvocationPolicy": "IfNeeded"},
             # After "pods": an object these label is not sent to it again (the API server
             # matches each webhook's selector against the object as mutated so far), and
             # the validating webhooks, called after every mutation, see the label.

@@ -272,6 +272,24 @@ class DirectiveStore:
         woken += [(_IP, ip) for ip in touched]
         return woken
 
+    def entries(self) -> list[Entry]:
+        """Every pod's entry (a copy, for a snapshot)."""
+        with self._lock:
+            return list(self._pods.values())
+
+    def load(self, entries: Iterable[Entry]) -> None:
+        """Hold exactly ``entries`` (from :meth:`entries` elsewhere), the IP index with them;
+        the waiters of whatever changed are woken."""
+        new = {(e.namespace, e.name): e for e in entries}
+        woken: list[_Key] = []
+        with self._lock:
+            for k in [k for k in self._pods if k not in new]:
+                woken += self._put(k, None)
+            for k, e in new.items():
+                woken += self._put(k, e)
+        for k in woken:
+            self._wake(k)
+
     def _wake(self, key: _Key) -> None:
         if self._loop is None or key not in self._waiters:
             return
