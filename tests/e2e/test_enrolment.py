@@ -120,7 +120,11 @@ def test_a_team_that_drops_the_agent_label_is_still_stopped_under_a_mandatory_bu
     eventually(lambda: _replicas(kube, ns, "agent") == 0, 30,
                what="the unlabelled Deployment scaled to zero")
     assert ann(kube.get(DEPLOYMENTS, ns, "agent"))["budget"] == f"ClusterTokenBudget/{name}"
-    status = kube.get(CLUSTERTOKENBUDGETS, None, name)["status"]
+    # The status is written after the workloads are acted on: wait for the Block in it.
+    status = eventually(lambda: (kube.get(CLUSTERTOKENBUDGETS, None, name).get("status") or {})
+                        .get("state") == "Blocked"
+                        and kube.get(CLUSTERTOKENBUDGETS, None, name)["status"], 30,
+                        what="the cluster budget's status saying Blocked")
     assert "ungovernedWorkloads" not in status, "under mandatory enrolment it is governed"
     team = eventually(lambda: (kube.get(TOKENBUDGETS, ns, "team").get("status") or {})
                       .get("usedPercent") == 15 and kube.get(TOKENBUDGETS, ns, "team")["status"],

@@ -224,8 +224,12 @@ def test_the_configurations_fail_open_for_pods_and_trust_the_operators_own_ca(
     assert not [h for h in validating["webhooks"]
                 if any("pods" in r["resources"] and "CREATE" in r["operations"]
                        for r in h["rules"])]
-    [pods] = kube.get(MUTATING, None, NAME)["webhooks"]
-    assert pods["name"] == "pods.tokenbudget.io"
+    mutating = [h["name"] for h in kube.get(MUTATING, None, NAME)["webhooks"]]
+    # Labelled pods first; enrolment's webhooks (unlabelled objects) after it.
+    assert mutating[0] == "pods.tokenbudget.io"
+    assert set(mutating[1:]) == {f"enrol-{p}.tokenbudget.io" for p in (
+        "pods", "deployments", "statefulsets", "jobs", "cronjobs")}
+    pods = kube.get(MUTATING, None, NAME)["webhooks"][0]
     assert pods["reinvocationPolicy"] == "IfNeeded"
     assert pods["failurePolicy"] == "Ignore" and pods["timeoutSeconds"] == 5
     assert pods["objectSelector"]["matchExpressions"][0]["key"] == A + "agent"
