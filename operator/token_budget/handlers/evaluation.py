@@ -32,6 +32,7 @@ from token_budget.api import v1alpha1 as api
 from token_budget.enforcement import patches
 from token_budget.errors import EnforcementError, TargetNotFound
 from token_budget.handlers import status as statuses
+from token_budget.handlers.store import Feed, Store, Watcher
 from token_budget.handlers.telemetry import Telemetry
 from token_budget.kube import (
     CLUSTERTOKENBUDGETS,
@@ -82,6 +83,10 @@ def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
     evaluation's memory.
     """
     wanted = set(model_env)
+    return _trim(obj, wanted)
+
+
+def _trim(obj: Mapping[str, Any], wanted: set[str]) -> Obj:
 
     def ours(ann: Mapping[str, str] | None) -> dict[str, str]:
         return {k: v for k, v in (ann or {}).items() if k.startswith(api.PREFIX)}
@@ -116,8 +121,11 @@ def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
             out_meta["deletionTimestamp"] = meta["deletionTimestamp"]
         # And whether it is old enough to have been scraped (Workload.settled_pods).
         out_meta["creationTimestamp"] = meta.get("creationTimestamp")
+        pod_spec = pod(obj)["spec"]
+        if spec.get("serviceAccountName"):  # who may read its directive
+            pod_spec["serviceAccountName"] = spec["serviceAccountName"]
         return {"kind": kind, "apiVersion": obj.get("apiVersion"), "metadata": out_meta,
-                "spec": pod(obj)["spec"],
+                "spec": pod_spec,
                 "status": {"phase": (obj.get("status") or {}).get("phase")}}
     out_spec: Obj = {k: spec[k] for k in ("replicas", "suspend") if k in spec}
     if kind == "CronJob":
@@ -141,6 +149,55 @@ def enforced_only(agent_label: str) -> str:
     every governed object (which carries both labels) coming back a second time.
     """
     return f"{patches.ENFORCED_LABEL},!{agent_label}"
+
+
+#: Kinds an evaluation reads per governed object: workloads and their pods.
+_GOVERNED = (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS)
+
+
+def base_feeds(settings: Settings) -> list[Feed]:
+    """What every evaluation reads, as feeds: budgets, catalogs, namespaces, autoscalers,
+    and agent workloads and pods (by their label: other pods are never received)."""
+    scopes: list[str | None] = list(settings.namespaces) or [None]
+    label = settings.agent_label
+    feeds = [Feed(MODELCATALOGS), Feed(CLUSTERTOKENBUDGETS), Feed(NAMESPACES)]
+    for ns in scopes:
+        feeds += [Feed(TOKENBUDGETS, ns), Feed(HPAS, ns)]
+        feeds += [Feed(res, ns, sel) for res in _GOVERNED
+                  for sel in (label, enforced_only(label))]
+    return feeds
+
+
+def mandatory_feeds(namespaces: Iterable[str]) -> list[Feed]:
+    """Every workload and pod of the namespaces under mandatory enrolment, by namespace."""
+    return [Feed(res, ns) for ns in sorted(namespaces) for res in _GOVERNED]
+
+
+def trim_for(settings: Settings) -> Callable[[Feed, Obj], Obj | None]:
+    """What the store keeps of each received object (None: not kept)."""
+    wanted = set(settings.model_env)
+
+    def trim(feed: Feed, obj: Obj) -> Obj | None:
+        kind = feed.res.kind
+        meta = obj.get("metadata") or {}
+        if kind == "Namespace":
+            return {"kind": kind, "apiVersion": "v1", "metadata": {
+                "name": meta.get("name"), "labels": dict(meta.get("labels") or {}),
+                "resourceVersion": meta.get("resourceVersion")}}
+        if kind not in WORKLOADS:
+            meta.pop("managedFields", None)
+            return obj
+        if feed.selector is None and kind == "Pod" and not any(
+                r.get("kind") in _STOPPABLE_OWNERS for r in meta.get("ownerReferences") or ()):
+            return None  # mandatory namespace: a pod nothing of ours owns is never held
+        return _trim(obj, wanted)
+
+    return trim
+
+
+#: Seconds an evaluation waits for the feeds it reads to have listed (a fresh start, a new
+#: mandatory namespace) before it gives up until the next interval.
+READY_SECONDS = 120.0
 
 
 @dataclass
@@ -176,31 +233,64 @@ class Outcome:
 
 
 class Evaluator:
-    """Runs evaluations; owns nothing but clients: all state is read from the API."""
+    """Runs evaluations; owns nothing but clients and what the watches keep.
+
+    With a ``watcher`` (the operator), an evaluation reads the watches' store and sends
+    no request to read; it waits only until the feeds it reads have listed once. Without
+    (tools, tests), it lists everything it reads, as the store would hold it.
+    """
 
     def __init__(self, kube: Kube, source: PrometheusSource, settings: Settings,
                  telemetry: Telemetry | None = None,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 watcher: Watcher | None = None) -> None:
         self.kube = kube
         self.source = source
         self.settings = settings
         self.telemetry = telemetry or Telemetry(None)
         self.clock = clock
+        self.watcher = watcher
+        self._mandatory: frozenset[str] = frozenset()  # namespaces whose feeds run
         self._keda_checked: tuple[float, bool] | None = None
 
     # -- gather ------------------------------------------------------------------
 
+    @property
+    def store(self) -> Store | None:
+        return self.watcher.store if self.watcher is not None else None
+
     def _namespaces(self) -> list[str | None]:
         return list(self.settings.namespaces) or [None]
+
+    def _items(self, res: Resource, ns: str | None, selector: str | None) -> Iterable[Obj]:
+        if self.store is None:
+            return self.kube.iter_list(res, ns, selector)
+        return self.store.items(Feed(res, ns, selector))
 
     def _list(self, res: Resource, selector: str | None = None) -> Iterator[Obj]:
         """Every object, page by page: a caller that keeps a part frees each page."""
         for ns in (self._namespaces() if res.namespaced else [None]):
-            yield from self.kube.iter_list(res, ns, selector)
+            yield from self._items(res, ns, selector)
+
+    def _want(self, mandatory: Iterable[str] = ()) -> None:
+        """Run the feeds this evaluation reads and wait until each has listed once."""
+        if self.watcher is None:
+            return
+        feeds = [*base_feeds(self.settings), *mandatory_feeds(mandatory)]
+        if self._keda():
+            feeds += [Feed(SCALEDOBJECTS, ns) for ns in self._namespaces()]
+        self.watcher.want(feeds)
+        self.watcher.store.wait(feeds, READY_SECONDS)
+
+    def _observed(self, res: Resource, obj: Obj) -> None:
+        """A written object as the API server returned it: read until its watch event."""
+        if self.store is not None and isinstance(obj, dict) and obj.get("metadata"):
+            self.store.observed(res, obj)
 
     def gather(self) -> Gathered:
         g = Gathered()
-        for body in self.kube.list(MODELCATALOGS):
+        self._want(self._mandatory)
+        for body in self._list(MODELCATALOGS):
             try:
                 g.catalogs.append(api.ModelCatalog.model_validate(body))
             except pydantic.ValidationError as exc:
@@ -221,7 +311,7 @@ class Evaluator:
                         g.budget_bodies[BudgetKey.of(obj)] = body
                         continue
                 g.invalid.append((body, found))
-        for body in self.kube.iter_list(NAMESPACES):
+        for body in self._list(NAMESPACES):
             name = body["metadata"]["name"]
             if self.settings.namespaces and name not in self.settings.namespaces:
                 continue
@@ -231,24 +321,30 @@ class Evaluator:
 
     def _gather_workloads(self, g: Gathered) -> None:
         label = self.settings.agent_label
-        for res in (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS):
+        cached = self.store is not None  # the store holds them trimmed already
+        for res in _GOVERNED:
             for selector in (label, enforced_only(label)):
                 for obj in self._list(res, selector):
-                    g.objects[_key(obj)] = trimmed(obj, self.settings.model_env)
+                    g.objects[_key(obj)] = obj if cached else \
+                        trimmed(obj, self.settings.model_env)
         # Mandatory enrolment: in those namespaces (and only there) every object of the
-        # kinds the operator can stop is listed whatever its labels, and the pods they own.
+        # kinds the operator can stop is read whatever its labels, and the pods they own.
         g.mandatory = engine.mandatory_namespaces(g.budgets, g.namespaces)
+        if g.mandatory != self._mandatory:
+            self._mandatory = g.mandatory  # their feeds start (or stop) now
+            self._want(g.mandatory)
         enrolled: set[WorkloadKey] = set()
         for ns in sorted(g.mandatory):
-            for res in (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS):
-                for obj in self.kube.iter_list(res, ns, None):
+            for res in _GOVERNED:
+                for obj in self._items(res, ns, None):
                     key = _key(obj)
                     if res is PODS and not any(
                             r.get("kind") in _STOPPABLE_OWNERS
                             for r in (obj.get("metadata") or {}).get("ownerReferences") or ()):
                         continue  # dropped below anyway: never held, however many there are
                     if key not in g.objects:
-                        g.objects[key] = trimmed(obj, self.settings.model_env)
+                        g.objects[key] = obj if cached else \
+                            trimmed(obj, self.settings.model_env)
                         enrolled.add(key)
         units: set[WorkloadKey] = set()
         for key, obj in g.objects.items():
@@ -436,7 +532,7 @@ class Evaluator:
                  (patches.PREVIOUS_REPLICAS in ann and spec.get("replicas", 1) != 0
                   or patches.PREVIOUS_SUSPEND in ann and not spec.get("suspend", False)))
         try:
-            self.kube.patch(res, key.namespace, key.name, patch)
+            self._observed(res, self.kube.patch(res, key.namespace, key.name, patch))
             log.info("%s: %s", key, patches.describe(patch))
         except TargetNotFound:
             return  # gone since we listed it: nothing to enforce
@@ -495,8 +591,8 @@ class Evaluator:
         res = TOKENBUDGETS if body.get("kind") == "TokenBudget" else CLUSTERTOKENBUDGETS
         meta = body["metadata"]
         try:
-            self.kube.patch(res, meta.get("namespace"), meta["name"],
-                            statuses.status_patch(old, new), sub="status")
+            self._observed(res, self.kube.patch(res, meta.get("namespace"), meta["name"],
+                                                statuses.status_patch(old, new), sub="status"))
             log.info("status of %s %s: %s (%s%%)", body.get("kind"), meta["name"],
                      new.get("state"), new.get("usedPercent"))
         except TargetNotFound:
