@@ -120,7 +120,9 @@ def test_a_team_that_drops_the_agent_label_is_still_stopped_under_a_mandatory_bu
     eventually(lambda: _replicas(kube, ns, "agent") == 0, 30,
                what="the unlabelled Deployment scaled to zero")
     assert ann(kube.get(DEPLOYMENTS, ns, "agent"))["budget"] == f"ClusterTokenBudget/{name}"
-    status = kube.get(CLUSTERTOKENBUDGETS, None, name)["status"]
+    # The same evaluation writes the status after the workloads (act, then report).
+    status = eventually(lambda: kube.get(CLUSTERTOKENBUDGETS, None, name).get("status"), 30,
+                        what="the cluster budget's status")
     assert "ungovernedWorkloads" not in status, "under mandatory enrolment it is governed"
     team = eventually(lambda: (kube.get(TOKENBUDGETS, ns, "team").get("status") or {})
                       .get("usedPercent") == 15 and kube.get(TOKENBUDGETS, ns, "team")["status"],

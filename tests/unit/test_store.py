@@ -149,6 +149,16 @@ def test_feeds_select_agents_and_watch_unlabelled_objects_only_in_mandatory_name
     assert {(f.namespace, f.selector) for f in mandatory} == {("m", None)}
 
 
+def test_many_mandatory_namespaces_are_watched_as_the_cluster_less_the_others() -> None:
+    many = [f"m{i}" for i in range(11)]
+    feeds = mandatory_feeds(many, [*many, "kube-system", "web"])
+    assert len(feeds) == 5, "a stream per kind, not per namespace and kind"
+    assert {(f.namespace, f.selector, f.fields) for f in feeds} == {
+        (None, None, "metadata.namespace!=kube-system,metadata.namespace!=web")}
+    scoped = mandatory_feeds(many, many, scoped=True)  # --namespace: Roles there only
+    assert len(scoped) == 55 and all(f.namespace for f in scoped)
+
+
 class _Watcher(stores.Watcher):
     """A watcher whose feeds never list (an API server that does not answer)."""
 

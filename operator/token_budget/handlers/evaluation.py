@@ -168,9 +168,28 @@ def base_feeds(settings: Settings) -> list[Feed]:
     return feeds
 
 
-def mandatory_feeds(namespaces: Iterable[str]) -> list[Feed]:
-    """Every workload and pod of the namespaces under mandatory enrolment, by namespace."""
-    return [Feed(res, ns) for ns in sorted(namespaces) for res in _GOVERNED]
+#: Up to this many mandatory namespaces are watched one by one (a stream per kind each);
+#: beyond, one stream per kind for the cluster, less the other namespaces.
+MANDATORY_BY_NAMESPACE = 10
+
+
+def mandatory_feeds(mandatory: Iterable[str], namespaces: Iterable[str] = (),
+                    scoped: bool = False) -> list[Feed]:
+    """Every workload and pod of the namespaces under mandatory enrolment.
+
+    By namespace while they are few (or the operator is limited to its ``--namespace``
+    list, where it may have Roles only). When many are (a cluster that enrols everything),
+    five streams each would be thousands of connections: then one stream per kind, for the
+    whole cluster less every namespace that is not mandatory (a field selector), so the pods
+    of those never arrive either. A namespace created or deleted then changes the selector
+    and its feeds list again.
+    """
+    wanted = sorted(mandatory)
+    if scoped or len(wanted) <= MANDATORY_BY_NAMESPACE:
+        return [Feed(res, ns) for ns in wanted for res in _GOVERNED]
+    others = sorted(set(namespaces) - set(wanted))
+    fields = ",".join(f"metadata.namespace!={ns}" for ns in others) or None
+    return [Feed(res, fields=fields) for res in _GOVERNED]
 
 
 def trim_for(settings: Settings) -> Callable[[Feed, Obj], Obj | None]:
@@ -250,7 +269,7 @@ class Evaluator:
         self.telemetry = telemetry or Telemetry(None)
         self.clock = clock
         self.watcher = watcher
-        self._mandatory: frozenset[str] = frozenset()  # namespaces whose feeds run
+        self._mandatory: list[Feed] = []  # the feeds of mandatory namespaces that run
         self._keda_checked: tuple[float, bool] | None = None
 
     # -- gather ------------------------------------------------------------------
@@ -262,21 +281,22 @@ class Evaluator:
     def _namespaces(self) -> list[str | None]:
         return list(self.settings.namespaces) or [None]
 
-    def _items(self, res: Resource, ns: str | None, selector: str | None) -> Iterable[Obj]:
+    def _items(self, res: Resource, ns: str | None, selector: str | None,
+                fields: str | None = None) -> Iterable[Obj]:
         if self.store is None:
             return self.kube.iter_list(res, ns, selector)
-        return self.store.items(Feed(res, ns, selector))
+        return self.store.items(Feed(res, ns, selector, fields))
 
     def _list(self, res: Resource, selector: str | None = None) -> Iterator[Obj]:
         """Every object, page by page: a caller that keeps a part frees each page."""
         for ns in (self._namespaces() if res.namespaced else [None]):
             yield from self._items(res, ns, selector)
 
-    def _want(self, mandatory: Iterable[str] = ()) -> None:
+    def _want(self, mandatory: Iterable[Feed] = ()) -> None:
         """Run the feeds this evaluation reads and wait until each has listed once."""
         if self.watcher is None:
             return
-        feeds = [*base_feeds(self.settings), *mandatory_feeds(mandatory)]
+        feeds = [*base_feeds(self.settings), *mandatory]
         if self._keda():
             feeds += [Feed(SCALEDOBJECTS, ns) for ns in self._namespaces()]
         self.watcher.want(feeds)
@@ -330,22 +350,24 @@ class Evaluator:
         # Mandatory enrolment: in those namespaces (and only there) every object of the
         # kinds the operator can stop is read whatever its labels, and the pods they own.
         g.mandatory = engine.mandatory_namespaces(g.budgets, g.namespaces)
-        if g.mandatory != self._mandatory:
-            self._mandatory = g.mandatory  # their feeds start (or stop) now
-            self._want(g.mandatory)
+        feeds = mandatory_feeds(g.mandatory, g.namespaces, bool(self.settings.namespaces))
+        if feeds != self._mandatory:
+            self._mandatory = feeds  # their feeds start (or stop) now
+            self._want(feeds)
         enrolled: set[WorkloadKey] = set()
-        for ns in sorted(g.mandatory):
-            for res in _GOVERNED:
-                for obj in self._items(res, ns, None):
-                    key = _key(obj)
-                    if res is PODS and not any(
-                            r.get("kind") in _STOPPABLE_OWNERS
-                            for r in (obj.get("metadata") or {}).get("ownerReferences") or ()):
-                        continue  # dropped below anyway: never held, however many there are
-                    if key not in g.objects:
-                        g.objects[key] = obj if cached else \
-                            trimmed(obj, self.settings.model_env)
-                        enrolled.add(key)
+        for feed in (feeds if self.store is not None else
+                     [Feed(res, ns) for ns in sorted(g.mandatory) for res in _GOVERNED]):
+            for obj in self._items(feed.res, feed.namespace, feed.selector, feed.fields):
+                key = _key(obj)
+                if key.namespace not in g.mandatory:
+                    continue  # a namespace created since the selector was made
+                if feed.res is PODS and not any(
+                        r.get("kind") in _STOPPABLE_OWNERS
+                        for r in (obj.get("metadata") or {}).get("ownerReferences") or ()):
+                    continue  # dropped below anyway: never held, however many there are
+                if key not in g.objects:
+                    g.objects[key] = obj if cached else trimmed(obj, self.settings.model_env)
+                    enrolled.add(key)
         units: set[WorkloadKey] = set()
         for key, obj in g.objects.items():
             g.top[key] = self._owner(key, obj, g.objects)

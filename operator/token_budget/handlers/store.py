@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import kopf
 from kopf._cogs.clients import auth, watching  # kopf's watch-stream (list, watch, 410 relist)
 from kopf._cogs.structs import credentials, references
@@ -60,14 +61,18 @@ class NotReady(OperatorError):
 
 @dataclass(frozen=True)
 class Feed:
-    """One list+watch: a kind, a namespace (None: cluster-wide), a label selector."""
+    """One list+watch: a kind, a namespace (None: cluster-wide), a label selector, and a
+    field selector (the namespaces left out of a cluster-wide feed)."""
 
     res: Resource
     namespace: str | None = None
     selector: str | None = None
+    fields: str | None = None
 
     def __str__(self) -> str:
         where = self.namespace or "cluster"
+        if self.fields:
+            where += f" less {self.fields.count('!=')} namespace(s)"
         return f"{self.res.plural} in {where}" + (f" ({self.selector})" if self.selector else "")
 
 
@@ -275,9 +280,11 @@ class Watcher:
         s.watching.chunk_size = self.settings.watching.chunk_size
         s.watching.inactivity_timeout = self.settings.watching.inactivity_timeout
         s.networking.request_timeout = self.settings.networking.request_timeout
+        which = references.Selector(_group(feed.res), feed.res.plural)
         if feed.selector:
-            s.watching.label_selectors[references.Selector(_group(feed.res), feed.res.plural)] \
-                = feed.selector
+            s.watching.label_selectors[which] = feed.selector
+        if feed.fields:
+            s.watching.field_selectors[which] = feed.fields
         return s
 
     async def _feed(self, feed: Feed) -> None:
@@ -336,7 +343,15 @@ async def vault_from(info: kopf.ConnectionInfo | None = None) -> credentials.Vau
             kopf.login_with_kubeconfig(settings=settings, logger=log)
     if info is None:
         raise OperatorError("no Kubernetes credentials for the watches")
-    return credentials.Vault({"watches": info})
+    # Each stream holds a connection for as long as it runs: no pool limit (aiohttp's
+    # default of 100 would stall the feeds of more than ~17 mandatory namespaces).
+    ssl = info.as_ssl_context() if info.server.startswith("https") else False
+    session = kopf.AiohttpSession(
+        server=info.server, default_namespace=info.default_namespace, priority=info.priority,
+        expiration=info.expiration, aiohttp_session=aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=ssl),
+            headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env))
+    return credentials.Vault({"watches": session})
 
 
 class Background:
