@@ -208,6 +208,7 @@ class Watcher:
     """
 
     RETRY_SECONDS = 2.0
+    MAX_RETRY_SECONDS = 60.0
 
     def __init__(self, store: Store, on_event: OnEvent | None = None,
                  on_listed: OnListed | None = None, server_timeout: int = 300,
@@ -300,6 +301,7 @@ class Watcher:
         settings = self._settings(feed)
         namespace = references.NamespaceName(feed.namespace) if feed.namespace else None
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failures = 0
         while True:
             try:
                 self.store.begin(feed)
@@ -307,6 +309,7 @@ class Watcher:
                         settings=settings, resource=resource, namespace=namespace,
                         operator_pause_waiter=never):
                     if isinstance(event, watching.Bookmark):  # the list is complete
+                        failures = 0
                         self.store.listed(feed)
                         if self.on_listed is not None:
                             self.on_listed(feed, self.store.items(feed))
@@ -325,7 +328,10 @@ class Watcher:
                 raise
             except Exception as exc:  # noqa: BLE001 - a feed must outlive any error
                 log.warning("watch of %s failed, relisting: %s", feed, exc)
-            await asyncio.sleep(self.RETRY_SECONDS)
+                failures += 1
+            # Backs off while it keeps failing (a 403 must not become a LIST every 2 s).
+            await asyncio.sleep(min(self.MAX_RETRY_SECONDS,
+                                    self.RETRY_SECONDS * 2 ** min(failures, 6)))
 
 
 def _group(res: Resource) -> str:
