@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -177,3 +178,36 @@ def test_an_evaluation_never_runs_on_feeds_that_have_not_listed(
     monkeypatch.setattr(ev, "_keda", lambda: False)
     with pytest.raises(stores.NotReady):
         ev.gather()
+
+
+def test_an_unchanged_budget_is_parsed_once_and_again_when_it_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from token_budget.handlers import evaluation
+    from token_budget.kube import TOKENBUDGETS
+
+    settings = Settings(prometheus_url="http://p")
+    store = stores.Store(trim_for(settings))
+    for feed in base_feeds(settings):
+        listed(store, feed)
+    body = yaml.safe_load(Path("examples/team-search-budget.yaml").read_text())
+    body["metadata"].update(namespace="team", uid="u1", resourceVersion="1")
+    listed(store, stores.Feed(TOKENBUDGETS), body)
+    ev = Evaluator(None, None, settings, watcher=_Watcher(store))  # type: ignore[arg-type]
+    monkeypatch.setattr(ev, "_keda", lambda: False)
+    calls: list[str] = []
+    parse = evaluation.Evaluator._parse
+
+    def counting(b: dict[str, Any], models: list[Any]) -> Any:
+        calls.append(b["metadata"]["resourceVersion"])
+        return parse(b, models)
+
+    monkeypatch.setattr(ev, "_parse", counting)
+    first, second = ev.gather(), ev.gather()
+    assert len(first.budgets) == len(second.budgets) == 1 and calls == ["1"]
+    store.event(stores.Feed(TOKENBUDGETS), "MODIFIED", {
+        **body, "metadata": {**body["metadata"], "resourceVersion": "2"},
+        "spec": {**body["spec"], "limits": [{"window": "1h", "tokens": 5}]}})
+    [changed] = ev.gather().budgets
+    assert calls == ["1", "2"] and changed.spec.limits[0].tokens == 5
