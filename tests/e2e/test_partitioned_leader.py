@@ -23,6 +23,7 @@ from harness.operator_process import OperatorProcess
 from harness.prometheus import Prometheus
 from harness.spend import seed, spend
 from harness.waiting import eventually
+from token_budget.errors import TargetNotFound
 from token_budget.kube import DEPLOYMENTS, LEASES, TOKENBUDGETS, Kube
 
 A = "tokenbudget.io/"
@@ -59,7 +60,10 @@ def test_a_partitioned_leader_writes_nothing_after_it_loses_the_lease(
         return int(kube.get(DEPLOYMENTS, ns, "agent")["spec"]["replicas"])
 
     def holder() -> str:
-        return str(kube.get(LEASES, "default", lease)["spec"].get("holderIdentity") or "")
+        try:
+            return str(kube.get(LEASES, "default", lease)["spec"].get("holderIdentity") or "")
+        except TargetNotFound:
+            return ""  # not created yet: the replica is still starting
 
     proxy = ApiProxy(controlplane.server, controlplane._admin_ssl())
     config = tmp_path / "through-proxy.kubeconfig"

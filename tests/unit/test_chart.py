@@ -313,9 +313,10 @@ WORKLOAD_RULES = [
     ("", "pods", "list watch patch", ""),
     ("apps", "deployments statefulsets", "list watch patch", ""),
     ("batch", "jobs cronjobs", "list watch patch", ""),
-    # Application: autoscalers of blocked workloads (HPA read; KEDA paused and resumed).
-    ("autoscaling", "horizontalpodautoscalers", "list", ""),
-    ("keda.sh", "scaledobjects", "list patch", ""),
+    # Application: autoscalers of blocked workloads (HPA read; KEDA paused and resumed),
+    # listed once and watched (evaluations read the watches' store).
+    ("autoscaling", "horizontalpodautoscalers", "list watch", ""),
+    ("keda.sh", "scaledobjects", "list watch patch", ""),
 ]
 CLUSTER_RULES = [
     # Framework: kopf's CRD observation.

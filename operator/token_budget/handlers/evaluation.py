@@ -32,6 +32,7 @@ from token_budget.api import v1alpha1 as api
 from token_budget.enforcement import patches
 from token_budget.errors import EnforcementError, TargetNotFound
 from token_budget.handlers import status as statuses
+from token_budget.handlers.store import Feed, Store, Watcher
 from token_budget.handlers.telemetry import Telemetry
 from token_budget.kube import (
     CLUSTERTOKENBUDGETS,
@@ -82,6 +83,10 @@ def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
     evaluation's memory.
     """
     wanted = set(model_env)
+    return _trim(obj, wanted)
+
+
+def _trim(obj: Mapping[str, Any], wanted: set[str]) -> Obj:
 
     def ours(ann: Mapping[str, str] | None) -> dict[str, str]:
         return {k: v for k, v in (ann or {}).items() if k.startswith(api.PREFIX)}
@@ -116,8 +121,11 @@ def trimmed(obj: Mapping[str, Any], model_env: Iterable[str]) -> Obj:
             out_meta["deletionTimestamp"] = meta["deletionTimestamp"]
         # And whether it is old enough to have been scraped (Workload.settled_pods).
         out_meta["creationTimestamp"] = meta.get("creationTimestamp")
+        pod_spec = pod(obj)["spec"]
+        if spec.get("serviceAccountName"):  # who may read its directive
+            pod_spec["serviceAccountName"] = spec["serviceAccountName"]
         return {"kind": kind, "apiVersion": obj.get("apiVersion"), "metadata": out_meta,
-                "spec": pod(obj)["spec"],
+                "spec": pod_spec,
                 "status": {"phase": (obj.get("status") or {}).get("phase")}}
     out_spec: Obj = {k: spec[k] for k in ("replicas", "suspend") if k in spec}
     if kind == "CronJob":
@@ -141,6 +149,74 @@ def enforced_only(agent_label: str) -> str:
     every governed object (which carries both labels) coming back a second time.
     """
     return f"{patches.ENFORCED_LABEL},!{agent_label}"
+
+
+#: Kinds an evaluation reads per governed object: workloads and their pods.
+_GOVERNED = (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS)
+
+
+def base_feeds(settings: Settings) -> list[Feed]:
+    """What every evaluation reads, as feeds: budgets, catalogs, namespaces, autoscalers,
+    and agent workloads and pods (by their label: other pods are never received)."""
+    scopes: list[str | None] = list(settings.namespaces) or [None]
+    label = settings.agent_label
+    feeds = [Feed(MODELCATALOGS), Feed(CLUSTERTOKENBUDGETS), Feed(NAMESPACES)]
+    for ns in scopes:
+        feeds += [Feed(TOKENBUDGETS, ns), Feed(HPAS, ns)]
+        feeds += [Feed(res, ns, sel) for res in _GOVERNED
+                  for sel in (label, enforced_only(label))]
+    return feeds
+
+
+#: Up to this many mandatory namespaces are watched one by one (a stream per kind each);
+#: beyond, one stream per kind for the cluster, less the other namespaces.
+MANDATORY_BY_NAMESPACE = 10
+
+
+def mandatory_feeds(mandatory: Iterable[str], namespaces: Iterable[str] = (),
+                    scoped: bool = False) -> list[Feed]:
+    """Every workload and pod of the namespaces under mandatory enrolment.
+
+    By namespace while they are few (or the operator is limited to its ``--namespace``
+    list, where it may have Roles only). When many are (a cluster that enrols everything),
+    five streams each would be thousands of connections: then one stream per kind, for the
+    whole cluster less every namespace that is not mandatory (a field selector), so the pods
+    of those never arrive either. A namespace created or deleted then changes the selector
+    and its feeds list again.
+    """
+    wanted = sorted(mandatory)
+    if scoped or len(wanted) <= MANDATORY_BY_NAMESPACE:
+        return [Feed(res, ns) for ns in wanted for res in _GOVERNED]
+    others = sorted(set(namespaces) - set(wanted))
+    fields = ",".join(f"metadata.namespace!={ns}" for ns in others) or None
+    return [Feed(res, fields=fields) for res in _GOVERNED]
+
+
+def trim_for(settings: Settings) -> Callable[[Feed, Obj], Obj | None]:
+    """What the store keeps of each received object (None: not kept)."""
+    wanted = set(settings.model_env)
+
+    def trim(feed: Feed, obj: Obj) -> Obj | None:
+        kind = feed.res.kind
+        meta = obj.get("metadata") or {}
+        if kind == "Namespace":
+            return {"kind": kind, "apiVersion": "v1", "metadata": {
+                "name": meta.get("name"), "labels": dict(meta.get("labels") or {}),
+                "resourceVersion": meta.get("resourceVersion")}}
+        if kind not in WORKLOADS:
+            meta.pop("managedFields", None)
+            return obj
+        if feed.selector is None and kind == "Pod" and not any(
+                r.get("kind") in _STOPPABLE_OWNERS for r in meta.get("ownerReferences") or ()):
+            return None  # mandatory namespace: a pod nothing of ours owns is never held
+        return _trim(obj, wanted)
+
+    return trim
+
+
+#: Seconds an evaluation waits for the feeds it reads to have listed (a fresh start, a new
+#: mandatory namespace) before it gives up until the next interval.
+READY_SECONDS = 120.0
 
 
 @dataclass
@@ -176,52 +252,110 @@ class Outcome:
 
 
 class Evaluator:
-    """Runs evaluations; owns nothing but clients: all state is read from the API."""
+    """Runs evaluations; owns nothing but clients and what the watches keep.
+
+    With a ``watcher`` (the operator), an evaluation reads the watches' store and sends
+    no request to read; it waits only until the feeds it reads have listed once. Without
+    (tools, tests), it lists everything it reads, as the store would hold it.
+    """
 
     def __init__(self, kube: Kube, source: PrometheusSource, settings: Settings,
                  telemetry: Telemetry | None = None,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 watcher: Watcher | None = None) -> None:
         self.kube = kube
         self.source = source
         self.settings = settings
         self.telemetry = telemetry or Telemetry(None)
         self.clock = clock
+        self.watcher = watcher
+        self._mandatory: list[Feed] = []  # the feeds of mandatory namespaces that run
+        self._parsed: dict[tuple[Any, ...], tuple[api.Budget | None, list[str]]] = {}
         self._keda_checked: tuple[float, bool] | None = None
 
     # -- gather ------------------------------------------------------------------
 
+    @property
+    def store(self) -> Store | None:
+        return self.watcher.store if self.watcher is not None else None
+
     def _namespaces(self) -> list[str | None]:
         return list(self.settings.namespaces) or [None]
+
+    @staticmethod
+    def _parse(body: Obj, catalog_models: list[Any]) -> tuple[api.Budget | None, list[str]]:
+        """The budget of a body, or None and its problems."""
+        found = [str(p) for p in rules.schema_problems(body)]
+        if not found:
+            obj = api.parse(body)
+            found = [str(p) for p in rules.problems(obj, catalog_models or None)]
+            if not found:
+                assert not isinstance(obj, api.ModelCatalog)
+                return obj, []
+        return None, found
+
+    def _items(self, res: Resource, ns: str | None, selector: str | None,
+                fields: str | None = None) -> Iterable[Obj]:
+        if self.store is None:
+            return self.kube.iter_list(res, ns, selector)
+        return self.store.items(Feed(res, ns, selector, fields))
 
     def _list(self, res: Resource, selector: str | None = None) -> Iterator[Obj]:
         """Every object, page by page: a caller that keeps a part frees each page."""
         for ns in (self._namespaces() if res.namespaced else [None]):
-            yield from self.kube.iter_list(res, ns, selector)
+            yield from self._items(res, ns, selector)
+
+    def _want(self, mandatory: Iterable[Feed] = ()) -> None:
+        """Run the feeds this evaluation reads and wait until each has listed once."""
+        if self.watcher is None:
+            return
+        feeds = [*base_feeds(self.settings), *mandatory]
+        if self._keda():
+            feeds += [Feed(SCALEDOBJECTS, ns) for ns in self._namespaces()]
+        self.watcher.want(feeds)
+        self.watcher.store.wait(feeds, READY_SECONDS)
+
+    def _observed(self, res: Resource, obj: Obj) -> None:
+        """A written object as the API server returned it: read until its watch event."""
+        if self.store is not None and isinstance(obj, dict) and obj.get("metadata"):
+            self.store.observed(res, obj)
 
     def gather(self) -> Gathered:
         g = Gathered()
-        for body in self.kube.list(MODELCATALOGS):
+        self._want(self._mandatory)
+        catalog_versions = []
+        for body in self._list(MODELCATALOGS):
+            catalog_versions.append(((body.get("metadata") or {}).get("name"),
+                                     (body.get("metadata") or {}).get("resourceVersion")))
             try:
                 g.catalogs.append(api.ModelCatalog.model_validate(body))
             except pydantic.ValidationError as exc:
                 log.warning("ModelCatalog %s is invalid and ignored: %s",
                             body["metadata"]["name"], exc.errors()[:1])
         catalog_models = [m for c in g.catalogs for m in c.spec.models]
+        # A budget is validated and parsed once per resourceVersion (and catalog contents):
+        # 1,000 unchanged budgets were most of a quiet evaluation's gather.
+        catalogs_seen = tuple(sorted(catalog_versions, key=str))
+        parsed: dict[tuple[Any, ...], tuple[api.Budget | None, list[str]]] = {}
         for res in (TOKENBUDGETS, CLUSTERTOKENBUDGETS):
             for body in self._list(res):
-                if (body.get("metadata") or {}).get("deletionTimestamp"):
+                meta = body.get("metadata") or {}
+                if meta.get("deletionTimestamp"):
                     continue  # being deleted: its effects are undone by leaving it out
-                found = [str(p) for p in rules.schema_problems(body)]
-                if not found:
-                    obj = api.parse(body)
-                    found = [str(p) for p in rules.problems(obj, catalog_models or None)]
-                    if not found:
-                        assert not isinstance(obj, api.ModelCatalog)
-                        g.budgets.append(obj)
-                        g.budget_bodies[BudgetKey.of(obj)] = body
-                        continue
-                g.invalid.append((body, found))
-        for body in self.kube.iter_list(NAMESPACES):
+                key = (res.plural, meta.get("namespace"), meta.get("name"), meta.get("uid"),
+                       meta.get("resourceVersion"), catalogs_seen)
+                seen = self._parsed.get(key) if meta.get("resourceVersion") else None
+                if seen is None:
+                    seen = self._parse(body, catalog_models)
+                parsed[key] = seen
+                obj, found = seen
+                if obj is not None:
+                    g.budgets.append(obj)
+                    g.budget_bodies[BudgetKey.of(obj)] = body
+                else:
+                    g.invalid.append((body, found))
+        self._parsed = parsed  # only what exists now: the memo never outgrows the budgets
+        for body in self._list(NAMESPACES):
             name = body["metadata"]["name"]
             if self.settings.namespaces and name not in self.settings.namespaces:
                 continue
@@ -231,25 +365,33 @@ class Evaluator:
 
     def _gather_workloads(self, g: Gathered) -> None:
         label = self.settings.agent_label
-        for res in (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS):
+        cached = self.store is not None  # the store holds them trimmed already
+        for res in _GOVERNED:
             for selector in (label, enforced_only(label)):
                 for obj in self._list(res, selector):
-                    g.objects[_key(obj)] = trimmed(obj, self.settings.model_env)
+                    g.objects[_key(obj)] = obj if cached else \
+                        trimmed(obj, self.settings.model_env)
         # Mandatory enrolment: in those namespaces (and only there) every object of the
-        # kinds the operator can stop is listed whatever its labels, and the pods they own.
+        # kinds the operator can stop is read whatever its labels, and the pods they own.
         g.mandatory = engine.mandatory_namespaces(g.budgets, g.namespaces)
+        feeds = mandatory_feeds(g.mandatory, g.namespaces, bool(self.settings.namespaces))
+        if feeds != self._mandatory:
+            self._mandatory = feeds  # their feeds start (or stop) now
+            self._want(feeds)
         enrolled: set[WorkloadKey] = set()
-        for ns in sorted(g.mandatory):
-            for res in (DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS, PODS):
-                for obj in self.kube.iter_list(res, ns, None):
-                    key = _key(obj)
-                    if res is PODS and not any(
-                            r.get("kind") in _STOPPABLE_OWNERS
-                            for r in (obj.get("metadata") or {}).get("ownerReferences") or ()):
-                        continue  # dropped below anyway: never held, however many there are
-                    if key not in g.objects:
-                        g.objects[key] = trimmed(obj, self.settings.model_env)
-                        enrolled.add(key)
+        for feed in (feeds if self.store is not None else
+                     [Feed(res, ns) for ns in sorted(g.mandatory) for res in _GOVERNED]):
+            for obj in self._items(feed.res, feed.namespace, feed.selector, feed.fields):
+                key = _key(obj)
+                if key.namespace not in g.mandatory:
+                    continue  # a namespace created since the selector was made
+                if feed.res is PODS and not any(
+                        r.get("kind") in _STOPPABLE_OWNERS
+                        for r in (obj.get("metadata") or {}).get("ownerReferences") or ()):
+                    continue  # dropped below anyway: never held, however many there are
+                if key not in g.objects:
+                    g.objects[key] = obj if cached else trimmed(obj, self.settings.model_env)
+                    enrolled.add(key)
         units: set[WorkloadKey] = set()
         for key, obj in g.objects.items():
             g.top[key] = self._owner(key, obj, g.objects)
@@ -436,7 +578,7 @@ class Evaluator:
                  (patches.PREVIOUS_REPLICAS in ann and spec.get("replicas", 1) != 0
                   or patches.PREVIOUS_SUSPEND in ann and not spec.get("suspend", False)))
         try:
-            self.kube.patch(res, key.namespace, key.name, patch)
+            self._observed(res, self.kube.patch(res, key.namespace, key.name, patch))
             log.info("%s: %s", key, patches.describe(patch))
         except TargetNotFound:
             return  # gone since we listed it: nothing to enforce
@@ -495,8 +637,8 @@ class Evaluator:
         res = TOKENBUDGETS if body.get("kind") == "TokenBudget" else CLUSTERTOKENBUDGETS
         meta = body["metadata"]
         try:
-            self.kube.patch(res, meta.get("namespace"), meta["name"],
-                            statuses.status_patch(old, new), sub="status")
+            self._observed(res, self.kube.patch(res, meta.get("namespace"), meta["name"],
+                                                statuses.status_patch(old, new), sub="status"))
             log.info("status of %s %s: %s (%s%%)", body.get("kind"), meta["name"],
                      new.get("state"), new.get("usedPercent"))
         except TargetNotFound:

@@ -6,7 +6,9 @@ Who does what::
     label-selected watches (agent pods, workloads) ─┼─► trigger ─► evaluation loop (leader only)
     timer: every --interval-seconds ────────────────┘                 │
                                                                       ▼
-                                                   Evaluator.run_once (in a worker thread)
+                                                   Evaluator.run_once (in a worker thread),
+                                                   which reads the watches' store
+                                                   (handlers/store.py): no list once started
 
 Budgets carry a finalizer: on deletion the leader runs an evaluation that
 leaves the budget out (which restores every workload it governed) and only
@@ -46,20 +48,17 @@ from prometheus_client import start_http_server
 from token_budget.api.v1alpha1 import GROUP, VERSION
 from token_budget.enforcement import patches
 from token_budget.errors import EnforcementError, NotLeader
-from token_budget.handlers import catalogs, finalizers
-from token_budget.handlers.evaluation import Evaluator, Outcome, enforced_only
+from token_budget.handlers import catalogs, finalizers, store
+from token_budget.handlers.evaluation import Evaluator, Outcome, base_feeds, trim_for
 from token_budget.handlers.leader import KubeLeaseStore, LeaderElector, LeaderOnlyKube, Timings
+from token_budget.handlers.store import Feed
 from token_budget.handlers.telemetry import Telemetry
 from token_budget.kube import (
     CLUSTERTOKENBUDGETS,
-    CRONJOBS,
-    DEPLOYMENTS,
-    JOBS,
     MODELCATALOGS,
     NAMESPACES,
-    PODS,
-    STATEFULSETS,
     TOKENBUDGETS,
+    WORKLOADS,
     Kube,
     api_client,
 )
@@ -100,6 +99,7 @@ class Runtime:
     kube: Kube
     evaluator: Evaluator
     elector: LeaderElector
+    watcher: store.Watcher
     pending: finalizers.Pending = field(default_factory=lambda: finalizers.Pending(time.monotonic))
     loop: asyncio.AbstractEventLoop | None = None
     trigger: asyncio.Event = field(default_factory=asyncio.Event)
@@ -235,42 +235,38 @@ _FINALIZED = {r.plural: r for r in (TOKENBUDGETS, CLUSTERTOKENBUDGETS)}
 
 
 # ---------------------------------------------------------------------------
-# label-selected watches on workloads (kopf cannot select server-side)
+# the watches' store: what evaluations read (handlers/store.py)
 # ---------------------------------------------------------------------------
 
 
-def _watch(rt: Runtime, res: Any, selector: str, namespace: str | None = None) -> None:
-    """Poke the loop on every change of matching objects; re-watch on errors.
+def _watched(rt: Runtime, feed: Feed, type_: str, obj: dict[str, Any]) -> None:
+    """One watch event of a feed (on the event loop): the webhook caches, and the loop.
 
-    ``namespace`` None watches the whole cluster; with ``--namespace`` one watch per namespace
-    (a namespace-scoped operator may only have Roles there).
+    Budgets, catalogs and namespaces wake the loop through kopf's handlers above.
     """
-    kube = rt.kube
-    while not rt.stop.is_set():
-        try:
-            version = None
-            data = kube.request("GET", res.path(namespace),
-                                {"labelSelector": selector, "limit": 1})
-            version = (data.get("metadata") or {}).get("resourceVersion")
-            serves = res.kind == "Pod" and selector == rt.settings.agent_label
-            if serves:  # the directive service answers from this list and the events after it
-                rt.feed.pods(namespace, kube.list(res, namespace, selector))
-            if res.kind != "Pod":  # owners' directives, for stamping their new pods
-                for obj in kube.iter_list(res, namespace, selector):
-                    rt.feed.workload_event(obj, deleted=False)
-            for event in kube.stream(res.path(namespace), {
-                    "labelSelector": selector, "watch": "true", "resourceVersion": version,
-                    "allowWatchBookmarks": "false", "timeoutSeconds": 240}, rt.stop):
-                obj = event.get("object") or {}
-                if res.kind != "Pod" and obj.get("kind") == res.kind:
-                    rt.feed.workload_event(obj, deleted=event.get("type") == "DELETED")
-                if serves and obj.get("kind") == "Pod":
-                    rt.feed.pod_event(obj, deleted=event.get("type") == "DELETED")
-                if res.kind != "Pod" or _pod_needs_evaluation(rt, event):
-                    rt.poke()
-        except Exception as exc:  # noqa: BLE001 - a watch must survive anything
-            log.debug("watch of %s (%s) restarts: %s", res.plural, selector, exc)
-            rt.stop.wait(2)
+    res = feed.res
+    if res.kind not in WORKLOADS:
+        return
+    deleted = type_ == "DELETED"
+    if res.kind != "Pod":  # owners' directives, for stamping their new pods
+        rt.feed.workload_event(obj, deleted=deleted)
+        rt.poke()
+    else:
+        if feed.selector == rt.settings.agent_label:  # the directive service answers from it
+            rt.feed.pod_event(obj, deleted=deleted)
+        if _pod_needs_evaluation(rt, {"type": type_, "object": obj}):
+            rt.poke()
+
+
+def _listed(rt: Runtime, feed: Feed, objs: list[dict[str, Any]]) -> None:
+    """A feed's (re)list is complete: what it did not return is gone."""
+    if feed.res.kind == "Pod" and feed.selector == rt.settings.agent_label:
+        rt.feed.pods(feed.namespace, objs)
+    elif feed.res.kind in WORKLOADS and feed.res.kind != "Pod":
+        for obj in objs:
+            rt.feed.workload_event(obj, deleted=False)
+    if feed.res.kind in WORKLOADS:
+        rt.poke()
 
 
 def _pod_needs_evaluation(rt: Runtime, event: dict[str, Any]) -> bool:
@@ -308,6 +304,8 @@ async def evaluation_loop(rt: Runtime) -> None:
                 await asyncio.to_thread(_release_finalizers, rt, started)
             except NotLeader as exc:
                 log.info("leadership lost during an evaluation, stopped before a write: %s", exc)
+            except store.NotReady as exc:  # never on a half-filled store
+                log.warning("evaluation postponed: the watches have not listed yet (%s)", exc)
             except Exception:
                 log.exception("evaluation failed; retrying at the next interval")
             rt.last_ok = ok
@@ -464,12 +462,17 @@ def build_runtime(settings: Settings) -> Runtime:
     identity = settings.id or f"{socket.gethostname()}-{os.getpid()}"
     timings = Timings.for_lease(settings.lease_seconds)
     # The elector gets its own request counters: Lease renewals are not evaluation writes.
-    store = KubeLeaseStore(Kube(kube.client), settings.lease_namespace, settings.lease_name,
+    leases = KubeLeaseStore(Kube(kube.client), settings.lease_namespace, settings.lease_name,
                            timeout=timings.renew_deadline_seconds)
-    elector = LeaderElector(store, identity, timings)
+    elector = LeaderElector(leases, identity, timings)
     # Everything that acts writes through this client: only while this replica leads.
-    evaluator = Evaluator(LeaderOnlyKube(kube.client, elector), source, settings, telemetry)
-    rt = Runtime(settings=settings, kube=kube, evaluator=evaluator, elector=elector)
+    watcher = store.Watcher(store.Store(trim_for(settings)))
+    evaluator = Evaluator(LeaderOnlyKube(kube.client, elector), source, settings, telemetry,
+                          watcher=watcher)
+    rt = Runtime(settings=settings, kube=kube, evaluator=evaluator, elector=elector,
+                 watcher=watcher)
+    watcher.on_event = lambda feed, type_, obj: _watched(rt, feed, type_, obj)
+    watcher.on_listed = lambda feed, objs: _listed(rt, feed, objs)
     elector.on_change = lambda _leading: rt.poke()  # a new leader evaluates at once
     return rt
 
@@ -484,14 +487,10 @@ async def serve(settings: Settings) -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host,
                           registry=rt.evaluator.telemetry.registry)
-    threads: list[threading.Thread] = []
-    for res in (PODS, DEPLOYMENTS, STATEFULSETS, JOBS, CRONJOBS):
-        for selector in (settings.agent_label, enforced_only(settings.agent_label)):
-            for ns in settings.namespaces or (None,):
-                threads.append(threading.Thread(target=_watch, args=(rt, res, selector, ns),
-                                                name=f"watch-{res.plural}", daemon=True))
-    for thread in threads:
-        thread.start()
+    # Every replica watches (a standby's store is complete when it takes over; the
+    # admission process's directive service answers from the agent pods' feed on every
+    # replica, through rt.feed).
+    rt.watcher.want(base_feeds(settings))
     if settings.webhook_port:
         setup_webhooks(rt)
         rt.admission_process = process.Supervisor(admission_config(rt), rt.feed)
@@ -502,6 +501,7 @@ async def serve(settings: Settings) -> None:
     memo = kopf.Memo(runtime=rt)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     tasks = [
+        asyncio.create_task(rt.watcher.run(await store.vault_from()), name="watches"),
         asyncio.create_task(kopf.operator(
             registry=registry, memo=memo, standalone=True,
             clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
