@@ -222,7 +222,9 @@ def test_a_quiet_evaluation_makes_no_write_request(
     seed(exporter, prometheus, ns, "agent-0")
     spend(exporter, prometheus, ns, "agent-0", 550_000)
     kube.create(TOKENBUDGETS, ns, budget("team"))
-    op = start_operator()
+    # Watching this namespace only: other tests' namespaces being torn down meanwhile
+    # (their budgets deleted, their pods set back to Ok) are not this evaluation's writes.
+    op = start_operator("op-1", "--namespace", ns)
     wait_state(kube, ns, "team", "Warning")
     time.sleep(5)  # let the first writes (annotations on the pod as it appears) settle
 
