@@ -92,6 +92,13 @@ class PrometheusSource:
         self.max_samples = max_samples
         self._retention: tuple[float, int | None] | None = None
         self._rule_times: dict[ResolvedSource, tuple[dt.datetime | None, dt.datetime]] = {}
+        # Raw parts of rule-read windows: settled ones across evaluations, fresh ones
+        # (ending now) within one; and the ranges whose second step named too much.
+        self._parts: dict[tuple[ResolvedSource, dt.datetime, int, int],
+                          tuple[tuple[SpendSeries, ...], dict[str, Gap]]] = {}
+        self._fresh: dict[tuple[ResolvedSource, dt.datetime, int, int],
+                          tuple[tuple[SpendSeries, ...], dict[str, Gap]]] = {}
+        self._dense: dict[tuple[Any, ...], float] = {}
         self._retention_ttl = retention_ttl_seconds
         auth = auth or Auth()
         headers = dict(auth.headers)
@@ -222,8 +229,64 @@ class PrometheusSource:
         items = self.query(text, at, kind)
         return to_series(rs, items, extra), gaps_of(rs, items)
 
+    def read_spend(self, rs: ResolvedSource, seconds: int, at: dt.datetime, kind: str = "spend",
+              extra: tuple[str, ...] = (), narrow: tuple[tuple[str, str], ...] = (),
+              horizon: int | None = None, part: object = None) -> list[ResultItem]:
+        """The exact spend of the ``seconds`` before ``at``, in two steps.
+
+        First :func:`promql.common`: every group whose series all have a start value
+        within the lookback and did not fall is read there, exactly. Then
+        :func:`promql.spend` reads the (namespace, workload) pairs of the other groups
+        (the rows tagged :data:`promql.UNCOMMON`, and the sums that are not finite),
+        narrowed to them; their rows of the first step are dropped. Together they are
+        what :func:`promql.spend` returns for the whole source. When the pairs are
+        too many to name in a selector, the whole source is read in one query
+        instead, and so it is for the next :data:`DENSE_SECONDS` for that ``part``.
+        """
+        dense = (rs, kind, extra, narrow, horizon, part if part is not None else seconds)
+        whole = promql.spend(rs, seconds, extra, horizon_seconds=horizon, narrow=narrow)
+        if self._dense.get(dense, 0.0) > time.monotonic():
+            return self.query(whole, at, kind)
+        first = self.query(promql.common(rs, seconds, extra, narrow), at, kind)
+        where = [_labels(it) for it in first
+                 if _labels(it).get(promql.KIND_LABEL) == promql.UNCOMMON
+                 or not _finite(it)]
+        if not where:
+            return first
+        named = _naming(rs, where)
+        if named is None:
+            self._dense[dense] = time.monotonic() + DENSE_SECONDS
+            return self.query(whole, at, kind)
+        kept = [it for it in first if _labels(it).get(promql.KIND_LABEL) != promql.UNCOMMON
+                and not all(_labels(it).get(k, "") in v for k, v in named.items())]
+        matchers = tuple((k, "|".join(sorted(planner.re_literal(x) for x in v)))
+                         for k, v in named.items())
+        return kept + self.query(promql.spend(rs, seconds, extra, horizon_seconds=horizon,
+                                              narrow=narrow + matchers), at, kind)
+
+    def _part(self, rs: ResolvedSource, seconds: int, at: dt.datetime, now: dt.datetime,
+              horizon: int, part: object) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
+        """A raw part of a window read through the rules: read once per evaluation (the
+        windows share their tail), and kept while it lies wholly in the past (a calendar
+        window's head does not move until the next rule run)."""
+        key = (rs, at, seconds, horizon)
+        found = self._parts.get(key) or self._fresh.get(key)
+        if found is not None:
+            return found
+        items = self.read_spend(rs, seconds, at, "spend", horizon=horizon, part=part)
+        part = to_series(rs, items), gaps_of(rs, items)
+        settled = max(60.0, 4 * self.scrape_interval_seconds)
+        if (now - at).total_seconds() >= settled:
+            self._parts[key] = part
+            while len(self._parts) > MAX_KEPT_PARTS:
+                del self._parts[next(iter(self._parts))]
+        else:
+            self._fresh[key] = part
+        return part
+
     def _from_rules(self, rs: ResolvedSource, seconds: int, now: dt.datetime,
-                    last: dt.datetime) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
+                    last: dt.datetime, key: object = None
+                    ) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
         """A long window as hourly recorded buckets plus the raw series at both ends.
 
         ::
@@ -252,14 +315,12 @@ class PrometheusSource:
             first_start = last
             head = math.ceil((last - start).total_seconds())
         if head > 0:
-            parts.append(self._read(rs, promql.spend(rs, head, horizon_seconds=horizon),
-                                    first_start, "spend"))
+            parts.append(self._part(rs, head, first_start, now, horizon, ("head", key)))
         # Rounded up: a raw sample right at a join belongs in the range, or the spend
         # between it and the next sample would be lost.
         tail = math.ceil((now - last).total_seconds())
         if tail > 0:
-            parts.append(self._read(rs, promql.spend(rs, tail, horizon_seconds=horizon),
-                                    now, "spend"))
+            parts.append(self._part(rs, tail, now, now, horizon, "tail"))
         return _sum_series([p[0] for p in parts]), _sum_gaps([p[1] for p in parts])
 
     def collect(self, plan: Plan, now: dt.datetime) -> SpendSnapshot:
@@ -271,6 +332,7 @@ class PrometheusSource:
         window_errors: dict[Any, str] = {}
         counts: dict[ResolvedSource, int] = {}
         rule_times: dict[ResolvedSource, dt.datetime | None] = {}
+        self._fresh.clear()
         for (rs, key), seconds in plan.windows.items():
             if rs in errors:
                 continue
@@ -282,7 +344,7 @@ class PrometheusSource:
                     last = rule_times[rs]
                     if last is not None:
                         windows[(rs, key)], gaps[(rs, key)] = self._from_rules(
-                            rs, seconds, now, last)
+                            rs, seconds, now, last, key)
                         continue
                 if self.max_samples and seconds > 86400:
                     # Long windows only: a day of 15 s samples is 5,760 per series.
@@ -299,9 +361,10 @@ class PrometheusSource:
                             "query may load: install the recording rules "
                             "(rules/token-budget.rules.yaml) or raise --prometheus-max-samples")
                         continue
-                windows[(rs, key)], gaps[(rs, key)] = self._read(
-                    rs, promql.spend(rs, seconds, extra, narrow=plan.narrow.get(rs, ())),
-                    now, "spend", extra)
+                items = self.read_spend(rs, seconds, now, "spend", extra, plan.narrow.get(rs, ()),
+                                   part=key)
+                windows[(rs, key)], gaps[(rs, key)] = (to_series(rs, items, extra),
+                                                       gaps_of(rs, items))
             except MetricsError as exc:
                 errors[rs] = str(exc)
         for rs in plan.sources:
@@ -309,8 +372,8 @@ class PrometheusSource:
                 continue
             extra = plan.group_labels.get(rs, ())
             try:
-                items = self.query(promql.spend(rs, plan.recent_seconds, extra,
-                                                narrow=plan.narrow.get(rs, ())), now, "recent")
+                items = self.read_spend(rs, plan.recent_seconds, now, "recent", extra,
+                                   plan.narrow.get(rs, ()), part="recent")
                 recent[rs] = to_series(rs, items, extra)
             except MetricsError as exc:
                 errors[rs] = str(exc)
@@ -379,6 +442,31 @@ class PrometheusSource:
                 ns = _labels(it).get(rs.namespace_label, "")
                 out.setdefault(rs, {})[ns] = f"scrape target(s) down (up == 0): {named}"
         return out
+
+
+#: Raw parts of rule-read windows kept across evaluations (a few per source and window).
+MAX_KEPT_PARTS = 64
+#: How long a range whose second step could not be narrowed is read in one query.
+DENSE_SECONDS = 600.0
+
+
+def _naming(rs: ResolvedSource, where: list[Mapping[str, str]]) -> dict[str, set[str]] | None:
+    """The values of the namespace and workload labels of ``where``, per label whose regex
+    is short enough to send; None when neither is. Selecting them keeps every pair of
+    ``where`` (and perhaps more: the second step reads those whole as well)."""
+    out = {}
+    for label in dict.fromkeys((rs.namespace_label, rs.workload_label)):
+        values = {w.get(label, "") for w in where}
+        if len("|".join(planner.re_literal(v) for v in values)) <= planner.MAX_NARROW_CHARS:
+            out[label] = values
+    return out or None
+
+
+def _finite(item: Any) -> bool:
+    try:
+        return math.isfinite(float(item["value"][1]))
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise QueryFailed(f"malformed sample in Prometheus result: {item!r}") from exc
 
 
 #: How far back a down target's series are linked to namespaces: a target down for longer
