@@ -556,3 +556,8 @@ def test_the_windows_read_through_the_rules_share_their_tail_and_keep_a_settled_
     # The calendar windows' heads lie in the past and have not moved: not read again.
     # The rolling 24h head moved; the tail and the burn rate are read anew.
     assert len(again) == 1 + 1 + 1
+    # One head kept per window, the rolling one replaced: memory does not grow.
+    for i in range(2, 5):
+        at = NOW + dt.timedelta(seconds=30 * i)
+        source.collect(planner.plan([budget], at), at)
+    assert len(source._parts) == 3

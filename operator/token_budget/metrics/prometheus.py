@@ -48,6 +48,10 @@ class ResultItem(TypedDict):
     value: list[Any]  # [unix time, "value"]
 
 
+_PartKey = tuple[ResolvedSource, dt.datetime, int, int]  # source, end, seconds, horizon
+_Part = tuple[tuple[SpendSeries, ...], dict[str, Gap]]
+
+
 @dataclass
 class Auth:
     """How to talk to Prometheus: bearer token, basic auth, CA bundle, or none."""
@@ -92,12 +96,12 @@ class PrometheusSource:
         self.max_samples = max_samples
         self._retention: tuple[float, int | None] | None = None
         self._rule_times: dict[ResolvedSource, tuple[dt.datetime | None, dt.datetime]] = {}
-        # Raw parts of rule-read windows: settled ones across evaluations, fresh ones
-        # (ending now) within one; and the ranges whose second step named too much.
-        self._parts: dict[tuple[ResolvedSource, dt.datetime, int, int],
-                          tuple[tuple[SpendSeries, ...], dict[str, Gap]]] = {}
-        self._fresh: dict[tuple[ResolvedSource, dt.datetime, int, int],
-                          tuple[tuple[SpendSeries, ...], dict[str, Gap]]] = {}
+        # Raw parts of rule-read windows: the settled one of each window's head, kept from
+        # the last evaluation (_kept) for this one (_parts); all read in this evaluation
+        # (_fresh); and the ranges whose second step named too much.
+        self._kept: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
+        self._parts: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
+        self._fresh: dict[_PartKey, _Part] = {}
         self._dense: dict[tuple[Any, ...], float] = {}
         self._retention_ttl = retention_ttl_seconds
         auth = auth or Auth()
@@ -267,22 +271,22 @@ class PrometheusSource:
     def _part(self, rs: ResolvedSource, seconds: int, at: dt.datetime, now: dt.datetime,
               horizon: int, part: object) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
         """A raw part of a window read through the rules: read once per evaluation (the
-        windows share their tail), and kept while it lies wholly in the past (a calendar
-        window's head does not move until the next rule run)."""
+        windows share their tail), and kept while it lies wholly in the past and does not
+        move (a calendar window's head, until the next rule run; a rolling window's head
+        moves with every evaluation)."""
         key = (rs, at, seconds, horizon)
-        found = self._parts.get(key) or self._fresh.get(key)
-        if found is not None:
-            return found
+        kept = self._kept.get((rs, part))
+        if kept is not None and kept[0] == key:
+            self._parts[(rs, part)] = kept
+            return kept[1]
+        if key in self._fresh:
+            return self._fresh[key]
         items = self.read_spend(rs, seconds, at, "spend", horizon=horizon, part=part)
-        part = to_series(rs, items), gaps_of(rs, items)
-        settled = max(60.0, 4 * self.scrape_interval_seconds)
-        if (now - at).total_seconds() >= settled:
-            self._parts[key] = part
-            while len(self._parts) > MAX_KEPT_PARTS:
-                del self._parts[next(iter(self._parts))]
-        else:
-            self._fresh[key] = part
-        return part
+        found = to_series(rs, items), gaps_of(rs, items)
+        self._fresh[key] = found
+        if (now - at).total_seconds() >= max(60.0, 4 * self.scrape_interval_seconds):
+            self._parts[(rs, part)] = (key, found)  # settled: no sample will still arrive
+        return found
 
     def _from_rules(self, rs: ResolvedSource, seconds: int, now: dt.datetime,
                     last: dt.datetime, key: object = None
@@ -332,7 +336,7 @@ class PrometheusSource:
         window_errors: dict[Any, str] = {}
         counts: dict[ResolvedSource, int] = {}
         rule_times: dict[ResolvedSource, dt.datetime | None] = {}
-        self._fresh.clear()
+        self._kept, self._parts, self._fresh = self._parts, {}, {}
         for (rs, key), seconds in plan.windows.items():
             if rs in errors:
                 continue
@@ -444,8 +448,6 @@ class PrometheusSource:
         return out
 
 
-#: Raw parts of rule-read windows kept across evaluations (a few per source and window).
-MAX_KEPT_PARTS = 64
 #: How long a range whose second step could not be narrowed is read in one query.
 DENSE_SECONDS = 600.0
 
