@@ -23,6 +23,7 @@ Covers:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -307,11 +308,12 @@ def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> Non
     assert snap.errors == {} and snap.outcome_errors == {}
     assert snap.retention_seconds == 30 * 86400
     assert fake.queries == [
-        # The budget's spend matcher narrows every selector (team=~"search").
-        promql.spend(COUNTERS, 86400, ("team",), narrow=TEAM),
+        # The budget's spend matcher narrows every selector (team=~"search"). No series
+        # is uncommon (no row says so): one query per window, the first step's.
+        promql.common(COUNTERS, 86400, ("team",), narrow=TEAM),
         'count({__name__=~"llm_tokens_total"})',  # a long window: estimate its samples first
-        promql.spend(COUNTERS, 19 * 86400 + 12 * 3600, ("team",), narrow=TEAM),
-        promql.spend(COUNTERS, 600, ("team",), narrow=TEAM),
+        promql.common(COUNTERS, 19 * 86400 + 12 * 3600, ("team",), narrow=TEAM),
+        promql.common(COUNTERS, 600, ("team",), narrow=TEAM),
         promql.outcomes("agent_outcomes_total", "namespace", 86400, ("outcome",)),
         "(up == 0) unless on (job, instance) (timestamp(up) < time() - 60)",  # none down
     ]
@@ -462,3 +464,100 @@ def test_a_down_target_marks_the_namespaces_its_series_named(
     snap = PrometheusSource(fake.url).collect(planner.plan([b.token_budget()], NOW), NOW)
     assert snap.down == {COUNTERS: {
         "team-search": "scrape target(s) down (up == 0): agents/10.0.0.7:9000"}}
+
+
+# ---------------------------------------------------------------------------
+# The two-step reading and the raw parts of rule-read windows
+# ---------------------------------------------------------------------------
+
+def test_the_second_step_reads_the_pairs_the_first_could_not_and_replaces_their_rows(
+        serve: Any) -> None:
+    common = [item("900", tb_kind="input", namespace="a", pod="p-1", model="m"),
+              item("5", tb_kind="output", namespace="a", pod="p.2", model="m"),
+              item("NaN", tb_kind="input", namespace="a", pod="p.2", model="m"),  # fell
+              item("+Inf", tb_kind="input", namespace="b", pod="q", model="m"),  # fell
+              item("2", tb_kind=promql.UNCOMMON, namespace="c", pod="p-1")]  # no start
+    # The second step selects each label's values, so a/p-1 is read again there too.
+    rest = [item("900", tb_kind="input", namespace="a", pod="p-1", model="m"),
+            item("7", tb_kind="input", namespace="a", pod="p.2", model="m"),
+            item("6", tb_kind="output", namespace="a", pod="p.2", model="m"),
+            item("8", tb_kind="input", namespace="b", pod="q", model="m"),
+            item("9", tb_kind="input", namespace="c", pod="p-1", model="m"),
+            item("1", tb_kind=promql.GAP_BRIDGED, namespace="c")]
+    fake = serve(lambda path, params: vector(*(
+        common if params["query"] == promql.common(COUNTERS, 3600) else rest)))
+    items = PrometheusSource(fake.url).read_spend(COUNTERS, 3600, NOW)
+    named = (("namespace", "a|b|c"), ("pod", "p-1|p\\.2|q"))
+    assert fake.queries == [promql.common(COUNTERS, 3600),
+                            promql.spend(COUNTERS, 3600, narrow=named)]
+    # Every row of a selected pair comes from the second step, once.
+    assert to_series(COUNTERS, items) == (
+        SpendSeries("a", "p-1", "m", 900.0), SpendSeries("a", "p.2", "m", 7.0, 6.0),
+        SpendSeries("b", "q", "m", 8.0), SpendSeries("c", "p-1", "m", 9.0))
+    assert prometheus.gaps_of(COUNTERS, items) == {"c": prometheus.Gap(bridged=1, unknown=0)}
+
+
+def test_a_clean_first_step_is_the_whole_reading(serve: Any) -> None:
+    common = [item("900", tb_kind="input", namespace="a", pod="p", model="m")]
+    fake = serve(always(vector(*common)))
+    assert PrometheusSource(fake.url).read_spend(COUNTERS, 60, NOW) == common
+    assert fake.queries == [promql.common(COUNTERS, 60)]
+
+
+def test_the_first_step_reads_nothing_before_the_window_but_the_start_value() -> None:
+    parts = promql._Parts('llm_tokens_total{token_type="input"}', 60, 300)
+    text = promql.common(COUNTERS, 60)
+    assert "] offset" not in text  # no horizon, no up: no range before the window
+    assert f"({parts.last} - {parts.exact_start}) / (({parts.resets} == bool 0)" in text
+    assert f"count by (namespace, pod) ({parts.unstarted()} or " in text
+    assert text.count("[60s]") == 3 * 4  # 4 window reads per counter, as against 8
+
+
+def test_too_many_pairs_to_name_read_the_whole_source_and_go_on_doing_so(serve: Any) -> None:
+    many = [item("1", tb_kind=promql.UNCOMMON, namespace=f"ns-{i:04}", pod=f"pod-{i:04}")
+            for i in range(600)]
+    fake = serve(lambda path, params: vector(*(
+        many if params["query"] == promql.common(COUNTERS, 60) else [])))
+    source = PrometheusSource(fake.url)
+    source.read_spend(COUNTERS, 60, NOW, part="w")
+    source.read_spend(COUNTERS, 60, NOW, part="w")
+    whole = promql.spend(COUNTERS, 60)
+    assert fake.queries == [promql.common(COUNTERS, 60), whole, whole]
+
+
+def test_the_windows_read_through_the_rules_share_their_tail_and_keep_a_settled_head(
+        serve: Any) -> None:
+    last = NOW - dt.timedelta(minutes=20)  # the rule's last run
+    rule = promql.rule_name(COUNTERS)
+
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        q = params["query"]
+        if path.endswith("/status/runtimeinfo"):
+            return 200, {"status": "success", "data": {"storageRetention": "30d"}}
+        if q.startswith(rule):  # when the rule last ran: a range vector
+            return 200, {"status": "success", "data": {"resultType": "matrix", "result": [
+                {"metric": {}, "values": [[last.timestamp(), "1"]]}]}}
+        return vector()
+
+    fake = serve(answer)
+    budget = b.token_budget(limits=[{"window": "Day", "tokens": 10},
+                                    {"window": "24h", "tokens": 10},
+                                    {"window": "Month", "tokens": 10}])
+    source = PrometheusSource(fake.url)
+    source.collect(planner.plan([budget], NOW), NOW)
+    raw = [q for q in fake.queries if q.startswith("label_replace")]
+    # One tail for the three windows; a head each (Day, 24h and Month begin apart).
+    assert raw.count(promql.common(COUNTERS, 1200)) == 1
+    assert len(raw) == 1 + 3 + 1  # tail, heads, burn rate
+    later = NOW + dt.timedelta(seconds=30)
+    before = len(fake.queries)
+    source.collect(planner.plan([budget], later), later)
+    again = [q for q in fake.queries[before:] if q.startswith("label_replace")]
+    # The calendar windows' heads lie in the past and have not moved: not read again.
+    # The rolling 24h head moved; the tail and the burn rate are read anew.
+    assert len(again) == 1 + 1 + 1
+    # One head kept per window, the rolling one replaced: memory does not grow.
+    for i in range(2, 5):
+        at = NOW + dt.timedelta(seconds=30 * i)
+        source.collect(planner.plan([budget], at), at)
+    assert len(source._parts) == 3

@@ -48,6 +48,10 @@ class ResultItem(TypedDict):
     value: list[Any]  # [unix time, "value"]
 
 
+_PartKey = tuple[ResolvedSource, dt.datetime, int, int]  # source, end, seconds, horizon
+_Part = tuple[tuple[SpendSeries, ...], dict[str, Gap]]
+
+
 @dataclass
 class Auth:
     """How to talk to Prometheus: bearer token, basic auth, CA bundle, or none."""
@@ -92,6 +96,13 @@ class PrometheusSource:
         self.max_samples = max_samples
         self._retention: tuple[float, int | None] | None = None
         self._rule_times: dict[ResolvedSource, tuple[dt.datetime | None, dt.datetime]] = {}
+        # Raw parts of rule-read windows: the settled one of each window's head, kept from
+        # the last evaluation (_kept) for this one (_parts); all read in this evaluation
+        # (_fresh); and the ranges whose second step named too much.
+        self._kept: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
+        self._parts: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
+        self._fresh: dict[_PartKey, _Part] = {}
+        self._dense: dict[tuple[Any, ...], float] = {}
         self._retention_ttl = retention_ttl_seconds
         auth = auth or Auth()
         headers = dict(auth.headers)
@@ -222,8 +233,64 @@ class PrometheusSource:
         items = self.query(text, at, kind)
         return to_series(rs, items, extra), gaps_of(rs, items)
 
+    def read_spend(self, rs: ResolvedSource, seconds: int, at: dt.datetime, kind: str = "spend",
+              extra: tuple[str, ...] = (), narrow: tuple[tuple[str, str], ...] = (),
+              horizon: int | None = None, part: object = None) -> list[ResultItem]:
+        """The exact spend of the ``seconds`` before ``at``, in two steps.
+
+        First :func:`promql.common`: every group whose series all have a start value
+        within the lookback and did not fall is read there, exactly. Then
+        :func:`promql.spend` reads the (namespace, workload) pairs of the other groups
+        (the rows tagged :data:`promql.UNCOMMON`, and the sums that are not finite),
+        narrowed to them; their rows of the first step are dropped. Together they are
+        what :func:`promql.spend` returns for the whole source. When the pairs are
+        too many to name in a selector, the whole source is read in one query
+        instead, and so it is for the next :data:`DENSE_SECONDS` for that ``part``.
+        """
+        dense = (rs, kind, extra, narrow, horizon, part if part is not None else seconds)
+        whole = promql.spend(rs, seconds, extra, horizon_seconds=horizon, narrow=narrow)
+        if self._dense.get(dense, 0.0) > time.monotonic():
+            return self.query(whole, at, kind)
+        first = self.query(promql.common(rs, seconds, extra, narrow), at, kind)
+        where = [_labels(it) for it in first
+                 if _labels(it).get(promql.KIND_LABEL) == promql.UNCOMMON
+                 or not _finite(it)]
+        if not where:
+            return first
+        named = _naming(rs, where)
+        if named is None:
+            self._dense[dense] = time.monotonic() + DENSE_SECONDS
+            return self.query(whole, at, kind)
+        kept = [it for it in first if _labels(it).get(promql.KIND_LABEL) != promql.UNCOMMON
+                and not all(_labels(it).get(k, "") in v for k, v in named.items())]
+        matchers = tuple((k, "|".join(sorted(planner.re_literal(x) for x in v)))
+                         for k, v in named.items())
+        return kept + self.query(promql.spend(rs, seconds, extra, horizon_seconds=horizon,
+                                              narrow=narrow + matchers), at, kind)
+
+    def _part(self, rs: ResolvedSource, seconds: int, at: dt.datetime, now: dt.datetime,
+              horizon: int, part: object) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
+        """A raw part of a window read through the rules: read once per evaluation (the
+        windows share their tail), and kept while it lies wholly in the past and does not
+        move (a calendar window's head, until the next rule run; a rolling window's head
+        moves with every evaluation)."""
+        key = (rs, at, seconds, horizon)
+        kept = self._kept.get((rs, part))
+        if kept is not None and kept[0] == key:
+            self._parts[(rs, part)] = kept
+            return kept[1]
+        if key in self._fresh:
+            return self._fresh[key]
+        items = self.read_spend(rs, seconds, at, "spend", horizon=horizon, part=part)
+        found = to_series(rs, items), gaps_of(rs, items)
+        self._fresh[key] = found
+        if (now - at).total_seconds() >= max(60.0, 4 * self.scrape_interval_seconds):
+            self._parts[(rs, part)] = (key, found)  # settled: no sample will still arrive
+        return found
+
     def _from_rules(self, rs: ResolvedSource, seconds: int, now: dt.datetime,
-                    last: dt.datetime) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
+                    last: dt.datetime, key: object = None
+                    ) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
         """A long window as hourly recorded buckets plus the raw series at both ends.
 
         ::
@@ -252,14 +319,12 @@ class PrometheusSource:
             first_start = last
             head = math.ceil((last - start).total_seconds())
         if head > 0:
-            parts.append(self._read(rs, promql.spend(rs, head, horizon_seconds=horizon),
-                                    first_start, "spend"))
+            parts.append(self._part(rs, head, first_start, now, horizon, ("head", key)))
         # Rounded up: a raw sample right at a join belongs in the range, or the spend
         # between it and the next sample would be lost.
         tail = math.ceil((now - last).total_seconds())
         if tail > 0:
-            parts.append(self._read(rs, promql.spend(rs, tail, horizon_seconds=horizon),
-                                    now, "spend"))
+            parts.append(self._part(rs, tail, now, now, horizon, "tail"))
         return _sum_series([p[0] for p in parts]), _sum_gaps([p[1] for p in parts])
 
     def collect(self, plan: Plan, now: dt.datetime) -> SpendSnapshot:
@@ -271,6 +336,7 @@ class PrometheusSource:
         window_errors: dict[Any, str] = {}
         counts: dict[ResolvedSource, int] = {}
         rule_times: dict[ResolvedSource, dt.datetime | None] = {}
+        self._kept, self._parts, self._fresh = self._parts, {}, {}
         for (rs, key), seconds in plan.windows.items():
             if rs in errors:
                 continue
@@ -282,7 +348,7 @@ class PrometheusSource:
                     last = rule_times[rs]
                     if last is not None:
                         windows[(rs, key)], gaps[(rs, key)] = self._from_rules(
-                            rs, seconds, now, last)
+                            rs, seconds, now, last, key)
                         continue
                 if self.max_samples and seconds > 86400:
                     # Long windows only: a day of 15 s samples is 5,760 per series.
@@ -299,9 +365,10 @@ class PrometheusSource:
                             "query may load: install the recording rules "
                             "(rules/token-budget.rules.yaml) or raise --prometheus-max-samples")
                         continue
-                windows[(rs, key)], gaps[(rs, key)] = self._read(
-                    rs, promql.spend(rs, seconds, extra, narrow=plan.narrow.get(rs, ())),
-                    now, "spend", extra)
+                items = self.read_spend(rs, seconds, now, "spend", extra, plan.narrow.get(rs, ()),
+                                   part=key)
+                windows[(rs, key)], gaps[(rs, key)] = (to_series(rs, items, extra),
+                                                       gaps_of(rs, items))
             except MetricsError as exc:
                 errors[rs] = str(exc)
         for rs in plan.sources:
@@ -309,8 +376,8 @@ class PrometheusSource:
                 continue
             extra = plan.group_labels.get(rs, ())
             try:
-                items = self.query(promql.spend(rs, plan.recent_seconds, extra,
-                                                narrow=plan.narrow.get(rs, ())), now, "recent")
+                items = self.read_spend(rs, plan.recent_seconds, now, "recent", extra,
+                                   plan.narrow.get(rs, ()), part="recent")
                 recent[rs] = to_series(rs, items, extra)
             except MetricsError as exc:
                 errors[rs] = str(exc)
@@ -379,6 +446,29 @@ class PrometheusSource:
                 ns = _labels(it).get(rs.namespace_label, "")
                 out.setdefault(rs, {})[ns] = f"scrape target(s) down (up == 0): {named}"
         return out
+
+
+#: How long a range whose second step could not be narrowed is read in one query.
+DENSE_SECONDS = 600.0
+
+
+def _naming(rs: ResolvedSource, where: list[Mapping[str, str]]) -> dict[str, set[str]] | None:
+    """The values of the namespace and workload labels of ``where``, per label whose regex
+    is short enough to send; None when neither is. Selecting them keeps every pair of
+    ``where`` (and perhaps more: the second step reads those whole as well)."""
+    out = {}
+    for label in dict.fromkeys((rs.namespace_label, rs.workload_label)):
+        values = {w.get(label, "") for w in where}
+        if len("|".join(planner.re_literal(v) for v in values)) <= planner.MAX_NARROW_CHARS:
+            out[label] = values
+    return out or None
+
+
+def _finite(item: Any) -> bool:
+    try:
+        return math.isfinite(float(item["value"][1]))
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise QueryFailed(f"malformed sample in Prometheus result: {item!r}") from exc
 
 
 #: How far back a down target's series are linked to namespaces: a target down for longer
