@@ -257,6 +257,7 @@ def unknown(s: ScopeInput, error: str) -> Decision:
     keys = tuple(sorted(w.key for w in s.governed))
     budget = f"{s.scope.budget.kind}/{s.scope.budget}"
     if policy.policy is api.MissingDataPolicy.HOLD and s.memory is not None:
+        s.timed = True
         last = s.memory.last_spend_time
         fresh = last is not None and (s.context.now_utc - utc(last)).total_seconds() \
             <= policy.stale_after_seconds

@@ -27,12 +27,13 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 class Source:
     """A resolved spend source with what the snapshot holds for it."""
 
-    def __init__(self, rs: ResolvedSource, context: Context) -> None:
+    def __init__(self, rs: ResolvedSource, context: Context, recent: Spend | None = None
+                 ) -> None:
         self.rs = rs
         self.context = context
         self.error = context.snapshot.errors.get(rs)
-        self.recent = Spend(context.snapshot.recent.get(rs, ()), context.prices,
-                             context.model_ok)
+        self.recent = recent if recent is not None else Spend(
+            context.snapshot.recent.get(rs, ()), context.prices, context.model_ok)
         self._windows: dict[tuple[str, str], Window] = {}
 
     def window(self, window: str, time_zone: str) -> Window:
@@ -60,14 +61,20 @@ class Context:
     model-pattern matches, cheapest equivalents.
     """
 
-    def __init__(self, world: World, snapshot: SpendSnapshot, now: dt.datetime) -> None:
+    def __init__(self, world: World, snapshot: SpendSnapshot, now: dt.datetime,
+                 before: Context | None = None) -> None:
+        """``before``: the previous evaluation's context, of the same catalog and burn-rate
+        span, whose indexes and sums are taken over where their inputs are the same."""
         self.world = world
         self.catalog = world.catalog
         self.snapshot = snapshot
         self.now = now
         self.now_utc = utc(now)
-        self.namespaces = NamespaceIndex(world.namespaces)
-        self.prices = Prices(world.catalog)
+        same_ns = before is not None and (world.namespaces is before.world.namespaces
+                                          or world.namespaces == before.world.namespaces)
+        self.namespaces: NamespaceIndex = before.namespaces if before is not None and same_ns \
+            else NamespaceIndex(world.namespaces)
+        self.prices: Prices = before.prices if before is not None else Prices(world.catalog)
         self.recent_seconds = Decimal(max(1, snapshot.recent_seconds))
         self.workloads: defaultdict[str, list[Workload]] = defaultdict(list)
         for w in world.workloads:
@@ -82,6 +89,29 @@ class Context:
         self._cheapest: dict[tuple[str, frozenset[str] | None], str | None] = {}
         self._outcomes: dict[str, defaultdict[str, list[tuple[int, tuple[tuple[str, str], ...],
                                                               float]]]] = {}
+        # Per source, the namespaces whose series differ from ``before``'s in any window
+        # or in the burn rate (empty without ``before``: nothing to compare with).
+        self.changed: dict[ResolvedSource, set[str]] = {}
+        if before is not None:
+            self._model_ok = before._model_ok
+            self._allowed = before._allowed
+            self._cheapest = before._cheapest
+            self._carry(before)
+
+    def _carry(self, before: Context) -> None:
+        """Build every spend of the snapshot now, with ``before``'s sums where series match."""
+        changed = self.changed
+        for (rs, key), series in self.snapshot.windows.items():
+            old = before.spend(rs, key)
+            if old is None:
+                continue
+            self._spend[(rs, key)], moved = old.following(series)
+            changed.setdefault(rs, set()).update(moved)
+        for rs, series in self.snapshot.recent.items():
+            old_source = before._by_rs.get(rs) or Source(rs, before)
+            recent, moved = old_source.recent.following(series)
+            self._by_rs[rs] = Source(rs, self, recent)
+            changed.setdefault(rs, set()).update(moved)
 
     def source(self, spec: api.SpendSource) -> Source:
         try:

@@ -170,6 +170,9 @@ class Evaluation:
     decisions: tuple[Decision, ...]
     directives: dict[WorkloadKey, Directive]
     held: frozenset[WorkloadKey] = frozenset()
+    # What the next evaluation may take over (token_budget.policy.reuse.Memo); not part
+    # of the result: equal evaluations may keep different memos.
+    memo: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

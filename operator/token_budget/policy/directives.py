@@ -51,6 +51,7 @@ def directives(s: ScopeInput, state: api.State, reason: str, message: str,
 
 def pace(s: ScopeInput, usages: list[WindowUsage]) -> int:
     """Tokens per minute per workload that spread what is left evenly over the window."""
+    s.timed = True
     worst = max(usages, key=lambda w: w.used_percent)
     # A limit may cap tokens and money at once: what is left is the tighter of the two.
     lefts = []

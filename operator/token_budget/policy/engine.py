@@ -45,7 +45,7 @@ from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
-from token_budget.policy import checks
+from token_budget.policy import checks, reuse
 from token_budget.policy.attribution import (
     UNGOVERNED_SHOWN,
     governed_by,
@@ -55,7 +55,7 @@ from token_budget.policy.attribution import (
 )
 from token_budget.policy.context import Context
 from token_budget.policy.decisions import Decision, Directive, Evaluation, ScopeSpend, merge
-from token_budget.policy.inputs import SpendSnapshot, WorkloadKey
+from token_budget.policy.inputs import BudgetKey, SpendSnapshot, WorkloadKey
 from token_budget.policy.ladders import describe
 from token_budget.policy.matchers import OPERATORS, series_matches
 from token_budget.policy.model_rules import allowed_models, cheapest_equivalent, model_allowed
@@ -72,39 +72,87 @@ __all__ = [
 ]
 
 
-def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime) -> Evaluation:
+def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime,
+             previous: Evaluation | None = None) -> Evaluation:
     """Decide every budget scope and merge the directives per workload.
 
     Args:
         world: budgets, catalog, namespaces with labels, workloads, memory.
         snapshot: spend read for the plan of the same budgets.
         now: the time of evaluation (never read from a clock here).
+        previous: the last evaluation, if any: decisions whose inputs are all the
+            same are taken over, and spend of unchanged namespaces is not summed
+            again (:mod:`token_budget.policy.reuse`). The result is the same as
+            without it, to the digit.
 
     Returns:
         One decision per scope (sorted) and one merged directive per governed
         workload. Workloads governed only by dry-run or held scopes get none;
         :attr:`Evaluation.held` lists those that must be left as they are.
     """
-    context = Context(world, snapshot, now)
+    memo = previous.memo if previous is not None else None
+    if not isinstance(memo, reuse.Memo) or not reuse.usable(memo, world, snapshot):
+        memo = None
+    context = Context(world, snapshot, now, memo.context if memo is not None else None)
+    again = reuse.Reuse(memo, world, snapshot, now, context) if memo is not None else None
+    kept = reuse.Memo(world, snapshot, now, context)
     decisions: list[Decision] = []
     per_workload: dict[WorkloadKey, list[Directive]] = defaultdict(list)
     held: set[WorkloadKey] = set()
     for budget in world.budgets:
-        for scope, namespaces in scopes(budget, context.namespaces):
-            governed = governed_by(budget, namespaces, context.workloads)
-            decision = checks.decide(ScopeInput(budget, scope, namespaces, context, governed))
-            if decision.spend_known and not decision.series_seen:
-                decision = _explain_unseen(decision, budget, context)
+        old = again.entry(budget) if again is not None else None
+        if old is None:
+            listed = scopes(budget, context.namespaces)
+            entry = reuse.Entry(budget, BudgetKey.of(budget), listed, tuple(
+                WindowKey.of(lim.window, lim.time_zone) for lim in budget.spec.limits))
+        else:
+            listed = old.scopes if again is not None and again.same_namespaces \
+                else scopes(budget, context.namespaces)
+            entry = reuse.Entry(budget, old.key, listed, old.windows)
+        kept.add(entry)
+        rs = context.source(budget.spec.source).rs
+        by_scope = None if old is None or listed is old.scopes else {
+            sk: (ns, k) for (sk, ns), k in zip(old.scopes, old.kept, strict=True)}
+        for i, (scope, namespaces) in enumerate(listed):
+            was: reuse.Kept | None = None
+            if old is not None and again is not None:
+                if by_scope is None:
+                    was = old.kept[i]
+                else:
+                    ns_was, was = by_scope.get(scope, ((), None))
+                    was = was if ns_was == namespaces else None
+                if was is not None and not again.holds(was, entry, scope, namespaces, rs):
+                    was = None
+            if was is None:
+                governed = governed_by(budget, namespaces, context.workloads)
+                s = ScopeInput(budget, scope, namespaces, context, governed)
+                decision = checks.decide(s)
+                if decision.spend_known and not decision.series_seen:
+                    decision = _explain_unseen(decision, budget, context)
+                was = reuse.Kept(decision, s.timed)
+            else:
+                decision = was.decision
+            entry.kept.append(was)
             decisions.append(decision)
             if decision.dry_run:
                 continue
             if decision.reason is Reason.SPEND_UNKNOWN_HOLDING:
                 held.update(decision.workloads)
-            for key, directive in decision.directives.items():
-                per_workload[key].append(directive)
-    merged = {k: merge(v) for k, v in per_workload.items() if k not in held}
+            for wk, directive in decision.directives.items():
+                per_workload[wk].append(directive)
+    merged = {}
+    before = memo.per_workload if memo is not None else {}
+    for wk, told in per_workload.items():
+        if wk in held:
+            continue
+        if memo is not None and before.get(wk) == told and wk in memo.merged:
+            merged[wk] = memo.merged[wk]  # the same directives, in the same order
+        else:
+            merged[wk] = merge(told)
+    kept.per_workload, kept.merged = per_workload, merged
     decisions.sort(key=_scope_order)
-    return Evaluation(decisions=tuple(decisions), directives=merged, held=frozenset(held))
+    return Evaluation(decisions=tuple(decisions), directives=merged, held=frozenset(held),
+                      memo=kept)
 
 
 def _scope_order(d: Decision) -> tuple[str, str, str, str]:

@@ -16,7 +16,7 @@ class ScopeInput:
     """A scope, its namespaces and governed workloads, and the evaluation's shared caches."""
 
     __slots__ = ("budget", "spec", "scope", "namespaces", "context", "catalog", "snapshot",
-                 "governed", "spend_source", "source", "memory", "counted")
+                 "governed", "spend_source", "source", "memory", "counted", "timed")
 
     def __init__(self, budget: api.Budget, scope: ScopeKey, namespaces: tuple[str, ...],
                  context: Context, governed: list[Workload]) -> None:
@@ -33,3 +33,7 @@ class ScopeInput:
         memory = context.world.memory
         self.memory = memory.get(scope) if memory else None  # no ScopeKey hash when empty
         self.counted: list[Part] = []  # what each limit counted, for top_model()
+        # Whether the decision read the time of evaluation other than through its windows'
+        # bounds (a run-out, a pace, an exception's expiry, a Hold's age, retention):
+        # then it holds for that instant only.
+        self.timed = bool(self.spec.exceptions)

@@ -43,6 +43,8 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
             unpriced |= counted.unpriced
         start, resets, span = window.start, window.resets, window.span
         covered = None
+        if retention:
+            s.timed = True
         if retention and span > retention:
             # Prometheus no longer holds the window's oldest part: estimate the whole
             # window from the covered part's rate rather than count the rest as zero.
@@ -65,6 +67,7 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
                 run_outs.append(left / cost_rate)
         run_out = None
         if run_outs:
+            s.timed = True
             secs = min(run_outs)
             if secs < _TEN_YEARS:
                 candidate = now + dt.timedelta(seconds=float(secs))

@@ -1,0 +1,186 @@
+"""What of the previous evaluation still holds: decisions of scopes whose inputs are the same.
+
+An evaluation handed the previous one (``engine.evaluate(..., previous=...)``)
+takes over a scope's decision when everything the decision read is the same:
+
+* the budget (the same object, or an equal one) and the scope's namespaces;
+* the series of those namespaces in every window and in the burn rate of the
+  budget's source (:meth:`Spend.carry`), and what the snapshot says of that
+  source (errors, targets down, gaps, windows not read, what it returned);
+* the workloads of those namespaces, the scope's memory, the catalog, the
+  burn-rate span, the retention, the outcome counters (for a budget with one);
+* the time of evaluation: the same instant, or, for a decision that read the
+  time only through its windows' bounds, bounds that are the same (a calendar
+  window within one period; a rolling window moves with every instant).
+
+Anything else is decided anew, and spend sums of unchanged namespaces are
+taken over even then: only what changed is summed again. tests/unit/
+test_engine_reuse.py holds every evaluation handed a previous one to a fresh
+evaluation of the same inputs, to the digit, over random worlds and changes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from token_budget.api import v1alpha1 as api
+from token_budget.api.types import utc
+from token_budget.policy.catalog import Catalog
+from token_budget.policy.context import Context
+from token_budget.policy.decisions import Decision, Directive
+from token_budget.policy.inputs import BudgetKey, ScopeKey, SpendSnapshot, WorkloadKey
+from token_budget.policy.sources import ResolvedSource
+from token_budget.policy.windows import WindowKey
+from token_budget.policy.world import World
+
+Scopes = list[tuple[ScopeKey, tuple[str, ...]]]
+
+
+class Kept(NamedTuple):
+    """A scope's decision, and whether it read the time other than through window bounds."""
+
+    decision: Decision
+    timed: bool
+
+
+class Entry:
+    """A budget as an evaluation saw it: its scopes, its limits' windows, their decisions."""
+
+    __slots__ = ("budget", "key", "scopes", "windows", "kept")
+
+    def __init__(self, budget: api.Budget, key: BudgetKey, scopes: Scopes,
+                 windows: tuple[WindowKey, ...]) -> None:
+        self.budget = budget
+        self.key = key
+        self.scopes = scopes
+        self.windows = windows
+        self.kept: list[Kept] = []  # one per scope, in order
+
+
+@dataclass
+class Memo:
+    """What an evaluation keeps for the next one (``Evaluation.memo``)."""
+
+    world: World
+    snapshot: SpendSnapshot
+    now: dt.datetime
+    context: Context
+    by_key: dict[BudgetKey, Entry] = field(default_factory=dict)
+    by_id: dict[int, Entry] = field(default_factory=dict)  # the same budget objects
+    per_workload: dict[WorkloadKey, list[Directive]] = field(default_factory=dict)
+    merged: dict[WorkloadKey, Directive] = field(default_factory=dict)
+
+    def add(self, entry: Entry) -> None:
+        self.by_key[entry.key] = entry
+        self.by_id[id(entry.budget)] = entry  # the entry keeps the budget: the id holds
+
+
+def same_catalog(a: Catalog, b: Catalog) -> bool:
+    """Whether two catalogs price and resolve every name alike, prices to the digit
+    (``10.00`` and ``10.0`` are equal numbers and give costs of other exponents)."""
+    return a is b or (a.currency == b.currency
+                      and repr(list(a.models.items())) == repr(list(b.models.items())))
+
+
+def same_budget(a: api.Budget, b: api.Budget) -> bool:
+    """The same object, or equal to the digit (an equal Decimal may have other digits)."""
+    return a is b or (a == b and repr(a) == repr(b))
+
+
+def usable(memo: Memo, world: World, snapshot: SpendSnapshot) -> bool:
+    """Whether anything of ``memo`` can hold: the same catalog, burn-rate span, retention."""
+    old = memo.snapshot
+    return (same_catalog(world.catalog, memo.world.catalog)
+            and snapshot.recent_seconds == old.recent_seconds
+            and snapshot.retention_seconds == old.retention_seconds)
+
+
+def _by_source(m: Mapping[tuple[ResolvedSource, WindowKey], object]
+               ) -> dict[ResolvedSource, dict[WindowKey, object]]:
+    out: dict[ResolvedSource, dict[WindowKey, object]] = {}
+    for (rs, key), value in m.items():
+        out.setdefault(rs, {})[key] = value
+    return out
+
+
+def stale_sources(old: SpendSnapshot, new: SpendSnapshot) -> set[ResolvedSource]:
+    """Sources of which the snapshot says something else than before, besides series."""
+    stale = set()
+    old_windows, new_windows = _by_source(old.windows), _by_source(new.windows)
+    keyed = [(_by_source(old.window_errors), _by_source(new.window_errors)),
+             (_by_source(old.gaps), _by_source(new.gaps))]
+    every = (old_windows.keys() | new_windows.keys() | old.recent.keys() | new.recent.keys()
+             | old.errors.keys() | new.errors.keys() | old.down.keys() | new.down.keys()
+             | old.returned.keys() | new.returned.keys())
+    for a, b in keyed:
+        every |= a.keys() | b.keys()
+    for rs in every:
+        if (old_windows.get(rs, {}).keys() != new_windows.get(rs, {}).keys()
+                or (rs in old.recent) != (rs in new.recent)
+                or old.errors.get(rs) != new.errors.get(rs)
+                or old.down.get(rs) != new.down.get(rs)
+                or old.returned.get(rs) != new.returned.get(rs)
+                or any(a.get(rs) != b.get(rs) for a, b in keyed)):
+            stale.add(rs)
+    return stale
+
+
+class Reuse:
+    """Answers, per budget and scope, whether the previous evaluation's answer still holds."""
+
+    def __init__(self, memo: Memo, world: World, snapshot: SpendSnapshot, now: dt.datetime,
+                 context: Context) -> None:
+        self.memo = memo
+        self.context = context
+        before = memo.context
+        self.same_namespaces = (world.namespaces is memo.world.namespaces
+                                or world.namespaces == memo.world.namespaces)
+        self.same_memory = world.memory is memo.world.memory
+        self.same_now = utc(now) == utc(memo.now)
+        self.same_outcomes = (snapshot.outcomes == memo.snapshot.outcomes
+                              and snapshot.outcome_errors == memo.snapshot.outcome_errors)
+        self.stale = stale_sources(memo.snapshot, snapshot)
+        new_w, old_w = context.workloads, before.workloads
+        self.moved = {ns for ns in new_w.keys() | old_w.keys()
+                      if new_w.get(ns, []) != old_w.get(ns, [])}
+        self._bounds_same: dict[WindowKey, bool] = {}
+
+    def entry(self, budget: api.Budget) -> Entry | None:
+        """The budget's entry of the previous evaluation, when the budget is the same."""
+        found = self.memo.by_id.get(id(budget))
+        if found is not None and found.budget is budget:
+            return found
+        found = self.memo.by_key.get(BudgetKey.of(budget))
+        return found if found is not None and same_budget(found.budget, budget) else None
+
+    def holds(self, kept: Kept, entry: Entry, scope: ScopeKey, namespaces: tuple[str, ...],
+              rs: ResolvedSource) -> bool:
+        """Whether a scope's kept decision holds (its budget and namespaces are the same)."""
+        if rs in self.stale:
+            return False
+        changed = self.context.changed.get(rs)
+        if changed and not changed.isdisjoint(namespaces):
+            return False
+        if self.moved and not self.moved.isdisjoint(namespaces):
+            return False
+        if not self.same_memory and \
+                self.context.world.memory.get(scope) != self.memo.world.memory.get(scope):
+            return False
+        if entry.budget.spec.outcome is not None and not self.same_outcomes:
+            return False
+        return self.same_now or (not kept.timed and self._bounds_hold(rs, entry.windows))
+
+    def _bounds_hold(self, rs: ResolvedSource, keys: Sequence[WindowKey]) -> bool:
+        for key in keys:
+            if (rs, key) not in self.context.snapshot.windows:
+                continue  # not read: the decision used no bounds of it
+            same = self._bounds_same.get(key)
+            if same is None:
+                same = self._bounds_same[key] = \
+                    self.context.bounds(key) == self.memo.context.bounds(key)
+            if not same:
+                return False
+        return True
