@@ -13,7 +13,8 @@ spend of 1 % of the namespaces changed (new series objects for those, the
 others' objects kept, as a reader that keeps unchanged series hands them): once
 at the same instant (every other decision is taken over) and once 30 s later
 (decisions over a rolling window are made anew; sums of unchanged namespaces
-are still taken over). Both are checked equal to a fresh evaluation.
+are still taken over), each against a fresh evaluation of the same inputs in the
+same run, and checked equal to it.
 """
 
 from __future__ import annotations
@@ -195,15 +196,22 @@ def incremental(report: Report, quick: bool) -> None:
     n, n_series = (2_000, 10_000) if quick else (TARGET_BUDGETS, TARGET_SERIES)
     w, snap = world(n, n_series)
     full, first = _cpu(lambda: engine.evaluate(w, snap, NOW))
-    changed = _changed(snap, CHANGED_SHARE)
+    # Steady state: the operator hands every evaluation the one before; the first one so
+    # handed after a change also notes where each namespace's series are (once, then
+    # carried along). So: one change to warm up, and the one measured after it.
+    before = _changed(snap, CHANGED_SHARE, seed=15)
+    first = engine.evaluate(w, before, NOW, previous=first)
+    changed = _changed(before, CHANGED_SHARE)
     later = NOW + dt.timedelta(seconds=30)
     for label, at in (("at the same instant", NOW), ("30 s later", later)):
-        cpu, result = _cpu(lambda at=at: engine.evaluate(w, changed, at, previous=first))
-        fresh_cpu, fresh = _cpu(lambda at=at: engine.evaluate(w, changed, at))
+        runs = [(_cpu(lambda at=at: engine.evaluate(w, changed, at, previous=first)),
+                 _cpu(lambda at=at: engine.evaluate(w, changed, at))) for _ in range(3)]
+        cpu, result = min((r[0] for r in runs), key=lambda r: r[0])
+        fresh_cpu, fresh = min((r[1] for r in runs), key=lambda r: r[0])
         assert repr(result.decisions) == repr(fresh.decisions), "differs from a fresh one"
         assert repr(sorted(result.directives.items())) == repr(sorted(fresh.directives.items()))
         kept = sum(1 for x, y in zip(first.decisions, result.decisions, strict=True) if x is y)
-        ratio = cpu / fresh_cpu
+        ratio = cpu / fresh_cpu  # best of 3 each, alternating
         is_target = at == NOW and n == TARGET_BUDGETS and n_series == TARGET_SERIES
         report.add(Figure(
             "engine", f"  handed the previous one, {CHANGED_SHARE:.0%} of namespaces' spend "

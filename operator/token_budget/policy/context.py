@@ -81,6 +81,7 @@ class Context:
             self.workloads[w.key.namespace].append(w)
         self._by_spec: dict[api.SpendSource, Source] = {}
         self._by_rs: dict[ResolvedSource, Source] = {}
+        self._by_id: dict[int, tuple[api.SpendSource, Source]] = {}  # equal specs: one hash
         self._spend: dict[tuple[ResolvedSource, WindowKey], Spend | None] = {}
         self._bounds: dict[WindowKey, tuple[dt.datetime, dt.datetime | None]] = {}
         self._ladders: dict[int, tuple[tuple[api.Action, ...], list[api.Action]]] = {}
@@ -114,15 +115,18 @@ class Context:
             changed.setdefault(rs, set()).update(moved)
 
     def source(self, spec: api.SpendSource) -> Source:
-        try:
-            return self._by_spec[spec]
-        except KeyError:
+        same = self._by_id.get(id(spec))
+        if same is not None and same[0] is spec:
+            return same[1]
+        found = self._by_spec.get(spec)
+        if found is None:
             rs = sources.resolve(spec)
             found = self._by_rs.get(rs)
             if found is None:
                 found = self._by_rs[rs] = Source(rs, self)
             self._by_spec[spec] = found
-            return found
+        self._by_id[id(spec)] = (spec, found)  # holds the spec: its id stays its own
+        return found
 
     def ladder(self, spec: api.TokenBudgetSpec) -> list[api.Action]:
         """The budget's actions by threshold (one sort per actions tuple, not per scope)."""

@@ -17,6 +17,7 @@ each namespace of a PerNamespace ClusterTokenBudget), as the modules of
     checks       the decision chain: missing data -> ladder -> hysteresis -> outcome
                  -> exception cap -> state -> dry run, each check a Reason
     directives   the actions in effect -> what each governed workload is told
+    reuse        what of the previous evaluation still holds (``previous=``)
     engine       this facade: every scope decided, directives merged per workload
 
 Then every workload's directives from all the scopes that govern it are merged
@@ -55,7 +56,7 @@ from token_budget.policy.attribution import (
 )
 from token_budget.policy.context import Context
 from token_budget.policy.decisions import Decision, Directive, Evaluation, ScopeSpend, merge
-from token_budget.policy.inputs import BudgetKey, SpendSnapshot, WorkloadKey
+from token_budget.policy.inputs import SpendSnapshot, WorkloadKey
 from token_budget.policy.ladders import describe
 from token_budget.policy.matchers import OPERATORS, series_matches
 from token_budget.policy.model_rules import allowed_models, cheapest_equivalent, model_allowed
@@ -97,20 +98,23 @@ def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime,
     again = reuse.Reuse(memo, world, snapshot, now, context) if memo is not None else None
     kept = reuse.Memo(world, snapshot, now, context)
     decisions: list[Decision] = []
-    per_workload: dict[WorkloadKey, list[Directive]] = defaultdict(list)
     held: set[WorkloadKey] = set()
-    for budget in world.budgets:
+    # The same budgets, in the same order, with the same scopes: the same order of decisions.
+    same_order = again is not None and again.same_namespaces and \
+        len(world.budgets) == len(again.memo.entries)
+    for p, budget in enumerate(world.budgets):
         old = again.entry(budget) if again is not None else None
+        if same_order and again is not None and old is not again.memo.entries[p]:
+            same_order = False
         if old is None:
             listed = scopes(budget, context.namespaces)
-            entry = reuse.Entry(budget, BudgetKey.of(budget), listed, tuple(
-                WindowKey.of(lim.window, lim.time_zone) for lim in budget.spec.limits))
+            rs = context.source(budget.spec.source).rs
         else:
             listed = old.scopes if again is not None and again.same_namespaces \
                 else scopes(budget, context.namespaces)
-            entry = reuse.Entry(budget, old.key, listed, old.windows)
-        kept.add(entry)
-        rs = context.source(budget.spec.source).rs
+            rs = old.rs
+        entry = reuse.Entry(budget, listed, rs, old)
+        kept.entries.append(entry)
         by_scope = None if old is None or listed is old.scopes else {
             sk: (ns, k) for (sk, ns), k in zip(old.scopes, old.kept, strict=True)}
         for i, (scope, namespaces) in enumerate(listed):
@@ -134,25 +138,74 @@ def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime,
                 decision = was.decision
             entry.kept.append(was)
             decisions.append(decision)
-            if decision.dry_run:
-                continue
-            if decision.reason is Reason.SPEND_UNKNOWN_HOLDING:
+            if not decision.dry_run and decision.reason is Reason.SPEND_UNKNOWN_HOLDING:
                 held.update(decision.workloads)
+    if same_order and memo is not None:
+        per_workload, merged = _patched(memo, decisions, held)
+    else:
+        per_workload, merged = _merged(memo, decisions, held)
+    kept.loop, kept.held = decisions, held
+    kept.per_workload, kept.merged = per_workload, merged
+    if same_order and again is not None:
+        kept.order = again.memo.order
+    else:
+        kept.order = sorted(range(len(decisions)),
+                            key=list(map(_scope_order, decisions)).__getitem__)
+    return Evaluation(decisions=tuple([decisions[i] for i in kept.order]), directives=merged,
+                      held=frozenset(held), memo=kept)
+
+
+_Told = dict[WorkloadKey, list[Directive]]
+
+
+def _merged(memo: reuse.Memo | None, decisions: list[Decision], held: set[WorkloadKey]
+            ) -> tuple[_Told, dict[WorkloadKey, Directive]]:
+    """Every workload's directives, from every scope that governs it, merged."""
+    per_workload: defaultdict[WorkloadKey, list[Directive]] = defaultdict(list)
+    for decision in decisions:
+        if not decision.dry_run:
             for wk, directive in decision.directives.items():
                 per_workload[wk].append(directive)
     merged = {}
-    before = memo.per_workload if memo is not None else {}
+    old_told = memo.per_workload if memo is not None else {}
+    old_merged = memo.merged if memo is not None else {}
     for wk, told in per_workload.items():
-        if wk in held:
+        if held and wk in held:
             continue
-        if memo is not None and before.get(wk) == told and wk in memo.merged:
-            merged[wk] = memo.merged[wk]  # the same directives, in the same order
+        m = old_merged.get(wk) if old_told.get(wk) == told else None  # the same, in order
+        merged[wk] = m if m is not None else merge(told)
+    return dict(per_workload), merged
+
+
+def _patched(memo: reuse.Memo, decisions: list[Decision], held: set[WorkloadKey]
+             ) -> tuple[_Told, dict[WorkloadKey, Directive]]:
+    """:func:`_merged` for decisions in the previous evaluation's order, most of them its
+    very objects: only workloads a changed decision tells (or told) are merged again.
+    The lists may hold their directives in another order: merging does not depend on it."""
+    per_workload = memo.per_workload.copy()
+    dirty: set[WorkloadKey] = set()
+    for was, now in zip(memo.loop, decisions, strict=True):
+        if was is now:
+            continue
+        if not was.dry_run:
+            for wk, directive in was.directives.items():
+                per_workload[wk] = [d for d in per_workload[wk] if d is not directive]
+                dirty.add(wk)
+        if not now.dry_run:
+            for wk, directive in now.directives.items():
+                per_workload[wk] = [*per_workload.get(wk, ()), directive]
+                dirty.add(wk)
+    merged = memo.merged.copy()
+    for wk in dirty | (held ^ memo.held):
+        told = per_workload.get(wk)
+        if not told:
+            per_workload.pop(wk, None)
+            merged.pop(wk, None)
+        elif wk in held:
+            merged.pop(wk, None)
         else:
             merged[wk] = merge(told)
-    kept.per_workload, kept.merged = per_workload, merged
-    decisions.sort(key=_scope_order)
-    return Evaluation(decisions=tuple(decisions), directives=merged, held=frozenset(held),
-                      memo=kept)
+    return per_workload, merged
 
 
 def _scope_order(d: Decision) -> tuple[str, str, str, str]:

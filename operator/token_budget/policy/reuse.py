@@ -49,15 +49,32 @@ class Kept(NamedTuple):
 class Entry:
     """A budget as an evaluation saw it: its scopes, its limits' windows, their decisions."""
 
-    __slots__ = ("budget", "key", "scopes", "windows", "kept")
+    __slots__ = ("budget", "_key", "scopes", "_windows", "rs", "kept")
 
-    def __init__(self, budget: api.Budget, key: BudgetKey, scopes: Scopes,
-                 windows: tuple[WindowKey, ...]) -> None:
+    def __init__(self, budget: api.Budget, scopes: Scopes, rs: ResolvedSource,
+                 before: Entry | None = None) -> None:
         self.budget = budget
-        self.key = key
         self.scopes = scopes
-        self.windows = windows
+        self.rs = rs  # its source, resolved
         self.kept: list[Kept] = []  # one per scope, in order
+        # Made when first asked for (most evaluations never ask), or the same as before.
+        self._key: BudgetKey | None = before._key if before is not None else None
+        self._windows: tuple[WindowKey, ...] | None = \
+            before._windows if before is not None else None
+
+    @property
+    def key(self) -> BudgetKey:
+        if self._key is None:
+            self._key = BudgetKey.of(self.budget)
+        return self._key
+
+    @property
+    def windows(self) -> tuple[WindowKey, ...]:
+        """The windows of its limits."""
+        if self._windows is None:
+            self._windows = tuple(WindowKey.of(lim.window, lim.time_zone)
+                                  for lim in self.budget.spec.limits)
+        return self._windows
 
 
 @dataclass
@@ -68,14 +85,27 @@ class Memo:
     snapshot: SpendSnapshot
     now: dt.datetime
     context: Context
-    by_key: dict[BudgetKey, Entry] = field(default_factory=dict)
-    by_id: dict[int, Entry] = field(default_factory=dict)  # the same budget objects
+    entries: list[Entry] = field(default_factory=list)  # in the order of the budgets
     per_workload: dict[WorkloadKey, list[Directive]] = field(default_factory=dict)
     merged: dict[WorkloadKey, Directive] = field(default_factory=dict)
+    loop: list[Decision] = field(default_factory=list)  # in the order of budgets and scopes
+    held: set[WorkloadKey] = field(default_factory=set)
+    # Where each decision, in the order of budgets and scopes, went in the sorted result.
+    order: list[int] = field(default_factory=list)
+    _by_id: dict[int, Entry] | None = None
+    _by_key: dict[BudgetKey, Entry] | None = None
 
-    def add(self, entry: Entry) -> None:
-        self.by_key[entry.key] = entry
-        self.by_id[id(entry.budget)] = entry  # the entry keeps the budget: the id holds
+    def by_id(self, budget: api.Budget) -> Entry | None:
+        """The entry of this very budget object (an entry keeps its budget: ids hold)."""
+        if self._by_id is None:
+            self._by_id = {id(e.budget): e for e in self.entries}
+        found = self._by_id.get(id(budget))
+        return found if found is not None and found.budget is budget else None
+
+    def by_key(self, key: BudgetKey) -> Entry | None:
+        if self._by_key is None:
+            self._by_key = {e.key: e for e in self.entries}
+        return self._by_key.get(key)
 
 
 def same_catalog(a: Catalog, b: Catalog) -> bool:
@@ -147,21 +177,25 @@ class Reuse:
         self.moved = {ns for ns in new_w.keys() | old_w.keys()
                       if new_w.get(ns, []) != old_w.get(ns, [])}
         self._bounds_same: dict[WindowKey, bool] = {}
+        self._of_source: dict[int, tuple[ResolvedSource, bool, set[str] | None]] = {}
 
     def entry(self, budget: api.Budget) -> Entry | None:
         """The budget's entry of the previous evaluation, when the budget is the same."""
-        found = self.memo.by_id.get(id(budget))
-        if found is not None and found.budget is budget:
+        found = self.memo.by_id(budget)
+        if found is not None:
             return found
-        found = self.memo.by_key.get(BudgetKey.of(budget))
+        found = self.memo.by_key(BudgetKey.of(budget))
         return found if found is not None and same_budget(found.budget, budget) else None
 
     def holds(self, kept: Kept, entry: Entry, scope: ScopeKey, namespaces: tuple[str, ...],
               rs: ResolvedSource) -> bool:
         """Whether a scope's kept decision holds (its budget and namespaces are the same)."""
-        if rs in self.stale:
+        found = self._of_source.get(id(rs))
+        if found is None or found[0] is not rs:  # a ResolvedSource hashes a dozen fields
+            found = self._of_source[id(rs)] = (rs, rs in self.stale, self.context.changed.get(rs))
+        _, stale, changed = found
+        if stale:
             return False
-        changed = self.context.changed.get(rs)
         if changed and not changed.isdisjoint(namespaces):
             return False
         if self.moved and not self.moved.isdisjoint(namespaces):

@@ -154,7 +154,13 @@ class Spend:
               ) -> Part:
         """Spend of the namespaces (in their order), as one sum over all their series."""
         if len(namespaces) == 1:
-            return self.part(namespaces[0], matchers, model)
+            ns = namespaces[0]
+            by = self._parts.get(ns)
+            if by is not None:
+                found = by.get((matchers, model))
+                if found is not None:
+                    return found
+            return self.part(ns, matchers, model)
         by = self._totals.get(namespaces)
         if by is None:
             by = self._totals[namespaces] = {}
