@@ -13,9 +13,10 @@ Covers:
   catalog (re-read equal, or a price changed), a source failing or a target
   down; after each, ``evaluate(..., previous=...)`` equals ``evaluate(...)``;
 - the reuse is real: nothing changed, every decision is the very object of the
-  previous evaluation; one namespace's spend changed, only its scopes are
-  decided anew; time moved, decisions over calendar windows only are kept and
-  those over a rolling window are not.
+  previous evaluation, and so after a budget is re-read with another status; one
+  namespace's spend changed, only its scopes are decided anew; time moved,
+  decisions over calendar windows only are kept and those over a rolling window
+  are not.
 """
 
 from __future__ import annotations
@@ -264,3 +265,15 @@ def test_time_moved_keeps_calendar_decisions_only() -> None:
     kept = {str(y.scope) for x, y in zip(first.decisions, again.decisions, strict=True)
             if x is y}
     assert kept == {"ns-a/cal"}
+
+
+def test_a_budget_re_read_with_another_status_keeps_its_decisions() -> None:
+    budget = b.token_budget("b", "ns-a", actions=[{"type": "Block", "atPercent": 100}])
+    s = _quiet([budget])
+    first = s.evaluate(None)
+    body = budget.model_dump(by_alias=True, mode="json")
+    body["metadata"]["resourceVersion"] = "42"
+    body["status"] = {"state": "Blocked", "reason": "LimitReached"}
+    s.budgets = [api.TokenBudget.model_validate(body)]
+    again = s.evaluate(first)
+    assert again.decisions[0] is first.decisions[0]

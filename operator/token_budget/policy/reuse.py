@@ -3,7 +3,7 @@
 An evaluation handed the previous one (``engine.evaluate(..., previous=...)``)
 takes over a scope's decision when everything the decision read is the same:
 
-* the budget (the same object, or an equal one) and the scope's namespaces;
+* the budget's spec (the same object, or equal to the digit) and the scope's namespaces;
 * the series of those namespaces in every window and in the burn rate of the
   budget's source (:meth:`Spend.carry`), and what the snapshot says of that
   source (errors, targets down, gaps, windows not read, what it returned);
@@ -116,8 +116,10 @@ def same_catalog(a: Catalog, b: Catalog) -> bool:
 
 
 def same_budget(a: api.Budget, b: api.Budget) -> bool:
-    """The same object, or equal to the digit (an equal Decimal may have other digits)."""
-    return a is b or (a == b and repr(a) == repr(b))
+    """The same object, or (for budgets of one key) the same spec to the digit (an equal
+    Decimal may have other digits). A decision reads a budget's kind, name, namespace and
+    spec, never its status or the rest of its metadata: a status write changes nothing."""
+    return a is b or (type(a) is type(b) and a.spec == b.spec and repr(a.spec) == repr(b.spec))
 
 
 def usable(memo: Memo, world: World, snapshot: SpendSnapshot) -> bool:
