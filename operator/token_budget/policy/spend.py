@@ -62,7 +62,8 @@ class Spend:
         self._positions: dict[str, list[int]] | None = None  # of each namespace's series
         self._chosen: dict[str, dict[Matchers, list[SpendSeries]]] = {}
         self._parts: dict[str, dict[_Key, Part]] = {}
-        self._totals: dict[tuple[str, ...], dict[_Key, Part]] = {}  # of several namespaces
+        # Every sum asked for, by (namespaces, matchers, model): one lookup in the hot path.
+        self._totals: dict[tuple[tuple[str, ...], Matchers, str | None], Part] = {}
 
     def positions(self) -> dict[str, list[int]]:
         """Where each namespace's series are in the reading (made once, then carried)."""
@@ -94,7 +95,8 @@ class Spend:
         for ns in changed:
             after._chosen.pop(ns, None)
             after._parts.pop(ns, None)
-        after._totals = {k: v for k, v in self._totals.items() if changed.isdisjoint(k)}
+        after._totals = self._totals.copy() if not changed else {
+            k: v for k, v in self._totals.items() if changed.isdisjoint(k[0])}
         return after, changed
 
     def _regrouped(self, series: Sequence[SpendSeries]) -> tuple[Spend, set[str]]:
@@ -153,21 +155,13 @@ class Spend:
     def total(self, namespaces: tuple[str, ...], matchers: Matchers, model: str | None
               ) -> Part:
         """Spend of the namespaces (in their order), as one sum over all their series."""
-        if len(namespaces) == 1:
-            ns = namespaces[0]
-            by = self._parts.get(ns)
-            if by is not None:
-                found = by.get((matchers, model))
-                if found is not None:
-                    return found
-            return self.part(ns, matchers, model)
-        by = self._totals.get(namespaces)
-        if by is None:
-            by = self._totals[namespaces] = {}
-        found = by.get((matchers, model))
+        found = self._totals.get((namespaces, matchers, model))
         if found is None:
-            found = by[(matchers, model)] = self.prices.join(
-                [self.part(ns, matchers, model) for ns in namespaces])
+            if len(namespaces) == 1:
+                found = self.part(namespaces[0], matchers, model)
+            else:
+                found = self.prices.join([self.part(ns, matchers, model) for ns in namespaces])
+            self._totals[(namespaces, matchers, model)] = found
         return found
 
 
