@@ -21,6 +21,23 @@ ENFORCING = "Enforcing"
 DATA_INCOMPLETE = "DataIncomplete"
 
 
+class Reason(enum.StrEnum):
+    """Why a budget scope is in its state: a decision's reason, the status's and an annotation's.
+
+    The one place these strings are spelled; code compares the members, never
+    the strings. Each is a CamelCase condition reason.
+    """
+
+    WITHIN_BUDGET = "WithinBudget"
+    LIMIT_REACHED = "LimitReached"
+    HYSTERESIS = "Hysteresis"
+    COST_PER_OUTCOME_EXCEEDED = "CostPerOutcomeExceeded"
+    EXCEPTION_ACTIVE = "ExceptionActive"
+    SPEND_UNKNOWN_HOLDING = "SpendUnknownHolding"
+    SPEND_UNKNOWN_FAIL_CLOSED = "SpendUnknownFailClosed"
+    SPEND_UNKNOWN_FAIL_OPEN = "SpendUnknownFailOpen"
+
+
 class Status(str, enum.Enum):
     TRUE = "True"
     FALSE = "False"

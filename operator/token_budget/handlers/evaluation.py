@@ -272,6 +272,7 @@ class Evaluator:
         self._mandatory: list[Feed] = []  # the feeds of mandatory namespaces that run
         self._parsed: dict[tuple[Any, ...], tuple[api.Budget | None, list[str]]] = {}
         self._keda_checked: tuple[float, bool] | None = None
+        self._previous: Evaluation | None = None  # what the next evaluation may take over
 
     # -- gather ------------------------------------------------------------------
 
@@ -496,7 +497,7 @@ class Evaluator:
                              workloads=g.workloads, memory=memory)
         plan = planner.plan(g.budgets, now, self.settings.recent_seconds)
         snapshot = self.source.collect(plan, now)
-        result = engine.evaluate(world, snapshot, now)
+        result = self._previous = engine.evaluate(world, snapshot, now, previous=self._previous)
         out = Outcome(evaluation=result, started=now)
         enforced = self.act(g, result, now)
         out.workload_writes = self.kube.counters.writes - before

@@ -177,7 +177,7 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
         conds = cond.set_condition(conds, cond.ENFORCING, True, worst.state.value, text, now,
                                    generation)
     else:
-        conds = cond.set_condition(conds, cond.ENFORCING, False, "WithinBudget",
+        conds = cond.set_condition(conds, cond.ENFORCING, False, cond.Reason.WITHIN_BUDGET,
                                    f"{enforced} workload(s) governed; nothing restricted", now,
                                    generation)
     status["conditions"] = [c.model_dump(mode="json", by_alias=True) for c in conds]

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from token_budget.api import v1alpha1 as api
+from token_budget.api.conditions import Reason
 from token_budget.api.types import utc
 from token_budget.policy import engine
 from token_budget.policy.catalog import Catalog
@@ -161,7 +162,7 @@ def directive_for(budgets: Sequence[api.Budget], catalog: Catalog, namespace: st
         key = BudgetKey.of(b)
         out.append(Directive(
             state=state, budget=f"{key.kind}/{key}",
-            reason=(b.status.reason if b.status and b.status.reason else "WithinBudget"),
+            reason=(b.status.reason if b.status and b.status.reason else Reason.WITHIN_BUDGET),
             message="", model=model, allowed_models=allowed,
             tokens_per_minute=throttle.tokens_per_minute if throttle else None,
         ))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
+from token_budget.api.conditions import Reason
 from token_budget.policy.inputs import Gap, ScopeKey, WorkloadKey, quick_init
 
 SEVERITY: dict[api.State, int] = {
@@ -78,7 +79,7 @@ class Directive:
         return SEVERITY[self.state]
 
 
-OK_DIRECTIVE = Directive(state=api.State.OK, budget="", reason="WithinBudget", message="")
+OK_DIRECTIVE = Directive(state=api.State.OK, budget="", reason=Reason.WITHIN_BUDGET, message="")
 
 
 def _rank(d: Directive) -> tuple[object, ...]:
@@ -134,7 +135,7 @@ class Decision:
     scope: ScopeKey
     namespaces: tuple[str, ...]
     state: api.State
-    reason: str
+    reason: Reason
     message: str
     windows: tuple[WindowUsage, ...] = ()
     action: api.Action | None = None
@@ -169,6 +170,9 @@ class Evaluation:
     decisions: tuple[Decision, ...]
     directives: dict[WorkloadKey, Directive]
     held: frozenset[WorkloadKey] = frozenset()
+    # What the next evaluation may take over (token_budget.policy.reuse.Memo); not part
+    # of the result: equal evaluations may keep different memos.
+    memo: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,107 @@
+"""Usage per limit: a scope's spend over each window, its share of the limit, its run-out.
+
+Raises :class:`~token_budget.policy.scope.Unknown` when a window was not read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from token_budget.policy.decisions import WindowUsage
+from token_budget.policy.ladders import HUNDRED, percent
+from token_budget.policy.scope import ScopeInput, Unknown
+
+_ZERO = Decimal(0)
+_TEN_YEARS = Decimal(10 * 365 * 86400)  # a run-out further away is no forecast
+
+
+def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
+    """Usage per limit, whether any series exists, unpriced models."""
+    usages: list[WindowUsage] = []
+    seen = False
+    unpriced: set[str] = set()
+    namespaces = s.namespaces
+    matchers = s.spec.spend_matchers
+    source = s.spend_source
+    recent_s = s.context.recent_seconds
+    retention = s.snapshot.retention_seconds
+    now = s.context.now_utc
+    for lim in s.spec.limits:
+        window = source.window(lim.window, lim.time_zone)
+        spend = window.spend
+        if spend is None:
+            why = s.snapshot.window_errors.get((s.source, window.key))
+            raise Unknown(why or f"spend over {window.key} was not read")
+        # Whether the scope has spend series at all is asked without the limit's model
+        # filter: a cap on a model nobody uses is zero spend, not an exporter gone missing.
+        seen = seen or spend.seen(namespaces, matchers)
+        counted = spend.total(namespaces, matchers, lim.model)
+        s.counted.append(counted)
+        tokens, cost = counted.tokens, counted.cost
+        if counted.unpriced:
+            unpriced |= counted.unpriced
+        start, resets, span = window.start, window.resets, window.span
+        covered = None
+        if retention:
+            s.timed = True
+        if retention and span > retention:
+            # Prometheus no longer holds the window's oldest part: estimate the whole
+            # window from the covered part's rate rather than count the rest as zero.
+            covered = Decimal(retention) / Decimal(span)
+            tokens = float(Decimal(tokens) / covered)
+            cost = cost / covered
+        token_rate, cost_rate = source.recent.total(
+            namespaces, matchers, lim.model).per_second(recent_s)
+        pcts = []
+        run_outs = []
+        if lim.tokens:
+            pcts.append(Decimal(round(tokens)) * HUNDRED / lim.tokens)
+            if token_rate > 0:
+                left = max(_ZERO, Decimal(lim.tokens) - Decimal(tokens))
+                run_outs.append(left / token_rate)
+        if lim.cost:
+            pcts.append(percent(cost, lim.cost))
+            if cost_rate > 0:
+                left = max(_ZERO, lim.cost - cost)
+                run_outs.append(left / cost_rate)
+        run_out = None
+        if run_outs:
+            s.timed = True
+            secs = min(run_outs)
+            if secs < _TEN_YEARS:
+                candidate = now + dt.timedelta(seconds=float(secs))
+                if resets is None or candidate < resets:
+                    run_out = candidate
+        gap = None
+        gaps = s.snapshot.gaps.get((s.source, window.key)) if s.snapshot.gaps \
+            else None
+        if gaps:
+            for ns in namespaces:
+                g = gaps.get(ns)
+                if g is not None:
+                    gap = g if gap is None else gap + g
+        usages.append(WindowUsage(
+            window=lim.window, time_zone=lim.time_zone, model=lim.model, start=start,
+            resets_at=resets, tokens=int(round(tokens)), cost=cost,
+            limit_tokens=lim.tokens, limit_cost=lim.cost,
+            used_percent=max(pcts) if pcts else Decimal(0), run_out=run_out,
+            covered=covered, gap=gap,
+        ))
+    if not seen:
+        # A calendar window that began a moment ago holds no samples yet; the burn-rate
+        # query's series still show that the source is alive and the scope reports.
+        seen = source.recent.seen(namespaces, matchers)
+    return usages, seen, unpriced
+
+
+def top_model(s: ScopeInput) -> dict[str, str]:
+    """The model of each workload's largest series over every limit's spend."""
+    top: dict[str, tuple[float, str]] = {}
+    for counted in s.counted:
+        for series in counted.series:
+            best = top.get(series.workload)
+            if best is None or series.tokens > best[0]:
+                top[series.workload] = (series.tokens, series.model)
+    return {w: m for w, (_, m) in top.items()}
+
