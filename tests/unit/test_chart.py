@@ -56,6 +56,7 @@ from token_budget.webhooks import configuration
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = ch.CHART
+CHART_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
 NS = "token-budget"
 VALUES_IDS = ["defaults"] + [p.name.removesuffix("-values.yaml") for p in ch.CI_VALUES]
 VALUES_FILES: list[list[Path]] = [[]] + [[p] for p in ch.CI_VALUES]
@@ -112,7 +113,8 @@ def test_helm_template_renders_labelled_objects_with_stable_selectors(
         labels = meta.get("labels") or {}
         assert labels.get("app.kubernetes.io/name") == "token-budget-operator", meta["name"]
         assert labels.get("app.kubernetes.io/managed-by") == "Helm", meta["name"]
-        assert labels.get("helm.sh/chart") == "token-budget-operator-0.1.0", meta["name"]
+        assert labels.get("helm.sh/chart") == f"token-budget-operator-{CHART_VERSION}", \
+            meta["name"]
         selector = ((d.get("spec") or {}).get("selector") or {})
         match = selector.get("matchLabels", selector if d["kind"] == "Service" else {})
         assert "helm.sh/chart" not in match and "app.kubernetes.io/version" not in match, \
