@@ -52,9 +52,9 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -65,6 +65,8 @@ TTL_SECONDS = 1.0
 # Callers remembered at most (directives, locks); past it all are forgotten and asked again.
 CACHE_SIZE = 65_536
 PATH = "/v1/namespaces/{namespace}/pods/{name}/directive"
+K = TypeVar("K", "Caller", str)
+V = TypeVar("V")
 CALLER_PATH = "/v1/callers/{ip}/directive"
 # The metadata keys that name a caller.
 NAMESPACE_KEY, POD_KEY = "namespace", "pod"
@@ -206,20 +208,7 @@ class Enforcer:
         Raises:
             Refusal: 503 when the operator does not answer and ``fail_closed``.
         """
-        hit = self._cache.get(caller)
-        if hit is not None and hit[1] > self.clock():
-            return hit[0]
-        if len(self._cache) >= CACHE_SIZE:
-            self._cache.clear()
-            self._locks.clear()
-        lock = self._locks.setdefault(caller, asyncio.Lock())
-        async with lock:
-            hit = self._cache.get(caller)
-            if hit is not None and hit[1] > self.clock():
-                return hit[0]
-            found = await self._fetch(caller)
-            self._cache[caller] = (found, self.clock() + TTL_SECONDS)
-            return found
+        return await self._cached(self._cache, caller, self._fetch)
 
     async def resolve(self, ip: str) -> Resolved:
         """Who holds ``ip`` and their directive, at most :data:`TTL_SECONDS` old.
@@ -227,18 +216,24 @@ class Enforcer:
         Raises:
             Refusal: 503 when the operator does not answer and ``fail_closed``.
         """
-        hit = self._by_ip.get(ip)
+        return await self._cached(self._by_ip, ip, self._fetch_ip)
+
+    async def _cached(self, cache: dict[K, tuple[V, float]], key: K,
+                      fetch: Callable[[K], Awaitable[V]]) -> V:
+        """``cache[key]`` while fresh, else fetched once for all of the key's concurrent
+        callers and kept :data:`TTL_SECONDS`; past :data:`CACHE_SIZE` keys all are forgotten."""
+        hit = cache.get(key)
         if hit is not None and hit[1] > self.clock():
             return hit[0]
-        if len(self._by_ip) >= CACHE_SIZE:
-            self._by_ip.clear()
+        if len(cache) >= CACHE_SIZE:
+            cache.clear()
             self._locks.clear()
-        async with self._locks.setdefault(ip, asyncio.Lock()):
-            hit = self._by_ip.get(ip)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            hit = cache.get(key)
             if hit is not None and hit[1] > self.clock():
                 return hit[0]
-            found = await self._fetch_ip(ip)
-            self._by_ip[ip] = (found, self.clock() + TTL_SECONDS)
+            found = await fetch(key)
+            cache[key] = (found, self.clock() + TTL_SECONDS)
             return found
 
     async def _get(self, path: str, what: str) -> tuple[int, dict[str, Any]] | None:
