@@ -73,7 +73,8 @@ def _budget(**fields: Any) -> api.TokenBudget:
 def _evaluate(budget: api.TokenBudget, counts: dict[str, tuple[float, float]], *,
               model: str = "large", spent: float = 1000, remembered: tuple[str, ...] = (),
               catalog: Catalog | None = None, error: str | None = None,
-              read: bool = True) -> tuple[Decision, Directive | None]:
+              read: bool = True, since: dt.datetime = NOW - dt.timedelta(minutes=5)
+              ) -> tuple[Decision, Directive | None]:
     """Evaluate one budget whose Deployment ``agent`` declares ``model``; ``counts`` are
     (requests, 429 answers) per model over the trigger's window."""
     cat = catalog or _catalog()
@@ -86,7 +87,7 @@ def _evaluate(budget: api.TokenBudget, counts: dict[str, tuple[float, float]], *
            "rate_limit_errors": {k: error for k in keys} if error else {}})
     memory = {ScopeKey(BudgetKey.of(budget)): Memory(
         api.State.OK, NOW - dt.timedelta(minutes=1),
-        tuple((m, NOW - dt.timedelta(minutes=5)) for m in remembered))}
+        tuple((m, since) for m in remembered))}
     world = engine.World(budgets=[budget], catalog=cat, namespaces={NAMESPACE: {}},
                          workloads=[b.workload(models=[model])], memory=memory)
     result = engine.evaluate(world, snap, NOW)
@@ -339,3 +340,90 @@ def test_overrides_name_the_counters_and_the_namespace_label() -> None:
     assert (rs.requests.metric, rs.limited.metric, rs.limited.matchers) == (
         "calls_total", "throttled_total", ())
     assert (rs.namespace_label, rs.model_label, rs.preset) == ("team", "llm", "Counters*")
+
+
+# -- reading, reuse, status ------------------------------------------------------------
+
+
+def test_budgets_sharing_a_source_and_window_share_one_query() -> None:
+    cat = _catalog()
+    same = [_budget(name="a"), _budget(name="b", namespace="other")]
+    assert len(ratelimits.plan(same, cat)) == 1
+    longer = _budget(name="c", rateLimit={**TRIGGER, "windowSeconds": 600})
+    otel = _budget(name="d", source={"preset": "OpenTelemetry"})
+    assert len(ratelimits.plan([*same, longer, otel], cat)) == 3
+
+
+def test_an_evaluation_handed_the_previous_one_sees_new_429_counts() -> None:
+    budget, cat = _budget(), _catalog()
+    [key] = ratelimits.plan([budget], cat)
+    base = b.snapshot([budget], [b.series(1000, workload="agent", model="large")])
+    world = engine.World(budgets=[budget], catalog=cat, namespaces={NAMESPACE: {}},
+                         workloads=[b.workload(models=["large"])])
+
+    def snap(limited: float) -> SpendSnapshot:
+        return SpendSnapshot(**{**base.__dict__, "rate_limits": {
+            key: (RateSample(NAMESPACE, "large", 100, limited),)}})
+
+    quiet = engine.evaluate(world, snap(0), NOW)
+    assert quiet.directives[b.key()].model is None
+    busy = engine.evaluate(world, snap(50), NOW, previous=quiet)
+    assert busy.directives[b.key()].model == "large-eu"
+    assert busy.directives == engine.evaluate(world, snap(50), NOW).directives
+
+
+def _status(decision: Decision, old: dict[str, Any] | None = None) -> dict[str, Any]:
+    from token_budget.handlers import status as statuses
+
+    return statuses.budget_status(_budget(), [decision], "USD", NOW, 1, old)
+
+
+def _condition(status: dict[str, Any]) -> dict[str, Any]:
+    [c] = [c for c in status["conditions"] if c["type"] == "RateLimited"]
+    return c
+
+
+def test_the_status_lists_rate_limited_models_and_where_their_traffic_goes() -> None:
+    decision, _ = _evaluate(_budget(), {"large": (100, 30)})
+    status = _status(decision)
+    assert status["rateLimited"] == [{"model": "large", "sharePercent": 30,
+                                      "fallback": "large-eu", "since": "2025-11-20T12:00:00Z"}]
+    c = _condition(status)
+    assert (c["status"], c["reason"]) == ("True", "RateLimited")
+    assert "large answers 429 to more than the threshold allows: rerouted to large-eu" \
+        in c["message"]
+
+
+def test_no_fallback_left_is_a_condition_reason() -> None:
+    decision, _ = _evaluate(_budget(deniedModels=["large-*", "medium"]), {"large": (100, 30)})
+    status = _status(decision)
+    assert status["rateLimited"][0].get("fallback") is None
+    assert _condition(status)["reason"] == "NoFallbackAvailable"
+
+
+def test_unreadable_counters_make_the_condition_unknown() -> None:
+    decision, _ = _evaluate(_budget(), {}, error="Prometheus refused the query")
+    c = _condition(_status(decision))
+    assert (c["status"], c["reason"]) == ("Unknown", "RateLimitUnknown")
+    assert "Prometheus refused the query" in c["message"]
+
+
+def test_without_a_trigger_the_status_has_no_rate_limit_condition() -> None:
+    decision, _ = _evaluate(_budget(rateLimit=None), {"large": (100, 90)})
+    status = _status(decision)
+    assert "rateLimited" not in status
+    assert all(c["type"] != "RateLimited" for c in status["conditions"])
+
+
+def test_a_moving_share_alone_writes_no_status_and_memory_reads_the_status_back() -> None:
+    from token_budget.handlers import status as statuses
+
+    first, _ = _evaluate(_budget(), {"large": (100, 30)})
+    old = _status(first)
+    parsed = _budget().model_copy(update={"status": api.BudgetStatus.model_validate(old)})
+    [memory] = statuses.memory_of(parsed, BudgetKey.of).values()
+    assert memory.rate_limited == (("large", NOW),)
+    later, _ = _evaluate(_budget(), {"large": (100, 35)}, remembered=("large",), since=NOW)
+    new = statuses.budget_status(parsed, [later], "USD", NOW + dt.timedelta(seconds=5), 1, old)
+    assert new["rateLimited"][0]["sharePercent"] == 35
+    assert not statuses.changed(old, new, NOW + dt.timedelta(seconds=5), 300)

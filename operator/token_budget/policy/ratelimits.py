@@ -184,11 +184,14 @@ def reroute(s: ScopeInput, told: dict[WorkloadKey, Directive], rate: Rate
 
 
 def describe(limited: Iterable[RateLimited]) -> str:
-    """The models and where their traffic goes, for a status message."""
+    """The models and where their traffic goes, for a status condition's message.
+
+    Without the shares, which move with every request: they are in
+    ``status.rateLimited``, which a moving share alone does not rewrite.
+    """
     parts = []
     for r in limited:
         where = (f"rerouted to {r.fallback}" if r.fallback else
                  "no fallback is allowed and free, not rerouted")
-        parts.append(f"{r.model}: {r.share_percent}% of {r.requests} requests answered 429, "
-                     f"{where}")
+        parts.append(f"{r.model} answers 429 to more than the threshold allows: {where}")
     return "; ".join(parts)
