@@ -427,3 +427,28 @@ def test_a_moving_share_alone_writes_no_status_and_memory_reads_the_status_back(
     new = statuses.budget_status(parsed, [later], "USD", NOW + dt.timedelta(seconds=5), 1, old)
     assert new["rateLimited"][0]["sharePercent"] == 35
     assert not statuses.changed(old, new, NOW + dt.timedelta(seconds=5), 300)
+
+
+def test_a_per_namespace_cluster_budget_judges_each_namespace_on_its_own_429s() -> None:
+    from token_budget.handlers import status as statuses
+
+    budget = b.cluster_budget(rateLimit=TRIGGER, limits=[{"window": "24h", "tokens": 10**9}])
+    cat = _catalog()
+    spaces = {"qa-1": {"environment": "qa"}, "qa-2": {"environment": "qa"}}
+    base = b.snapshot([budget], [b.series(10, namespace=ns, workload="agent", model="large")
+                                 for ns in spaces])
+    [key] = ratelimits.plan([budget], cat)
+    snap = SpendSnapshot(**{**base.__dict__, "rate_limits": {key: (
+        RateSample("qa-1", "large", 100, 60), RateSample("qa-2", "large", 100, 1))}})
+    world = engine.World(budgets=[budget], catalog=cat, namespaces=spaces,
+                         workloads=[b.workload(namespace=ns, models=["large"]) for ns in spaces])
+    result = engine.evaluate(world, snap, NOW)
+    assert result.directives[b.key(namespace="qa-1")].model == "large-eu"
+    assert result.directives[b.key(namespace="qa-2")].model is None
+    status = statuses.budget_status(budget, list(result.decisions), "USD", NOW, 2, None)
+    assert status["rateLimited"] == [{"model": "large", "namespace": "qa-1", "sharePercent": 60,
+                                      "fallback": "large-eu", "since": "2025-11-20T12:00:00Z"}]
+    parsed = budget.model_copy(update={"status": api.BudgetStatus.model_validate(status)})
+    memory = statuses.memory_of(parsed, BudgetKey.of)
+    assert memory[ScopeKey(BudgetKey.of(budget), "qa-1")].rate_limited == (("large", NOW),)
+    assert memory[ScopeKey(BudgetKey.of(budget), "qa-2")].rate_limited == ()
