@@ -616,7 +616,8 @@ class BudgetStatus(_Base):
     )
     conditions: tuple[Condition, ...] = Field(
         default=(),
-        description="Ready, MetricsAvailable, Enforcing and DataIncomplete.",
+        description="Ready, MetricsAvailable, Enforcing, DataIncomplete and, with a rateLimit "
+        "trigger, RateLimited.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
