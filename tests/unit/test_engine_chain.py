@@ -30,7 +30,7 @@ SOURCE = pathlib.Path(checks.__file__).resolve().parents[1]
 def test_the_chain_runs_in_the_documented_order() -> None:
     assert [c.__name__ for c in checks.CHAIN] == [
         "missing_data", "ladder", "hysteresis", "outcome", "exception_cap", "outcome_state",
-        "dry_run"]
+        "rate_limit", "dry_run"]
 
 
 def _decide(budget: api.Budget, tokens: float, **kw: object) -> Reason:

@@ -19,6 +19,7 @@ READY = "Ready"
 METRICS_AVAILABLE = "MetricsAvailable"
 ENFORCING = "Enforcing"
 DATA_INCOMPLETE = "DataIncomplete"
+RATE_LIMITED = "RateLimited"
 
 
 class Reason(enum.StrEnum):
@@ -36,6 +37,10 @@ class Reason(enum.StrEnum):
     SPEND_UNKNOWN_HOLDING = "SpendUnknownHolding"
     SPEND_UNKNOWN_FAIL_CLOSED = "SpendUnknownFailClosed"
     SPEND_UNKNOWN_FAIL_OPEN = "SpendUnknownFailOpen"
+    RATE_LIMITED = "RateLimited"
+    NO_FALLBACK = "NoFallbackAvailable"
+    RATE_LIMIT_UNKNOWN = "RateLimitUnknown"
+    NOT_RATE_LIMITED = "NotRateLimited"
 
 
 class Status(str, enum.Enum):

@@ -188,6 +188,39 @@ def _budget_problems(spec: api.TokenBudgetSpec,
         out.append(Problem("spec.outcome.maxCostPerOutcome",
                            "must be set when onExceeded is given"))
     out += _reroute_problems(spec, catalog_models)
+    out += _trigger_problems(spec.rate_limit, "spec.rateLimit")
+    if spec.rate_limit is not None and spec.source.preset is api.Preset.ENVOY_AI_GATEWAY \
+            and (spec.source.metrics is None or not spec.source.metrics.rate_limited_requests):
+        out.append(Problem("spec.source.metrics.rateLimitedRequests",
+                           "must be set for a rateLimit trigger with the EnvoyAIGateway "
+                           "preset: the gateway records every failed request as "
+                           "error.type=\"_OTHER\", so 429 answers cannot be told apart"))
+    return out
+
+
+def _trigger_problems(trigger: api.RateLimitTrigger | None, path: str) -> list[Problem]:
+    """The hysteresis must leave a point where a rate-limit reroute lifts."""
+    if trigger is None or trigger.hysteresis_percent < trigger.threshold_percent:
+        return []
+    return [Problem(f"{path}.hysteresisPercent",
+                    f"must be less than thresholdPercent ({trigger.threshold_percent}): "
+                    "a reroute would never lift")]
+
+
+def _fallback_problems(spec: api.ModelCatalogSpec, by_name: dict[str, int]) -> list[Problem]:
+    """Each rate-limit fallback is another model of the catalog, named once."""
+    out = []
+    for i, m in enumerate(spec.models):
+        seen: set[str] = set()
+        for j, fb in enumerate(m.rate_limit_fallbacks):
+            path = f"spec.models[{i}].rateLimitFallbacks[{j}]"
+            if fb == m.name:
+                out.append(Problem(path, "must not name the model itself"))
+            elif fb not in by_name:
+                out.append(Problem(path, f"must name a model of this catalog; {fb!r} is not one"))
+            elif fb in seen:
+                out.append(Problem(path, f"must be unique; {fb!r} is named twice"))
+            seen.add(fb)
     return out
 
 
@@ -283,6 +316,8 @@ def _catalog_problems(spec: api.ModelCatalogSpec) -> list[Problem]:
                     out.append(Problem(path, f"must be cheaper than {m.name}: {eq} costs more "
                                              "per million input + output tokens"))
     out += _equivalent_cycles(spec, by_name)
+    out += _fallback_problems(spec, by_name)
+    out += _trigger_problems(spec.rate_limit, "spec.rateLimit")
     for i, m in enumerate(spec.models):
         for j, alias in enumerate(m.aliases):
             for k, other in enumerate(spec.models):

@@ -92,6 +92,47 @@ class CatalogModel(_Base):
         description="Cheaper models (catalog names) a request may be rerouted to, "
         "in order of preference.",
     )
+    rate_limit_fallbacks: tuple[str, ...] = Field(
+        default=(),
+        max_length=16,
+        description="Where to send this model's traffic while its provider rate-limits it "
+        "(catalog names, in order: another region or provider of an equivalent model). "
+        "Used when a budget's rateLimit trigger (or the catalog's) finds the share of 429 "
+        "answers for this model at or over its threshold: the first fallback the budget "
+        "allows and that is not itself rate-limited is used.",
+    )
+
+
+class RateLimitTrigger(_Base):
+    """When the share of rate-limited (HTTP 429) answers for a model reroutes its traffic."""
+
+    threshold_percent: int = Field(
+        ge=1,
+        le=100,
+        description="Reroute a model once this percentage of its requests in the window "
+        "were answered with 429 (rate limited).",
+    )
+    window_seconds: int = Field(
+        default=300,
+        ge=60,
+        le=3600,
+        description="How far back requests and 429 answers are counted (a short window: "
+        "rate limits come and go within minutes).",
+    )
+    min_requests: int = Field(
+        default=20,
+        ge=1,
+        le=1_000_000,
+        description="A model with fewer requests than this in the window is not judged "
+        "(no reroute starts, and one in place is lifted: its traffic has gone elsewhere).",
+    )
+    hysteresis_percent: int = Field(
+        default=5,
+        ge=0,
+        le=50,
+        description="A reroute is lifted only once the 429 share falls this many points "
+        "below thresholdPercent, so a model near the threshold does not flap.",
+    )
 
 
 class ModelCatalogSpec(_Base):
@@ -102,6 +143,11 @@ class ModelCatalogSpec(_Base):
         min_length=1,
         max_length=1000,
         description="The models, their prices and their cheaper equivalents.",
+    )
+    rate_limit: RateLimitTrigger | None = Field(
+        default=None,
+        description="The rate-limit trigger of every budget that sets none itself: reroute "
+        "a model to its rateLimitFallbacks while its provider rate-limits it. Off when unset.",
     )
 
 
@@ -153,6 +199,18 @@ class SourceMetrics(_Base):
         pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
         description="Cost counter in the catalog's currency; when absent, cost is computed "
         "from tokens and catalog prices.",
+    )
+    requests: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="Counter of every request (answered or not), for the rate-limit trigger; "
+        "the preset's otherwise.",
+    )
+    rate_limited_requests: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="Counter of the requests answered with 429 (rate limited), for the "
+        "rate-limit trigger; every series of it counts. The preset's otherwise.",
     )
 
 
@@ -415,6 +473,12 @@ class TokenBudgetSpec(_Base):
     outcome: Outcome | None = Field(
         default=None, description="Units of value, for cost per outcome."
     )
+    rate_limit: RateLimitTrigger | None = Field(
+        default=None,
+        description="Reroute a model to the catalog's rateLimitFallbacks while its provider "
+        "rate-limits it (429 answers over a short window). When unset, the ModelCatalog's "
+        "rateLimit applies; off when neither is set.",
+    )
 
     @model_validator(mode="after")
     def _distinct_thresholds(self) -> TokenBudgetSpec:
@@ -496,6 +560,23 @@ class NamespaceStatus(_Base):
     used_percent: int = 0
 
 
+class RateLimitedModel(_Base):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model: str = Field(description="The catalog model being rate-limited.")
+    namespace: str | None = Field(
+        default=None, description="PerNamespace ClusterTokenBudget: the namespace concerned."
+    )
+    share_percent: int = Field(
+        default=0, description="Share of its requests answered with 429 in the window."
+    )
+    fallback: str | None = Field(
+        default=None,
+        description="Where its traffic goes; absent when no fallback is allowed and free.",
+    )
+    since: dt.datetime | None = Field(default=None, description="When it became rate-limited.")
+
+
 class BudgetStatus(_Base):
     """Observed state; written by the operator only."""
 
@@ -535,11 +616,18 @@ class BudgetStatus(_Base):
     )
     conditions: tuple[Condition, ...] = Field(
         default=(),
-        description="Ready, MetricsAvailable, Enforcing and DataIncomplete.",
+        description="Ready, MetricsAvailable, Enforcing, DataIncomplete and, with a rateLimit "
+        "trigger, RateLimited.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
         },
+    )
+    rate_limited: tuple[RateLimitedModel, ...] = Field(
+        default=(),
+        max_length=20,
+        description="Models the rate-limit trigger finds rate-limited (at most 20), and where "
+        "their traffic goes.",
     )
 
 

@@ -29,6 +29,7 @@ import pydantic
 
 from token_budget.api import rules
 from token_budget.api import v1alpha1 as api
+from token_budget.api.conditions import Reason
 from token_budget.enforcement import patches
 from token_budget.errors import EnforcementError, TargetNotFound
 from token_budget.handlers import status as statuses
@@ -52,7 +53,7 @@ from token_budget.kube import (
     Resource,
 )
 from token_budget.metrics.prometheus import PrometheusSource
-from token_budget.policy import engine, forecast, planner
+from token_budget.policy import engine, forecast, planner, ratelimits
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, Decision, Directive, Evaluation
 from token_budget.policy.inputs import BudgetKey, Workload, WorkloadKey
@@ -497,6 +498,10 @@ class Evaluator:
                              workloads=g.workloads, memory=memory)
         plan = planner.plan(g.budgets, now, self.settings.recent_seconds)
         snapshot = self.source.collect(plan, now)
+        limits = ratelimits.plan(g.budgets, catalog)
+        if limits:  # the rate-limit trigger: one query per (source, window)
+            read, failed = self.source.read_rate_limits(limits, now)
+            snapshot = dataclasses.replace(snapshot, rate_limits=read, rate_limit_errors=failed)
         result = self._previous = engine.evaluate(world, snapshot, now, previous=self._previous)
         out = Outcome(evaluation=result, started=now)
         enforced = self.act(g, result, now)
@@ -625,6 +630,7 @@ class Evaluator:
             if statuses.changed(old, new, now, self.settings.status_heartbeat_seconds):
                 writes += self._write_status(body, old, new)
             self._transition_events(body, old, decisions)
+            self._rate_limit_events(body, old, new)
             self._ungoverned_event(body, old, new)
         for body, found in g.invalid:
             old = body.get("status") or {}
@@ -664,6 +670,28 @@ class Evaluator:
             self.event(body, kind, d.state.value,
                        f"{was or 'new'} -> {d.state.value}{scope}: {d.message}")
             self.telemetry.transition(d.state.value)
+
+    def _rate_limit_events(self, body: Obj, old: Obj, new: Obj) -> None:
+        """A ``RateLimited`` Event when a model becomes rate-limited (saying where its
+        traffic goes) and a ``RateLimitRecovered`` Event when it no longer is."""
+        def keyed(status: Obj) -> dict[tuple[str, str], Obj]:
+            return {(r.get("namespace") or "", r.get("model") or ""): r
+                    for r in status.get("rateLimited") or ()}
+
+        before, after = keyed(old), keyed(new)
+        for (ns, model), r in sorted(after.items()):
+            if (ns, model) in before and before[(ns, model)].get("fallback") == r.get("fallback"):
+                continue
+            where = (f"its traffic goes to {r['fallback']}" if r.get("fallback") else
+                     "no fallback is allowed and free: not rerouted")
+            scope = f" in {ns}" if ns else ""
+            self.event(body, "Warning", Reason.RATE_LIMITED,
+                       f"{model} is rate-limited{scope} ({r.get('sharePercent')}% of requests "
+                       f"answered 429): {where}")
+        for (ns, model) in sorted(before.keys() - after.keys()):
+            scope = f" in {ns}" if ns else ""
+            self.event(body, "Normal", "RateLimitRecovered",
+                       f"{model} is no longer rate-limited{scope}: traffic goes back to it")
 
     def _ungoverned_event(self, body: Obj, old: Obj, new: Obj) -> None:
         """An ``UngovernedSpend`` Event when spend of a workload label the budget does not

@@ -16,7 +16,7 @@ from typing import Any
 from token_budget.api import conditions as cond
 from token_budget.api import v1alpha1 as api
 from token_budget.api.types import format_money, utc
-from token_budget.policy import engine
+from token_budget.policy import engine, ratelimits
 from token_budget.policy.decisions import SEVERITY, Decision
 from token_budget.policy.inputs import Gap, Memory, ScopeKey
 
@@ -31,10 +31,52 @@ def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
     if st is None or st.state is None:
         return {}
     budget_key = key_of(budget)
-    out = {ScopeKey(budget_key): Memory(st.state, st.last_spend_time)}
+    limited: dict[str, list[tuple[str, dt.datetime]]] = {}
+    for r in st.rate_limited:
+        limited.setdefault(r.namespace or "", []).append((r.model, r.since or EPOCH))
+    out = {ScopeKey(budget_key): Memory(st.state, st.last_spend_time,
+                                        tuple(limited.get("", ())))}
     for ns in st.namespaces:
-        out[ScopeKey(budget_key, ns.namespace)] = Memory(ns.state, st.last_spend_time)
+        out[ScopeKey(budget_key, ns.namespace)] = Memory(
+            ns.state, st.last_spend_time, tuple(limited.get(ns.namespace, ())))
     return out
+
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
+                conds: tuple[cond.Condition, ...], now: dt.datetime, generation: int | None
+                ) -> tuple[cond.Condition, ...]:
+    """``rateLimited`` and the RateLimited condition, for a budget whose trigger is on."""
+    on = [d for d in decisions if d.rate_limit_on]
+    if not on:
+        return tuple(c for c in conds if c.type != cond.RATE_LIMITED)
+    rows = [(d.scope.namespace, r) for d in on for r in d.rate_limited]
+    if rows:
+        status["rateLimited"] = [
+            {k: v for k, v in {
+                "model": r.model, "namespace": ns or None, "sharePercent": r.share_percent,
+                "fallback": r.fallback, "since": _time(r.since)}.items() if v is not None}
+            for ns, r in rows[:20]]
+    errors = sorted({d.rate_limit_error for d in on if d.rate_limit_error})
+    if rows:
+        text = "; ".join(f"{ns + ': ' if ns else ''}{ratelimits.describe([r])}"
+                         for ns, r in rows)
+        if errors:
+            text += "; " + "; ".join(errors)
+        rerouted = any(r.fallback for _, r in rows)
+        return cond.set_condition(conds, cond.RATE_LIMITED, True,
+                                  cond.Reason.RATE_LIMITED if rerouted else cond.Reason.NO_FALLBACK,
+                                  text[:1000], now, generation)
+    if errors:
+        return cond.set_condition(
+            conds, cond.RATE_LIMITED, cond.Status.UNKNOWN, cond.Reason.RATE_LIMIT_UNKNOWN,
+            ("the share of 429 answers cannot be read (" + "; ".join(errors)
+             + "); no rate-limit reroute")[:1000], now, generation)
+    return cond.set_condition(conds, cond.RATE_LIMITED, False, cond.Reason.NOT_RATE_LIMITED,
+                              "no model's share of 429 answers is over the threshold", now,
+                              generation)
 
 
 def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,
@@ -180,6 +222,7 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
         conds = cond.set_condition(conds, cond.ENFORCING, False, cond.Reason.WITHIN_BUDGET,
                                    f"{enforced} workload(s) governed; nothing restricted", now,
                                    generation)
+    conds = _rate_limit(status, decisions, conds, now, generation)
     status["conditions"] = [c.model_dump(mode="json", by_alias=True) for c in conds]
     return status
 
@@ -220,6 +263,9 @@ def _significant(d: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("namespaces"), list):
         out["namespaces"] = [{k: v for k, v in n.items() if k != "usedPercent"}
                              for n in out["namespaces"]]
+    if isinstance(out.get("rateLimited"), list):  # the share moves with every request
+        out["rateLimited"] = [{k: v for k, v in r.items() if k != "sharePercent"}
+                              for r in out["rateLimited"]]
     if isinstance(out.get("windows"), list):
         out["windows"] = [{k: v for k, v in w.items() if k not in _VOLATILE_WINDOW}
                           for w in out["windows"]]

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypedDict
@@ -36,6 +36,7 @@ from token_budget.metrics import promql
 from token_budget.policy import inputs, planner
 from token_budget.policy.inputs import Gap, SpendSeries, SpendSnapshot
 from token_budget.policy.planner import Plan
+from token_budget.policy.ratesources import RateSample, RateSource
 from token_budget.policy.sources import Kind, ResolvedSource
 
 log = logging.getLogger(__name__)
@@ -412,6 +413,37 @@ class PrometheusSource:
                              window_errors=window_errors, retention_seconds=retention,
                              gaps={k: v for k, v in gaps.items() if v})
 
+
+    def read_rate_limits(self, keys: Iterable[tuple[RateSource, int]], now: dt.datetime
+                         ) -> tuple[dict[tuple[RateSource, int], tuple[RateSample, ...]],
+                                    dict[tuple[RateSource, int], str]]:
+        """Requests and 429 answers per (namespace, model), one query per (source, window).
+
+        Returns the samples of every pair read and, for a pair that could not be
+        read, why (the engine then starts no rate-limit reroute for it). A pair
+        whose counters do not exist reads as no samples: no requests, nothing to
+        judge. A model with 429 answers but no request series is dropped (the
+        share needs both).
+        """
+        samples: dict[tuple[RateSource, int], tuple[RateSample, ...]] = {}
+        errors: dict[tuple[RateSource, int], str] = {}
+        for key in keys:
+            rs, seconds = key
+            try:
+                items = self.query(promql.rate_limits(rs, seconds), now, "ratelimit")
+                per: dict[tuple[str, str], list[float]] = {}
+                for it in items:
+                    labels = _labels(it)
+                    row = per.setdefault((labels.get(rs.namespace_label, ""),
+                                          labels.get(rs.model_label, "")), [0.0, 0.0])
+                    tag = labels.get(promql.KIND_LABEL)
+                    row[0 if tag == promql.RATE_REQUESTS else 1] += _value(it)
+                samples[key] = tuple(
+                    RateSample(ns, model, requests, min(limited, requests))
+                    for (ns, model), (requests, limited) in sorted(per.items()) if requests > 0)
+            except MetricsError as exc:
+                errors[key] = str(exc)
+        return samples, errors
 
     def down_targets(self, resolved: list[ResolvedSource], now: dt.datetime
                      ) -> dict[ResolvedSource, dict[str, str]]:

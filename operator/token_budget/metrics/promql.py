@@ -61,6 +61,7 @@ needed for windows that do not start on the rule's own, hash-chosen phase.
 
 from __future__ import annotations
 
+from token_budget.policy.ratesources import RateSource
 from token_budget.policy.sources import ResolvedSource
 
 KIND_LABEL = "tb_kind"
@@ -247,6 +248,25 @@ def common(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = (),
     if unstarted:
         rows.append(_tagged(f"count by ({where}) ({' or '.join(unstarted)})", UNCOMMON))
     return " or ".join(rows)
+
+
+#: Tags of the two sums of :func:`rate_limits` (``tb_kind``).
+RATE_REQUESTS = "requests"
+RATE_LIMITED = "limited"
+
+
+def rate_limits(rs: RateSource, range_seconds: int) -> str:
+    """Requests and 429 answers per (namespace, model) over the last range, in one query.
+
+    Two sums tagged by :data:`KIND_LABEL` (:data:`RATE_REQUESTS`,
+    :data:`RATE_LIMITED`), each an exact :func:`increase` (a series born in the
+    window with its first 429 counts it, where ``increase()`` would drop it).
+    """
+    by = f"{rs.namespace_label}, {rs.model_label}"
+    requests = selector(rs.requests.metric, rs.requests.matchers)
+    limited = selector(rs.limited.metric, rs.limited.matchers, rs.limited_regex)
+    return (f"{_tagged(f'sum by ({by}) ({increase(requests, range_seconds)})', RATE_REQUESTS)}"
+            f" or {_tagged(f'sum by ({by}) ({increase(limited, range_seconds)})', RATE_LIMITED)}")
 
 
 def _tagged(expr: str, tag: str) -> str:

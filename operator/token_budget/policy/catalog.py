@@ -23,8 +23,11 @@ class Catalog:
     def __init__(self, catalogs: Iterable[api.ModelCatalog] = ()) -> None:
         self.models: dict[str, api.CatalogModel] = {}
         self.currency = "USD"
+        # The rate-limit trigger of budgets that set none: the first catalog's that has one.
+        self.rate_limit: api.RateLimitTrigger | None = None
         for cat in sorted(catalogs, key=lambda c: c.metadata.name):
             self.currency = cat.spec.currency
+            self.rate_limit = self.rate_limit or cat.spec.rate_limit
             for m in cat.spec.models:
                 self.models.setdefault(m.name, m)
         self._lower = {name.lower(): m for name, m in self.models.items()}

@@ -11,6 +11,7 @@ before it left, and returns a verdict: ``None`` (nothing to say, go on), a
     outcome        cost per outcome over its maximum adds the outcome's action
     exception_cap  the most lenient live exception caps the actions in effect
     outcome_state  the state of the actions in effect (a limit capped to nothing is within)
+    rate_limit     models whose 429 share passed the rate-limit trigger, and their fallbacks
     dry_run        final: the decision, marked dry-run for a DryRun budget
 
 ``dry_run`` always ends the chain: it builds the decision, marked dry-run or
@@ -28,7 +29,7 @@ from typing import NamedTuple
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
 from token_budget.api.types import utc
-from token_budget.policy import attribution, directives, usage
+from token_budget.policy import attribution, directives, ratelimits, usage
 from token_budget.policy.decisions import (
     SEVERITY,
     STATE_OF_ACTION,
@@ -55,7 +56,7 @@ class Draft:
     """The decision as the checks build it."""
 
     __slots__ = ("usages", "seen", "unpriced", "silent", "ladder", "used", "rung", "reason",
-                 "message", "cost_per_outcome", "effective", "exception", "state")
+                 "message", "cost_per_outcome", "effective", "exception", "state", "rate")
 
     def __init__(self) -> None:
         self.usages: list[WindowUsage] = []
@@ -71,6 +72,7 @@ class Draft:
         self.effective: list[api.Action] = []  # every action in effect (the ladder is cumulative)
         self.exception: api.BudgetException | None = None
         self.state = api.State.OK
+        self.rate = ratelimits.Rate()  # the rate-limit trigger's findings (off by default)
 
 
 Check = Callable[[ScopeInput, Draft], Verdict | Decision | None]
@@ -210,10 +212,19 @@ def outcome_state(s: ScopeInput, d: Draft) -> Verdict | None:
     return None
 
 
+def rate_limit(s: ScopeInput, d: Draft) -> None:
+    """The models the rate-limit trigger finds rate-limited and their fallbacks; applied to
+    the directives by :func:`dry_run`, after the ladder's (a Block wins)."""
+    d.rate = ratelimits.judge(s)
+    return None
+
+
 def dry_run(s: ScopeInput, d: Draft) -> Decision:
     """Final: the decision, with its directives; a DryRun budget's are never applied."""
     top_action = max(d.effective, key=lambda a: SEVERITY[STATE_OF_ACTION[a.type]], default=None)
     told = directives.directives(s, d.state, d.reason, d.message, d.effective, d.usages)
+    if d.rate.limited:
+        told = ratelimits.reroute(s, told, d.rate)
     run_outs = [w.run_out for w in d.usages if w.run_out is not None]
     # Over the limit that counted the most series (the longest window, as a rule): a
     # label is judged once, not once per window.
@@ -229,12 +240,14 @@ def dry_run(s: ScopeInput, d: Draft) -> Decision:
         dry_run=s.spec.mode is api.Mode.DRY_RUN,
         workloads=tuple(sorted(w.key for w in s.governed)), directives=told,
         ungoverned=unaccounted, ungoverned_series=unaccounted_n,
+        rate_limit_on=d.rate.on, rate_limited=tuple(d.rate.limited.values()),
+        rate_limit_error=d.rate.error,
     )
 
 
 #: The checks in the order they run; the last one always decides.
 CHAIN: tuple[Check, ...] = (missing_data, ladder, hysteresis, outcome, exception_cap,
-                            outcome_state, dry_run)
+                            outcome_state, rate_limit, dry_run)
 
 
 def decide(s: ScopeInput) -> Decision:

@@ -19,6 +19,7 @@ from decimal import Decimal
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
 from token_budget.policy.inputs import Gap, ScopeKey, WorkloadKey, quick_init
+from token_budget.policy.ratesources import RateLimited
 
 SEVERITY: dict[api.State, int] = {
     api.State.OK: 0,
@@ -157,6 +158,11 @@ class Decision:
     # nor one of its pods (at most UNGOVERNED_SHOWN of them; see ungoverned_series).
     ungoverned: tuple[str, ...] = ()
     ungoverned_series: int = 0
+    # The rate-limit trigger: whether it is on for the scope, the models it finds
+    # rate-limited, and why the 429 share could not be read (then nothing is rerouted).
+    rate_limit_on: bool = False
+    rate_limited: tuple[RateLimited, ...] = ()
+    rate_limit_error: str | None = None
 
     @property
     def worst_window(self) -> WindowUsage | None:

@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import TypeVar
 
 from token_budget.api import v1alpha1 as api
+from token_budget.policy.ratesources import RateSample, RateSource
 from token_budget.policy.sources import ResolvedSource
 from token_budget.policy.windows import WindowKey
 
@@ -135,6 +136,12 @@ class SpendSnapshot:
     gaps: Mapping[tuple[ResolvedSource, WindowKey], Mapping[str, Gap]] = field(
         default_factory=dict
     )
+    # Rate-limit trigger: requests and 429 answers per (rate source, window seconds), and
+    # why a (rate source, window) could not be read (then no rate-limit reroute holds).
+    rate_limits: Mapping[tuple[RateSource, int], tuple[RateSample, ...]] = field(
+        default_factory=dict
+    )
+    rate_limit_errors: Mapping[tuple[RateSource, int], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -220,3 +227,5 @@ class Memory:
 
     state: api.State
     last_spend_time: dt.datetime | None = None
+    # Models the scope found rate-limited last time, with when each became so.
+    rate_limited: tuple[tuple[str, dt.datetime], ...] = ()

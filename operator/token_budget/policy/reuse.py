@@ -127,7 +127,12 @@ def usable(memo: Memo, world: World, snapshot: SpendSnapshot) -> bool:
     old = memo.snapshot
     return (same_catalog(world.catalog, memo.world.catalog)
             and snapshot.recent_seconds == old.recent_seconds
-            and snapshot.retention_seconds == old.retention_seconds)
+            and snapshot.retention_seconds == old.retention_seconds
+            # The rate-limit trigger reads these for every scope it is on for: with
+            # other 429 counts (or a trigger changed), every scope is decided anew.
+            and world.catalog.rate_limit == memo.world.catalog.rate_limit
+            and snapshot.rate_limits == old.rate_limits
+            and snapshot.rate_limit_errors == old.rate_limit_errors)
 
 
 def _by_source(m: Mapping[tuple[ResolvedSource, WindowKey], object]
