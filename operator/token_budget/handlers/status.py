@@ -334,7 +334,7 @@ def partition_transitions(partition: api.Partition, old: dict[str, Any] | None,
     """One Event (type, message) for every partition whose state changed, or None.
 
     The old states are those the status listed (``top`` and ``over``); a partition
-    it did not list was Ok. One Event per evaluation whatever the number of
+    it did not list was Ok, unless ``over`` was cut short (then it is not compared). One Event per evaluation whatever the number of
     partitions, naming the first :data:`TRANSITIONS_SHOWN` (most severe first).
     """
     before: dict[tuple[str, str], str] = {}
@@ -342,9 +342,15 @@ def partition_transitions(partition: api.Partition, old: dict[str, Any] | None,
     for key in ("top", "over"):
         for e in listed.get(key) or ():
             before[(e.get("namespace") or "", e.get("value") or "")] = str(e.get("state"))
+    # Past PARTITIONS_OVER_SHOWN, a partition not listed may have been restricted: unknown,
+    # so not announced (rather than announced again at every evaluation).
+    truncated = int(listed.get("overCount") or 0) > len(listed.get("over") or ())
     moved = []
     for d in decisions:
-        was = before.get((d.scope.namespace, d.scope.partition or ""), api.State.OK.value)
+        was = before.get((d.scope.namespace, d.scope.partition or ""))
+        if was is None and truncated:
+            continue
+        was = was or api.State.OK.value
         if was != d.state.value:
             moved.append((d, was))
     if not moved:

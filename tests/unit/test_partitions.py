@@ -1,0 +1,229 @@
+"""Budgets partitioned by a Prometheus label (spec.partition): the pure parts.
+
+Covers:
+- each value of the label gets the full limits and its own ladder; the
+  unpartitioned partition (series without the label or with it empty) too;
+- a partition's directive reaches only the workloads whose pods carry its value
+  in podLabel; workloads without it follow the unpartitioned partition;
+- PerNamespace cluster budgets partition per namespace x value, Shared ones per
+  value across namespaces;
+- hysteresis reads each partition's memory, read back from the status lists;
+- the status summary is bounded (top and over) with 1,000 partitions, the
+  budget's own state is its unpartitioned spend's, one Event names the changes;
+- admission refuses a pod without podLabel and one whose partition is Blocked,
+  with a message naming the partition and the budget; other partitions pass;
+- the plan reads the partition label.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from token_budget.api import v1alpha1 as api
+from token_budget.handlers import status as statuses
+from token_budget.policy import admission, planner
+from token_budget.policy.inputs import BudgetKey, Memory, ScopeKey
+from unit import builders as b
+from unit.builders import NOW
+
+OWNER = "tokenbudget.io/owner"
+PARTITION = {"label": "user", "podLabel": OWNER, "statusTop": 3, "reportAtPercent": 80}
+State = api.State
+
+
+def _owned(name: str, user: str | None, namespace: str = b.NAMESPACE) -> Any:
+    labels = {**b.AGENT, **({OWNER: user} if user is not None else {})}
+    return b.workload(name, namespace, labels=labels)
+
+
+def _budget(**fields: Any) -> api.TokenBudget:
+    return b.token_budget(**{"partition": PARTITION, **fields})
+
+
+def _by_partition(result: Any) -> dict[str | None, Any]:
+    return {d.scope.partition: d for d in result.decisions}
+
+
+def test_each_user_gets_the_full_limits_and_only_their_workloads_are_told() -> None:
+    budget = _budget()
+    result = b.evaluate(
+        [budget],
+        [b.series(1500, user="alice"), b.series(500, user="bob"), b.series(900, user="carol")],
+        workloads=[_owned("alice-agent", "alice"), _owned("bob-agent", "bob"),
+                   _owned("carol-agent", "carol")])
+    by = _by_partition(result)
+    assert by["alice"].state is State.BLOCKED
+    assert by["bob"].state is State.OK
+    assert by["carol"].state is State.WARNING
+    assert 'partition user="alice"' in by["alice"].message
+    assert result.directives[b.key("alice-agent")].blocked
+    assert result.directives[b.key("bob-agent")].state is State.OK
+    assert result.directives[b.key("carol-agent")].state is State.WARNING
+    assert 'user="alice"' in result.directives[b.key("alice-agent")].message
+
+
+def test_unlabelled_spend_is_one_partition_the_limits_apply_to() -> None:
+    budget = _budget()
+    result = b.evaluate(
+        [budget], [b.series(700, workload="shared"), b.series(400, user="", workload="shared"),
+                   b.series(10, user="alice")],
+        workloads=[_owned("shared", None), _owned("alice-agent", "alice")])
+    by = _by_partition(result)
+    assert by[""].state is State.BLOCKED  # 700 + 400 of 1000
+    assert by["alice"].state is State.OK
+    assert result.directives[b.key("shared")].blocked
+    assert not result.directives[b.key("alice-agent")].blocked
+
+
+def test_a_budget_without_spend_has_its_unpartitioned_partition() -> None:
+    result = b.evaluate([_budget()], [], workloads=[_owned("a", "alice")])
+    assert [d.scope.partition for d in result.decisions] == [""]
+    assert result.decisions[0].state is State.OK
+    assert b.key("a") not in result.directives  # no spend of alice: nothing to tell
+
+
+def test_a_workload_of_a_user_without_spend_is_left_alone_while_another_is_blocked() -> None:
+    result = b.evaluate([_budget()], [b.series(5000, user="alice")],
+                        workloads=[_owned("alice-agent", "alice"), _owned("dave-agent", "dave")])
+    assert result.directives[b.key("alice-agent")].blocked
+    assert b.key("dave-agent") not in result.directives
+
+
+def test_per_namespace_partitions_are_namespace_by_value_and_shared_ones_are_by_value() -> None:
+    namespaces = {"qa-1": {"environment": "qa"}, "qa-2": {"environment": "qa"}}
+    spend = [b.series(600, namespace="qa-1", user="alice"),
+             b.series(600, namespace="qa-2", user="alice")]
+    work = [_owned("a", "alice", "qa-1"), _owned("a", "alice", "qa-2")]
+    per_ns = b.cluster_budget(partition=PARTITION)
+    result = b.evaluate([per_ns], spend, namespaces=namespaces, workloads=work)
+    alice = [d for d in result.decisions if d.scope.partition == "alice"]
+    assert [(d.scope.namespace, d.state) for d in alice] == [
+        ("qa-1", State.OK), ("qa-2", State.OK)]
+    shared = b.cluster_budget(scope="Shared", partition=PARTITION)
+    result = b.evaluate([shared], spend, namespaces=namespaces, workloads=work)
+    alice = [d for d in result.decisions if d.scope.partition == "alice"]
+    assert [(d.scope.namespace, d.state) for d in alice] == [("", State.BLOCKED)]
+    assert all(d.blocked for d in result.directives.values())
+
+
+def test_hysteresis_reads_each_partitions_memory_and_status_carries_it_back() -> None:
+    budget = _budget()
+    spend = [b.series(970, user="alice"), b.series(970, user="bob")]
+    work = [_owned("alice-agent", "alice"), _owned("bob-agent", "bob")]
+    key = BudgetKey.of(budget)
+    remembered = {ScopeKey(key, "", "alice"): Memory(State.BLOCKED, NOW)}
+    by = _by_partition(b.evaluate([budget], spend, workloads=work, remembered=remembered))
+    assert by["alice"].state is State.BLOCKED  # 97% is within 5 points of Block at 100
+    assert by["bob"].state is State.WARNING
+    status = api.BudgetStatus.model_validate({
+        "state": "Ok", "partitions": {"label": "user", "over": [
+            {"value": "alice", "state": "Blocked", "usedPercent": 101}]}})
+    read = statuses.memory_of(budget.model_copy(update={"status": status}), BudgetKey.of)
+    assert read[ScopeKey(key, "", "alice")].state is State.BLOCKED
+
+
+def test_a_partition_remembered_blocked_whose_series_vanished_is_still_decided() -> None:
+    budget = _budget(whenSpendUnknown={"policy": "Hold", "staleAfterSeconds": 3600})
+    key = BudgetKey.of(budget)
+    remembered = {ScopeKey(key, "", "alice"): Memory(State.BLOCKED, NOW)}
+    result = b.evaluate([budget], [], workloads=[_owned("alice-agent", "alice")],
+                        remembered=remembered, errors={api.Preset.COUNTERS: "down"})
+    by = _by_partition(result)
+    assert by["alice"].state is State.BLOCKED  # held while spend is unknown
+    assert not by["alice"].spend_known
+
+
+def _thousand() -> tuple[api.TokenBudget, Any]:
+    budget = _budget()
+    spend = [b.series(50 + i % 20 * 60, user=f"u{i:04}") for i in range(1000)]
+    return budget, b.evaluate([budget], spend, workloads=[])
+
+
+def test_a_thousand_partitions_give_a_bounded_status_and_one_event() -> None:
+    budget, result = _thousand()
+    assert len(result.decisions) == 1001  # the unpartitioned one too
+    status = statuses.partitioned_status(budget, result.decisions, "USD", NOW, 0, None)
+    p = status["partitions"]
+    assert p["count"] == 1001
+    assert p["blocked"] == sum(1 for i in range(1000) if 50 + i % 20 * 60 >= 1000)
+    assert len(p["top"]) == 3 and p["top"][0]["usedPercent"] == 119
+    assert len(p["over"]) == api.PARTITIONS_OVER_SHOWN < p["overCount"]
+    assert all(e["state"] == "Blocked" for e in p["over"])  # Blocked first
+    assert status["state"] == "Ok"  # the unpartitioned spend is none: not Blocked for all
+    assert f"{p['restricted']} of 1001 partitions by user restricted" in status["message"]
+    api.BudgetStatus.model_validate(status)  # within the schema's bounds
+    said = statuses.partition_transitions(budget.spec.partition, None, result.decisions)
+    assert said is not None and said[0] == "Warning"
+    assert said[1].count("->") == statuses.TRANSITIONS_SHOWN
+    assert said[1].endswith(f"and {p['restricted'] - statuses.TRANSITIONS_SHOWN} more")
+    # The same states again: nothing to announce, although over was cut at 100.
+    assert statuses.partition_transitions(budget.spec.partition, status,
+                                          result.decisions) is None
+    small = b.evaluate([budget], [b.series(2000, user="alice")], workloads=[])
+    again = statuses.partitioned_status(budget, small.decisions, "USD", NOW, 0, None)
+    assert statuses.partition_transitions(budget.spec.partition, again,
+                                          small.decisions) is None
+
+
+def _with_status(budget: api.Budget, over: list[dict[str, Any]]) -> api.Budget:
+    status = api.BudgetStatus.model_validate(
+        {"state": "Ok", "partitions": {"label": "user", "over": over}})
+    return budget.model_copy(update={"status": status})
+
+
+@pytest.mark.parametrize(("labels", "allowed", "reason", "words"), [
+    pytest.param({OWNER: "bob"}, True, "Allowed", "", id="another user's pod is admitted"),
+    pytest.param({OWNER: "alice"}, False, "BudgetBlocked",
+                 'TokenBudget team-search/search is Blocked for partition user="alice"',
+                 id="the blocked user's pod is refused, naming the partition and the budget"),
+    pytest.param({}, False, "PartitionLabelMissing",
+                 "must carry the label tokenbudget.io/owner",
+                 id="a pod without the owner label is refused"),
+])
+def test_admission_refuses_the_pods_of_a_blocked_partition_only(
+        labels: dict[str, str], allowed: bool, reason: str, words: str) -> None:
+    budget = _with_status(_budget(), [{"value": "alice", "state": "Blocked"}])
+    verdict = admission.review([budget], b.catalog(), b.NAMESPACE, {}, {**b.AGENT, **labels},
+                               [], NOW)
+    assert (verdict.allowed, verdict.reason) == (allowed, reason)
+    assert words in verdict.message
+
+
+def test_a_new_pod_of_a_blocked_partition_starts_with_its_state() -> None:
+    budget = _with_status(_budget(), [{"value": "alice", "state": "Warning"}])
+    alice = admission.directive_for([budget], b.catalog(), b.NAMESPACE, {},
+                                    {**b.AGENT, OWNER: "alice"}, [], NOW)
+    bob = admission.directive_for([budget], b.catalog(), b.NAMESPACE, {},
+                                  {**b.AGENT, OWNER: "bob"}, [], NOW)
+    assert alice is not None and alice.state is State.WARNING
+    assert bob is not None and bob.state is State.OK
+
+
+def test_a_dry_run_partitioned_budget_refuses_nothing() -> None:
+    budget = _with_status(_budget(mode="DryRun"), [{"value": "alice", "state": "Blocked"}])
+    for labels in ({OWNER: "alice"}, {}):
+        assert admission.review([budget], b.catalog(), b.NAMESPACE, {}, {**b.AGENT, **labels},
+                                [], NOW).allowed
+
+
+def test_the_plan_reads_the_partition_label() -> None:
+    plan = planner.plan([_budget()], NOW)
+    assert [labels for labels in plan.group_labels.values()] == [("user",)]
+
+
+def test_the_partition_spec_rejects_a_bad_pod_label() -> None:
+    with pytest.raises(ValueError, match="pod_label|podLabel"):
+        _budget(partition={"label": "user", "podLabel": "not a label"})
+
+
+def test_reading_the_time_is_not_needed_to_route_a_partition() -> None:
+    # Two evaluations one hour apart with the same spend route the same workloads.
+    budget = _budget(limits=[{"window": "Month", "tokens": 1000}])
+    spend = [b.series(1500, user="alice")]
+    work = [_owned("alice-agent", "alice"), _owned("bob-agent", "bob")]
+    one = b.evaluate([budget], spend, workloads=work)
+    two = b.evaluate([budget], spend, workloads=work, now=NOW + dt.timedelta(hours=1))
+    assert sorted(one.directives) == sorted(two.directives) == [b.key("alice-agent")]
