@@ -66,7 +66,6 @@ class Spend:
         self._totals: dict[tuple[tuple[str, ...], Matchers, str | None], Part] = {}
         # spec.partition: series by (matchers, label) and value, per namespace.
         self._groups: dict[str, dict[tuple[Matchers, str], dict[str, list[SpendSeries]]]] = {}
-        self._partitioned: set[str] = set()  # labels grouped by
 
     def positions(self) -> dict[str, list[int]]:
         """Where each namespace's series are in the reading (made once, then carried)."""
@@ -96,7 +95,6 @@ class Spend:
         after._chosen = self._chosen.copy()
         after._parts = self._parts.copy()
         after._groups = self._groups.copy()
-        after._partitioned = self._partitioned
         for ns in changed:
             after._chosen.pop(ns, None)
             after._parts.pop(ns, None)
@@ -135,8 +133,9 @@ class Spend:
         found = by.get(matchers)
         if found is None:
             last = matchers[-1]
-            if last.operator is api.MatchOperator.EQUAL and last.label in self._partitioned:
-                # A partition of spec.partition: one pass groups every value's series.
+            if last.operator is api.MatchOperator.EQUAL:
+                # One pass groups every value's series (a partition of spec.partition
+                # asks for each value of its label in turn).
                 found = by[matchers] = self.grouped(ns, matchers[:-1], last.label).get(
                     last.value, [])
             else:
@@ -149,7 +148,6 @@ class Spend:
         """The namespace's series under the matchers by their value of ``label`` ("" when
         they lack it), each list in the reading's order: the series an Equal matcher on
         ``label`` picks, for every value at the cost of one pass."""
-        self._partitioned.add(label)
         by = self._groups.get(ns)
         if by is None:
             by = self._groups[ns] = {}
