@@ -13,15 +13,28 @@ with their name. Timed on one core (``time.process_time``), best of three:
   spend changed: every partition of the namespace is decided anew (the reuse
   works per namespace), but sums are regrouped once for all partitions.
 
+Then, on a real Prometheus (when its binaries are installed; ``promtool`` backfills
+26 hours of ``llm_tokens_total`` for the same 1,000 users x 3 models x 3 token
+types, each pod's series labelled with its user), the operator's own reading
+(``PrometheusSource.collect``) for the budget with a 24h and a Day limit,
+unpartitioned and partitioned: the plan adds ``user`` to the ``by`` clause, which
+changes neither the number of queries nor the samples loaded when each pod
+serves one user; Prometheus's own ``evalTotalTime`` and the series returned are
+printed side by side.
+
 Run: ``.venv/bin/python bench/run.py --only partitions`` or this file directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import gc
 import random
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,9 +57,10 @@ MODELS = ("gpt-4o", "gpt-4o-mini", "claude-sonnet-4")
 PARTITION = {"label": "user", "podLabel": OWNER, "statusTop": 10, "reportAtPercent": 80}
 
 
-def _budget(partitioned: bool) -> api.TokenBudget:
-    spec: dict[str, Any] = {"limits": [{"window": "Month", "cost": "9.00"},
-                                       {"window": "24h", "tokens": 20_000_000}]}
+def _budget(partitioned: bool, limits: list[dict[str, Any]] | None = None
+            ) -> api.TokenBudget:
+    spec: dict[str, Any] = {"limits": limits or [{"window": "Month", "cost": "9.00"},
+                                                 {"window": "24h", "tokens": 20_000_000}]}
     if partitioned:
         spec["partition"] = PARTITION
     return api.TokenBudget.model_validate({
@@ -136,6 +150,79 @@ def run(report: Report, quick: bool, wait_seconds: float = 0) -> None:
     report.add(Figure("partitions", "  handed the previous one, 1 % of series changed (CPU)",
                       again, "s", contended=contended,
                       note="one namespace: every partition of it is decided anew"))
+    promql_cost(report, users)
+
+
+def _openmetrics(path: Path, users: int, end: int) -> None:
+    """26 h of counters at a 15-minute step, 1-minute around the windows' starts and in
+    the last 20 minutes (as promql_bench writes them), one pod per user."""
+    start, fine = end - 26 * 3600, end - 20 * 60
+    day = end - end % 86400
+    band = {t for edge in (end - 86400, day) for t in range(edge - 600, edge + 61, 60)}
+    stamps = sorted({*range(start, fine, 900), *(t for t in band if start < t < fine),
+                     *range(fine, end + 1, 60)})
+    with path.open("w") as f:
+        f.write("# TYPE llm_tokens counter\n")
+        for u in range(users):
+            for k, model in enumerate(MODELS):
+                labels = (f'namespace="{NS}",pod="u{u:04}-agent-0",model="{model}",'
+                          f'user="u{u:04}"')
+                for token_type, share in (("input", 1.0), ("output", 0.1),
+                                          ("cached_input", 0.05)):
+                    rate = (u % 97 + k + 1) * share
+                    head = f'llm_tokens_total{{{labels},token_type="{token_type}"}} '
+                    f.write("".join(f"{head}{rate * (t - start):.0f} {t}\n" for t in stamps))
+        f.write("# EOF\n")
+
+
+def promql_cost(report: Report, users: int) -> None:
+    """The reading of the partitioned budget against the unpartitioned one, real Prometheus."""
+    try:
+        from bench.promql_bench import watch
+        from harness.prometheus import Prometheus, find_binary
+        promtool = find_binary("promtool")
+        find_binary("prometheus")
+    except Exception as exc:  # noqa: BLE001 - no Prometheus here: say so, measure the rest
+        report.note("partitions", f"PromQL cost not measured: {exc}")
+        return
+    from token_budget.metrics.prometheus import PrometheusSource
+
+    end = (int(time.time()) // 60 - 2) * 60
+    at = dt.datetime.fromtimestamp(end, dt.UTC)
+    work = Path(tempfile.mkdtemp(prefix="tbo-bench-partitions-"))
+    prom = Prometheus(workdir=work, retention="400d")
+    try:
+        history = work / "history.om"
+        _openmetrics(history, users, end)
+        prom.data_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(promtool), "tsdb", "create-blocks-from", "openmetrics", "-q",
+                        str(history), str(prom.data_dir)], check=True, capture_output=True,
+                       timeout=1800)
+        history.unlink()
+        prom.start()
+        limits = [{"window": "24h", "tokens": 20_000_000}, {"window": "Day", "cost": "9.00"}]
+        for partitioned in (False, True, False, True):  # alternated: a warm cache for both
+            src = PrometheusSource(prom.url, timeout_seconds=600, max_samples=0)
+            seen = watch(src)
+            budget = _budget(partitioned, limits)
+            t0 = time.monotonic()
+            snap = src.collect(planner.plan([budget], at), at)
+            wall = time.monotonic() - t0
+            problems = {**snap.errors, **snap.window_errors}
+            if problems:
+                raise RuntimeError(f"collect() failed: {problems}")
+            evaluated = sum(float(st["timings"]["evalTotalTime"]) for st in seen)
+            samples = sum(int(st["samples"]["totalQueryableSamples"]) for st in seen)
+            returned = sum(len(v) for v in snap.windows.values())
+            label = "partitioned by user" if partitioned else "unpartitioned"
+            report.add(Figure("partitions", f"  Prometheus query time per evaluation, "
+                              f"{label} (evalTotalTime)", evaluated, "s",
+                              contended=bool(pytest_running()),
+                              note=f"{src.stats.queries} queries, {samples:,} samples, "
+                                   f"{returned:,} series returned; wall {wall:.2f} s"))
+    finally:
+        prom.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

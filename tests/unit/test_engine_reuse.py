@@ -12,7 +12,8 @@ Covers:
   added or removed, namespace labels, workloads and their pods, memory, the
   catalog (re-read equal, or a price changed), a source failing or a target
   down; budgets partitioned by a ``user`` label, series with and without it,
-  workloads with and without the owner pod label; after each, ``evaluate(..., previous=...)`` equals ``evaluate(...)``;
+  workloads with and without the owner pod label; after each,
+  ``evaluate(..., previous=...)`` equals ``evaluate(...)``;
 - the reuse is real: nothing changed, every decision is the very object of the
   previous evaluation, and so after a budget is re-read with another status; one
   namespace's spend changed, only its scopes are decided anew; time moved,

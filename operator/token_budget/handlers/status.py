@@ -333,9 +333,10 @@ def partition_transitions(partition: api.Partition, old: dict[str, Any] | None,
                           decisions: Sequence[Decision]) -> tuple[str, str] | None:
     """One Event (type, message) for every partition whose state changed, or None.
 
-    The old states are those the status listed (``top`` and ``over``); a partition
-    it did not list was Ok, unless ``over`` was cut short (then it is not compared). One Event per evaluation whatever the number of
-    partitions, naming the first :data:`TRANSITIONS_SHOWN` (most severe first).
+    The old states are those the status listed (``top`` and ``over``); a
+    partition it did not list was Ok, unless ``over`` was cut short (then it is
+    not compared). One Event per evaluation whatever the number of partitions,
+    naming the first :data:`TRANSITIONS_SHOWN` (most severe first).
     """
     before: dict[tuple[str, str], str] = {}
     listed = ((old or {}).get("partitions") or {})

@@ -10,8 +10,9 @@ Deployment per user labelled ``tokenbudget.io/owner=<user>``:
   annotated, the two others keep their replicas and are not Blocked;
 - the status lists the partitions (bounded), the budget's own state stays Ok,
   one ``PartitionsChanged`` Event names the change;
-- admission refuses a new pod of the blocked user (naming the partition and
-  the budget) and one without the owner label, and admits another user's;
+- admission refuses a new pod (and a new Deployment) of the blocked user, naming
+  the partition and the budget, and one without the owner label, and admits
+  another user's;
 - raising the limit restores the blocked user's Deployment exactly (replicas as
   before) and admission admits their pods again.
 """
@@ -90,10 +91,15 @@ def _pod(name: str, labels: dict[str, str]) -> dict[str, Any]:
             "spec": {"containers": [{"name": "a", "image": "example/agent:1"}]}}
 
 
-def _refusal(kube: Kube, ns: str, name: str, labels: dict[str, str]) -> str:
-    """The refusal of a new pod ("" when admitted; the dry run stores nothing)."""
+def _refusal(kube: Kube, ns: str, name: str, labels: dict[str, str],
+             body: dict[str, Any] | None = None) -> str:
+    """The refusal of a new pod, or of ``body`` (a Deployment): "" when admitted (the
+    dry run stores nothing)."""
     try:
-        webhooks.dry_create(kube, PODS.path(ns), _pod(name, labels))
+        if body is None:
+            webhooks.dry_create(kube, PODS.path(ns), _pod(name, labels))
+        else:
+            webhooks.dry_create(kube, DEPLOYMENTS.path(ns), body)
     except EnforcementError as exc:
         return str(exc).replace("\\", "")  # the Status body's quotes come escaped
     return ""
@@ -175,6 +181,14 @@ def test_the_user_over_the_limit_is_blocked_alone_refused_at_admission_and_resto
         assert _refusal(kube, ns, "bob-extra", {OWNER: "bob"}) == ""
         missing = _refusal(kube, ns, "nobody", {})
         assert "must carry the label tokenbudget.io/owner" in missing
+        second = _deployment("alice")
+        second["metadata"]["name"] = "alice-second"
+        refused = _refusal(kube, ns, "", {}, second)
+        assert "Deployment pod template denied" in refused and 'user="alice"' in refused
+        unlabelled = _deployment("bob")
+        unlabelled["metadata"]["name"] = "anonymous"
+        del unlabelled["spec"]["template"]["metadata"]["labels"][OWNER]
+        assert "must carry the label" in _refusal(kube, ns, "", {}, unlabelled)
 
         kube.patch(TOKENBUDGETS, ns, "allowance",
                    {"spec": {"limits": [{"window": "1h", "tokens": 1_000_000}]}})

@@ -12,7 +12,7 @@ Covers:
   budget's own state is its unpartitioned spend's, one Event names the changes;
 - admission refuses a pod without podLabel and one whose partition is Blocked,
   with a message naming the partition and the budget; other partitions pass;
-- the plan reads the partition label.
+- the plan reads the partition label; /metrics carry the budget's own scope only.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 
 from token_budget.api import v1alpha1 as api
 from token_budget.handlers import status as statuses
+from token_budget.handlers.telemetry import Telemetry
 from token_budget.policy import admission, planner
 from token_budget.policy.inputs import BudgetKey, Memory, ScopeKey
 from unit import builders as b
@@ -227,3 +228,20 @@ def test_reading_the_time_is_not_needed_to_route_a_partition() -> None:
     one = b.evaluate([budget], spend, workloads=work)
     two = b.evaluate([budget], spend, workloads=work, now=NOW + dt.timedelta(hours=1))
     assert sorted(one.directives) == sorted(two.directives) == [b.key("alice-agent")]
+
+
+def test_metrics_export_the_budgets_own_spend_not_one_series_per_person() -> None:
+    result = b.evaluate([_budget()], [b.series(300, workload="shared"),
+                                      b.series(5000, user="alice")],
+                        workloads=[_owned("alice-agent", "alice")])
+    telemetry = Telemetry(None)
+    telemetry.observe(result, 0.1)
+    labels = {"kind": "TokenBudget", "budget_namespace": b.NAMESPACE, "budget": "search",
+              "scope": ""}
+    assert telemetry.registry.get_sample_value(
+        "tokenbudget_state", {**labels, "state": "Ok"}) == 1.0
+    assert telemetry.registry.get_sample_value(
+        "tokenbudget_spend_tokens", {**labels, "window": "24h"}) == 300.0
+    states = [s for m in telemetry.registry.collect() if m.name == "tokenbudget_state"
+              for s in m.samples]
+    assert len(states) == len(api.State)  # one scope exported, whatever the partitions
