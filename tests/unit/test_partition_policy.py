@@ -17,6 +17,7 @@ Covers:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -245,3 +246,26 @@ def test_metrics_export_the_budgets_own_spend_not_one_series_per_person() -> Non
     states = [s for m in telemetry.registry.collect() if m.name == "tokenbudget_state"
               for s in m.samples]
     assert len(states) == len(api.State)  # one scope exported, whatever the partitions
+
+
+def test_a_partition_listed_at_zero_is_new_not_an_outage_when_its_pods_run() -> None:
+    budget = _budget()
+    status = api.BudgetStatus.model_validate({
+        "state": "Ok", "lastSpendTime": NOW.isoformat(), "partitions": {"label": "user", "top": [
+            {"value": "alice", "state": "Warning", "usedPercent": 85},
+            {"value": "", "state": "Ok", "usedPercent": 0}]}})
+    remembered = statuses.memory_of(budget.model_copy(update={"status": status}),
+                                    BudgetKey.of)
+    shared = b.workload("shared", labels=b.AGENT, pods=2)  # no owner label, pods running
+    result = b.evaluate([budget], [b.series(850, user="alice")],
+                        workloads=[shared, _owned("alice-agent", "alice")],
+                        remembered=remembered)
+    by = _by_partition(result)
+    assert by[""].spend_known and by[""].state is State.OK
+    assert result.directives[b.key("shared")].state is State.OK
+    # alice had spend: her series vanishing while her pods run is an outage, as for any scope.
+    alice = _owned("alice-agent", "alice")
+    result = b.evaluate([budget], [], workloads=[dataclasses.replace(alice, settled_pods=2)],
+                        remembered=remembered)
+    assert not _by_partition(result)["alice"].spend_known
+

@@ -35,8 +35,8 @@ def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
     for ns in st.namespaces:
         out[ScopeKey(budget_key, ns.namespace)] = Memory(ns.state, st.last_spend_time)
     if budget.spec.partition is not None:
-        for sk, state in partitions.remembered(st, budget_key):
-            out.setdefault(sk, Memory(state, st.last_spend_time))
+        for sk, state, spent in partitions.remembered(st, budget_key):
+            out.setdefault(sk, Memory(state, st.last_spend_time if spent else None))
     return out
 
 

@@ -169,12 +169,19 @@ def own(decisions: Sequence[Decision]) -> list[Decision]:
     return [d for d in decisions if d.scope.partition in (None, api.UNPARTITIONED)]
 
 
-def remembered(status: api.BudgetStatus, key: BudgetKey) -> Iterable[tuple[ScopeKey, api.State]]:
-    """The partitions a status lists, with their states (what the engine remembers)."""
+def remembered(status: api.BudgetStatus, key: BudgetKey
+               ) -> Iterable[tuple[ScopeKey, api.State, bool]]:
+    """The partitions a status lists: their states, and whether they had spend.
+
+    Only a partition that had spend may remember the budget's last spend time: a
+    partition listed at 0 % (the unpartitioned one, a person who never spent) whose
+    workloads run without series is new, not an exporter gone missing.
+    """
     p = status.partitions
     if p is None:
         return []
-    return [(ScopeKey(key, e.namespace or "", e.value), e.state) for e in (*p.over, *p.top)]
+    return [(ScopeKey(key, e.namespace or "", e.value), e.state, e.used_percent > 0)
+            for e in (*p.over, *p.top)]
 
 
 def state_of(budget: api.Budget, namespace: str, value: str) -> api.State:
