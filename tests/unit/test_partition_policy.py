@@ -12,6 +12,7 @@ Covers:
   budget's own state is its unpartitioned spend's, one Event names the changes;
 - admission refuses a pod without podLabel and one whose partition is Blocked,
   with a message naming the partition and the budget; other partitions pass;
+- spend grouped by the label picks what an Equal matcher picks, in order;
 - the plan reads the partition label; /metrics carry the budget's own scope only.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import random
 from typing import Any
 
 import pytest
@@ -28,6 +30,9 @@ from token_budget.handlers import status as statuses
 from token_budget.handlers.telemetry import Telemetry
 from token_budget.policy import admission, planner
 from token_budget.policy.inputs import BudgetKey, Memory, ScopeKey
+from token_budget.policy.matchers import series_matches
+from token_budget.policy.pricing import Prices
+from token_budget.policy.spend import Spend
 from unit import builders as b
 from unit.builders import NOW
 
@@ -269,3 +274,18 @@ def test_a_partition_listed_at_zero_is_new_not_an_outage_when_its_pods_run() -> 
                         remembered=remembered)
     assert not _by_partition(result)["alice"].spend_known
 
+
+
+def test_grouping_by_the_label_picks_what_the_equal_matcher_picks_in_order() -> None:
+    rng = random.Random(18)
+    series = [b.series(rng.randint(0, 99), workload=f"w{i}",
+                       **({"user": rng.choice(["a", "b", ""])} if rng.random() < 0.7 else {}),
+                       **({"team": rng.choice(["x", "y"])} if rng.random() < 0.5 else {}))
+              for i in range(300)]
+    base = (api.SpendMatcher(label="team", value="x"),)
+    for matchers in ((), base):
+        grouped = Spend(series, Prices(b.catalog()), lambda a, m: a == m)
+        for value in ("a", "b", "", "nobody"):
+            eq = (*matchers, api.SpendMatcher(label="user", value=value))
+            plain = [s for s in series if series_matches(s, eq)]
+            assert list(grouped.chosen(b.NAMESPACE, eq)) == plain

@@ -18,6 +18,7 @@ each namespace of a PerNamespace ClusterTokenBudget), as the modules of
                  -> exception cap -> state -> dry run, each check a Reason
     directives   the actions in effect -> what each governed workload is told
     reuse        what of the previous evaluation still holds (``previous=``)
+    partitions   spec.partition: a scope per value of a label, told by a pod label
     engine       this facade: every scope decided, directives merged per workload
 
 Then every workload's directives from all the scopes that govern it are merged
