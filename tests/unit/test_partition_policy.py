@@ -289,3 +289,22 @@ def test_grouping_by_the_label_picks_what_the_equal_matcher_picks_in_order() -> 
             eq = (*matchers, api.SpendMatcher(label="user", value=value))
             plain = [s for s in series if series_matches(s, eq)]
             assert list(grouped.chosen(b.NAMESPACE, eq)) == plain
+
+
+def test_partitions_swapping_ranks_write_no_status_until_the_heartbeat() -> None:
+    budget = _budget()
+    one = b.evaluate([budget], [b.series(500, user="alice"), b.series(400, user="bob")],
+                     workloads=[])
+    two = b.evaluate([budget], [b.series(500, user="alice"), b.series(600, user="bob")],
+                     workloads=[])
+    old = statuses.partitioned_status(budget, one.decisions, "USD", NOW, 0, None)
+    budget = budget.model_copy(update={"status": api.BudgetStatus.model_validate(old)})
+    later = NOW + dt.timedelta(seconds=30)
+    new = statuses.partitioned_status(budget, two.decisions, "USD", later, 0, old)
+    assert [e["value"] for e in new["partitions"]["top"]] == ["bob", "alice", ""]
+    assert not statuses.changed(old, new, later, heartbeat_seconds=300)
+    assert statuses.changed(old, new, NOW + dt.timedelta(seconds=301), heartbeat_seconds=300)
+    three = b.evaluate([budget], [b.series(500, user="alice"), b.series(900, user="bob")],
+                       workloads=[])
+    warned = statuses.partitioned_status(budget, three.decisions, "USD", later, 0, old)
+    assert statuses.changed(old, warned, later, heartbeat_seconds=300)  # bob is Warning now

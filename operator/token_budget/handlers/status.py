@@ -259,10 +259,13 @@ _VOLATILE_WINDOW = ("tokens", "cost", "usedPercent")
 
 def _significant(d: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in d.items() if k not in _VOLATILE and v is not None}
-    if isinstance(out.get("partitions"), dict):  # used percentages move with every read
+    if isinstance(out.get("partitions"), dict):
+        # Used percentages move with every read, and with them the ranks of partitions close
+        # to each other: which partitions are listed, in which state, is what matters.
         p = out["partitions"]
-        out["partitions"] = {**p, **{k: [{f: v for f, v in e.items() if f != "usedPercent"}
-                                         for e in p.get(k) or ()] for k in ("top", "over")}}
+        out["partitions"] = {**p, **{k: sorted(
+            (tuple(sorted((f, str(v)) for f, v in e.items() if f != "usedPercent"))
+             for e in p.get(k) or ())) for k in ("top", "over")}}
     if isinstance(out.get("namespaces"), list):
         out["namespaces"] = [{k: v for k, v in n.items() if k != "usedPercent"}
                              for n in out["namespaces"]]
