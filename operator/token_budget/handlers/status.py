@@ -264,8 +264,8 @@ def _significant(d: dict[str, Any]) -> dict[str, Any]:
         # to each other: which partitions are listed, in which state, is what matters.
         p = out["partitions"]
         out["partitions"] = {**p, **{k: sorted(
-            (tuple(sorted((f, str(v)) for f, v in e.items() if f != "usedPercent"))
-             for e in p.get(k) or ())) for k in ("top", "over")}}
+            tuple(sorted((f, str(v)) for f, v in e.items() if f != "usedPercent"))
+            for e in p.get(k) or ()) for k in ("top", "over")}}
     if isinstance(out.get("namespaces"), list):
         out["namespaces"] = [{k: v for k, v in n.items() if k != "usedPercent"}
                              for n in out["namespaces"]]
