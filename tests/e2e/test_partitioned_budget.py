@@ -1,6 +1,7 @@
 """A budget partitioned per user, end to end: the real control plane, Prometheus, webhooks.
 
-Covers (issue 18 part 3): spend series carrying a ``user`` label for three
+Covers (issue 18 part 3): a partitioned budget pinned to one value by a spend
+matcher is refused by the validating webhook; spend series carrying a ``user`` label for three
 users (each user's exporter is a scrape job whose target label is ``user``, as
 a gateway attributing requests would label them), a TokenBudget with
 ``partition: {label: user, podLabel: tokenbudget.io/owner}`` and one
@@ -131,6 +132,10 @@ def test_the_user_over_the_limit_is_blocked_alone_refused_at_admission_and_resto
             kube.create(DEPLOYMENTS, ns, _deployment(user))
         eventually(lambda: len(kube.list(PODS, ns, f"{A}agent=true")) == 6, 90,
                    what="2 pods per user")
+        pinned = _budget(1000)
+        pinned["spec"]["spendMatchers"] = [{"label": "user", "value": "alice"}]
+        with pytest.raises(EnforcementError, match="must not be a label spendMatchers"):
+            webhooks.dry_create(kube, TOKENBUDGETS.path(ns), pinned)
         kube.create(TOKENBUDGETS, ns, _budget(1000))
 
         def partitions() -> dict[str, Any] | None:

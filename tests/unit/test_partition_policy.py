@@ -13,6 +13,8 @@ Covers:
 - admission refuses a pod without podLabel and one whose partition is Blocked,
   with a message naming the partition and the budget; other partitions pass;
 - spend grouped by the label picks what an Equal matcher picks, in order;
+- the validating rules refuse a partition pinned to one value by a matcher or
+  the selector;
 - the plan reads the partition label; /metrics carry the budget's own scope only.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from token_budget.api import rules
 from token_budget.api import v1alpha1 as api
 from token_budget.handlers import status as statuses
 from token_budget.handlers.telemetry import Telemetry
@@ -313,3 +316,24 @@ def test_partitions_swapping_ranks_write_no_status_until_the_heartbeat() -> None
                        workloads=[])
     warned = statuses.partitioned_status(budget, three.decisions, "USD", later, 0, old)
     assert statuses.changed(old, warned, later, heartbeat_seconds=300)  # bob is Warning now
+
+
+@pytest.mark.parametrize(("fields", "path", "words"), [
+    pytest.param({"spendMatchers": [{"label": "user", "value": "alice"}]},
+                 "spec.partition.label", 'must not be a label spendMatchers[0] pins to one '
+                 'value (user="alice")', id="a matcher pinning the partition label is refused"),
+    pytest.param({"selector": {"matchLabels": {OWNER: "alice"}}}, "spec.partition.podLabel",
+                 'must not be a label the selector pins to one value '
+                 '(tokenbudget.io/owner="alice")',
+                 id="a selector pinning the pod label is refused"),
+])
+def test_a_partition_that_cannot_split_is_refused(fields: dict[str, Any], path: str,
+                                                  words: str) -> None:
+    [problem] = rules.problems(_budget(**fields), None)
+    assert problem.path == path and problem.message.startswith(words)
+
+
+def test_a_partition_beside_other_matchers_is_valid() -> None:
+    fields = {"spendMatchers": [{"label": "user", "operator": "NotEqual", "value": "bot"},
+                                {"label": "team", "value": "search"}]}
+    assert rules.problems(_budget(**fields), None) == []
