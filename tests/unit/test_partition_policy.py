@@ -4,7 +4,9 @@ Covers:
 - each value of the label gets the full limits and its own ladder; the
   unpartitioned partition (series without the label or with it empty) too;
 - a partition's directive reaches only the workloads whose pods carry its value
-  in podLabel; workloads without it follow the unpartitioned partition;
+  in podLabel; workloads without it follow the unpartitioned partition; a
+  person's workload without spend is told Ok, and while spend cannot be read
+  every person's follows whenSpendUnknown;
 - PerNamespace cluster budgets partition per namespace x value, Shared ones per
   value across namespaces;
 - hysteresis reads each partition's memory, read back from the status lists;
@@ -89,17 +91,31 @@ def test_unlabelled_spend_is_one_partition_the_limits_apply_to() -> None:
 
 
 def test_a_budget_without_spend_has_its_unpartitioned_partition() -> None:
-    result = b.evaluate([_budget()], [], workloads=[_owned("a", "alice")])
+    result = b.evaluate([_budget()], [], workloads=[])
     assert [d.scope.partition for d in result.decisions] == [""]
     assert result.decisions[0].state is State.OK
-    assert b.key("a") not in result.directives  # no spend of alice: nothing to tell
 
 
-def test_a_workload_of_a_user_without_spend_is_left_alone_while_another_is_blocked() -> None:
+def test_a_user_without_spend_is_told_ok_while_another_is_blocked() -> None:
     result = b.evaluate([_budget()], [b.series(5000, user="alice")],
                         workloads=[_owned("alice-agent", "alice"), _owned("dave-agent", "dave")])
+    assert [d.scope.partition for d in result.decisions] == ["", "alice", "dave"]
     assert result.directives[b.key("alice-agent")].blocked
-    assert b.key("dave-agent") not in result.directives
+    assert result.directives[b.key("dave-agent")].state is State.OK
+
+
+@pytest.mark.parametrize(("policy", "state"), [
+    pytest.param("FailOpen", State.OK, id="failing open, every person is told Ok"),
+    pytest.param("FailClosed", State.BLOCKED, id="failing closed, every person is Blocked"),
+])
+def test_while_spend_cannot_be_read_every_persons_workloads_follow_when_spend_unknown(
+        policy: str, state: State) -> None:
+    budget = _budget(whenSpendUnknown={"policy": policy})
+    result = b.evaluate([budget], [], workloads=[_owned("a", "alice"), _owned("b", "bob")],
+                        errors={api.Preset.COUNTERS: "Prometheus cannot be reached"})
+    assert {d.scope.partition for d in result.decisions} == {"", "alice", "bob"}
+    assert all(not d.spend_known for d in result.decisions)
+    assert [result.directives[b.key(n)].state for n in ("a", "b")] == [state, state]
 
 
 def test_per_namespace_partitions_are_namespace_by_value_and_shared_ones_are_by_value() -> None:
@@ -241,7 +257,9 @@ def test_reading_the_time_is_not_needed_to_route_a_partition() -> None:
     work = [_owned("alice-agent", "alice"), _owned("bob-agent", "bob")]
     one = b.evaluate([budget], spend, workloads=work)
     two = b.evaluate([budget], spend, workloads=work, now=NOW + dt.timedelta(hours=1))
-    assert sorted(one.directives) == sorted(two.directives) == [b.key("alice-agent")]
+    assert sorted(one.directives) == sorted(two.directives)
+    assert one.directives[b.key("alice-agent")].blocked
+    assert not one.directives[b.key("bob-agent")].blocked
 
 
 def test_metrics_export_the_budgets_own_spend_not_one_series_per_person() -> None:

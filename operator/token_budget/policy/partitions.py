@@ -16,10 +16,13 @@ Its directives go only to the governed workloads whose pods carry
 unpartitioned partition. A partition's Block therefore never reaches another
 partition's workloads.
 
-Partitions are found in the spend read (every window of the budget's limits)
-and in the engine's memory (a partition remembered as not Ok whose series
-vanished is still decided, so that ``whenSpendUnknown`` and the silence rule
-apply to it as to any scope, rather than its workloads being dropped).
+Partitions are found in the spend read (every window of the budget's limits),
+in the ``podLabel`` values of the governed workloads (every governed workload
+is told its partition's state, Ok for a person who has not spent yet; and
+while spend cannot be read, each is decided by ``whenSpendUnknown`` rather than
+left without a directive), and in the engine's memory (a partition remembered
+as not Ok whose series vanished is still decided, so that the silence rule
+applies to it as to any scope).
 
 The bounded summary a status shows (:func:`summary`) is pure too: counts, the
 ``statusTop`` most used partitions and those at or above ``reportAtPercent``
@@ -87,6 +90,7 @@ class Partitioner:
         out: Scopes = []
         for scope, namespaces in listed:
             values = {api.UNPARTITIONED} | self._memory(scope.budget, scope.namespace)
+            values.update(self._routed_for(budget, namespaces))
             for spend in spends:
                 for ns in namespaces:
                     values.update(spend.grouped(ns, matchers, partition.label))
@@ -108,13 +112,21 @@ class Partitioner:
                 update={"spend_matchers": (*budget.spec.spend_matchers, narrowed)})
             derived = self._derived[(id(budget), value)] = budget.model_copy(
                 update={"spec": spec})
+        routed = self._routed_for(budget, namespaces)
+        return ScopeInput(derived, scope, namespaces, self.context, routed.get(value, []))
+
+    def _routed_for(self, budget: api.Budget, namespaces: tuple[str, ...]
+                    ) -> dict[str, list[Workload]]:
+        """The governed workloads of a scope by the value of their ``podLabel``."""
+        partition = budget.spec.partition
+        assert partition is not None
         routed = self._routed.get((id(budget), namespaces))
         if routed is None:
             by_value: defaultdict[str, list[Workload]] = defaultdict(list)
             for w in governed_by(budget, namespaces, self.context.workloads):
                 by_value[value_of(partition, w.pod_labels)].append(w)
             routed = self._routed[(id(budget), namespaces)] = dict(by_value)
-        return ScopeInput(derived, scope, namespaces, self.context, routed.get(value, []))
+        return routed
 
 
 def named(decision: Decision, partition: api.Partition) -> Decision:
