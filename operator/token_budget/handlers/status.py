@@ -75,7 +75,7 @@ def partitioned_status(budget: api.Budget, decisions: Sequence[Decision], curren
         if worst is not None:
             text += (f" (worst: {partitions.describe(partition, worst['value'])} "
                      f"{worst['state']} at {worst['usedPercent']}%)")
-        status["message"] = f"{text}; unpartitioned spend: {status.get('message', '')}"
+        status["message"] = f"{text}; {status.get('message', '')}"
     return status
 
 
