@@ -11,7 +11,8 @@ workload enforced), ``overshoot`` (spend past the limit for ramps at a 15 s scra
 ``admission`` (the pod webhook directly and through the API server), ``enrolment`` (what
 unlabelled pods sent to the webhook cost where enrolment is not mandatory), ``directive`` (a
 Block reaching 1,000 agents' Governors through the directive service), ``gateway`` (the
-LiteLLM callback's added latency, the directive service's CPU per decision request).
+LiteLLM callback's added latency, the directive service's CPU per decision request),
+``partitions`` (a budget partitioned by user, 1,000 partitions, against it unpartitioned).
 
 Prints a table of target vs reached and writes ``bench/results.json`` (figures, targets,
 met or not, the load average next to every figure, timestamps). A run of a subset keeps
@@ -38,7 +39,7 @@ from bench import common  # noqa: E402  (sys.path first)
 from bench.common import Figure, Report  # noqa: E402
 
 ORDER = ("engine", "promql", "admission", "enrolment", "latency", "overshoot", "kube",
-         "directive", "gateway")
+         "directive", "gateway", "partitions")
 
 
 def _module(name: str):  # type: ignore[no-untyped-def]

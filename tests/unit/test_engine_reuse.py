@@ -11,7 +11,9 @@ Covers:
   across midnight and past exceptions' expiry), a budget edited, re-read equal,
   added or removed, namespace labels, workloads and their pods, memory, the
   catalog (re-read equal, or a price changed), a source failing or a target
-  down; after each, ``evaluate(..., previous=...)`` equals ``evaluate(...)``;
+  down; budgets partitioned by a ``user`` label, series with and without it,
+  workloads with and without the owner pod label; after each,
+  ``evaluate(..., previous=...)`` equals ``evaluate(...)``;
 - the reuse is real: nothing changed, every decision is the very object of the
   previous evaluation, and so after a budget is re-read with another status; one
   namespace's spend changed, only its scopes are decided anew; time moved,
@@ -38,6 +40,9 @@ from unit.builders import NOW
 
 NAMESPACES = ["ns-a", "ns-b", "ns-c"]
 MODELS = ["large", "medium", "tiny", "vendor/large-2025-01", "mystery-9"]
+OWNER = "tokenbudget.io/owner"
+USERS = ["alice", "bob", "carol", ""]  # "" joins the unpartitioned partition
+OWNED = [{"tokenbudget.io/agent": "true", OWNER: u} for u in USERS[:2]]
 WINDOWS = [("24h", "UTC"), ("Day", "UTC"), ("Day", "Europe/Berlin"), ("Month", "UTC"),
            ("7d", "UTC")]
 
@@ -81,6 +86,8 @@ def _spec(rng: random.Random, now: dt.datetime) -> dict[str, Any]:
     if rng.random() < 0.2:
         spec["outcome"] = {"metric": "agent_outcomes_total", "window": "24h",
                            "maxCostPerOutcome": "0.01", "onExceeded": "Warn"}
+    if rng.random() < 0.3:
+        spec["partition"] = {"label": "user", "podLabel": OWNER}
     return spec
 
 
@@ -101,6 +108,8 @@ def _budget(rng: random.Random, i: int, now: dt.datetime) -> api.Budget:
 def _series(rng: random.Random) -> SpendSeries:
     cost = str(rng.choice([1, 25, 300])) + ".5" if rng.random() < 0.05 else None
     labels = {"team": rng.choice(["x", "y"])} if rng.random() < 0.3 else {}
+    if rng.random() < 0.5:
+        labels["user"] = rng.choice(USERS)
     return b.series(rng.choice([0, 10, 700, 30_000, 250_000.4]), namespace=rng.choice(NAMESPACES),
                     workload=rng.choice(["agent-7f9-x", "agent", "other-1", ""]),
                     model=rng.choice(MODELS), output=rng.choice([0, 55, 9_000]),
@@ -112,7 +121,7 @@ def _workloads(rng: random.Random) -> list[Workload]:
     for ns in NAMESPACES:
         for name in rng.sample(["agent", "other", "coder"], rng.randint(0, 2)):
             out.append(b.workload(name, ns, models=rng.choice([[], ["large"]]),
-                                  labels=rng.choice([None, {"app": "web"}]),
+                                  labels=rng.choice([None, {"app": "web"}, *OWNED]),
                                   pods=rng.choice([0, 2])))
     return out
 

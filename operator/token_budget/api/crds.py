@@ -81,6 +81,11 @@ _BUDGET_COLUMNS = [
     {"name": "Run-out", "type": "date", "jsonPath": ".status.projectedRunOutTime", "priority": 1},
     {"name": "Ready", "type": "string",
      "jsonPath": '.status.conditions[?(@.type=="Ready")].status', "priority": 1},
+    {"name": "Partitions", "type": "integer", "jsonPath": ".status.partitions.count",
+     "description": "spec.partition: how many partitions were evaluated.", "priority": 1},
+    {"name": "Blocked", "type": "integer", "jsonPath": ".status.partitions.blocked",
+     "description": "spec.partition: how many partitions are Blocked (State is the "
+     "unpartitioned spend's).", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -189,6 +189,7 @@ def _budget_problems(spec: api.TokenBudgetSpec,
                            "must be set when onExceeded is given"))
     out += _reroute_problems(spec, catalog_models)
     out += _trigger_problems(spec.rate_limit, "spec.rateLimit")
+    out += _partition_problems(spec)
     if spec.rate_limit is not None and spec.source.preset is api.Preset.ENVOY_AI_GATEWAY \
             and (spec.source.metrics is None or not spec.source.metrics.rate_limited_requests):
         out.append(Problem("spec.source.metrics.rateLimitedRequests",
@@ -221,6 +222,32 @@ def _fallback_problems(spec: api.ModelCatalogSpec, by_name: dict[str, int]) -> l
             elif fb in seen:
                 out.append(Problem(path, f"must be unique; {fb!r} is named twice"))
             seen.add(fb)
+    return out
+
+
+def _partition_problems(spec: api.TokenBudgetSpec) -> list[Problem]:
+    """A partition must be able to have more than one value, on both sides.
+
+    A spend matcher pinning ``partition.label`` with Equal leaves one partition of
+    spend; a selector pinning ``partition.podLabel`` governs one partition's
+    workloads only: either is a budget that is not split, written as if it were.
+    """
+    p = spec.partition
+    if p is None:
+        return []
+    out = []
+    for i, m in enumerate(spec.spend_matchers):
+        if m.label == p.label and m.operator is api.MatchOperator.EQUAL:
+            out.append(Problem("spec.partition.label",
+                               f"must not be a label spendMatchers[{i}] pins to one value "
+                               f'({m.label}="{m.value}"): the budget would have one '
+                               "partition; drop the matcher or the partition"))
+    pinned = spec.selector.match_labels.get(p.pod_label)
+    if pinned is not None:
+        out.append(Problem("spec.partition.podLabel",
+                           f"must not be a label the selector pins to one value "
+                           f'({p.pod_label}="{pinned}"): only that partition\'s workloads '
+                           "would be governed; drop it from the selector"))
     return out
 
 

@@ -409,6 +409,41 @@ class Mode(str, enum.Enum):
     DRY_RUN = "DryRun"
 
 
+#: The value of the partition of series without the partition label (or with it empty).
+UNPARTITIONED = ""
+
+
+class Partition(_Base):
+    """Apply the limits to each value of a Prometheus label separately (per person, per key)."""
+
+    label: str = Field(
+        pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+        description="The Prometheus label whose values partition the spend (user, end_user, "
+        "api_key_alias, team). Each value gets the full limits and its own ladder. Series "
+        "without the label (or with it empty) form one unpartitioned partition, which the "
+        "limits apply to as well.",
+    )
+    pod_label: str = Field(
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        max_length=316,
+        description="The pod label that names a workload's partition (tokenbudget.io/owner): "
+        "the ladder of partition V acts only on governed workloads whose pods carry this "
+        "label with the value V; governed workloads without it belong to the unpartitioned "
+        "partition. Admission refuses a new governed pod without it, and one whose "
+        "partition is Blocked.",
+    )
+    status_top: int = Field(
+        default=10, ge=0, le=50,
+        description="How many partitions, most used first, status.partitions.top lists.",
+    )
+    report_at_percent: int = Field(
+        default=80, ge=1, le=1000,
+        description="status.partitions.over lists every partition at or above this "
+        "percentage of a limit, or not Ok (Blocked first; at most 100 entries).",
+    )
+
+
 def _default_selector() -> LabelSelector:
     return LabelSelector(match_labels={DEFAULT_AGENT_LABEL: "true"})
 
@@ -478,6 +513,12 @@ class TokenBudgetSpec(_Base):
         description="Reroute a model to the catalog's rateLimitFallbacks while its provider "
         "rate-limits it (429 answers over a short window). When unset, the ModelCatalog's "
         "rateLimit applies; off when neither is set.",
+    )
+    partition: Partition | None = Field(
+        default=None,
+        description="Apply the limits to each value of a Prometheus label separately (a "
+        "monthly allowance per person). In a PerNamespace ClusterTokenBudget each namespace "
+        "x value is a partition; in a Shared one each value across the namespaces.",
     )
 
     @model_validator(mode="after")
@@ -577,6 +618,42 @@ class RateLimitedModel(_Base):
     since: dt.datetime | None = Field(default=None, description="When it became rate-limited.")
 
 
+class PartitionEntry(_Base):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    value: str = Field(description="The label value (\"\" for the unpartitioned partition).")
+    namespace: str | None = Field(
+        default=None, description="PerNamespace ClusterTokenBudget: the namespace."
+    )
+    state: State = Field(description="The partition's state.")
+    used_percent: int = Field(default=0, description="Its most used window's percentage.")
+
+
+#: Most entries ``status.partitions.over`` lists.
+PARTITIONS_OVER_SHOWN = 100
+
+
+class PartitionsStatus(_Base):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    label: str = Field(description="The Prometheus label the spend is partitioned by.")
+    count: int = Field(default=0, description="How many partitions were evaluated.")
+    blocked: int = Field(default=0, description="How many partitions are Blocked.")
+    restricted: int = Field(
+        default=0, description="How many partitions are not Ok (Blocked included)."
+    )
+    top: tuple[PartitionEntry, ...] = Field(
+        default=(), max_length=50, description="The most used partitions (spec statusTop)."
+    )
+    over: tuple[PartitionEntry, ...] = Field(
+        default=(),
+        max_length=PARTITIONS_OVER_SHOWN,
+        description="Partitions at or above reportAtPercent or not Ok, Blocked first, then "
+        "most used first (at most 100; overCount says how many there are).",
+    )
+    over_count: int = Field(default=0, description="How many partitions qualify for over.")
+
+
 class BudgetStatus(_Base):
     """Observed state; written by the operator only."""
 
@@ -628,6 +705,11 @@ class BudgetStatus(_Base):
         max_length=20,
         description="Models the rate-limit trigger finds rate-limited (at most 20), and where "
         "their traffic goes.",
+    )
+    partitions: PartitionsStatus | None = Field(
+        default=None,
+        description="spec.partition: a bounded summary of the partitions; the budget's own "
+        "state is that of the unpartitioned partition.",
     )
 
 

@@ -53,7 +53,7 @@ from token_budget.kube import (
     Resource,
 )
 from token_budget.metrics.prometheus import PrometheusSource
-from token_budget.policy import engine, forecast, planner, ratelimits
+from token_budget.policy import engine, forecast, partitions, planner, ratelimits
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, Decision, Directive, Evaluation
 from token_budget.policy.inputs import BudgetKey, Workload, WorkloadKey
@@ -622,14 +622,21 @@ class Evaluator:
             body = g.budget_bodies[key]
             decisions = by_budget.get(key, [])
             name = f"{key.kind}/{key}"
-            new = statuses.budget_status(budget, decisions, currency, now,
-                                         enforced.get(name, 0), body.get("status"),
-                                         autoscaled.get(name, (0, 0)),
-                                         dry_run=self.settings.dry_run)
+            make = statuses.budget_status if budget.spec.partition is None \
+                else statuses.partitioned_status
+            new = make(budget, decisions, currency, now, enforced.get(name, 0),
+                       body.get("status"), autoscaled.get(name, (0, 0)),
+                       dry_run=self.settings.dry_run)
             old = body.get("status") or {}
             if statuses.changed(old, new, now, self.settings.status_heartbeat_seconds):
                 writes += self._write_status(body, old, new)
-            self._transition_events(body, old, decisions)
+            if budget.spec.partition is None:
+                self._transition_events(body, old, decisions)
+            else:
+                self._transition_events(body, old, partitions.own(decisions))
+                said = statuses.partition_transitions(budget.spec.partition, old, decisions)
+                if said is not None:
+                    self.event(body, said[0], "PartitionsChanged", said[1])
             self._rate_limit_events(body, old, new)
             self._ungoverned_event(body, old, new)
         for body, found in g.invalid:

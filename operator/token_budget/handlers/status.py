@@ -16,7 +16,7 @@ from typing import Any
 from token_budget.api import conditions as cond
 from token_budget.api import v1alpha1 as api
 from token_budget.api.types import format_money, utc
-from token_budget.policy import engine, ratelimits
+from token_budget.policy import engine, partitions, ratelimits
 from token_budget.policy.decisions import SEVERITY, Decision
 from token_budget.policy.inputs import Gap, Memory, ScopeKey
 
@@ -39,6 +39,9 @@ def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
     for ns in st.namespaces:
         out[ScopeKey(budget_key, ns.namespace)] = Memory(
             ns.state, st.last_spend_time, tuple(limited.get(ns.namespace, ())))
+    if budget.spec.partition is not None:
+        for sk, state, spent in partitions.remembered(st, budget_key):
+            out.setdefault(sk, Memory(state, st.last_spend_time if spent else None))
     return out
 
 
@@ -77,6 +80,45 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
     return cond.set_condition(conds, cond.RATE_LIMITED, False, cond.Reason.NOT_RATE_LIMITED,
                               "no model's share of 429 answers is over the threshold", now,
                               generation)
+
+
+def partitioned_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,
+                       now: dt.datetime, enforced: int, old: dict[str, Any] | None,
+                       autoscaled: tuple[int, int] = (0, 0),
+                       dry_run: bool = False) -> dict[str, Any]:
+    """:func:`budget_status` of a budget with ``spec.partition``.
+
+    Conditions (MetricsAvailable, DataIncomplete, Enforcing) read every partition.
+    The budget's own state, spend and windows are those of its unpartitioned
+    partition (per namespace for a PerNamespace ClusterTokenBudget): one person
+    Blocked does not make the budget Blocked for everyone. ``status.partitions``
+    holds the bounded summary, and the message says how many are restricted.
+    """
+    partition = budget.spec.partition
+    assert partition is not None
+    status = budget_status(budget, decisions, currency, now, enforced, old, autoscaled,
+                           dry_run)
+    own = partitions.own(decisions)
+    if not own:
+        return status
+    mine = budget_status(budget, own, currency, now, enforced, old, autoscaled, dry_run)
+    for key in ("state", "reason", "message", "spend", "limit", "usedPercent", "windows",
+                "namespaces", "projectedRunOutTime"):
+        if key in mine:
+            status[key] = mine[key]
+        else:
+            status.pop(key, None)
+    summary = partitions.summary(partition, decisions)
+    status["partitions"] = summary
+    if summary["restricted"]:
+        worst = summary["over"][0] if summary["over"] else None
+        text = (f"{summary['restricted']} of {summary['count']} partitions by "
+                f"{partition.label} restricted, {summary['blocked']} Blocked")
+        if worst is not None:
+            text += (f" (worst: {partitions.describe(partition, worst['value'])} "
+                     f"{worst['state']} at {worst['usedPercent']}%)")
+        status["message"] = f"{text}; {status.get('message', '')}"
+    return status
 
 
 def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,
@@ -260,6 +302,13 @@ _VOLATILE_WINDOW = ("tokens", "cost", "usedPercent")
 
 def _significant(d: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in d.items() if k not in _VOLATILE and v is not None}
+    if isinstance(out.get("partitions"), dict):
+        # Used percentages move with every read, and with them the ranks of partitions close
+        # to each other: which partitions are listed, in which state, is what matters.
+        p = out["partitions"]
+        out["partitions"] = {**p, **{k: sorted(
+            tuple(sorted((f, str(v)) for f, v in e.items() if f != "usedPercent"))
+            for e in p.get(k) or ()) for k in ("top", "over")}}
     if isinstance(out.get("namespaces"), list):
         out["namespaces"] = [{k: v for k, v in n.items() if k != "usedPercent"}
                              for n in out["namespaces"]]
@@ -323,3 +372,46 @@ def _gaps(decisions: Sequence[Decision]) -> str:
             texts.append(f"window {window}: a scrape gap covers the start of {g.bridged} "
                          "series; their spend during the gap counts in full")
     return "; ".join(texts)
+
+
+#: Partition transitions one ``PartitionsChanged`` Event names (the rest are counted).
+TRANSITIONS_SHOWN = 10
+
+
+def partition_transitions(partition: api.Partition, old: dict[str, Any] | None,
+                          decisions: Sequence[Decision]) -> tuple[str, str] | None:
+    """One Event (type, message) for every partition whose state changed, or None.
+
+    The old states are those the status listed (``top`` and ``over``); a
+    partition it did not list was Ok, unless ``over`` was cut short (then it is
+    not compared). One Event per evaluation whatever the number of partitions,
+    naming the first :data:`TRANSITIONS_SHOWN` (most severe first).
+    """
+    before: dict[tuple[str, str], str] = {}
+    listed = ((old or {}).get("partitions") or {})
+    for key in ("top", "over"):
+        for e in listed.get(key) or ():
+            before[(e.get("namespace") or "", e.get("value") or "")] = str(e.get("state"))
+    # Past PARTITIONS_OVER_SHOWN, a partition not listed may have been restricted: unknown,
+    # so not announced (rather than announced again at every evaluation).
+    truncated = int(listed.get("overCount") or 0) > len(listed.get("over") or ())
+    moved = []
+    for d in decisions:
+        was = before.get((d.scope.namespace, d.scope.partition or ""))
+        if was is None and truncated:
+            continue
+        was = was or api.State.OK.value
+        if was != d.state.value:
+            moved.append((d, was))
+    if not moved:
+        return None
+    moved.sort(key=lambda m: -SEVERITY[m[0].state])
+    texts = []
+    for d, was in moved[:TRANSITIONS_SHOWN]:
+        where = f" in {d.scope.namespace}" if d.scope.namespace else ""
+        texts.append(f"{partitions.describe(partition, d.scope.partition or '')}{where} "
+                     f"{was} -> {d.state.value}")
+    if len(moved) > TRANSITIONS_SHOWN:
+        texts.append(f"and {len(moved) - TRANSITIONS_SHOWN} more")
+    severe = any(SEVERITY[d.state] >= SEVERITY[api.State.REROUTED] for d, _ in moved)
+    return ("Warning" if severe else "Normal"), "; ".join(texts)

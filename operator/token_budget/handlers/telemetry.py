@@ -97,6 +97,8 @@ class Telemetry:
                   self.utilization, self.state, self.ungoverned):
             g.clear()  # budgets come and go: only current series are exported
         for d in result.decisions:
+            if d.scope.partition:  # spec.partition: the budget's own (unpartitioned) only,
+                continue  # not one series per person (the status summarises them)
             b = d.scope.budget
             for s in api.State:
                 self.state.labels(b.kind, b.namespace, b.name, d.scope.namespace,

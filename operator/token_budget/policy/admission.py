@@ -10,6 +10,10 @@ the way ResourceQuota answers with a 403 that names the violated limit:
 * a governed pod that declares a model its budgets do not allow is denied, with
   the rule and the allowed models.
 
+A budget with ``spec.partition`` refuses a governed pod without its
+``podLabel``, and one whose partition (the label's value) is ``Blocked``; the
+budget's other partitions are not refused.
+
 :func:`directive_for` gives the annotations to stamp on a new governed pod when
 its owner carries none yet (a bare pod, a brand-new workload).
 :func:`review_expires` says how long a review stays true when nothing changes,
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
 from token_budget.api.types import utc
-from token_budget.policy import engine
+from token_budget.policy import engine, partitions
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, STATE_OF_ACTION, Directive, merge
 from token_budget.policy.inputs import BudgetKey
@@ -87,6 +91,11 @@ def review(budgets: Sequence[api.Budget], catalog: Catalog, namespace: str,
     gov = governing(budgets, namespace, namespace_labels, pod_labels)
     names = tuple(_name(b) for b in gov)
     for b in gov:
+        if b.spec.partition is not None:
+            refused = _partition_review(b, namespace, pod_labels, now)
+            if refused is not None:
+                return Verdict(False, refused[0], refused[1], names)
+            continue
         if _scope_state(b, namespace) is api.State.BLOCKED and not _excepted(b, now):
             st = b.status
             detail = f": {st.message}" if st and st.message else ""
@@ -104,6 +113,27 @@ def review(budgets: Sequence[api.Budget], catalog: Catalog, namespace: str,
                            f"{', '.join(sorted(allowed)) if allowed else 'none in the catalog'}",
                            names)
     return Verdict(True, "Allowed", "", names)
+
+
+def _partition_review(b: api.Budget, namespace: str, pod_labels: Mapping[str, str],
+                      now: dt.datetime) -> tuple[str, str] | None:
+    """Why a partitioned budget refuses a pod (reason, message), or None.
+
+    The pod must name its partition (a pod without ``podLabel`` would otherwise
+    escape its person's Block), and its partition must not be Blocked.
+    """
+    p = b.spec.partition
+    assert p is not None
+    value = partitions.value_of(p, pod_labels)
+    if not value:
+        return ("PartitionLabelMissing",
+                f"{_name(b)} applies its limits per {p.label}: a pod it governs must carry "
+                f"the label {p.pod_label} naming its {p.label}")
+    if partitions.state_of(b, namespace, value) is api.State.BLOCKED and not _excepted(b, now):
+        return ("BudgetBlocked",
+                f"{_name(b)} is Blocked for partition {partitions.describe(p, value)} in "
+                f"namespace {namespace}{_reset_text(b)}")
+    return None
 
 
 def review_expires(budgets: Sequence[api.Budget], namespace: str,
@@ -146,7 +176,9 @@ def directive_for(budgets: Sequence[api.Budget], catalog: Catalog, namespace: st
         return None
     out = []
     for b in gov:
-        state = _scope_state(b, namespace)
+        p = b.spec.partition
+        state = _scope_state(b, namespace) if p is None else \
+            partitions.state_of(b, namespace, partitions.value_of(p, pod_labels))
         ladder = sorted(b.spec.actions, key=lambda a: a.at_percent)
         reached = [a for a in ladder
                    if SEVERITY[STATE_OF_ACTION[a.type]] <= SEVERITY[state]] if state is not \

@@ -18,6 +18,7 @@ each namespace of a PerNamespace ClusterTokenBudget), as the modules of
                  -> exception cap -> state -> dry run, each check a Reason
     directives   the actions in effect -> what each governed workload is told
     reuse        what of the previous evaluation still holds (``previous=``)
+    partitions   spec.partition: a scope per value of a label, told by a pod label
     engine       this facade: every scope decided, directives merged per workload
 
 Then every workload's directives from all the scopes that govern it are merged
@@ -46,7 +47,7 @@ from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
-from token_budget.policy import checks, reuse
+from token_budget.policy import checks, partitions, reuse
 from token_budget.policy.attribution import (
     UNGOVERNED_SHOWN,
     governed_by,
@@ -97,6 +98,7 @@ def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime,
     context = Context(world, snapshot, now, memo.context if memo is not None else None)
     again = reuse.Reuse(memo, world, snapshot, now, context) if memo is not None else None
     kept = reuse.Memo(world, snapshot, now, context)
+    partitioner = partitions.Partitioner(context)
     decisions: list[Decision] = []
     held: set[WorkloadKey] = set()
     # The same budgets, in the same order, with the same scopes: the same order of decisions.
@@ -113,6 +115,13 @@ def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime,
             listed = old.scopes if again is not None and again.same_namespaces \
                 else scopes(budget, context.namespaces)
             rs = old.rs
+        partition = budget.spec.partition
+        if partition is not None:  # the partitions depend on the spend read: found anew
+            listed = partitioner.expand(budget, scopes(budget, context.namespaces))
+            if old is not None and listed == old.scopes:
+                listed = old.scopes
+            else:
+                same_order = False  # other partitions: other decisions to merge
         entry = reuse.Entry(budget, listed, rs, old)
         kept.entries.append(entry)
         by_scope = None if old is None or listed is old.scopes else {
@@ -128,10 +137,15 @@ def evaluate(world: World, snapshot: SpendSnapshot, now: dt.datetime,
                 if was is not None and not again.holds(was, entry, scope, namespaces, rs):
                     was = None
             if was is None:
-                governed = governed_by(budget, namespaces, context.workloads)
-                s = ScopeInput(budget, scope, namespaces, context, governed)
-                decision = checks.decide(s)
-                if decision.spend_known and not decision.series_seen:
+                if partition is not None:
+                    s = partitioner.scope_input(budget, scope, namespaces)
+                    decision = partitions.named(checks.decide(s), partition)
+                else:
+                    governed = governed_by(budget, namespaces, context.workloads)
+                    s = ScopeInput(budget, scope, namespaces, context, governed)
+                    decision = checks.decide(s)
+                if decision.spend_known and not decision.series_seen and \
+                        (partition is None or len(listed) == 1):
                     decision = _explain_unseen(decision, budget, context)
                 was = reuse.Kept(decision, s.timed)
             else:
@@ -208,10 +222,10 @@ def _patched(memo: reuse.Memo, decisions: list[Decision], held: set[WorkloadKey]
     return per_workload, merged
 
 
-def _scope_order(d: Decision) -> tuple[str, str, str, str]:
+def _scope_order(d: Decision) -> tuple[str, str, str, str, str]:
     # ScopeKey's own order, as a plain tuple: dataclass comparisons build tuples per call.
     b = d.scope.budget
-    return (b.kind, b.namespace, b.name, d.scope.namespace)
+    return (b.kind, b.namespace, b.name, d.scope.namespace, d.scope.partition or "")
 
 
 def scope_spend(world: World, snapshot: SpendSnapshot, now: dt.datetime,

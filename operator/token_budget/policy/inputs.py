@@ -216,9 +216,12 @@ class ScopeKey:
 
     budget: BudgetKey
     namespace: str = ""  # "" for a TokenBudget or a Shared cluster budget
+    # spec.partition: the partition label's value ("" unpartitioned); None when unpartitioned.
+    partition: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.budget}[{self.namespace}]" if self.namespace else str(self.budget)
+        text = f"{self.budget}[{self.namespace}]" if self.namespace else str(self.budget)
+        return text if self.partition is None else f"{text}{{{self.partition}}}"
 
 
 @dataclass(frozen=True)

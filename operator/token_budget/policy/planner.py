@@ -71,6 +71,8 @@ def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 
         spec = budget.spec
         rs = sources.resolve(spec.source)
         extra.setdefault(rs, set()).update(m.label for m in spec.spend_matchers)
+        if spec.partition is not None:  # every partition's series, grouped by the label
+            extra[rs].add(spec.partition.label)
         matchers.setdefault(rs, []).append(tuple(spec.spend_matchers))
         for key in budget_windows(spec):
             ranges[(rs, key)] = windows.range_seconds(key, now)

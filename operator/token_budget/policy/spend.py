@@ -64,6 +64,8 @@ class Spend:
         self._parts: dict[str, dict[_Key, Part]] = {}
         # Every sum asked for, by (namespaces, matchers, model): one lookup in the hot path.
         self._totals: dict[tuple[tuple[str, ...], Matchers, str | None], Part] = {}
+        # spec.partition: series by (matchers, label) and value, per namespace.
+        self._groups: dict[str, dict[tuple[Matchers, str], dict[str, list[SpendSeries]]]] = {}
 
     def positions(self) -> dict[str, list[int]]:
         """Where each namespace's series are in the reading (made once, then carried)."""
@@ -92,9 +94,11 @@ class Spend:
             after, changed = self._regrouped(series)
         after._chosen = self._chosen.copy()
         after._parts = self._parts.copy()
+        after._groups = self._groups.copy()
         for ns in changed:
             after._chosen.pop(ns, None)
             after._parts.pop(ns, None)
+            after._groups.pop(ns, None)
         after._totals = self._totals.copy() if not changed else {
             k: v for k, v in self._totals.items() if changed.isdisjoint(k[0])}
         return after, changed
@@ -128,8 +132,31 @@ class Spend:
             by = self._chosen[ns] = {}
         found = by.get(matchers)
         if found is None:
-            found = by[matchers] = [
-                s for s in self.by_ns.get(ns, ()) if series_matches(s, matchers)]
+            last = matchers[-1]
+            if last.operator is api.MatchOperator.EQUAL:
+                # One pass groups every value's series (a partition of spec.partition
+                # asks for each value of its label in turn).
+                found = by[matchers] = self.grouped(ns, matchers[:-1], last.label).get(
+                    last.value, [])
+            else:
+                found = by[matchers] = [
+                    s for s in self.by_ns.get(ns, ()) if series_matches(s, matchers)]
+        return found
+
+    def grouped(self, ns: str, matchers: Matchers, label: str
+                ) -> dict[str, list[SpendSeries]]:
+        """The namespace's series under the matchers by their value of ``label`` ("" when
+        they lack it), each list in the reading's order: the series an Equal matcher on
+        ``label`` picks, for every value at the cost of one pass."""
+        by = self._groups.get(ns)
+        if by is None:
+            by = self._groups[ns] = {}
+        found = by.get((matchers, label))
+        if found is None:
+            out: defaultdict[str, list[SpendSeries]] = defaultdict(list)
+            for s in self.chosen(ns, matchers):
+                out[s.label(label)].append(s)
+            found = by[(matchers, label)] = dict(out)
         return found
 
     def seen(self, namespaces: Iterable[str], matchers: Matchers) -> bool:
