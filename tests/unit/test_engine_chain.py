@@ -53,6 +53,21 @@ def test_hysteresis_holds_a_rung_just_below_it() -> None:
         is Reason.HYSTERESIS
 
 
+def test_hysteresis_never_brings_back_a_more_severe_rung_than_remembered() -> None:
+    # A Block listed between two Warns: remembered Warning at 0 % spend holds the Warns
+    # (within the margin) and must not take the Block between them along (it was Blocked
+    # here, found by the "more spend is never less restrictive" law).
+    budget = b.token_budget(limits=[{"window": "24h", "tokens": 1000}], actions=[
+        {"type": "Warn", "atPercent": 1}, {"type": "Block", "atPercent": 2},
+        {"type": "Warn", "atPercent": 3}], hysteresisPercent=5)
+    [decision] = b.evaluate([budget], [b.series(0)],
+                            remembered=b.memory(budget, api.State.WARNING)).decisions
+    assert (decision.state, decision.reason) == (api.State.WARNING, Reason.HYSTERESIS)
+    [decision] = b.evaluate([budget], [b.series(25)],
+                            remembered=b.memory(budget, api.State.WARNING)).decisions
+    assert decision.state is api.State.BLOCKED
+
+
 def test_an_exception_caps_the_actions() -> None:
     until = (NOW + dt.timedelta(hours=1)).isoformat()
     budget = b.token_budget(actions=LADDER, exceptions=[

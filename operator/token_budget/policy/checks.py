@@ -56,7 +56,8 @@ class Draft:
     """The decision as the checks build it."""
 
     __slots__ = ("usages", "seen", "unpriced", "silent", "ladder", "used", "rung", "reason",
-                 "message", "cost_per_outcome", "effective", "exception", "state", "rate")
+                 "message", "cost_per_outcome", "effective", "exception", "state", "rate",
+                 "held")
 
     def __init__(self) -> None:
         self.usages: list[WindowUsage] = []
@@ -73,6 +74,8 @@ class Draft:
         self.exception: api.BudgetException | None = None
         self.state = api.State.OK
         self.rate = ratelimits.Rate()  # the rate-limit trigger's findings (off by default)
+        # Rungs hysteresis holds although spend is below them (indices in the sorted ladder).
+        self.held: frozenset[int] = frozenset()
 
 
 Check = Callable[[ScopeInput, Draft], Verdict | Decision | None]
@@ -151,13 +154,18 @@ def hysteresis(s: ScopeInput, d: Draft) -> Verdict | None:
     if SEVERITY[STATE_OF_ACTION[lad[i].type]] <= SEVERITY[d.rung.state]:
         return None
     d.rung = Rung(i, lad[i])
+    d.held = frozenset(held)
     return Verdict(Reason.HYSTERESIS, f"{d.message}; {lad[i].type.value} holds until spend "
                                       f"falls below {lad[i].at_percent - margin}%")
 
 
 def outcome(s: ScopeInput, d: Draft) -> Verdict | None:
     """Cost per outcome over its maximum adds the outcome's action to the rungs reached."""
-    d.effective = list(d.ladder[: d.rung.index + 1]) if d.rung.index >= 0 else []
+    # The rungs up to the one in effect that spend reached or hysteresis holds: a rung
+    # below the held one in the ladder but more severe than what is remembered (Block at
+    # 2 % between Warns at 1 % and 3 %) was neither, and must not come back with it.
+    d.effective = [a for j, a in enumerate(d.ladder[: d.rung.index + 1])
+                   if d.used >= a.at_percent or j in d.held] if d.rung.index >= 0 else []
     o = s.spec.outcome
     if o is None:
         return None
