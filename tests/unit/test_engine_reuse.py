@@ -12,7 +12,9 @@ Covers:
   added or removed, namespace labels, workloads and their pods, memory, the
   catalog (re-read equal, or a price changed), a source failing or a target
   down; budgets partitioned by a ``user`` label, series with and without it,
-  workloads with and without the owner pod label; after each,
+  workloads with and without the owner pod label; budgets with the rate-limit
+  trigger (a catalog with fallbacks), 429 counts changing per namespace and
+  their reading failing; after each,
   ``evaluate(..., previous=...)`` equals ``evaluate(...)``;
 - the reuse is real: nothing changed, every decision is the very object of the
   previous evaluation, and so after a budget is re-read with another status; one
@@ -31,10 +33,11 @@ from typing import Any
 import pytest
 
 from token_budget.api import v1alpha1 as api
-from token_budget.policy import engine
+from token_budget.policy import engine, ratelimits
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import Evaluation
 from token_budget.policy.inputs import Memory, ScopeKey, SpendSeries, Workload
+from token_budget.policy.ratesources import RateSample
 from unit import builders as b
 from unit.builders import NOW
 
@@ -88,7 +91,26 @@ def _spec(rng: random.Random, now: dt.datetime) -> dict[str, Any]:
                            "maxCostPerOutcome": "0.01", "onExceeded": "Warn"}
     if rng.random() < 0.3:
         spec["partition"] = {"label": "user", "podLabel": OWNER}
+    if rng.random() < 0.3:
+        spec["rateLimit"] = {"thresholdPercent": rng.choice([10, 50]), "windowSeconds": 300,
+                             "minRequests": rng.choice([1, 20]), "hysteresisPercent": 5}
     return spec
+
+
+def _catalog() -> Catalog:
+    """The builders' catalog, each model falling back to the others when rate-limited."""
+    body = b.CATALOG_BODY | {"spec": {**b.CATALOG_BODY["spec"], "models": [
+        {**m, "rateLimitFallbacks": [o["name"] for o in b.CATALOG_BODY["spec"]["models"]
+                                     if o["name"] != m["name"]]}
+        for m in b.CATALOG_BODY["spec"]["models"]]}}
+    return Catalog([api.ModelCatalog.model_validate(body)])
+
+
+def _rates(rng: random.Random) -> list[RateSample]:
+    return [RateSample(namespace=rng.choice(NAMESPACES), model=rng.choice(MODELS),
+                       requests=float(rng.choice([0, 5, 40, 300])),
+                       limited=float(rng.choice([0, 3, 30])))
+            for _ in range(rng.randint(0, 6))]
 
 
 def _budget(rng: random.Random, i: int, now: dt.datetime) -> api.Budget:
@@ -138,10 +160,18 @@ class State:
     now: dt.datetime
     errors: dict[api.Preset, str]
     down: bool
+    rates: list[RateSample] = dataclasses.field(default_factory=list)
+    rates_failing: bool = False
 
     def evaluate(self, previous: Evaluation | None) -> Evaluation:
         snap = b.snapshot(self.budgets, self.spend, now=self.now, recent=self.recent,
                           errors=self.errors, outcomes=self._outcomes())
+        keys = ratelimits.plan(self.budgets, self.catalog)
+        if self.rates_failing:
+            snap = dataclasses.replace(snap, rate_limit_errors={
+                k: "Prometheus cannot be reached" for k in keys})
+        else:
+            snap = dataclasses.replace(snap, rate_limits={k: tuple(self.rates) for k in keys})
         if self.down:
             rs = next(iter(snap.recent), None)
             if rs is not None:
@@ -166,15 +196,16 @@ def _state(rng: random.Random) -> State:
     return State(
         budgets=budgets,
         namespaces={ns: {"environment": rng.choice(["qa", "prod"])} for ns in NAMESPACES},
-        workloads=_workloads(rng), memory={}, catalog=b.catalog(),
+        workloads=_workloads(rng), memory={}, catalog=_catalog(),
         spend=[_series(rng) for _ in range(rng.randint(0, 10))],
         recent=[_series(rng) for _ in range(rng.randint(0, 3))],
-        now=now, errors={}, down=False)
+        now=now, errors={}, down=False, rates=_rates(rng))
 
 
 def _change(rng: random.Random, s: State, result: Evaluation) -> str:
     what = rng.choice(["spend", "spend", "anew", "recent", "time", "time", "budget", "nothing",
-                       "namespaces", "workloads", "memory", "catalog", "error", "down"])
+                       "namespaces", "workloads", "memory", "catalog", "error", "down",
+                       "rates", "rates", "rates_failing"])
     if what == "spend" and s.spend:
         s.spend[rng.randrange(len(s.spend))] = _series(rng)
     elif what == "spend":
@@ -205,10 +236,11 @@ def _change(rng: random.Random, s: State, result: Evaluation) -> str:
     elif what == "memory" and result.decisions:
         d = rng.choice(result.decisions)
         last = s.now - dt.timedelta(seconds=rng.choice([10, 7200]))
-        s.memory = {**s.memory, d.scope: Memory(rng.choice(list(api.State)), last)}
+        limited = rng.choice([(), (("large", last),)])
+        s.memory = {**s.memory, d.scope: Memory(rng.choice(list(api.State)), last, limited)}
     elif what == "catalog":
         if rng.random() < 0.5:
-            s.catalog = b.catalog()
+            s.catalog = _catalog()
         else:
             body = b.CATALOG_BODY | {"spec": {**b.CATALOG_BODY["spec"], "models": [
                 {**m, "pricing": {**m["pricing"], "input": "11.00"}} if m["name"] == "large"
@@ -218,6 +250,14 @@ def _change(rng: random.Random, s: State, result: Evaluation) -> str:
         s.errors = {} if s.errors else {api.Preset.COUNTERS: "Prometheus cannot be reached"}
     elif what == "down":
         s.down = not s.down
+    elif what == "rates" and s.rates and rng.random() < 0.7:  # one (namespace, model) moves
+        i = rng.randrange(len(s.rates))
+        s.rates[i] = dataclasses.replace(s.rates[i], limited=s.rates[i].limited + 7,
+                                         requests=s.rates[i].requests + 10)
+    elif what == "rates":
+        s.rates = _rates(rng)
+    elif what == "rates_failing":
+        s.rates_failing = not s.rates_failing
     return what
 
 

@@ -129,6 +129,8 @@ def judge(s: ScopeInput) -> Rate:
         rate.limited[model] = RateLimited(
             model=model, share_percent=share_pct, requests=requests, fallback=fallback,
             since=before.get(model, s.context.now_utc))
+        if model not in before:
+            s.timed = True  # "since" is the time of evaluation: it holds for that instant
     return rate
 
 

@@ -8,7 +8,9 @@ takes over a scope's decision when everything the decision read is the same:
   budget's source (:meth:`Spend.carry`), and what the snapshot says of that
   source (errors, targets down, gaps, windows not read, what it returned);
 * the workloads of those namespaces, the scope's memory, the catalog, the
-  burn-rate span, the retention, the outcome counters (for a budget with one);
+  burn-rate span, the retention, the outcome counters (for a budget with one),
+  the 429 counts of those namespaces (for a budget with the rate-limit trigger on:
+  counts that move elsewhere, or for budgets without it, change nothing);
 * the time of evaluation: the same instant, or, for a decision that read the
   time only through its windows' bounds, bounds that are the same (a calendar
   window within one period; a rolling window moves with every instant).
@@ -32,6 +34,8 @@ from token_budget.policy.catalog import Catalog
 from token_budget.policy.context import Context
 from token_budget.policy.decisions import Decision, Directive
 from token_budget.policy.inputs import BudgetKey, ScopeKey, SpendSnapshot, WorkloadKey
+from token_budget.policy.ratesources import RateSample, RateSource
+from token_budget.policy.ratesources import resolve as rate_source
 from token_budget.policy.sources import ResolvedSource
 from token_budget.policy.windows import WindowKey
 from token_budget.policy.world import World
@@ -128,11 +132,40 @@ def usable(memo: Memo, world: World, snapshot: SpendSnapshot) -> bool:
     return (same_catalog(world.catalog, memo.world.catalog)
             and snapshot.recent_seconds == old.recent_seconds
             and snapshot.retention_seconds == old.retention_seconds
-            # The rate-limit trigger reads these for every scope it is on for: with
-            # other 429 counts (or a trigger changed), every scope is decided anew.
-            and world.catalog.rate_limit == memo.world.catalog.rate_limit
-            and snapshot.rate_limits == old.rate_limits
-            and snapshot.rate_limit_errors == old.rate_limit_errors)
+            # The catalog's rate-limit trigger is every budget's default: changed, every
+            # scope is decided anew. (Other 429 counts: see Reuse.rate_moved.)
+            and world.catalog.rate_limit == memo.world.catalog.rate_limit)
+
+
+_RateKey = tuple[RateSource, int]
+
+
+def rate_moved(old: SpendSnapshot, new: SpendSnapshot) -> dict[_RateKey, set[str] | None]:
+    """Per (rate source, window): the namespaces whose 429 counts differ, None for all.
+
+    A key whose reading failed, came back, or failed otherwise moves every namespace;
+    a reading both times moves the namespaces whose samples differ (in value or order).
+    """
+    moved: dict[_RateKey, set[str] | None] = {}
+    keys = (old.rate_limits.keys() | new.rate_limits.keys()
+            | old.rate_limit_errors.keys() | new.rate_limit_errors.keys())
+    for key in keys:
+        a, b = old.rate_limits.get(key), new.rate_limits.get(key)
+        if old.rate_limit_errors.get(key) != new.rate_limit_errors.get(key) \
+                or (a is None) != (b is None):
+            moved[key] = None
+        elif a is not None and b is not None and a != b:
+            by_a, by_b = _by_namespace(a), _by_namespace(b)
+            moved[key] = {ns for ns in by_a.keys() | by_b.keys()
+                          if by_a.get(ns) != by_b.get(ns)}
+    return moved
+
+
+def _by_namespace(samples: Sequence[RateSample]) -> dict[str, list[RateSample]]:
+    out: dict[str, list[RateSample]] = {}
+    for sample in samples:
+        out.setdefault(sample.namespace, []).append(sample)
+    return out
 
 
 def _by_source(m: Mapping[tuple[ResolvedSource, WindowKey], object]
@@ -183,6 +216,10 @@ class Reuse:
         new_w, old_w = context.workloads, before.workloads
         self.moved = {ns for ns in new_w.keys() | old_w.keys()
                       if new_w.get(ns, []) != old_w.get(ns, [])}
+        # 429 counts that changed: decisions of scopes whose budget has the rate-limit
+        # trigger on and reads them are decided anew, every other decision can hold.
+        self.rate_moved = rate_moved(memo.snapshot, snapshot)
+        self._rate_key: dict[int, tuple[api.TokenBudgetSpec, _RateKey | None]] = {}
         self._bounds_same: dict[WindowKey, bool] = {}
         self._of_source: dict[int, tuple[ResolvedSource, bool, set[str] | None]] = {}
 
@@ -212,7 +249,25 @@ class Reuse:
             return False
         if entry.budget.spec.outcome is not None and not self.same_outcomes:
             return False
+        if self.rate_moved and self._rate_moved(entry.budget.spec, namespaces):
+            return False
         return self.same_now or (not kept.timed and self._bounds_hold(rs, entry.windows))
+
+    def _rate_moved(self, spec: api.TokenBudgetSpec, namespaces: tuple[str, ...]) -> bool:
+        """Whether the 429 counts the budget's rate-limit trigger reads moved for the scope."""
+        found = self._rate_key.get(id(spec))
+        if found is None or found[0] is not spec:
+            trigger = spec.rate_limit if spec.rate_limit is not None \
+                else self.context.catalog.rate_limit
+            rs = rate_source(spec.source) if trigger is not None else None
+            key = (rs, trigger.window_seconds) if rs is not None and trigger is not None \
+                else None
+            found = self._rate_key[id(spec)] = (spec, key)
+        key = found[1]
+        if key is None or key not in self.rate_moved:
+            return False
+        moved = self.rate_moved[key]
+        return moved is None or not moved.isdisjoint(namespaces)
 
     def _bounds_hold(self, rs: ResolvedSource, keys: Sequence[WindowKey]) -> bool:
         for key in keys:
