@@ -51,8 +51,9 @@ from token_budget.kube import (
     Kube,
     Resource,
 )
+from token_budget.metrics import costs as cost_reading
 from token_budget.metrics.prometheus import PrometheusSource
-from token_budget.policy import engine, forecast, planner
+from token_budget.policy import costs, engine, forecast, planner
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, Decision, Directive, Evaluation
 from token_budget.policy.inputs import BudgetKey, Workload, WorkloadKey
@@ -497,6 +498,8 @@ class Evaluator:
                              workloads=g.workloads, memory=memory)
         plan = planner.plan(g.budgets, now, self.settings.recent_seconds)
         snapshot = self.source.collect(plan, now)
+        cost_plan = costs.plan(g.budgets, catalog, now, self.settings.recent_seconds)
+        snapshot = cost_reading.with_costs(self.source, snapshot, cost_plan, now)
         result = self._previous = engine.evaluate(world, snapshot, now, previous=self._previous)
         out = Outcome(evaluation=result, started=now)
         enforced = self.act(g, result, now)

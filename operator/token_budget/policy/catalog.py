@@ -23,10 +23,15 @@ class Catalog:
     def __init__(self, catalogs: Iterable[api.ModelCatalog] = ()) -> None:
         self.models: dict[str, api.CatalogModel] = {}
         self.currency = "USD"
+        # Cost sources applied to every budget (policy.costs); the first by name wins too.
+        shared: dict[str, api.CostSource] = {}
         for cat in sorted(catalogs, key=lambda c: c.metadata.name):
             self.currency = cat.spec.currency
             for m in cat.spec.models:
                 self.models.setdefault(m.name, m)
+            for c in cat.spec.cost_sources:
+                shared.setdefault(c.name, c)
+        self.cost_sources: tuple[api.CostSource, ...] = tuple(shared.values())
         self._lower = {name.lower(): m for name, m in self.models.items()}
         self._cache: dict[str, api.CatalogModel | None] = {}
 

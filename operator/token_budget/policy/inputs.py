@@ -135,6 +135,12 @@ class SpendSnapshot:
     gaps: Mapping[tuple[ResolvedSource, WindowKey], Mapping[str, Gap]] = field(
         default_factory=dict
     )
+    # Cost sources (:mod:`token_budget.policy.costs`): units per (query, window), and why
+    # a window's cost query failed (its budgets' spend is then unknown, never zero).
+    costs: Mapping[tuple[CostQuery, WindowKey], tuple[CostSeries, ...]] = field(
+        default_factory=dict
+    )
+    cost_errors: Mapping[WindowKey, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -220,3 +226,27 @@ class Memory:
 
     state: api.State
     last_spend_time: dt.datetime | None = None
+
+
+@dataclass(frozen=True, order=True)
+class CostQuery:
+    """What one cost source reads (its price aside): cost sources alike share it.
+
+    ``matchers`` are (label, operator, value) with PromQL's operators
+    (``=``, ``!=``, ``=~``, ``!~``).
+    """
+
+    metric: str
+    gauge: bool = False
+    matchers: tuple[tuple[str, str, str], ...] = ()
+    namespace_label: str = "namespace"
+    workload_label: str = "pod"
+
+
+@dataclass(frozen=True)
+class CostSeries:
+    """Units of one cost query spent by one (namespace, workload) over one window."""
+
+    namespace: str
+    workload: str
+    units: float

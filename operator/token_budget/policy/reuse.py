@@ -127,7 +127,10 @@ def usable(memo: Memo, world: World, snapshot: SpendSnapshot) -> bool:
     old = memo.snapshot
     return (same_catalog(world.catalog, memo.world.catalog)
             and snapshot.recent_seconds == old.recent_seconds
-            and snapshot.retention_seconds == old.retention_seconds)
+            and snapshot.retention_seconds == old.retention_seconds
+            # Cost sources (policy.costs) are not tracked per scope: any change, none kept.
+            and world.catalog.cost_sources == memo.world.catalog.cost_sources
+            and snapshot.costs == old.costs and snapshot.cost_errors == old.cost_errors)
 
 
 def _by_source(m: Mapping[tuple[ResolvedSource, WindowKey], object]
