@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import pydantic
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
 
 from token_budget.api import cel
 from token_budget.api.conditions import Condition
@@ -370,6 +378,28 @@ class CostMetricType(str, enum.Enum):
     GAUGE = "Gauge"
 
 
+UNITS_PATTERN = r"^[0-9]{1,18}(\.[0-9]{1,9})?$"
+_UNITS_RE = re.compile(UNITS_PATTERN)
+
+
+def _parse_units(value: Any) -> Decimal:
+    # A string, as money is: the CRD types it so, and the API server refuses a number.
+    if isinstance(value, Decimal):
+        return value
+    if not isinstance(value, str) or not _UNITS_RE.match(value):
+        raise ValueError(f"must be a decimal string such as \"3600\", got {value!r}")
+    return Decimal(value)
+
+
+Units = Annotated[
+    Decimal,
+    BeforeValidator(_parse_units),
+    PlainSerializer(lambda v: format(v, "f"), return_type=str),
+    WithJsonSchema({"type": "string", "pattern": UNITS_PATTERN}),
+]
+"""A non-negative count of a metric's units, written as a string ("3600")."""
+
+
 class CostLabels(_Base):
     """Which labels of a cost metric carry the namespace and the workload."""
 
@@ -423,7 +453,7 @@ class CostSource(_Base):
     price_per_unit: Money = Field(
         description="Price of unitsPerPrice units, in the catalog's currency (\"0.04\").",
     )
-    units_per_price: Money = Field(
+    units_per_price: Units = Field(
         default=Decimal(1),
         description="How many units of the metric pricePerUnit buys: 3600 prices CPU-seconds "
         "per core-hour; 3865470566400 (GiB x 3600) prices byte-seconds per GiB-hour. "
