@@ -1,0 +1,225 @@
+"""Cost sources on the real control plane and the real Prometheus (issue 18 part 2).
+
+A cAdvisor-shaped counter (``container_cpu_usage_seconds_total{namespace, pod,
+container, name}`` per container, plus cAdvisor's pod-level sum with
+``container=""``) is served next to the agent's token counters and scraped every
+second. Covers: CPU-seconds priced per core-hour push a money limit that token
+spend alone keeps under Block over it, the ladder acts and the status shows the
+money by kind; a restarted container (cAdvisor gives it a new series) is
+counted exactly, both lives once; raising the limit restores the workload;
+``tokenbudget report`` shows where the money goes; a counter reset in place is
+read within one scrape of extrapolation, as token counters are.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from harness.controlplane import ControlPlane
+from harness.exporter import AgentExporter
+from harness.operator_process import OperatorProcess
+from harness.prometheus import Prometheus
+from harness.spend import seed, spend
+from harness.waiting import eventually
+from token_budget.api import v1alpha1 as api
+from token_budget.cli import main
+from token_budget.kube import DEPLOYMENTS, TOKENBUDGETS, Kube
+from token_budget.metrics import costs as reading
+from token_budget.policy import costs
+
+REPO = Path(__file__).resolve().parents[2]
+A = "tokenbudget.io/"
+CPU_METRIC = "container_cpu_usage_seconds_total"
+CPU_SOURCE: dict[str, Any] = {
+    "name": "cpu", "kind": "Compute", "metric": CPU_METRIC,
+    # cAdvisor's pod-level series (container="") holds the sum of the containers again.
+    "matchers": [{"label": "container", "operator": "NotEqual", "value": ""}],
+    "pricePerUnit": "1.00", "unitsPerPrice": "3600",  # $1.00 a core-hour
+}
+
+
+class CAdvisor(Collector):
+    """CPU-seconds per container as cAdvisor exposes them, and the pod-level sums."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # (namespace, pod, container, name) -> seconds; name is the runtime's container
+        # name, new for every start of the container.
+        self.seconds: dict[tuple[str, str, str, str], float] = {}
+
+    def set(self, ns: str, pod: str, container: str, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[(ns, pod, container, name)] = seconds
+
+    def add(self, ns: str, pod: str, container: str, name: str, seconds: float) -> None:
+        with self._lock:
+            key = (ns, pod, container, name)
+            self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+
+    def remove(self, ns: str, pod: str, container: str, name: str) -> None:
+        with self._lock:
+            del self.seconds[(ns, pod, container, name)]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily("container_cpu_usage_seconds",
+                                  "Cumulative cpu time consumed in seconds.",
+                                  labels=("namespace", "pod", "container", "name"))
+        pods: dict[tuple[str, str], float] = {}
+        with self._lock:
+            for (ns, pod, container, name), v in sorted(self.seconds.items()):
+                fam.add_metric([ns, pod, container, name], v)
+                pods[(ns, pod)] = pods.get((ns, pod), 0.0) + v
+        for (ns, pod), v in sorted(pods.items()):
+            fam.add_metric([ns, pod, "", ""], v)
+        if fam.samples:
+            yield fam
+
+
+@pytest.fixture
+def cadvisor(exporter: AgentExporter) -> Iterator[CAdvisor]:
+    found = CAdvisor()
+    exporter.registry.register(found)
+    yield found
+    exporter.registry.unregister(found)
+
+
+def cpu_seen(prometheus: Prometheus, ns: str, total: float) -> None:
+    """Wait until Prometheus holds two samples of the namespace's containers at ``total``."""
+    eventually(lambda: prometheus.query(
+        f'sum(last_over_time({CPU_METRIC}{{namespace="{ns}",container!=""}}[5s])) == {total} '
+        f'and sum(count_over_time({CPU_METRIC}{{namespace="{ns}",container!=""}}[5s])) > 1'),
+        30, what=f"{total} CPU-seconds of {ns} scraped twice")
+
+
+def agent_deployment(name: str) -> dict[str, Any]:
+    labels = {"app": name, A + "agent": "true"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "labels": {A + "agent": "true"}},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [
+                         {"name": "agent", "image": "example/agent:1"}]}}}}
+
+
+def budget(ns: str, cost: str) -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": "TokenBudget",
+            "metadata": {"name": "team", "namespace": ns},
+            "spec": {"limits": [{"window": "1h", "cost": cost}],
+                     "actions": [{"type": "Warn", "atPercent": 50},
+                                 {"type": "Block", "atPercent": 100}],
+                     "costSources": [CPU_SOURCE]}}
+
+
+def by_kind(kube: Kube, ns: str) -> list[dict[str, str]]:
+    windows = (kube.get(TOKENBUDGETS, ns, "team").get("status") or {}).get("windows") or [{}]
+    return list(windows[0].get("costByKind") or [])
+
+
+def test_cpu_seconds_push_money_spend_over_block_and_a_restart_counts_once(
+        kube: Kube, namespace: str, exporter: AgentExporter, prometheus: Prometheus,
+        cadvisor: CAdvisor, controlplane: ControlPlane, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ns = namespace
+    kube.create(DEPLOYMENTS, ns, agent_deployment("agent"))
+    seed(exporter, prometheus, ns, "agent-0")
+    cadvisor.set(ns, "agent-0", "agent", "k8s_agent_1", 0.0)
+    cpu_seen(prometheus, ns, 0)
+    spend(exporter, prometheus, ns, "agent-0", 240_000)  # gpt-4o input: $0.60
+    kube.create(TOKENBUDGETS, ns, budget(ns, "1.00"))
+    op = OperatorProcess(controlplane.kubeconfig, prometheus.url, tmp_path,
+                         extra_args=["--lease-name", f"tb-{uuid.uuid4().hex[:8]}",
+                                     "--namespace", ns])
+    op.start()
+    try:
+        eventually(lambda: by_kind(kube, ns) == [
+            {"kind": "Tokens", "name": "tokens", "cost": "0.60"},
+            {"kind": "Compute", "name": "cpu", "cost": "0"}], 60, what="$0.60 of tokens")
+        assert kube.get(TOKENBUDGETS, ns, "team")["status"]["state"] == "Warning"
+
+        # 1,800 CPU-seconds at $1.00 a core-hour: $0.50, and $1.10 in all: over Block.
+        cadvisor.add(ns, "agent-0", "agent", "k8s_agent_1", 1800.0)
+        cpu_seen(prometheus, ns, 1800)
+        eventually(lambda: kube.get(TOKENBUDGETS, ns, "team")["status"]["state"] == "Blocked",
+                   60, what="Blocked by the CPU cost")
+        status = kube.get(TOKENBUDGETS, ns, "team")["status"]
+        assert status["windows"][0]["cost"] == "1.10" and status["usedPercent"] == 110
+        assert status["windows"][0]["costByKind"][1] == {
+            "kind": "Compute", "name": "cpu", "cost": "0.50"}, \
+            "the pod-level sum (container=\"\") is not counted a second time"
+        eventually(lambda: kube.get(DEPLOYMENTS, ns, "agent")["spec"]["replicas"] == 0, 60,
+                   what="the agent scaled to zero")
+
+        # The container restarts: cAdvisor's series of the old one goes stale, the new one
+        # starts from zero. Both lives count, once: 1,800 + 360 s = $0.60.
+        cadvisor.remove(ns, "agent-0", "agent", "k8s_agent_1")
+        cadvisor.set(ns, "agent-0", "agent", "k8s_agent_2", 0.0)
+        cpu_seen(prometheus, ns, 0)
+        cadvisor.add(ns, "agent-0", "agent", "k8s_agent_2", 360.0)
+        cpu_seen(prometheus, ns, 360)
+        eventually(lambda: by_kind(kube, ns)[1:] == [
+            {"kind": "Compute", "name": "cpu", "cost": "0.60"}], 60, what="$0.60 of CPU")
+
+        # The report says where the money goes, as the status does.
+        manifest = tmp_path / "budget.yaml"
+        manifest.write_text(yaml.safe_dump(budget(ns, "1.00")))
+        code = main(["report", "--prometheus-url", prometheus.url, "--since", "1h",
+                     "--catalog", str(REPO / "examples" / "model-catalog.yaml"),
+                     "--budgets", str(manifest), "-o", "json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        data = json.loads(out)
+        assert {"kind": "Compute", "name": "cpu", "tokens": 0, "cost": "0.60"} in data["byKind"]
+        assert [r["kind"] for r in data["byKind"]][0] == "Tokens"
+        by_ns = {r["namespace"]: r for r in data["byNamespace"]}
+        assert by_ns[ns]["cost"] == "1.20"
+
+        # Raised above spend: the agent comes back.
+        kube.patch(TOKENBUDGETS, ns, "team", {"spec": {"limits": [{"window": "1h",
+                                                                    "cost": "5.00"}]}})
+        eventually(lambda: kube.get(TOKENBUDGETS, ns, "team")["status"]["state"] == "Ok", 60,
+                   what="Ok under the raised limit")
+        eventually(lambda: kube.get(DEPLOYMENTS, ns, "agent")["spec"]["replicas"] == 1, 60,
+                   what="replicas restored")
+        assert op.running()
+    finally:
+        op.stop()
+
+
+def test_a_cpu_counter_reset_in_place_is_read_within_one_scrape(
+        prometheus: Prometheus, cadvisor: CAdvisor) -> None:
+    """A counter that falls (a kubelet restart re-creates the cgroup under the same
+    labels) is read as token counters are across a reset: increase(), at most one
+    scrape interval extrapolated; never the fall as negative spend, never a life lost."""
+    ns = f"cost-{uuid.uuid4().hex[:6]}"
+    cadvisor.set(ns, "agent-0", "agent", "c", 0.0)
+    cpu_seen(prometheus, ns, 0)
+    cadvisor.add(ns, "agent-0", "agent", "c", 500.0)
+    cpu_seen(prometheus, ns, 500)
+    q = costs.query_of(api.CostSource.model_validate(CPU_SOURCE))
+
+    def units() -> float | None:
+        rows = prometheus.query(reading.units(q, 3600))
+        found = [float(r["value"][1]) for r in rows if r["metric"].get("namespace") == ns]
+        return found[0] if found else None
+
+    assert units() == 500, "exact before the reset"
+    cadvisor.set(ns, "agent-0", "agent", "c", 0.0)
+    cpu_seen(prometheus, ns, 0)
+    cadvisor.add(ns, "agent-0", "agent", "c", 300.0)
+    cpu_seen(prometheus, ns, 300)
+    time.sleep(2)
+    samples = int(float(prometheus.query(
+        f'count_over_time({CPU_METRIC}{{namespace="{ns}",container="agent"}}[1h])')[0]["value"][1]))
+    value = units()
+    assert value is not None and 800 <= value <= 800 * (1 + 1.5 / (samples - 1)), \
+        (value, samples)
