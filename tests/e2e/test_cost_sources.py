@@ -8,11 +8,13 @@ spend alone keeps under Block over it, the ladder acts and the status shows the
 money by kind; a restarted container (cAdvisor gives it a new series) is
 counted exactly, both lives once; raising the limit restores the workload;
 ``tokenbudget report`` shows where the money goes; a counter reset in place is
-read within one scrape of extrapolation, as token counters are.
+read within one scrape of extrapolation, as token counters are; a proxy's own spend
+counter (LiteLLM) replaces the catalog's token prices and a cost source adds to it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -36,7 +38,9 @@ from token_budget.api import v1alpha1 as api
 from token_budget.cli import main
 from token_budget.kube import DEPLOYMENTS, TOKENBUDGETS, Kube
 from token_budget.metrics import costs as reading
-from token_budget.policy import costs
+from token_budget.metrics.prometheus import PrometheusSource
+from token_budget.policy import costs, engine, planner
+from token_budget.policy.catalog import Catalog
 
 REPO = Path(__file__).resolve().parents[2]
 A = "tokenbudget.io/"
@@ -223,3 +227,41 @@ def test_a_cpu_counter_reset_in_place_is_read_within_one_scrape(
     value = units()
     assert value is not None and 800 <= value <= 800 * (1 + 1.5 / (samples - 1)), \
         (value, samples)
+
+
+def test_a_proxys_own_spend_replaces_catalog_token_prices_and_cost_sources_add_to_it(
+        exporter: AgentExporter, prometheus: Prometheus, cadvisor: CAdvisor) -> None:
+    """LiteLLM's litellm_spend_metric measures token cost: it replaces the catalog's
+    token pricing (never added to it); a CPU cost source adds to it, read from Prometheus
+    and decided by the engine as the operator does."""
+    ns = f"lite-{uuid.uuid4().hex[:6]}"
+    exporter.add(ns, "search-bot", "gpt-4o", cost=0.0, fmt="litellm")
+    cadvisor.set(ns, "agent-0", "agent", "k8s_agent_1", 0.0)
+    cpu_seen(prometheus, ns, 0)
+    eventually(lambda: prometheus.query(
+        f'count_over_time(litellm_spend_metric_total{{team_alias="{ns}"}}[1m]) > 1'), 30,
+        what="two samples of the proxy's spend")
+    # 1M input tokens: $2.50 at the catalog's price; the proxy says $0.75 (a discount).
+    exporter.add(ns, "search-bot", "gpt-4o", input=1_000_000, cost=0.75, fmt="litellm")
+    cadvisor.add(ns, "agent-0", "agent", "k8s_agent_1", 900.0)  # $0.25 at $1.00/core-hour
+    cpu_seen(prometheus, ns, 900)
+    body = budget(ns, "2.00")
+    body["spec"]["source"] = {"preset": "LiteLLM"}
+    tb = api.TokenBudget.model_validate(body)
+    catalog = Catalog([api.ModelCatalog.model_validate(
+        yaml.safe_load((REPO / "examples" / "model-catalog.yaml").read_text()))])
+    source = PrometheusSource(prometheus.url, scrape_interval_seconds=1)
+    world = engine.World(budgets=[tb], catalog=catalog, namespaces={ns: {}})
+
+    def window() -> Any:
+        now = dt.datetime.now(dt.UTC)
+        snap = reading.with_costs(source, source.collect(planner.plan([tb], now), now),
+                                  costs.plan([tb], catalog, now, 600), now)
+        [decision] = engine.evaluate(world, snap, now).decisions
+        return decision.windows[0] if decision.windows else None
+
+    found = eventually(lambda: (w := window()) is not None and w.cost == 1 and w, 30,
+                       what="$0.75 of reported spend and $0.25 of CPU")
+    assert [(k, n, round(v, 6)) for k, n, v in found.by_kind] == [
+        ("Tokens", "tokens", 0.75), ("Compute", "cpu", 0.25)]
+    assert found.used_percent == 50
