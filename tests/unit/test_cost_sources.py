@@ -28,6 +28,7 @@ from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import Decision, Evaluation
 from token_budget.policy.inputs import CostQuery, CostSeries, SpendSnapshot
 from token_budget.policy.windows import WindowKey
+from token_budget.reports import spend as report
 from unit import builders as b
 from unit.builders import NAMESPACE, NOW, series, token_budget
 
@@ -302,3 +303,36 @@ def test_a_previous_evaluation_is_not_reused_when_only_cost_sources_moved() -> N
     assert only(first).state is api.State.OK
     second = run(budget, [series(1_000_000)], {"cpu": 900_000.0}, previous=first)
     assert only(second).state is api.State.BLOCKED
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+def test_the_report_says_where_the_money_goes_tokens_first_then_cost_sources() -> None:
+    rep = report.Report(since_seconds=86400, at=NOW, currency="USD")
+    rep.total.add(3_000_000, Decimal("9.00"))
+    for kind, name, cost in (("Compute", "cpu", "2.00"), ("Tokens", "output", "3.00"),
+                             ("Retrieval", "vector-search", "4.00"),
+                             ("Tokens", "input", "0.00")):
+        rep.by_kind[(kind, name)].add(0, Decimal(cost))
+    assert [k for k, _ in rep.kinds()] == [("Tokens", "input"), ("Tokens", "output"),
+                                          ("Retrieval", "vector-search"), ("Compute", "cpu")]
+    assert rep.to_json()["byKind"][2] == {"kind": "Retrieval", "name": "vector-search",
+                                          "tokens": 0, "cost": "4.00"}
+    text = report.table(rep)
+    assert "KIND" in text and "vector-search" in text and "44.4%" in text
+
+
+def test_a_report_without_cost_sources_has_no_kind_table() -> None:
+    rep = report.Report(since_seconds=86400, at=NOW, currency="USD")
+    rep.by_kind[("Tokens", "input")].add(1, Decimal(1))
+    assert "KIND" not in report.table(rep)
+
+
+def test_token_parts_are_priced_input_output_and_cached_at_their_own_prices() -> None:
+    parts = report._token_parts(series(1_000_000, output=1_000_000, cached=1_000_000,
+                                       model="large"), b.catalog())
+    assert parts == [("input", 1_000_000.0, Decimal(10)), ("output", 1_000_000.0, Decimal(30)),
+                     ("cached-input", 1_000_000.0, Decimal(5))]
+    assert report._token_parts(series(5, model="large", cost="1.5"), b.catalog()) == [
+        ("reported", 5.0, Decimal("1.5"))]

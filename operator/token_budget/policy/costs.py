@@ -6,7 +6,8 @@ winning (:func:`merged`); each is a Prometheus metric with a price per
 
 * money limits without ``model:`` count token cost plus every cost source; a
   limit with ``model:`` counts only that model's token spend (a CPU-second is
-  no model's), and token limits never count cost sources;
+  no model's), and token limits never count cost sources (a window without
+  ``model:`` shows the money of both in status, whatever it caps);
 * cost per outcome and the projected run-out (the cost burn rate over the
   last ``recent_seconds``) count them as well;
 * a source's ``metrics.cost`` counter (LiteLLM's ``litellm_spend_metric``)
