@@ -9,7 +9,10 @@ money by kind; a restarted container (cAdvisor gives it a new series) is
 counted exactly, both lives once; raising the limit restores the workload;
 ``tokenbudget report`` shows where the money goes; a counter reset in place is
 read within one scrape of extrapolation, as token counters are; a proxy's own spend
-counter (LiteLLM) replaces the catalog's token prices and a cost source adds to it.
+counter (LiteLLM) replaces the catalog's token prices and a cost source adds to it; a
+cost source whose answer is not a number (a NaN gauge) holds the budget with
+MetricsAvailable=False saying why, leaves the agent running, and reads again once the
+NaN has left the window.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from harness.controlplane import ControlPlane
@@ -96,6 +99,21 @@ def cadvisor(exporter: AgentExporter) -> Iterator[CAdvisor]:
     exporter.registry.register(found)
     yield found
     exporter.registry.unregister(found)
+
+
+class Sandboxes(Collector):
+    """A gauge of sandbox VMs per pod (a value an exporter may well get wrong: NaN)."""
+
+    def __init__(self) -> None:
+        self.vms: dict[tuple[str, str], float] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily("agent_sandbox_vms", "Sandbox VMs running for the pod.",
+                                labels=("namespace", "pod"))
+        for (ns, pod), v in sorted(self.vms.items()):
+            fam.add_metric([ns, pod], v)
+        if fam.samples:
+            yield fam
 
 
 def cpu_seen(prometheus: Prometheus, ns: str, total: float) -> None:
@@ -197,6 +215,67 @@ def test_cpu_seconds_push_money_spend_over_block_and_a_restart_counts_once(
         assert op.running()
     finally:
         op.stop()
+
+
+def test_a_cost_source_that_cannot_be_read_holds_the_budget_and_says_why(
+        kube: Kube, namespace: str, exporter: AgentExporter, prometheus: Prometheus,
+        controlplane: ControlPlane, tmp_path: Path) -> None:
+    """A cost query whose answer is not a number (an exporter's NaN gauge) makes spend
+    unknown, not zero: MetricsAvailable=False names it, whenSpendUnknown (Hold) leaves
+    the agent running as it was, and the budget reads again once the value is sane."""
+    ns = namespace
+    sandboxes = Sandboxes()
+    exporter.registry.register(sandboxes)
+    try:
+        kube.create(DEPLOYMENTS, ns, agent_deployment("agent"))
+        seed(exporter, prometheus, ns, "agent-0")
+        sandboxes.vms[(ns, "agent-0")] = 1.0
+        eventually(lambda: prometheus.query(
+            f'count_over_time(agent_sandbox_vms{{namespace="{ns}"}}[1m]) > 1'), 30,
+            what="two samples of the sandbox gauge")
+        body = budget(ns, "1.00")
+        # A one-minute window and burn rate: a NaN sample keeps a window unreadable for as
+        # long as it lies in it, so the recovery is seen within a minute.
+        body["spec"]["limits"] = [{"window": "1m", "cost": "1.00"}]
+        body["spec"]["costSources"] = [{
+            "name": "sandboxes", "kind": "Sandbox", "type": "Gauge", "metric": "agent_sandbox_vms",
+            "pricePerUnit": "0.10", "unitsPerPrice": "3600"}]  # $0.10 a VM-hour
+        kube.create(TOKENBUDGETS, ns, body)
+        op = OperatorProcess(controlplane.kubeconfig, prometheus.url, tmp_path,
+                             extra_args=["--lease-name", f"tb-{uuid.uuid4().hex[:8]}",
+                                         "--namespace", ns, "--recent-seconds", "60"])
+        op.start()
+        try:
+            def metrics_available() -> dict[str, Any] | None:
+                status = kube.get(TOKENBUDGETS, ns, "team").get("status") or {}
+                for c in status.get("conditions") or []:
+                    if c["type"] == "MetricsAvailable":
+                        return dict(c)
+                return None
+
+            eventually(lambda: (c := metrics_available()) is not None
+                       and c["status"] == "True", 60, what="spend read")
+            # The exporter starts reporting NaN.
+            sandboxes.vms[(ns, "agent-0")] = float("nan")
+            unread = eventually(lambda: (c := metrics_available()) is not None
+                                and c["status"] == "False" and c, 60,
+                                what="MetricsAvailable=False")
+            assert "nan" in unread["message"].lower(), unread
+            assert kube.get(TOKENBUDGETS, ns, "team")["status"]["reason"] == \
+                "SpendUnknownHolding"
+            assert kube.get(DEPLOYMENTS, ns, "agent")["spec"]["replicas"] == 1
+            assert op.running()
+
+            sandboxes.vms[(ns, "agent-0")] = 2.0
+            eventually(lambda: (c := metrics_available()) is not None
+                       and c["status"] == "True", 150, what="MetricsAvailable=True again")
+            kinds = by_kind(kube, ns)
+            assert [k["name"] for k in kinds] == ["tokens", "sandboxes"]
+            assert kube.get(TOKENBUDGETS, ns, "team")["status"]["state"] == "Ok"
+        finally:
+            op.stop()
+    finally:
+        exporter.registry.unregister(sandboxes)
 
 
 def test_a_cpu_counter_reset_in_place_is_read_within_one_scrape(
