@@ -336,3 +336,23 @@ def test_token_parts_are_priced_input_output_and_cached_at_their_own_prices() ->
                      ("cached-input", 1_000_000.0, Decimal(5))]
     assert report._token_parts(series(5, model="large", cost="1.5"), b.catalog()) == [
         ("reported", 5.0, Decimal("1.5"))]
+
+
+def test_budgets_without_cost_sources_keep_their_decisions_when_cost_series_move() -> None:
+    plain = token_budget("plain", limits=MONEY, actions=ACTIONS)
+    costly = token_budget("costly", limits=MONEY, actions=ACTIONS, costSources=[CPU])
+    world = engine.World(budgets=[plain, costly], catalog=b.catalog(),
+                         namespaces={NAMESPACE: {}}, workloads=[b.workload()])
+
+    def snap(cpu: float) -> SpendSnapshot:
+        return with_costs(b.snapshot([plain, costly], [series(1_000_000)]), {"cpu": cpu},
+                          budget=costly)
+
+    first = engine.evaluate(world, snap(0.0), NOW)
+    second = engine.evaluate(world, snap(900_000.0), NOW, previous=first)
+    old = {d.scope.budget.name: d for d in first.decisions}
+    new = {d.scope.budget.name: d for d in second.decisions}
+    assert new["plain"] is old["plain"], "taken over: nothing it reads moved"
+    assert new["costly"].state is api.State.BLOCKED
+    # The same with and without the previous evaluation, to the digit.
+    assert second.decisions == engine.evaluate(world, snap(900_000.0), NOW).decisions

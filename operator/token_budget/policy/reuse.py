@@ -128,9 +128,8 @@ def usable(memo: Memo, world: World, snapshot: SpendSnapshot) -> bool:
     return (same_catalog(world.catalog, memo.world.catalog)
             and snapshot.recent_seconds == old.recent_seconds
             and snapshot.retention_seconds == old.retention_seconds
-            # Cost sources (policy.costs) are not tracked per scope: any change, none kept.
-            and world.catalog.cost_sources == memo.world.catalog.cost_sources
-            and snapshot.costs == old.costs and snapshot.cost_errors == old.cost_errors)
+            # The catalog's cost sources apply to every budget (policy.costs).
+            and world.catalog.cost_sources == memo.world.catalog.cost_sources)
 
 
 def _by_source(m: Mapping[tuple[ResolvedSource, WindowKey], object]
@@ -177,6 +176,10 @@ class Reuse:
         self.same_now = utc(now) == utc(memo.now)
         self.same_outcomes = (snapshot.outcomes == memo.snapshot.outcomes
                               and snapshot.outcome_errors == memo.snapshot.outcome_errors)
+        # Cost sources' series are not tracked per namespace: when any moved, no budget
+        # with cost sources keeps its decision (the others still do).
+        self.same_costs = (snapshot.costs == memo.snapshot.costs
+                           and snapshot.cost_errors == memo.snapshot.cost_errors)
         self.stale = stale_sources(memo.snapshot, snapshot)
         new_w, old_w = context.workloads, before.workloads
         self.moved = {ns for ns in new_w.keys() | old_w.keys()
@@ -209,6 +212,9 @@ class Reuse:
                 self.context.world.memory.get(scope) != self.memo.world.memory.get(scope):
             return False
         if entry.budget.spec.outcome is not None and not self.same_outcomes:
+            return False
+        if not self.same_costs and (entry.budget.spec.cost_sources
+                                    or self.context.catalog.cost_sources):
             return False
         return self.same_now or (not kept.timed and self._bounds_hold(rs, entry.windows))
 
