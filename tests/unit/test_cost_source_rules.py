@@ -356,3 +356,17 @@ def test_budgets_without_cost_sources_keep_their_decisions_when_cost_series_move
     assert new["costly"].state is api.State.BLOCKED
     # The same with and without the previous evaluation, to the digit.
     assert second.decisions == engine.evaluate(world, snap(900_000.0), NOW).decisions
+
+
+def test_token_budgets_narrow_the_cost_query_to_their_namespaces() -> None:
+    a = token_budget("a", namespace="team-a", limits=MONEY, costSources=[CPU])
+    z = token_budget("z", namespace="team-z", limits=MONEY, costSources=[CPU])
+    plan = costs.plan([a, z], b.catalog(), NOW, 600)
+    assert plan.narrow == {WindowKey.of("24h", "UTC"): "team-a|team-z",
+                           WindowKey.of("10m", "UTC"): "team-a|team-z"}
+    q = costs.query_of(source(**CPU))
+    assert 'container_cpu_usage_seconds_total{container!="",namespace=~"team-a|team-z"}' in \
+        reading.units(q, 60, plan.narrow[WindowKey.of("24h", "UTC")])
+    # A ClusterTokenBudget's namespaces are not known to the plan: nothing is narrowed.
+    qa = b.cluster_budget(limits=MONEY, costSources=[CPU])
+    assert costs.plan([a, qa], b.catalog(), NOW, 600).narrow == {}

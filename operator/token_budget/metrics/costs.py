@@ -42,27 +42,33 @@ from token_budget.policy.windows import WindowKey
 TAG_LABEL = "tb_cost"
 
 
-def selector(q: CostQuery) -> str:
-    """``metric{label<op>"value",...}`` with every PromQL matcher operator."""
-    if not q.matchers:
+def selector(q: CostQuery, namespaces: str | None = None) -> str:
+    """``metric{label<op>"value",...}`` with every PromQL matcher operator; ``namespaces``:
+    a regex the namespace label must match (the plan's narrowing)."""
+    matchers = list(q.matchers)
+    if namespaces is not None:
+        matchers.append((q.namespace_label, "=~", namespaces))
+    if not matchers:
         return q.metric
-    inner = ",".join(f"{label}{op}{promql.quote(value)}" for label, op, value in q.matchers)
+    inner = ",".join(f"{label}{op}{promql.quote(value)}" for label, op, value in matchers)
     return f"{q.metric}{{{inner}}}"
 
 
-def units(q: CostQuery, range_seconds: int) -> str:
+def units(q: CostQuery, range_seconds: int, namespaces: str | None = None) -> str:
     """Units of one cost query per (namespace, workload) over the last range."""
     by = f"{q.namespace_label}, {q.workload_label}"
-    sel = selector(q)
+    sel = selector(q, namespaces)
     if q.gauge:
         return f"sum by ({by}) (avg_over_time({sel}[{range_seconds}s]) * {range_seconds})"
     return f"sum by ({by}) ({promql.increase(sel, range_seconds)})"
 
 
-def window_query(queries: tuple[CostQuery, ...], range_seconds: int) -> str:
+def window_query(queries: tuple[CostQuery, ...], range_seconds: int,
+                 namespaces: str | None = None) -> str:
     """Every cost query of a window in one, each tagged by its position."""
-    return " or ".join(f'label_replace({units(q, range_seconds)}, "{TAG_LABEL}", "{i}", "", "")'
-                       for i, q in enumerate(queries))
+    return " or ".join(
+        f'label_replace({units(q, range_seconds, namespaces)}, "{TAG_LABEL}", "{i}", "", "")'
+        for i, q in enumerate(queries))
 
 
 def read(source: PrometheusSource, plan: CostPlan, now: dt.datetime
@@ -73,7 +79,8 @@ def read(source: PrometheusSource, plan: CostPlan, now: dt.datetime
     errors: dict[WindowKey, str] = {}
     for key, (seconds, queries) in plan.windows.items():
         try:
-            items = source.query(window_query(queries, seconds), now, "cost")
+            items = source.query(window_query(queries, seconds, plan.narrow.get(key)), now,
+                                 "cost")
             rows: list[list[CostSeries]] = [[] for _ in queries]
             for it in items:
                 labels = _labels(it)

@@ -79,9 +79,16 @@ def price(units: float, c: api.CostSource) -> Decimal:
 
 @dataclass(frozen=True)
 class CostPlan:
-    """Per window: its range in seconds and the distinct queries read over it."""
+    """Per window: its range in seconds and the distinct queries read over it.
+
+    ``narrow`` holds, per window, a regex of the namespaces its budgets can count
+    (TokenBudgets name theirs; a ClusterTokenBudget's namespaces are not known to the
+    plan, so a window one of them reads is not narrowed): cAdvisor's series of every
+    other namespace (kube-system, ...) are then not read at all.
+    """
 
     windows: dict[WindowKey, tuple[int, tuple[CostQuery, ...]]] = field(default_factory=dict)
+    narrow: dict[WindowKey, str] = field(default_factory=dict)
 
     @property
     def query_count(self) -> int:
@@ -94,6 +101,7 @@ def plan(budgets: Iterable[api.Budget], catalog: Catalog, now: dt.datetime,
     and the burn-rate window (``recent_seconds``) for run-outs. ``extra``: more windows
     (a report's)."""
     wanted: dict[WindowKey, set[CostQuery]] = {}
+    namespaces: dict[WindowKey, set[str] | None] = {}
     recent, _ = recent_window(recent_seconds)
     keys_extra = tuple(extra)
     for budget in budgets:
@@ -101,10 +109,23 @@ def plan(budgets: Iterable[api.Budget], catalog: Catalog, now: dt.datetime,
         if not found:
             continue
         queries = {query_of(c) for c in found}
+        own = budget.metadata.namespace if isinstance(budget, api.TokenBudget) else None
         for key in (*planner.budget_windows(budget.spec), recent, *keys_extra):
             wanted.setdefault(key, set()).update(queries)
+            known = namespaces.setdefault(key, set())
+            if known is not None:
+                if own is None:
+                    namespaces[key] = None
+                else:
+                    known.add(own)
+    narrow = {}
+    for key, names in namespaces.items():
+        if names:
+            union = "|".join(sorted(planner.re_literal(n) for n in names))
+            if len(union) <= planner.MAX_NARROW_CHARS:
+                narrow[key] = union
     return CostPlan({key: (windows.range_seconds(key, now), tuple(sorted(qs)))
-                     for key, qs in sorted(wanted.items())})
+                     for key, qs in sorted(wanted.items())}, narrow)
 
 
 def recent_window(seconds: int) -> tuple[WindowKey, int]:
