@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from token_budget import cli
 from token_budget.api import rules
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
@@ -370,3 +373,78 @@ def test_token_budgets_narrow_the_cost_query_to_their_namespaces() -> None:
     # A ClusterTokenBudget's namespaces are not known to the plan: nothing is narrowed.
     qa = b.cluster_budget(limits=MONEY, costSources=[CPU])
     assert costs.plan([a, qa], b.catalog(), NOW, 600).narrow == {}
+
+
+# -- tokenbudget simulate ------------------------------------------------------------------
+
+_SIM_BUDGET = """
+apiVersion: tokenbudget.io/v1alpha1
+kind: ModelCatalog
+metadata: {name: prices}
+spec:
+  models:
+  - {name: medium, tier: Standard, pricing: {input: "1.00", output: "3.00"}}
+---
+apiVersion: tokenbudget.io/v1alpha1
+kind: TokenBudget
+metadata: {name: team, namespace: team-search}
+spec:
+  limits: [{window: 24h, cost: "10.00"}]
+  costSources:
+  - name: cpu
+    kind: Compute
+    metric: container_cpu_usage_seconds_total
+    matchers: [{label: container, operator: NotEqual, value: ""}]
+    pricePerUnit: "1.00"
+    unitsPerPrice: "3600"
+"""
+
+
+def _simulate(capsys: pytest.CaptureFixture[str], tmp_path: Path, spend: str) -> dict[str, Any]:
+    (tmp_path / "b.yaml").write_text(_SIM_BUDGET)
+    (tmp_path / "spend").write_text(spend)
+    code = cli.main(["simulate", "--budgets", str(tmp_path / "b.yaml"), "--spend",
+                     str(tmp_path / "spend"), "--at", "2025-11-20T12:00:00Z", "-o", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    [decision] = json.loads(out)["decisions"]
+    return dict(decision)
+
+
+def test_simulate_reads_cost_sources_from_a_json_snapshot(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    spend = {"windows": {"*": [{"namespace": "team-search", "workload": "agent-0",
+                                "model": "medium", "input": 6_000_000}]},
+             "costs": {"container_cpu_usage_seconds_total": {"*": [
+                 {"namespace": "team-search", "workload": "agent-0-x", "units": 18_000}]}}}
+    decision = _simulate(capsys, tmp_path, json.dumps(spend))
+    assert decision["state"] == "Blocked"  # $6 of tokens + $5 of CPU over $10
+    assert Decimal(decision["windows"][0]["cost"]) == 11
+
+
+def test_simulate_reads_cost_sources_from_prometheus_text(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = (
+        "# TYPE container_cpu_usage_seconds_total counter\n"
+        'container_cpu_usage_seconds_total{namespace="team-search",pod="a",container="c"} 3600\n'
+        'container_cpu_usage_seconds_total{namespace="team-search",pod="a",container=""} 3600\n'
+        'container_cpu_usage_seconds_total{namespace="other",pod="b",container="c"} 99999\n')
+    decision = _simulate(capsys, tmp_path, text)
+    assert Decimal(decision["windows"][0]["cost"]) == 1  # one core-hour, the pod sum skipped
+
+
+def test_simulate_counts_cost_sources_a_file_does_not_mention_as_zero_like_tokens(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    decision = _simulate(capsys, tmp_path, '{"windows": {}}')
+    assert (decision["reason"], Decimal(decision["windows"][0]["cost"])) == ("WithinBudget", 0)
+
+
+def test_simulate_with_unreadable_cost_data_exits_1(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(_SIM_BUDGET)
+    (tmp_path / "spend").write_text(json.dumps(
+        {"windows": {}, "costs": {"container_cpu_usage_seconds_total": {"*": [{"units": 1}]}}}))
+    code = cli.main(["simulate", "--budgets", str(tmp_path / "b.yaml"), "--spend",
+                     str(tmp_path / "spend"), "--at", "2025-11-20T12:00:00Z"])
+    _, err = capsys.readouterr()
+    assert code == 1 and "cost sources cannot be read" in err
