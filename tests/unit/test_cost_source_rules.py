@@ -448,3 +448,15 @@ def test_simulate_with_unreadable_cost_data_exits_1(
                      str(tmp_path / "spend"), "--at", "2025-11-20T12:00:00Z"])
     _, err = capsys.readouterr()
     assert code == 1 and "cost sources cannot be read" in err
+
+
+def test_a_token_limit_is_decided_while_cost_sources_cannot_be_read() -> None:
+    budget = token_budget(costSources=[CPU], limits=[{"window": "24h", "tokens": 1000}],
+                          actions=ACTIONS)
+    snap = dataclasses.replace(b.snapshot([budget], [series(2_000)]), cost_errors={
+        WindowKey.of("24h", "UTC"): "Prometheus at http://p refused the query"})
+    world = engine.World(budgets=[budget], catalog=b.catalog(), namespaces={NAMESPACE: {}},
+                         workloads=[b.workload()])
+    decision = only(engine.evaluate(world, snap, NOW))
+    assert decision.state is api.State.BLOCKED and decision.spend_known
+    assert decision.windows[0].by_kind == ()  # no breakdown claimed without the cost sources

@@ -44,9 +44,15 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
         by_kind: tuple[tuple[str, str, Decimal], ...] = ()
         extra_rate = _ZERO
         if lim.model is None and (s.spec.cost_sources or s.catalog.cost_sources):
-            # Cost sources add to money limits without a model (see policy.costs).
-            by_kind, extra_rate = _cost_sources(s, window.key, cost)
-            cost = sum((v for _, _, v in by_kind), _ZERO)
+            # Cost sources add to money limits without a model (see policy.costs). A limit
+            # on tokens only does not need them: unread, it shows token cost alone.
+            try:
+                by_kind, extra_rate = _cost_sources(s, window.key, cost)
+            except Unknown:
+                if lim.cost is not None:
+                    raise
+            else:
+                cost = sum((v for _, _, v in by_kind), _ZERO)
         if counted.unpriced:
             unpriced |= counted.unpriced
         start, resets, span = window.start, window.resets, window.span
