@@ -32,7 +32,7 @@ from token_budget.api import v1alpha1 as api
 from token_budget.api.types import parse_window
 from token_budget.errors import MetricsError
 from token_budget.metrics import files
-from token_budget.policy import engine, planner
+from token_budget.policy import costs, engine, planner
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import Evaluation
 from token_budget.policy.engine import World
@@ -262,6 +262,8 @@ def simulate(budget_paths: Sequence[str], spend: str, at: dt.datetime, out: Text
     plan = planner.plan(world.budgets, at)
     try:
         snapshot = files.load(Path(spend), plan, at)
+        snapshot = files.load_costs(Path(spend), costs.plan(
+            world.budgets, world.catalog, at, snapshot.recent_seconds), snapshot)
     except (MetricsError, OSError) as exc:
         print(f"tokenbudget simulate: {exc}", file=sys.stderr)
         return 1

@@ -11,7 +11,11 @@ Covers:
   input counter read once (``litellm_input_cached_tokens_metric``), and the proxy's
   own spend kept as an exact decimal;
 - OpenTelemetry: ``gen_ai_client_token_usage_sum`` by ``gen_ai_token_type``,
-  never ``_count`` or the buckets;
+  never ``_count`` or the buckets; the cache reads' own counter
+  (``gen_ai.client.inference.usage.cache_read.input_tokens``) taken out of input
+  and priced at the cached price;
+- every preset (LiteLLM without its own spend counter) prices cached tokens at the
+  catalog's cached price, as the engine counts a budget's money;
 - Envoy AI Gateway (v0.4 and later): input includes the cached input, which is
   read once and priced at the cached price; ``reasoning`` (part of output) is not
   added; and a v0.3 gateway's ``total`` is never added to input and output.
@@ -28,12 +32,14 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 
+import pytest
+
 from harness.exporter import AgentExporter, Format
 from harness.prometheus import Prometheus
 from harness.waiting import eventually
 from token_budget.api import v1alpha1 as api
 from token_budget.metrics.prometheus import PrometheusSource
-from token_budget.policy import planner, sources
+from token_budget.policy import engine, planner, sources
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.inputs import SpendSeries
 from token_budget.policy.windows import WindowKey
@@ -54,6 +60,13 @@ def _read(prometheus: Prometheus, preset: str, ns: str) -> dict[tuple[str, str],
     rs = sources.resolve(budget.spec.source)
     return {(s.workload, s.model): s for s in snap.windows[(rs, WindowKey("1h"))]
             if s.namespace == ns}
+
+
+_GPT_4O = Catalog([api.ModelCatalog.model_validate({
+    "apiVersion": api.API_VERSION, "kind": "ModelCatalog", "metadata": {"name": "prices"},
+    "spec": {"currency": "USD", "models": [{
+        "name": "gpt-4o", "tier": "Frontier",
+        "pricing": {"input": "2.50", "cachedInput": "1.25", "output": "10.00"}}]}})])
 
 
 def _tokens(found: dict[tuple[str, str], SpendSeries]
@@ -118,22 +131,36 @@ def test_litellm_tokens_cached_tokens_and_spend_are_read_per_key_alias_in_a_team
 def test_opentelemetry_token_usage_is_read_from_the_histogram_sum_by_token_type(
         exporter: AgentExporter, prometheus: Prometheus) -> None:
     ns = f"otel-{uuid.uuid4().hex[:6]}"
-    # OTel observes only what a request reported: a first small request creates the series.
-    exporter.add(ns, "agent-0", "gpt-4o", input=1, output=1, fmt="otel")
+    # OTel observes only what a request reported: a first small request creates the series
+    # (agent-0's with a cached token: the cache-read counter's series too).
+    exporter.add(ns, "agent-0", "gpt-4o", input=1, output=1, cached_input=1, fmt="otel")
     exporter.add(ns, "agent-1", "claude-sonnet-4", input=1, output=1, fmt="otel",
                  provider="anthropic")
     _scraped_twice(prometheus, f'gen_ai_client_token_usage_sum{{k8s_namespace_name="{ns}"}}', 4)
+    _scraped_twice(prometheus, "gen_ai_client_inference_usage_cache_read_input_tokens_total"
+                               f'{{k8s_namespace_name="{ns}"}}', 1)
     # Whether that first request counts depends on whether Prometheus is older than the
     # window (evidence that the series was born in it); what follows counts exactly.
     before = _tokens(_read(prometheus, "OpenTelemetry", ns))
-    assert set(before.values()) <= {(0.0, 0.0, 0.0), (1.0, 1.0, 0.0)}, before
+    assert before[("agent-1", "claude-sonnet-4")] in {(0.0, 0.0, 0.0), (1.0, 1.0, 0.0)}, before
+    assert before[("agent-0", "gpt-4o")] in {(0.0, 0.0, 0.0), (1.0, 1.0, 1.0)}, before
     for _ in range(3):  # three requests: _count grows by 3 a type, _sum by the tokens
         exporter.add(ns, "agent-0", "gpt-4o", input=4_000, output=300, fmt="otel")
+    # 2,000 prompt tokens of which 1,500 served from the provider's cache: the input
+    # histogram grows by 2,000 (it includes them), the cache-read counter by 1,500.
+    exporter.add(ns, "agent-0", "gpt-4o", input=500, cached_input=1_500, fmt="otel")
     exporter.add(ns, "agent-1", "claude-sonnet-4", input=900, output=90, fmt="otel",
                  provider="anthropic")
-    added = {("agent-0", "gpt-4o"): (12_000.0, 900.0, 0.0),
+    added = {("agent-0", "gpt-4o"): (12_500.0, 900.0, 1_500.0),
              ("agent-1", "claude-sonnet-4"): (900.0, 90.0, 0.0)}
-    _reads_as(prometheus, "OpenTelemetry", ns, _plus(before, added))
+    found = _reads_as(prometheus, "OpenTelemetry", ns, _plus(before, added))
+    # Each token counted once, the cached ones at the catalog's cached price.
+    s = found[("agent-0", "gpt-4o")]
+    assert _GPT_4O.cost(s.model, s.input_tokens, s.output_tokens, s.cached_input_tokens) == \
+        (Decimal(round(s.input_tokens)) * Decimal("2.50")
+         + Decimal(round(s.cached_input_tokens)) * Decimal("1.25")
+         + Decimal(round(s.output_tokens)) * Decimal("10.00")) / 1_000_000
+    assert s.cached_input_tokens >= 1_500 and s.input_tokens >= 12_500
 
 
 def test_envoy_ai_gateway_reads_cached_input_once_and_never_total_or_reasoning(
@@ -174,3 +201,49 @@ def test_envoy_ai_gateway_reads_cached_input_once_and_never_total_or_reasoning(
     s = found[("bot-0", "gpt-4o")]
     assert catalog.cost(s.model, s.input_tokens, s.output_tokens, s.cached_input_tokens) == \
         (600 * Decimal("2.50") + 400 * Decimal("1.25") + 250 * Decimal("10.00")) / 1_000_000
+
+
+def _window_cost(prometheus: Prometheus, preset: str, ns: str) -> Decimal:
+    """The cost the engine counts for ``ns`` over the last hour, priced by ``_GPT_4O``."""
+    budget = api.TokenBudget.model_validate({
+        "apiVersion": api.API_VERSION, "kind": "TokenBudget",
+        "metadata": {"name": "b", "namespace": ns},
+        "spec": {"limits": [{"window": "1h", "cost": "1000"}], "source": {"preset": preset}}})
+    now = dt.datetime.now(dt.UTC)
+    snap = PrometheusSource(prometheus.url, scrape_interval_seconds=1).collect(
+        planner.plan([budget], now), now)
+    world = engine.World(budgets=[budget], catalog=_GPT_4O, namespaces={ns: {}})
+    [decision] = engine.evaluate(world, snap, now).decisions
+    assert decision.spend_known, decision.spend_error
+    return decision.windows[0].cost
+
+
+@pytest.mark.parametrize(("preset", "fmt", "first", "metrics"), [
+    pytest.param("Counters", "counters", 0, ("llm_tokens_total",), id="Counters"),
+    pytest.param("LiteLLM", "litellm", 1, ("litellm_input_tokens_metric_total",
+                                           "litellm_input_cached_tokens_metric_total"),
+                 id="LiteLLM without its spend counter"),
+    pytest.param("OpenTelemetry", "otel", 1, (
+        "gen_ai_client_token_usage_sum",
+        "gen_ai_client_inference_usage_cache_read_input_tokens_total"), id="OpenTelemetry"),
+    pytest.param("EnvoyAIGateway", "envoy", 0, ("gen_ai_client_token_usage_sum",),
+                 id="EnvoyAIGateway"),
+])
+def test_each_presets_cached_tokens_cost_the_cached_price(
+        exporter: AgentExporter, prometheus: Prometheus, preset: str, fmt: Format, first: int,
+        metrics: tuple[str, ...]) -> None:
+    ns = f"cache-{uuid.uuid4().hex[:6]}"
+    # The series first (a request that spent nothing, or one cached token where only a
+    # request with some creates the cached series), then what is priced.
+    exporter.add(ns, "agent-0", "gpt-4o", input=first, cached_input=first, fmt=fmt)
+    label = sources.resolve(api.SpendSource(preset=api.Preset(preset))).namespace_label
+    for metric in metrics:
+        eventually(lambda m=metric: prometheus.query(
+            f'count_over_time({m}{{{label}="{ns}"}}[1m]) > 1'), 30,
+            what=f"two samples of {metric}")
+    before = _window_cost(prometheus, preset, ns)
+    # 1,000,000 prompt tokens of which 600,000 served from the cache: $1.00 at the input
+    # price and $0.75 at the cached one, not $2.50.
+    exporter.add(ns, "agent-0", "gpt-4o", input=400_000, cached_input=600_000, fmt=fmt)
+    eventually(lambda: _window_cost(prometheus, preset, ns) - before == Decimal("1.75"), 30,
+               what=f"{preset}: $1.75 more")

@@ -230,7 +230,8 @@ def test_exposition_is_valid(exporter: AgentExporter, promtool: Path) -> None:
 
 def test_exporter_rejects_values_a_format_cannot_express(exporter: AgentExporter) -> None:
     with pytest.raises(ValueError, match="cached-input"):
-        exporter.add(namespace="x", workload="w", model="m", cached_input=1, fmt="otel")
+        exporter.add(namespace="x", workload="w", model="m", cached_input=1,
+                     fmt="envoy-v0.3")
     with pytest.raises(ValueError, match="spend"):
         exporter.add(namespace="x", workload="w", model="m", cost=1.0, fmt="counters")
     with pytest.raises(ValueError, match="go up"):

@@ -69,7 +69,7 @@ from prometheus_client.registry import Collector
 Format = Literal["counters", "litellm", "otel", "envoy", "envoy-v0.3"]
 FORMATS: tuple[Format, ...] = ("counters", "litellm", "otel", "envoy", "envoy-v0.3")
 #: The formats with a cached-input series.
-CACHED_FORMATS: tuple[Format, ...] = ("counters", "litellm", "envoy")
+CACHED_FORMATS: tuple[Format, ...] = ("counters", "litellm", "otel", "envoy")
 
 #: The bucket boundaries the OpenTelemetry GenAI semantic conventions advise for
 #: ``gen_ai.client.token.usage``.
@@ -179,6 +179,8 @@ class AgentExporter:
         self._outcomes: dict[tuple[str, str, str], float] = {}
         self._litellm: dict[tuple[str, ...], dict[str, float]] = {}
         self._otel: dict[tuple[str, ...], _Histogram] = {}
+        # The GenAI conventions' cache-read counter, by (model, provider, namespace, pod).
+        self._otel_cached: dict[tuple[str, ...], float] = {}
         # Envoy AI Gateway histograms, keyed by their sorted (label, value) pairs.
         self._envoy: dict[tuple[tuple[str, str], ...], _Histogram] = {}
         self._emitted: dict[tuple[Format, str, str, str, str], float] = {}
@@ -269,8 +271,8 @@ class AgentExporter:
             model: the model name.
             input: input (prompt) tokens.
             output: output (completion) tokens.
-            cached_input: cached input tokens; the ``otel`` and ``envoy-v0.3`` formats
-                have no series for them.
+            cached_input: cached input tokens; the ``envoy-v0.3`` format has no series
+                for them (``otel`` counts them in input and in the cache-read counter).
             cost: USD spend; only the ``litellm`` format has a spend series.
             fmt: ``counters``, ``litellm``, ``otel``, ``envoy`` or ``envoy-v0.3``.
             pod: the pod label for ``counters`` and ``otel`` (default: ``workload``).
@@ -307,10 +309,15 @@ class AgentExporter:
                 if cost is not None:
                     entry["spend"] = entry.get("spend", 0.0) + cost
             elif fmt == "otel":
-                for token_type, amount in (("input", input), ("output", output)):
+                # Input tokens include the cached ones; the cache reads have their own
+                # counter (gen_ai.client.inference.usage.cache_read.input_tokens).
+                for token_type, amount in (("input", input + cached_input), ("output", output)):
                     if amount:
                         hkey = (token_type, model, provider, namespace, pod_name)
                         self._otel.setdefault(hkey, _Histogram()).observe(amount)
+                if cached_input:
+                    ckey = (model, provider, namespace, pod_name)
+                    self._otel_cached[ckey] = self._otel_cached.get(ckey, 0.0) + cached_input
             else:
                 self._observe_envoy(fmt, namespace, pod_name, model, provider,
                                     input, output, cached_input)
@@ -372,6 +379,9 @@ class AgentExporter:
             for hkey in list(self._otel):
                 if hkey[3] == namespace and workload in (None, hkey[4]):
                     self._otel[hkey] = _Histogram()
+            for ckey in self._otel_cached:
+                if ckey[2] == namespace and workload in (None, ckey[3]):
+                    self._otel_cached[ckey] = 0.0
             for ekey in [k for k in self._envoy if _envoy_caller(k, namespace, workload)]:
                 self._envoy[ekey] = _Histogram()
 
@@ -389,6 +399,9 @@ class AgentExporter:
                 del self._litellm[lkey]
             for hkey in [k for k in self._otel if k[3] == namespace and k[4] == workload]:
                 del self._otel[hkey]
+            for ckey in [k for k in self._otel_cached
+                         if k[2] == namespace and k[3] == workload]:
+                del self._otel_cached[ckey]
             for ekey in [k for k in self._envoy if _envoy_caller(k, namespace, workload)]:
                 del self._envoy[ekey]
 
@@ -554,8 +567,16 @@ class AgentExporter:
                                 float(hist.count))
                 otel.add_sample("gen_ai_client_token_usage_count", labels, float(hist.count))
                 otel.add_sample("gen_ai_client_token_usage_sum", labels, hist.total)
+            otel_cached = CounterMetricFamily(
+                "gen_ai_client_inference_usage_cache_read_input_tokens",
+                "The number of input tokens served from a provider-managed cache.",
+                labels=("gen_ai_request_model", "gen_ai_provider_name", "k8s_namespace_name",
+                        "k8s_pod_name", "gen_ai_token_modality"),
+            )
+            for ckey, value in sorted(self._otel_cached.items()):
+                otel_cached.add_metric([*ckey, "text"], value)
             families: list[Metric] = [tokens, outcomes, lite_in, lite_out, lite_spend,
-                                      lite_cached, otel]
+                                      lite_cached, otel, otel_cached]
         for family in families:
             if family.samples:
                 yield family

@@ -71,8 +71,11 @@ def _source(**body: object) -> sources.ResolvedSource:
             '"tb_kind", "input", "", "") or '
             'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
             '(increase(gen_ai_client_token_usage_sum{gen_ai_token_type="output"}[86400s])), '
-            '"tb_kind", "output", "", "")',
-            id="OpenTelemetry reads gen_ai client token usage"),
+            '"tb_kind", "output", "", "") or '
+            'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
+            '(increase(gen_ai_client_inference_usage_cache_read_input_tokens_total[86400s])), '
+            '"tb_kind", "cached_input", "", "")',
+            id="OpenTelemetry reads gen_ai client token usage and the cache reads' counter"),
         pytest.param(
             "EnvoyAIGateway",
             'label_replace(sum by (k8s_namespace_name, k8s_pod_name, gen_ai_request_model) '
@@ -175,10 +178,15 @@ def test_an_input_that_includes_its_cached_input_is_known_unless_either_is_overr
     assert not _source(preset=preset, metrics={"inputTokens": "my_input_total"}).cached_in_input
 
 
-def test_counters_and_opentelemetry_count_cached_input_apart_or_not_at_all() -> None:
+def test_counters_count_cached_input_apart_and_opentelemetry_within_input() -> None:
     assert not _source(preset="Counters").cached_in_input
-    assert not _source(preset="OpenTelemetry").cached_in_input
-    assert Kind.CACHED_INPUT not in dict(_source(preset="OpenTelemetry").counters)
+    # gen_ai.client.inference.usage.cache_read.input_tokens is a subset of the input tokens.
+    otel = _source(preset="OpenTelemetry")
+    assert otel.cached_in_input
+    assert dict(otel.counters)[Kind.CACHED_INPUT].metric == \
+        "gen_ai_client_inference_usage_cache_read_input_tokens_total"
+    assert not _source(preset="OpenTelemetry",
+                       metrics={"inputTokens": "my_input_total"}).cached_in_input
 
 
 def test_overridden_labels_are_grouped_by() -> None:

@@ -190,6 +190,7 @@ def _budget_problems(spec: api.TokenBudgetSpec,
     out += _reroute_problems(spec, catalog_models)
     out += _trigger_problems(spec.rate_limit, "spec.rateLimit")
     out += _partition_problems(spec)
+    out += cost_source_problems(spec.cost_sources)
     if spec.rate_limit is not None and spec.source.preset is api.Preset.ENVOY_AI_GATEWAY \
             and (spec.source.metrics is None or not spec.source.metrics.rate_limited_requests):
         out.append(Problem("spec.source.metrics.rateLimitedRequests",
@@ -320,6 +321,33 @@ def _has_any_byte_escape(value: str) -> bool:
     return False
 
 
+def cost_source_problems(found: Sequence[api.CostSource]) -> list[Problem]:
+    """Names once each, a positive unit count, matchers Prometheus can read."""
+    out = []
+    first: dict[str, int] = {}
+    for i, c in enumerate(found):
+        path = f"spec.costSources[{i}]"
+        if c.name in first:
+            out.append(Problem(f"{path}.name",
+                               f"must be unique: spec.costSources[{first[c.name]}] is also "
+                               f"named {c.name!r}"))
+        first.setdefault(c.name, i)
+        if c.units_per_price <= 0:
+            out.append(Problem(f"{path}.unitsPerPrice",
+                               "must be greater than 0: it is how many units the price buys"))
+        for j, m in enumerate(c.matchers):
+            if m.operator in (api.MatchOperator.REGEX, api.MatchOperator.NOT_REGEX):
+                error = promql_regex_error(m.value)
+                if error:
+                    out.append(Problem(f"{path}.matchers[{j}].value",
+                                       "must be a valid regular expression in RE2 syntax, as "
+                                       f"Prometheus reads it: {error}"))
+        if c.labels.namespace == c.labels.workload:
+            out.append(Problem(f"{path}.labels.workload",
+                               "must differ from labels.namespace: spend is grouped by both"))
+    return out
+
+
 def _catalog_problems(spec: api.ModelCatalogSpec) -> list[Problem]:
     out = []
     by_name: dict[str, int] = {}
@@ -351,6 +379,7 @@ def _catalog_problems(spec: api.ModelCatalogSpec) -> list[Problem]:
                 if k != i and pattern_matches(alias, other.name):
                     out.append(Problem(f"spec.models[{i}].aliases[{j}]",
                                        f"must not match another model's name ({other.name!r})"))
+    out += cost_source_problems(spec.cost_sources)
     return out
 
 

@@ -18,10 +18,19 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Any, Final, Literal
+import re
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal
 
 import pydantic
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
 
 from token_budget.api import cel
 from token_budget.api.conditions import Condition
@@ -148,6 +157,11 @@ class ModelCatalogSpec(_Base):
         default=None,
         description="The rate-limit trigger of every budget that sets none itself: reroute "
         "a model to its rateLimitFallbacks while its provider rate-limits it. Off when unset.",
+    )
+    cost_sources: tuple[CostSource, ...] = Field(
+        default=(), max_length=16,
+        description="Spend besides tokens applied to every budget (a budget's cost source of "
+        "the same name replaces it).",
     )
 
 
@@ -404,6 +418,107 @@ class Outcome(_Base):
     )
 
 
+class CostKind(str, enum.Enum):
+    """What a cost source pays for; the report groups money by it."""
+
+    COMPUTE = "Compute"
+    MEMORY = "Memory"
+    SANDBOX = "Sandbox"
+    RETRIEVAL = "Retrieval"
+    TOOL_CALL = "ToolCall"
+    OTHER = "Other"
+
+
+class CostMetricType(str, enum.Enum):
+    """How a cost source's metric is read."""
+
+    COUNTER = "Counter"
+    GAUGE = "Gauge"
+
+
+UNITS_PATTERN = r"^[0-9]{1,18}(\.[0-9]{1,9})?$"
+_UNITS_RE = re.compile(UNITS_PATTERN)
+
+
+def _parse_units(value: Any) -> Decimal:
+    # A string, as money is: the CRD types it so, and the API server refuses a number.
+    if isinstance(value, Decimal):
+        return value
+    if not isinstance(value, str) or not _UNITS_RE.match(value):
+        raise ValueError(f"must be a decimal string such as \"3600\", got {value!r}")
+    return Decimal(value)
+
+
+Units = Annotated[
+    Decimal,
+    BeforeValidator(_parse_units),
+    PlainSerializer(lambda v: format(v, "f"), return_type=str),
+    WithJsonSchema({"type": "string", "pattern": UNITS_PATTERN}),
+]
+"""A non-negative count of a metric's units, written as a string ("3600")."""
+
+
+class CostLabels(_Base):
+    """Which labels of a cost metric carry the namespace and the workload."""
+
+    namespace: str = Field(
+        default="namespace", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+        description="The label that carries the namespace (cAdvisor: namespace).",
+    )
+    workload: str = Field(
+        default="pod", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+        description="The label that carries the workload (cAdvisor: pod).",
+    )
+
+
+class CostSource(_Base):
+    """Spend that is not tokens: a Prometheus metric with a price per unit.
+
+    CPU-seconds of the governed pods (cAdvisor's container_cpu_usage_seconds_total),
+    GiB-hours of memory, vector-database queries, tool calls priced per call. Its
+    cost counts toward money limits without a model, cost per outcome and the
+    report; never toward token limits.
+    """
+
+    name: str = Field(
+        min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="A name for status and reports (cpu, memory, vector-search); a budget's "
+        "cost source replaces the catalog's of the same name.",
+    )
+    kind: CostKind = Field(
+        description="Compute, Memory, Sandbox, Retrieval, ToolCall or Other: how the report "
+        "groups this money.",
+    )
+    metric: str = Field(
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="The metric (container_cpu_usage_seconds_total).",
+    )
+    type: CostMetricType = Field(
+        default=CostMetricType.COUNTER,
+        description="Counter: its exact increase over the window (resets, new and deleted "
+        "pods read as token counters are). Gauge (memory bytes): integrated over the window "
+        "as avg_over_time(metric[window]) times the window's length, which charges a series "
+        "present for part of the window as if it had held its average for all of it.",
+    )
+    matchers: tuple[SpendMatcher, ...] = Field(
+        default=(), max_length=16,
+        description="Narrow the metric (container!=\"\" to skip cAdvisor's pod-level sums).",
+    )
+    labels: CostLabels = Field(
+        default_factory=CostLabels,
+        description="The namespace and workload labels; default namespace and pod, as cAdvisor.",
+    )
+    price_per_unit: Money = Field(
+        description="Price of unitsPerPrice units, in the catalog's currency (\"0.04\").",
+    )
+    units_per_price: Units = Field(
+        default=Decimal(1),
+        description="How many units of the metric pricePerUnit buys: 3600 prices CPU-seconds "
+        "per core-hour; 3865470566400 (GiB x 3600) prices byte-seconds per GiB-hour. "
+        "Default 1.",
+    )
+
+
 class Mode(str, enum.Enum):
     ENFORCE = "Enforce"
     DRY_RUN = "DryRun"
@@ -520,6 +635,12 @@ class TokenBudgetSpec(_Base):
         "monthly allowance per person). In a PerNamespace ClusterTokenBudget each namespace "
         "x value is a partition; in a Shared one each value across the namespaces.",
     )
+    cost_sources: tuple[CostSource, ...] = Field(
+        default=(), max_length=16,
+        description="Spend besides tokens (compute, memory, retrieval, tool calls), added to "
+        "money limits without a model and to cost per outcome; merged with the catalog's by "
+        "name, the budget's winning.",
+    )
 
     @model_validator(mode="after")
     def _distinct_thresholds(self) -> TokenBudgetSpec:
@@ -571,6 +692,14 @@ class State(str, enum.Enum):
     BLOCKED = "Blocked"
 
 
+class KindCost(_Base):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    kind: str = Field(description="Tokens, or the cost source's kind.")
+    name: str = Field(description="tokens, or the cost source's name.")
+    cost: Money = Field(description="Money spent in the window.")
+
+
 class WindowStatus(_Base):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -590,6 +719,11 @@ class WindowStatus(_Base):
         default=None,
         description="When Prometheus's retention is shorter than the window: the share it "
         "still holds; spend is then estimated from that part's rate.",
+    )
+    cost_by_kind: tuple[KindCost, ...] = Field(
+        default=(), max_length=17,
+        description="With cost sources: the window's money by kind (Tokens, then each cost "
+        "source).",
     )
 
 

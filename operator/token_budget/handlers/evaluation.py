@@ -52,8 +52,9 @@ from token_budget.kube import (
     Kube,
     Resource,
 )
+from token_budget.metrics import costs as cost_reading
 from token_budget.metrics.prometheus import PrometheusSource
-from token_budget.policy import engine, forecast, partitions, planner, ratelimits
+from token_budget.policy import costs, engine, forecast, partitions, planner, ratelimits
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, Decision, Directive, Evaluation
 from token_budget.policy.inputs import BudgetKey, Workload, WorkloadKey
@@ -502,6 +503,8 @@ class Evaluator:
         if limits:  # the rate-limit trigger: one query per (source, window)
             read, failed = self.source.read_rate_limits(limits, now)
             snapshot = dataclasses.replace(snapshot, rate_limits=read, rate_limit_errors=failed)
+        cost_plan = costs.plan(g.budgets, catalog, now, self.settings.recent_seconds)
+        snapshot = cost_reading.with_costs(self.source, snapshot, cost_plan, now)
         result = self._previous = engine.evaluate(world, snapshot, now, previous=self._previous)
         out = Outcome(evaluation=result, started=now)
         enforced = self.act(g, result, now)

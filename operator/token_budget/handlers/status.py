@@ -173,6 +173,9 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
                 "limitCost": format_money(u.limit_cost) if u.limit_cost is not None else None,
                 "usedPercent": int(u.used_percent),
                 "coveredPercent": int(u.covered * 100) if u.covered is not None else None,
+                "costByKind": [{"kind": k, "name": n,
+                                "cost": format_money(v.quantize(Decimal("0.0001")))}
+                               for k, n, v in u.by_kind] or None,
             }.items() if v is not None}
             for u in worst.windows
         ]

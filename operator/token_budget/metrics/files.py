@@ -20,8 +20,10 @@ prints) is read as counters: each counter's value counts in every window.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -30,9 +32,11 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from token_budget.errors import QueryFailed
-from token_budget.policy.inputs import SpendSeries, SpendSnapshot
+from token_budget.policy.costs import CostPlan, recent_window
+from token_budget.policy.inputs import CostQuery, CostSeries, SpendSeries, SpendSnapshot
 from token_budget.policy.planner import Plan
 from token_budget.policy.sources import Kind, ResolvedSource
+from token_budget.policy.windows import WindowKey
 
 
 def _series(raw: dict[str, Any]) -> SpendSeries:
@@ -112,3 +116,66 @@ def _fold(rs: ResolvedSource, samples: Iterable[Any], extra: tuple[str, ...]
                     labels=labels)
         for (ns, wl, model, labels), k in sorted(acc.items())
     )
+
+
+# ---------------------------------------------------------------------------
+# Cost sources (token_budget.policy.costs)
+# ---------------------------------------------------------------------------
+
+
+def load_costs(path: Path, plan: CostPlan, snapshot: SpendSnapshot) -> SpendSnapshot:
+    """``snapshot`` with the cost plan's units from the same file.
+
+    JSON: ``"costs": {"<metric>": {"<window>": [{"namespace": ..., "workload": ...,
+    "units": 7200}], "*": [...every other window...]}}``; the burn-rate window
+    (``10m``) only when named. Prometheus text: a counter's value counts in every
+    window, a gauge's value as if held for the whole window; the burn rate is zero.
+
+    Raises:
+        QueryFailed: the file cannot be parsed (the message says where).
+    """
+    if not plan.windows:
+        return snapshot
+    text = path.read_text()
+    recent, _ = recent_window(snapshot.recent_seconds)
+    found: dict[tuple[CostQuery, WindowKey], tuple[CostSeries, ...]] = {}
+    try:
+        if text.lstrip().startswith("{"):
+            raw: dict[str, dict[str, list[dict[str, Any]]]] = json.loads(text).get("costs", {})
+            for key, (_, queries) in plan.windows.items():
+                for q in queries:
+                    by_window = raw.get(q.metric, {})
+                    rows = by_window.get(str(key), [] if key == recent else by_window.get("*", []))
+                    found[(q, key)] = tuple(CostSeries(str(r["namespace"]),
+                                                       str(r.get("workload", "")),
+                                                       float(r["units"])) for r in rows)
+        else:
+            samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+            for key, (seconds, queries) in plan.windows.items():
+                for q in queries:
+                    found[(q, key)] = () if key == recent else _units(q, samples, seconds)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise QueryFailed(f"{path}: cost sources cannot be read: {exc}") from exc
+    return dataclasses.replace(snapshot, costs=found)
+
+
+def _matches(labels: dict[str, str], matchers: tuple[tuple[str, str, str], ...]) -> bool:
+    for label, op, value in matchers:
+        have = labels.get(label, "")
+        ok = {"=": have == value, "!=": have != value}.get(op)
+        if ok is None:
+            ok = re.fullmatch(value, have) is not None
+            ok = ok if op == "=~" else not ok
+        if not ok:
+            return False
+    return True
+
+
+def _units(q: CostQuery, samples: Iterable[Any], seconds: int) -> tuple[CostSeries, ...]:
+    acc: dict[tuple[str, str], float] = {}
+    for s in samples:
+        if s.name != q.metric or not _matches(s.labels, q.matchers):
+            continue
+        key = (s.labels.get(q.namespace_label, ""), s.labels.get(q.workload_label, ""))
+        acc[key] = acc.get(key, 0.0) + float(s.value) * (seconds if q.gauge else 1)
+    return tuple(CostSeries(ns, wl, v) for (ns, wl), v in sorted(acc.items()))

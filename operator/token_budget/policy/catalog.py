@@ -25,11 +25,16 @@ class Catalog:
         self.currency = "USD"
         # The rate-limit trigger of budgets that set none: the first catalog's that has one.
         self.rate_limit: api.RateLimitTrigger | None = None
+        # Cost sources applied to every budget (policy.costs); the first by name wins too.
+        shared: dict[str, api.CostSource] = {}
         for cat in sorted(catalogs, key=lambda c: c.metadata.name):
             self.currency = cat.spec.currency
             self.rate_limit = self.rate_limit or cat.spec.rate_limit
             for m in cat.spec.models:
                 self.models.setdefault(m.name, m)
+            for c in cat.spec.cost_sources:
+                shared.setdefault(c.name, c)
+        self.cost_sources: tuple[api.CostSource, ...] = tuple(shared.values())
         self._lower = {name.lower(): m for name, m in self.models.items()}
         self._cache: dict[str, api.CatalogModel | None] = {}
 

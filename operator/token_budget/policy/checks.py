@@ -29,7 +29,7 @@ from typing import NamedTuple
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
 from token_budget.api.types import utc
-from token_budget.policy import attribution, directives, ratelimits, usage
+from token_budget.policy import attribution, costs, directives, ratelimits, usage
 from token_budget.policy.decisions import (
     SEVERITY,
     STATE_OF_ACTION,
@@ -40,6 +40,7 @@ from token_budget.policy.decisions import (
 from token_budget.policy.ladders import Rung, describe, money, rung_for
 from token_budget.policy.outcomes import outcome_count, outcome_key, per_outcome
 from token_budget.policy.scope import ScopeInput, Unknown
+from token_budget.policy.windows import WindowKey
 
 _TENTH = Decimal("0.1")
 _NO_RUNG = Rung(-1, None)
@@ -172,8 +173,11 @@ def outcome(s: ScopeInput, d: Draft) -> Verdict | None:
     spend = s.spend_source.window(o.window, "UTC").spend
     cost = (spend.total(s.namespaces, s.spec.spend_matchers, None).cost
             if spend is not None else Decimal(0))
-    d.cost_per_outcome = cpo = per_outcome(cost, outcome_count(s.context, o, outcome_key(o),
-                                                               s.namespaces))
+    more = costs.added_cost(s.spec, s.catalog, s.context.costs, WindowKey.of(o.window, "UTC"),
+                            s.namespaces)
+    count = outcome_count(s.context, o, outcome_key(o), s.namespaces)
+    # A cost source not read leaves cost per outcome unknown rather than too low.
+    d.cost_per_outcome = cpo = per_outcome(cost + more, count) if more is not None else None
     if cpo is None or o.max_cost_per_outcome is None or cpo <= o.max_cost_per_outcome:
         return None
     d.effective.append(api.Action(type=o.on_exceeded, at_percent=1))

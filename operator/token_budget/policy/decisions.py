@@ -56,6 +56,8 @@ class WindowUsage:
     # Series of the scope whose start value a scrape gap hid (None: none): bridged
     # from an older sample, or unknown (only the growth seen in the window counts).
     gap: Gap | None = None
+    # With cost sources: the window's money by (kind, name), token cost first.
+    by_kind: tuple[tuple[str, str, Decimal], ...] = ()
 
 
 @quick_init
@@ -195,3 +197,5 @@ class ScopeSpend:
     cost: Decimal
     outcomes: float | None = None
     cost_per_outcome: Decimal | None = None
+    # With cost sources: the money by (kind, name), token cost first.
+    by_kind: tuple[tuple[str, str, Decimal], ...] = ()

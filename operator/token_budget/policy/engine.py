@@ -47,7 +47,7 @@ from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
-from token_budget.policy import checks, partitions, reuse
+from token_budget.policy import checks, costs, partitions, reuse
 from token_budget.policy.attribution import (
     UNGOVERNED_SHOWN,
     governed_by,
@@ -257,11 +257,16 @@ def scope_spend(world: World, snapshot: SpendSnapshot, now: dt.datetime,
             if spend is not None:
                 part = spend.total(namespaces, budget.spec.spend_matchers, None)
                 tokens, cost = part.tokens, part.cost
+            by_kind = costs.scope_breakdown(budget.spec, context.catalog, context.costs, key,
+                                            namespaces, cost)
+            if by_kind:
+                cost = sum((v for _, _, v in by_kind), Decimal(0))
             count = None
             if o is not None and outcomes is not None:
                 count = outcome_count(context, o, outcomes, namespaces)
             out.append(ScopeSpend(scope=scope, namespaces=namespaces, tokens=tokens, cost=cost,
-                                  outcomes=count, cost_per_outcome=per_outcome(cost, count)))
+                                  outcomes=count, cost_per_outcome=per_outcome(cost, count),
+                                  by_kind=by_kind))
     return out
 
 

@@ -142,6 +142,12 @@ class SpendSnapshot:
         default_factory=dict
     )
     rate_limit_errors: Mapping[tuple[RateSource, int], str] = field(default_factory=dict)
+    # Cost sources (:mod:`token_budget.policy.costs`): units per (query, window), and why
+    # a window's cost query failed (its budgets' spend is then unknown, never zero).
+    costs: Mapping[tuple[CostQuery, WindowKey], tuple[CostSeries, ...]] = field(
+        default_factory=dict
+    )
+    cost_errors: Mapping[WindowKey, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -232,3 +238,27 @@ class Memory:
     last_spend_time: dt.datetime | None = None
     # Models the scope found rate-limited last time, with when each became so.
     rate_limited: tuple[tuple[str, dt.datetime], ...] = ()
+
+
+@dataclass(frozen=True, order=True)
+class CostQuery:
+    """What one cost source reads (its price aside): cost sources alike share it.
+
+    ``matchers`` are (label, operator, value) with PromQL's operators
+    (``=``, ``!=``, ``=~``, ``!~``).
+    """
+
+    metric: str
+    gauge: bool = False
+    matchers: tuple[tuple[str, str, str], ...] = ()
+    namespace_label: str = "namespace"
+    workload_label: str = "pod"
+
+
+@dataclass(frozen=True)
+class CostSeries:
+    """Units of one cost query spent by one (namespace, workload) over one window."""
+
+    namespace: str
+    workload: str
+    units: float

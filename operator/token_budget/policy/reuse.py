@@ -134,7 +134,9 @@ def usable(memo: Memo, world: World, snapshot: SpendSnapshot) -> bool:
             and snapshot.retention_seconds == old.retention_seconds
             # The catalog's rate-limit trigger is every budget's default: changed, every
             # scope is decided anew. (Other 429 counts: see Reuse.rate_moved.)
-            and world.catalog.rate_limit == memo.world.catalog.rate_limit)
+            and world.catalog.rate_limit == memo.world.catalog.rate_limit
+            # The catalog's cost sources apply to every budget (policy.costs).
+            and world.catalog.cost_sources == memo.world.catalog.cost_sources)
 
 
 _RateKey = tuple[RateSource, int]
@@ -212,6 +214,10 @@ class Reuse:
         self.same_now = utc(now) == utc(memo.now)
         self.same_outcomes = (snapshot.outcomes == memo.snapshot.outcomes
                               and snapshot.outcome_errors == memo.snapshot.outcome_errors)
+        # Cost sources' series are not tracked per namespace: when any moved, no budget
+        # with cost sources keeps its decision (the others still do).
+        self.same_costs = (snapshot.costs == memo.snapshot.costs
+                           and snapshot.cost_errors == memo.snapshot.cost_errors)
         self.stale = stale_sources(memo.snapshot, snapshot)
         new_w, old_w = context.workloads, before.workloads
         self.moved = {ns for ns in new_w.keys() | old_w.keys()
@@ -250,6 +256,9 @@ class Reuse:
         if entry.budget.spec.outcome is not None and not self.same_outcomes:
             return False
         if self.rate_moved and self._rate_moved(entry.budget.spec, namespaces):
+            return False
+        if not self.same_costs and (entry.budget.spec.cost_sources
+                                    or self.context.catalog.cost_sources):
             return False
         return self.same_now or (not kept.timed and self._bounds_hold(rs, entry.windows))
 

@@ -16,7 +16,9 @@ LiteLLM        litellm_input_tokens_metric_total,         team_alias     api_key
                litellm_input_cached_tokens_metric_total,
                cost: litellm_spend_metric_total
 OpenTelemetry  gen_ai_client_token_usage_sum              k8s_namespace_ k8s_pod_name     gen_ai_request_model
-               {gen_ai_token_type=input|output}           name
+               {gen_ai_token_type=input|output},          name
+               gen_ai_client_inference_usage_cache_
+               read_input_tokens_total
 EnvoyAIGateway gen_ai_client_token_usage_sum              k8s_namespace_ k8s_pod_name     gen_ai_request_model
                {gen_ai_token_type=input|output|           name
                cached_input}
@@ -31,8 +33,15 @@ has the input counter's labels and grows only on requests with cached tokens)
 counts the reads, so the preset takes it out of input as for Envoy below. A
 LiteLLM without that counter reads no cached tokens: all input at the input price.
 The OpenTelemetry GenAI conventions give ``gen_ai.client.token.usage`` only the
-token types ``input`` and ``output`` (cache reads are span attributes), so that
-preset reads no cached input.
+token types ``input`` and ``output``: ``gen_ai.token.type`` never got a cache
+value (the conventions moved to open-telemetry/semantic-conventions-genai with
+it). That repository adds counters instead, among them
+``gen_ai.client.inference.usage.cache_read.input_tokens`` (development
+stability; "a subset of" the input tokens, which include the cached ones), so
+the preset reads it as ``gen_ai_client_inference_usage_cache_read_input_tokens_total``
+and takes it out of input as for Envoy below. An instrumentation without that
+counter reads no cached tokens: every input token at the input price, never
+less.
 
 Envoy AI Gateway (v0.4 and later; verified on its source up to v1.1) records
 ``gen_ai.client.token.usage`` in the gateway with ``gen_ai.token.type`` ``input``,
@@ -125,6 +134,21 @@ def _gen_ai(preset: str, kinds: tuple[Kind, ...], per_pod: bool = False,
     )
 
 
+#: The GenAI conventions' counter of input tokens served from a provider's cache (a part
+#: of the input tokens), as Prometheus names it.
+OTEL_CACHE_READ = "gen_ai_client_inference_usage_cache_read_input_tokens_total"
+
+
+def _open_telemetry() -> ResolvedSource:
+    """``gen_ai.client.token.usage`` by type, and the cache reads' own counter."""
+    base = _gen_ai("OpenTelemetry", (Kind.INPUT, Kind.OUTPUT), per_pod=True)
+    return ResolvedSource(
+        preset=base.preset, namespace_label=base.namespace_label,
+        workload_label=base.workload_label, model_label=base.model_label,
+        counters=(*base.counters, (Kind.CACHED_INPUT, Selector(OTEL_CACHE_READ))),
+        per_pod=True, cached_in_input=True)
+
+
 _PRESETS: dict[api.Preset, ResolvedSource] = {
     api.Preset.COUNTERS: ResolvedSource(
         preset="Counters",
@@ -151,7 +175,7 @@ _PRESETS: dict[api.Preset, ResolvedSource] = {
         ),
         cached_in_input=True,
     ),
-    api.Preset.OPEN_TELEMETRY: _gen_ai("OpenTelemetry", (Kind.INPUT, Kind.OUTPUT), per_pod=True),
+    api.Preset.OPEN_TELEMETRY: _open_telemetry(),
     api.Preset.ENVOY_AI_GATEWAY: _gen_ai("EnvoyAIGateway",
                                          (Kind.INPUT, Kind.OUTPUT, Kind.CACHED_INPUT),
                                          cached_in_input=True),

@@ -8,9 +8,11 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
+from token_budget.policy import costs
 from token_budget.policy.decisions import WindowUsage
 from token_budget.policy.ladders import HUNDRED, percent
 from token_budget.policy.scope import ScopeInput, Unknown
+from token_budget.policy.windows import WindowKey
 
 _ZERO = Decimal(0)
 _TEN_YEARS = Decimal(10 * 365 * 86400)  # a run-out further away is no forecast
@@ -39,6 +41,18 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
         counted = spend.total(namespaces, matchers, lim.model)
         s.counted.append(counted)
         tokens, cost = counted.tokens, counted.cost
+        by_kind: tuple[tuple[str, str, Decimal], ...] = ()
+        extra_rate = _ZERO
+        if lim.model is None and (s.spec.cost_sources or s.catalog.cost_sources):
+            # Cost sources add to money limits without a model (see policy.costs). A limit
+            # on tokens only does not need them: unread, it shows token cost alone.
+            try:
+                by_kind, extra_rate = _cost_sources(s, window.key, cost)
+            except Unknown:
+                if lim.cost is not None:
+                    raise
+            else:
+                cost = sum((v for _, _, v in by_kind), _ZERO)
         if counted.unpriced:
             unpriced |= counted.unpriced
         start, resets, span = window.start, window.resets, window.span
@@ -51,8 +65,10 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
             covered = Decimal(retention) / Decimal(span)
             tokens = float(Decimal(tokens) / covered)
             cost = cost / covered
+            by_kind = tuple((k, n, v / covered) for k, n, v in by_kind)
         token_rate, cost_rate = source.recent.total(
             namespaces, matchers, lim.model).per_second(recent_s)
+        cost_rate += extra_rate
         pcts = []
         run_outs = []
         if lim.tokens:
@@ -86,13 +102,32 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
             resets_at=resets, tokens=int(round(tokens)), cost=cost,
             limit_tokens=lim.tokens, limit_cost=lim.cost,
             used_percent=max(pcts) if pcts else Decimal(0), run_out=run_out,
-            covered=covered, gap=gap,
+            covered=covered, gap=gap, by_kind=by_kind,
         ))
     if not seen:
         # A calendar window that began a moment ago holds no samples yet; the burn-rate
         # query's series still show that the source is alive and the scope reports.
         seen = source.recent.seen(namespaces, matchers)
     return usages, seen, unpriced
+
+
+def _cost_sources(s: ScopeInput, key: WindowKey, token_cost: Decimal
+                  ) -> tuple[tuple[tuple[str, str, Decimal], ...], Decimal]:
+    """The window's money by kind, token cost first, and the cost sources' burn rate.
+
+    Raises:
+        Unknown: a cost source's window or burn rate was not read.
+    """
+    found = costs.merged(s.spec, s.catalog)
+    index = s.context.costs
+    try:
+        spent = index.costs(found, key, s.namespaces)
+        recent_key, recent_seconds = costs.recent_window(s.snapshot.recent_seconds)
+        recent = index.costs(found, recent_key, s.namespaces)
+    except costs.Unread as why:
+        raise Unknown(str(why)) from None
+    rate = costs.total(recent) / Decimal(recent_seconds)
+    return costs.breakdown(token_cost, spent), rate
 
 
 def top_model(s: ScopeInput) -> dict[str, str]:

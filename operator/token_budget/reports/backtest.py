@@ -28,8 +28,9 @@ from typing import Any
 
 from token_budget.api import v1alpha1 as api
 from token_budget.api.types import display_money, plain_money
+from token_budget.metrics import costs as cost_reading
 from token_budget.metrics.prometheus import PrometheusSource
-from token_budget.policy import engine, planner
+from token_budget.policy import costs, engine, planner
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import Decision
 from token_budget.policy.inputs import Memory, ScopeKey, SpendSeries
@@ -98,6 +99,8 @@ def run(source: PrometheusSource, budget: api.Budget, catalog: Catalog,
     while t <= end:
         plan = planner.plan([budget], t, recent_seconds=step_seconds)
         snap = source.collect(plan, t)
+        snap = cost_reading.with_costs(source, snap, costs.plan([budget], catalog, t,
+                                                                 step_seconds), t)
         world = engine.World(budgets=[budget], catalog=catalog, namespaces=namespaces,
                              memory=memory)
         result = engine.evaluate(world, snap, t)

@@ -26,9 +26,10 @@ from typing import Any
 from token_budget.api import v1alpha1 as api
 from token_budget.api.types import display_money, plain_money
 from token_budget.errors import MetricsError
+from token_budget.metrics import costs as cost_reading
 from token_budget.metrics.prometheus import PrometheusSource
-from token_budget.policy import engine, planner, sources
-from token_budget.policy.catalog import Catalog
+from token_budget.policy import costs, engine, planner, sources
+from token_budget.policy.catalog import MILLION, Catalog
 from token_budget.policy.inputs import SpendSeries, SpendSnapshot
 from token_budget.reports import tables
 
@@ -70,6 +71,9 @@ class Report:
     outcomes: dict[str, tuple[float, Decimal | None]] = field(default_factory=dict)
     savings: list[Saving] = field(default_factory=list)
     unpriced: set[str] = field(default_factory=set)
+    # Where the money goes: (kind, name) -> cost; tokens by input, output and cached
+    # input, then each cost source (policy.costs).
+    by_kind: dict[tuple[str, str], Row] = field(default_factory=lambda: defaultdict(Row))
 
     def to_json(self) -> dict[str, Any]:
         def rows(d: dict[Any, Row], key: str) -> list[dict[str, Any]]:
@@ -98,7 +102,36 @@ class Report:
                          "saved": plain_money(s.saved)}
                         for s in sorted(self.savings, key=lambda s: -s.saved)],
             "unpricedModels": sorted(self.unpriced),
+            "byKind": [{"kind": k, "name": n, "tokens": round(r.tokens),
+                        "cost": plain_money(r.cost)} for (k, n), r in self.kinds()],
         }
+
+    def kinds(self) -> list[tuple[tuple[str, str], Row]]:
+        """The breakdown by kind: token parts first, then cost sources by cost."""
+        tokens = [(k, r) for k, r in self.by_kind.items() if k[0] == costs.TOKENS[0]]
+        order = {n: i for i, n in enumerate(_TOKEN_PARTS)}
+        others = [(k, r) for k, r in self.by_kind.items() if k[0] != costs.TOKENS[0]]
+        return (sorted(tokens, key=lambda kv: order.get(kv[0][1], len(order)))
+                + sorted(others, key=lambda kv: (-kv[1].cost, kv[0])))
+
+
+#: The token parts of the breakdown by kind; "reported" is cost a source reports itself.
+_TOKEN_PARTS = ("input", "output", "cached-input", "reported")
+
+
+def _token_parts(s: SpendSeries, catalog: Catalog) -> list[tuple[str, float, Decimal]]:
+    """A series' tokens and cost by part (one "reported" part when the source prices it)."""
+    if s.cost is not None:
+        return [("reported", s.tokens, s.cost)]
+    m = catalog.resolve(s.model)
+    if m is None:
+        return []
+    p = m.pricing
+    cached = p.cached_input if p.cached_input is not None else p.input
+    return [(name, n, Decimal(round(n)) * price / MILLION)
+            for name, n, price in (("input", s.input_tokens, p.input),
+                                   ("output", s.output_tokens, p.output),
+                                   ("cached-input", s.cached_input_tokens, cached)) if n]
 
 
 def _cost(s: SpendSeries, catalog: Catalog) -> Decimal | None:
@@ -120,6 +153,8 @@ def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Cata
     key = planner.rolling_key(since_seconds)
     plan = planner.report_plan(budgets, {sources.resolve(p) for p in presets}, key, at)
     snapshot = source.collect(plan, at)
+    snapshot = cost_reading.with_costs(
+        source, snapshot, costs.plan(budgets, catalog, at, snapshot.recent_seconds, (key,)), at)
     _raise_errors(snapshot)
     series = [s for (_, k), found in snapshot.windows.items() if k == key for s in found]
     for s in series:
@@ -131,16 +166,27 @@ def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Cata
         for row in (report.total, report.by_namespace[s.namespace], report.by_model[model],
                     report.by_workload[(s.namespace, s.workload)]):
             row.add(s.tokens, cost)
+        for part, n, c in _token_parts(s, catalog):
+            report.by_kind[(costs.TOKENS[0], part)].add(n, c)
         entry = catalog.resolve(s.model)
         if entry is not None and entry.tier is api.Tier.FRONTIER:
             _saving(report, s, cost, entry, budgets, catalog, namespaces)
     world = engine.World(budgets=list(budgets), catalog=catalog,
                          namespaces=namespaces or _seen(series))
     counted: dict[str, tuple[float, Decimal]] = {}
+    sourced: set[tuple[tuple[str, ...], str]] = set()
     for spent in engine.scope_spend(world, snapshot, at, key):
         b = spent.scope.budget
         name = f"{b.kind}/{b}"
         report.by_budget[name].add(spent.tokens, spent.cost)
+        for kind, source_name, cost in spent.by_kind[1:]:
+            # A namespace's cost source counts once, however many budgets read it.
+            if (spent.namespaces, source_name) not in sourced:
+                sourced.add((spent.namespaces, source_name))
+                report.by_kind[(kind, source_name)].add(0.0, cost)
+                report.total.add(0.0, cost)
+                if len(spent.namespaces) == 1:
+                    report.by_namespace[spent.namespaces[0]].add(0.0, cost)
         if spent.outcomes is not None:
             n, cost = counted.get(name, (0.0, Decimal(0)))
             counted[name] = (n + spent.outcomes, cost + spent.cost)
@@ -153,7 +199,7 @@ def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Cata
 def _raise_errors(snapshot: SpendSnapshot) -> None:
     """A report is all or nothing: the first source, window or outcome not read fails it."""
     problems = [*snapshot.errors.values(), *snapshot.window_errors.values(),
-                *snapshot.outcome_errors.values()]
+                *snapshot.outcome_errors.values(), *snapshot.cost_errors.values()]
     if problems:
         raise MetricsError(problems[0])
 
@@ -215,6 +261,14 @@ def table(report: Report) -> str:
             share = (r.cost * 100 / report.total.cost) if report.total.cost else Decimal(0)
             lines.append(["/".join(k) if isinstance(k, tuple) else k, f"{r.tokens:,.0f}",
                           display_money(r.cost, c), f"{share:.1f}%"])
+        tables.render(lines, out)
+    if any(k[0] != costs.TOKENS[0] for k in report.by_kind):
+        # Where the money goes, when there is more than tokens to it.
+        print(file=out)
+        lines = [["KIND", "NAME", "COST", "SHARE"]]
+        for (kind, name), r in report.kinds():
+            share = (r.cost * 100 / report.total.cost) if report.total.cost else Decimal(0)
+            lines.append([kind, name, display_money(r.cost, c), f"{share:.1f}%"])
         tables.render(lines, out)
     if report.outcomes:
         print(file=out)

@@ -1,0 +1,108 @@
+"""Reading cost sources (:mod:`token_budget.policy.costs`) from Prometheus.
+
+One query per window of the cost plan, whatever the number of budgets: each
+distinct :class:`~token_budget.policy.inputs.CostQuery` is summed by its
+namespace and workload labels and tagged by its position (``tb_cost``), and the
+parts are joined with ``or`` (the tag keeps them apart)::
+
+    label_replace(sum by (namespace, pod) (<exact increase of
+                  container_cpu_usage_seconds_total{container!=""} over 3600s>),
+                  "tb_cost", "0", "", "")
+    or label_replace(sum by (namespace, pod) (avg_over_time(mem{...}[3600s]) * 3600), ...)
+
+A counter is read with :func:`token_budget.metrics.promql.increase`, the exact
+reading of token counters: last minus start value, ``increase()`` only across a
+counter reset (a restarted container), a series born in the window as its last
+value, deleted pods kept through ``last_over_time``. A gauge (memory bytes) is
+integrated as ``avg_over_time(g[w]) * w``: exact for a series present over the
+whole window at an even scrape interval, whatever that interval (where
+``sum_over_time(g[w]) * step`` is off by the ratio of the true interval to the
+assumed one); its error is at most the gauge's change between two scrapes
+times the window, and a series present for part of the window is charged as
+if it had held its average for all of it (an over-read, never an under-read).
+
+A query that fails (Prometheus down, refused, a value not finite) is recorded
+in ``SpendSnapshot.cost_errors`` for its window: the budgets reading it then
+have unknown spend (``whenSpendUnknown``), never zero cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from token_budget.errors import MetricsError
+from token_budget.metrics import promql
+from token_budget.metrics.prometheus import PrometheusSource, _labels, _value
+from token_budget.policy.costs import CostPlan
+from token_budget.policy.inputs import CostQuery, CostSeries, SpendSnapshot
+from token_budget.policy.windows import WindowKey
+
+#: The label that tags each cost query's rows with its position in the window's query.
+TAG_LABEL = "tb_cost"
+
+
+def selector(q: CostQuery, namespaces: str | None = None) -> str:
+    """``metric{label<op>"value",...}`` with every PromQL matcher operator; ``namespaces``:
+    a regex the namespace label must match (the plan's narrowing)."""
+    matchers = list(q.matchers)
+    if namespaces is not None:
+        matchers.append((q.namespace_label, "=~", namespaces))
+    if not matchers:
+        return q.metric
+    inner = ",".join(f"{label}{op}{promql.quote(value)}" for label, op, value in matchers)
+    return f"{q.metric}{{{inner}}}"
+
+
+def units(q: CostQuery, range_seconds: int, namespaces: str | None = None) -> str:
+    """Units of one cost query per (namespace, workload) over the last range."""
+    by = f"{q.namespace_label}, {q.workload_label}"
+    sel = selector(q, namespaces)
+    if q.gauge:
+        return f"sum by ({by}) (avg_over_time({sel}[{range_seconds}s]) * {range_seconds})"
+    return f"sum by ({by}) ({promql.increase(sel, range_seconds)})"
+
+
+def window_query(queries: tuple[CostQuery, ...], range_seconds: int,
+                 namespaces: str | None = None) -> str:
+    """Every cost query of a window in one, each tagged by its position."""
+    return " or ".join(
+        f'label_replace({units(q, range_seconds, namespaces)}, "{TAG_LABEL}", "{i}", "", "")'
+        for i, q in enumerate(queries))
+
+
+def read(source: PrometheusSource, plan: CostPlan, now: dt.datetime
+         ) -> tuple[dict[tuple[CostQuery, WindowKey], tuple[CostSeries, ...]],
+                    dict[WindowKey, str]]:
+    """Run the cost plan at ``now``: units per (query, window), and errors per window."""
+    found: dict[tuple[CostQuery, WindowKey], tuple[CostSeries, ...]] = {}
+    errors: dict[WindowKey, str] = {}
+    for key, (seconds, queries) in plan.windows.items():
+        try:
+            items = source.query(window_query(queries, seconds, plan.narrow.get(key)), now,
+                                 "cost")
+            rows: list[list[CostSeries]] = [[] for _ in queries]
+            for it in items:
+                labels = _labels(it)
+                try:
+                    i = int(labels.get(TAG_LABEL, ""))
+                    q = queries[i]
+                except (ValueError, IndexError):
+                    continue  # not one of ours
+                rows[i].append(CostSeries(labels.get(q.namespace_label, ""),
+                                          labels.get(q.workload_label, ""), _value(it)))
+        except MetricsError as exc:
+            errors[key] = str(exc)
+            continue
+        for q, r in zip(queries, rows, strict=True):
+            found[(q, key)] = tuple(sorted(r, key=lambda c: (c.namespace, c.workload)))
+    return found, errors
+
+
+def with_costs(source: PrometheusSource, snapshot: SpendSnapshot, plan: CostPlan,
+               now: dt.datetime) -> SpendSnapshot:
+    """The snapshot with the cost plan read into it (itself when the plan is empty)."""
+    if not plan.windows:
+        return snapshot
+    found, errors = read(source, plan, now)
+    return dataclasses.replace(snapshot, costs=found, cost_errors=errors)
