@@ -14,6 +14,11 @@ Deployment per user labelled ``tokenbudget.io/owner=<user>``:
 - admission refuses a new pod (and a new Deployment) of the blocked user, naming
   the partition and the budget, and one without the owner label, and admits
   another user's;
+- an agent Deployment running without the owner label before the budget was
+  partitioned keeps running: a pod of it deleted after partitioning is made again
+  (admitted into the unpartitioned partition, not refused);
+- the blocked user cannot leave the Block by relabelling: removing the owner label
+  from their Deployment's template, or changing it to another user, is refused;
 - raising the limit restores the blocked user's Deployment exactly (replicas as
   before) and admission admits their pods again.
 """
@@ -130,8 +135,15 @@ def test_the_user_over_the_limit_is_blocked_alone_refused_at_admission_and_resto
                                    identity="partitions"):
         for user in USERS:
             kube.create(DEPLOYMENTS, ns, _deployment(user))
-        eventually(lambda: len(kube.list(PODS, ns, f"{A}agent=true")) == 6, 90,
-                   what="2 pods per user")
+        legacy = _deployment("nobody")
+        legacy["metadata"] = {"name": "legacy-agent", "labels": {A + "agent": "true"}}
+        legacy["spec"]["replicas"] = 1
+        legacy["spec"]["selector"] = {"matchLabels": {"app": "legacy-agent"}}
+        legacy["spec"]["template"]["metadata"]["labels"] = {"app": "legacy-agent",
+                                                            A + "agent": "true"}
+        kube.create(DEPLOYMENTS, ns, legacy)  # an agent nobody labelled with an owner
+        eventually(lambda: len(kube.list(PODS, ns, f"{A}agent=true")) == 7, 90,
+                   what="2 pods per user and the legacy agent's")
         pinned = _budget(1000)
         pinned["spec"]["spendMatchers"] = [{"label": "user", "value": "alice"}]
         with pytest.raises(EnforcementError, match="must not be a label spendMatchers"):
@@ -164,7 +176,9 @@ def test_the_user_over_the_limit_is_blocked_alone_refused_at_admission_and_resto
             other = kube.get(DEPLOYMENTS, ns, f"{user}-agent")
             assert other["spec"]["replicas"] == 2, f"{user}'s agent keeps running"
             assert _ann(other)["state"] != "Blocked"
-        st = kube.get(TOKENBUDGETS, ns, "allowance")["status"]
+        # The status is written after the workloads are told: wait for the evaluation's.
+        st = eventually(lambda: (x := kube.get(TOKENBUDGETS, ns, "allowance")["status"])
+                        ["partitions"]["blocked"] == 1 and x, 30, what="the status written")
         assert st["state"] == "Ok", "one user Blocked does not block the budget for everyone"
         p = st["partitions"]
         assert (p["blocked"], p["restricted"], len(p["top"])) == (1, 2, 2)
@@ -186,6 +200,22 @@ def test_the_user_over_the_limit_is_blocked_alone_refused_at_admission_and_resto
         assert _refusal(kube, ns, "bob-extra", {OWNER: "bob"}) == ""
         missing = _refusal(kube, ns, "nobody", {})
         assert "must carry the label tokenbudget.io/owner" in missing
+        # Relabelling is no way out of alice's Block, on the template or to another user.
+        for value in (None, "bob"):  # removed (merge-patch null), or another user's
+            with pytest.raises(EnforcementError, match=f"{OWNER} must not"):
+                kube.patch(DEPLOYMENTS, ns, "alice-agent",
+                           {"spec": {"template": {"metadata": {"labels": {OWNER: value}}}}})
+        tmpl = kube.get(DEPLOYMENTS, ns, "alice-agent")["spec"]["template"]["metadata"]
+        assert tmpl["labels"][OWNER] == "alice"
+        # The legacy agent, unlabelled before the budget was partitioned, is not stopped by
+        # it: its pod deleted, its ReplicaSet makes another, and admission admits it.
+        [old_pod] = kube.list(PODS, ns, "app=legacy-agent")
+        kube.request("DELETE", PODS.path(ns, old_pod["metadata"]["name"]))
+        eventually(lambda: [p for p in kube.list(PODS, ns, "app=legacy-agent")
+                            if p["metadata"]["name"] != old_pod["metadata"]["name"]
+                            and not p["metadata"].get("deletionTimestamp")], 60,
+                   what="the legacy agent's pod made again and admitted")
+        assert kube.get(DEPLOYMENTS, ns, "legacy-agent")["spec"]["replicas"] == 1
         second = _deployment("alice")
         second["metadata"]["name"] = "alice-second"
         refused = _refusal(kube, ns, "", {}, second)

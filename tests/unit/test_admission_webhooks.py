@@ -544,3 +544,58 @@ def test_an_update_that_keeps_the_label_is_allowed_under_mandatory_enrolment(
     new["spec"]["replicas"] = 0
     assert admission.respond("keep-agent-label-deployments",
                              _change(old, new))["response"]["allowed"] is True
+
+
+# -- partitions: agents running unlabelled before, and the label as a way out of a Block -----
+
+OWNER = A + "owner"
+
+
+def _partitioned(over: list[dict[str, Any]]) -> dict[str, Any]:
+    body = budget(partition={"label": "user", "podLabel": OWNER})
+    body["status"] = {"state": "Ok", "partitions": {"label": "user", "over": over}}
+    return body
+
+
+def test_a_pod_of_a_workload_running_unlabelled_before_partitioning_is_admitted(
+        fresh_cache: admission.AdmissionCache) -> None:
+    fresh_cache.budget_event(_partitioned([{"value": "alice", "state": "Blocked"}]),
+                             deleted=False)
+    fresh_cache.workload_event(deployment(), deleted=False)  # known, template unlabelled
+    rs_pod = pod(owner=("ReplicaSet", "agent-5d4f8"),
+                 labels={**AGENT, "pod-template-hash": "5d4f8"})
+    answer = admission.respond("mutate-pods", review(rs_pod))["response"]
+    assert answer["allowed"] is True
+    # A bare pod, or one of a ReplicaSet no known Deployment owns, must name its person.
+    for stray in (pod(), pod(owner=("ReplicaSet", "mine-1"))):
+        answer = admission.respond("mutate-pods", review(stray))["response"]
+        assert answer["allowed"] is False
+        assert "must carry the label tokenbudget.io/owner" in answer["status"]["message"]
+
+
+@pytest.mark.parametrize(("new_owner", "allowed", "words"), [
+    pytest.param(None, False, "must not be removed", id="removing it"),
+    pytest.param("bob", False, 'Blocked for partition user="alice"', id="leaving the Block"),
+    pytest.param("alice", True, "", id="keeping it"),
+])
+def test_the_owner_label_of_a_blocked_person_stays_on_pods_and_templates(
+        fresh_cache: admission.AdmissionCache, new_owner: str | None, allowed: bool,
+        words: str) -> None:
+    fresh_cache.budget_event(_partitioned([{"value": "alice", "state": "Blocked"}]),
+                             deleted=False)
+    old = deployment()
+    old["spec"]["template"]["metadata"]["labels"][OWNER] = "alice"
+    new = copy.deepcopy(old)
+    labels = new["spec"]["template"]["metadata"]["labels"]
+    labels.pop(OWNER)
+    if new_owner is not None:
+        labels[OWNER] = new_owner
+    answer = admission.respond("keep-agent-label-deployments", _change(old, new))["response"]
+    assert answer["allowed"] is allowed
+    if not allowed:
+        assert words in answer["status"]["message"]
+        assert "its pod template" in answer["status"]["message"]
+    old_pod = pod(labels={**AGENT, OWNER: "alice"})
+    new_pod = pod(labels={**AGENT, **({OWNER: new_owner} if new_owner else {})})
+    answer = admission.respond("keep-agent-label-pods", _change(old_pod, new_pod))["response"]
+    assert answer["allowed"] is allowed

@@ -218,6 +218,43 @@ def test_admission_refuses_the_pods_of_a_blocked_partition_only(
     assert words in verdict.message
 
 
+@pytest.mark.parametrize(("over", "allowed"), [
+    pytest.param([{"value": "alice", "state": "Blocked"}], True,
+                 id="admitted into the unpartitioned partition"),
+    pytest.param([{"value": "", "state": "Blocked"}], False,
+                 id="refused while the unpartitioned partition is Blocked"),
+])
+def test_an_unlabelled_pod_of_a_known_workload_is_not_stopped_by_partitioning(
+        over: list[dict[str, Any]], allowed: bool) -> None:
+    # An agent running unlabelled before its budget was partitioned: its restarts and
+    # scale-ups must go on (owned), while a new unlabelled pod of nobody's is refused.
+    budget = _with_status(_budget(), over)
+    owned = admission.review([budget], b.catalog(), b.NAMESPACE, {}, dict(b.AGENT), [], NOW,
+                             owned=True)
+    assert owned.allowed is allowed
+    bare = admission.review([budget], b.catalog(), b.NAMESPACE, {}, dict(b.AGENT), [], NOW)
+    assert (bare.allowed, bare.reason) == (False, "PartitionLabelMissing")
+
+
+@pytest.mark.parametrize(("old", "new", "refused"), [
+    pytest.param({OWNER: "alice"}, {}, "must not be removed", id="removing the label"),
+    pytest.param({OWNER: "alice"}, {OWNER: "bob"}, "while TokenBudget team-search/search "
+                 'is Blocked for partition user="alice"', id="leaving a Blocked partition"),
+    pytest.param({OWNER: "bob"}, {OWNER: "carol"}, None, id="handing a workload over"),
+    pytest.param({}, {OWNER: "carol"}, None, id="labelling an unlabelled workload"),
+    pytest.param({OWNER: "alice"}, {OWNER: "alice", "x": "y"}, None, id="other labels"),
+])
+def test_the_partition_label_cannot_be_used_to_leave_a_block(
+        old: dict[str, str], new: dict[str, str], refused: str | None) -> None:
+    budget = _with_status(_budget(), [{"value": "alice", "state": "Blocked"}])
+    why = admission.partition_label_change([budget], b.NAMESPACE, {}, {**b.AGENT, **old},
+                                           {**b.AGENT, **new}, NOW)
+    if refused is None:
+        assert why is None
+    else:
+        assert why is not None and refused in why
+
+
 def test_a_new_pod_of_a_blocked_partition_starts_with_its_state() -> None:
     budget = _with_status(_budget(), [{"value": "alice", "state": "Warning"}])
     alice = admission.directive_for([budget], b.catalog(), b.NAMESPACE, {},

@@ -86,13 +86,18 @@ def _reset_text(b: api.Budget) -> str:
 
 def review(budgets: Sequence[api.Budget], catalog: Catalog, namespace: str,
            namespace_labels: Mapping[str, str], pod_labels: Mapping[str, str],
-           declared_models: Sequence[str], now: dt.datetime) -> Verdict:
-    """Whether a new governed pod (or a workload's pod template) may be admitted."""
+           declared_models: Sequence[str], now: dt.datetime, owned: bool = False) -> Verdict:
+    """Whether a new governed pod (or a workload's pod template) may be admitted.
+
+    ``owned``: the pod is made by a governed Deployment, StatefulSet, Job or CronJob
+    the operator knows (its template was admitted already): without a partition's
+    ``podLabel`` it belongs to the unpartitioned partition rather than being refused.
+    """
     gov = governing(budgets, namespace, namespace_labels, pod_labels)
     names = tuple(_name(b) for b in gov)
     for b in gov:
         if b.spec.partition is not None:
-            refused = _partition_review(b, namespace, pod_labels, now)
+            refused = _partition_review(b, namespace, pod_labels, now, owned)
             if refused is not None:
                 return Verdict(False, refused[0], refused[1], names)
             continue
@@ -116,16 +121,21 @@ def review(budgets: Sequence[api.Budget], catalog: Catalog, namespace: str,
 
 
 def _partition_review(b: api.Budget, namespace: str, pod_labels: Mapping[str, str],
-                      now: dt.datetime) -> tuple[str, str] | None:
+                      now: dt.datetime, owned: bool = False) -> tuple[str, str] | None:
     """Why a partitioned budget refuses a pod (reason, message), or None.
 
-    The pod must name its partition (a pod without ``podLabel`` would otherwise
-    escape its person's Block), and its partition must not be Blocked.
+    A new workload, or a pod no known workload makes, must name its partition (one
+    without ``podLabel`` would otherwise escape its person's Block). A pod of a
+    workload that was running unlabelled before the budget was partitioned is
+    admitted into the unpartitioned partition: a restart, a reschedule or a scale-up
+    of an agent that was never labelled must not stop it (its template cannot lose
+    the label later: :func:`partition_label_change`). A partition that is Blocked
+    admits nothing.
     """
     p = b.spec.partition
     assert p is not None
     value = partitions.value_of(p, pod_labels)
-    if not value:
+    if not value and not owned:
         return ("PartitionLabelMissing",
                 f"{_name(b)} applies its limits per {p.label}: a pod it governs must carry "
                 f"the label {p.pod_label} naming its {p.label}")
@@ -133,6 +143,38 @@ def _partition_review(b: api.Budget, namespace: str, pod_labels: Mapping[str, st
         return ("BudgetBlocked",
                 f"{_name(b)} is Blocked for partition {partitions.describe(p, value)} in "
                 f"namespace {namespace}{_reset_text(b)}")
+    return None
+
+
+def partition_label_change(budgets: Sequence[api.Budget], namespace: str,
+                           namespace_labels: Mapping[str, str], old_labels: Mapping[str, str],
+                           new_labels: Mapping[str, str], now: dt.datetime) -> str | None:
+    """Why an update of a pod's (or a pod template's) labels is refused, or None.
+
+    For every enforcing partitioned budget that governs the object before or after:
+    its ``podLabel`` must not be removed (the pods would leave their person's
+    partition), and must not change away from a partition that is Blocked (a
+    person escaping a Block by relabelling). Other changes of value are allowed: a
+    workload handed to another person.
+    """
+    gov = {BudgetKey.of(b): b for labels in (old_labels, new_labels)
+           for b in governing(budgets, namespace, namespace_labels, labels)}
+    for _, b in sorted(gov.items()):
+        p = b.spec.partition
+        if p is None:
+            continue
+        was, now_value = partitions.value_of(p, old_labels), partitions.value_of(p, new_labels)
+        if not was or was == now_value:
+            continue
+        if not now_value:
+            return (f"the label {p.pod_label} must not be removed: {_name(b)} applies its "
+                    f"limits per {p.label}, and the pods would leave partition "
+                    f"{partitions.describe(p, was)}")
+        if partitions.state_of(b, namespace, was) is api.State.BLOCKED \
+                and not _excepted(b, now):
+            return (f"the label {p.pod_label} must not change from {was!r} while "
+                    f"{_name(b)} is Blocked for partition {partitions.describe(p, was)}"
+                    f"{_reset_text(b)}")
     return None
 
 

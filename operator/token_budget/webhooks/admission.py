@@ -241,19 +241,50 @@ class AdmissionCache:
                     return dict(found)
         return {}
 
+    def owns(self, namespace: str, pod: Mapping[str, Any]) -> bool:
+        """Whether a governed Deployment, StatefulSet, Job or CronJob the operator knows makes
+        the pod (a ReplicaSet of a known Deployment, a Job of a known CronJob included)."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        with self.lock:
+            for ref in meta.get("ownerReferences") or []:
+                kind, name = str(ref.get("kind")), str(ref.get("name"))
+                if kind == "ReplicaSet" and labels.get("pod-template-hash"):
+                    h = labels["pod-template-hash"]
+                    if name.endswith("-" + h):
+                        kind, name = "Deployment", name[: -len(h) - 1]
+                if (kind, namespace, name) in self.owners:
+                    return True
+                if kind == "Job" and any(k == "CronJob" and ns == namespace
+                                         and name.startswith(n + "-")
+                                         for k, ns, n in self.owners):
+                    return True
+        return False
+
+    def partition_change(self, namespace: str, old_labels: Mapping[str, str],
+                         new_labels: Mapping[str, str], now: dt.datetime) -> str | None:
+        """:func:`admission.partition_label_change` for an update in ``namespace``."""
+        with self.lock:
+            ns_labels = dict(self.namespaces.get(namespace, {}))
+            budgets = [*self.namespaced.get(namespace, {}).values(), *self.cluster.values()]
+        return admission.partition_label_change(budgets, namespace, ns_labels, old_labels,
+                                                new_labels, now)
+
     def review(self, namespace: str, pod_labels: Mapping[str, str],
-               models: tuple[str, ...], now: dt.datetime) -> admission.Verdict:
+               models: tuple[str, ...], now: dt.datetime,
+               owned: bool = False) -> admission.Verdict:
         """:func:`admission.review` of a pod (template) in ``namespace``, memoised."""
 
         def compute(budgets: Sequence[api.Budget], catalog: Catalog,
                     ns_labels: Mapping[str, str]) -> tuple[Any, dt.datetime | None]:
             verdict = admission.review(budgets, catalog, namespace, ns_labels, pod_labels,
-                                       models, now)
+                                       models, now, owned)
             return verdict, admission.review_expires(budgets, namespace, ns_labels,
                                                      pod_labels, now)
 
-        verdict: admission.Verdict = self._memoised("review", namespace, pod_labels, models,
-                                                    now, compute)
+        verdict: admission.Verdict = self._memoised("review-owned" if owned else "review",
+                                                    namespace, pod_labels, models, now,
+                                                    compute)
         return verdict
 
     def directive(self, namespace: str, pod_labels: Mapping[str, str],
@@ -381,10 +412,12 @@ def validate_workload(obj: dict[str, Any]) -> Answer:
     return _review(obj, pod_template(obj), of=f"{obj.get('kind')} pod template")
 
 
-def _review(obj: Mapping[str, Any], pod: Mapping[str, Any], of: str = "pod") -> Answer:
+def _review(obj: Mapping[str, Any], pod: Mapping[str, Any], of: str = "pod",
+            owned: bool = False) -> Answer:
     namespace = str((obj.get("metadata") or {}).get("namespace") or "")
     labels = (pod.get("metadata") or {}).get("labels") or {}
-    verdict = cache.review(namespace, labels, declared_models(pod, cache.model_env), _now())
+    verdict = cache.review(namespace, labels, declared_models(pod, cache.model_env), _now(),
+                           owned)
     if not verdict.allowed:
         return Answer(False, f"{of} denied: {verdict.message}", 403)
     return Answer()
@@ -412,6 +445,15 @@ def keep_agent_label(obj: dict[str, Any], old: dict[str, Any]) -> Answer:
         return Answer(False, f"the label {label} must not be removed from {' or '.join(gone)}: "
                       f"enrolment is mandatory in namespace {namespace}, every workload there "
                       "is governed by its budgets", 403)
+    # A partitioned budget's podLabel, on the pod (template) that carries it: removing it,
+    # or changing it away from a Blocked partition, would take the pods out of it.
+    old_pod, new_pod = pod_template(old), pod_template(obj)
+    refused = cache.partition_change(
+        namespace, (old_pod.get("metadata") or {}).get("labels") or {},
+        (new_pod.get("metadata") or {}).get("labels") or {}, _now())
+    if refused is not None:
+        where = "its pod template" if new_pod is not obj else "the pod"
+        return Answer(False, f"{where}: {refused}", 403)
     return Answer()
 
 
@@ -433,7 +475,8 @@ def mutate_pod(obj: dict[str, Any]) -> Answer:
                                                                            **m.labels}}}
     else:
         judged = obj
-    refused = _review(obj, judged)
+    namespace = str(meta.get("namespace") or "")
+    refused = _review(obj, judged, owned=cache.owns(namespace, obj))
     if not refused.allowed:
         return Answer(False, refused.message, refused.code, warnings=m.warnings)
     return Answer(patch=_json_patch(obj, m), warnings=m.warnings)
