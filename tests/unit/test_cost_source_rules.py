@@ -460,3 +460,46 @@ def test_a_token_limit_is_decided_while_cost_sources_cannot_be_read() -> None:
     decision = only(engine.evaluate(world, snap, NOW))
     assert decision.state is api.State.BLOCKED and decision.spend_known
     assert decision.windows[0].by_kind == ()  # no breakdown claimed without the cost sources
+
+
+class _Counting(reading.PrometheusSource):
+    """A Prometheus whose count() answers ``series`` and which records every query."""
+
+    def __init__(self, series: int) -> None:
+        super().__init__("http://prometheus.invalid", scrape_interval_seconds=15.0)
+        self.series = series
+        self.asked: list[str] = []
+
+    def query(self, text: str, at: dt.datetime, kind: str = "spend",
+              matrix: bool = False) -> list[Any]:
+        self.asked.append(text)
+        if text.startswith("count("):
+            return [{"metric": {}, "value": [0, str(self.series)]}]
+        return []
+
+
+@pytest.mark.parametrize(("series", "refused"), [(250, False), (400, True)])
+def test_a_month_of_cost_series_past_max_samples_is_refused_before_it_is_read(
+        series: int, refused: bool) -> None:
+    q = CostQuery("container_cpu_usage_seconds_total", matchers=(("container", "!=", ""),))
+    month = WindowKey.of("Month", "UTC")
+    plan = costs.CostPlan(windows={month: (30 * 86400, (q,))})
+    source = _Counting(series)
+    found, errors = reading.read(source, plan, NOW)
+    # 30 days at 15 s are 172,800 samples a series: 250 fit in 50 million, 400 do not.
+    assert (month in errors) is refused
+    if refused:
+        assert "about 69,120,000 samples from 400 series" in errors[month]
+        assert "--prometheus-max-samples" in errors[month]
+        assert not any("increase" in t or "last_over_time" in t for t in source.asked)
+    else:
+        assert (q, month) in found
+
+
+def test_a_day_of_cost_series_is_read_without_counting() -> None:
+    q = CostQuery("tool_calls_total")
+    day = WindowKey.of("24h", "UTC")
+    source = _Counting(10**9)
+    found, errors = reading.read(source, costs.CostPlan(windows={day: (86400, (q,))}), NOW)
+    assert not errors and (q, day) in found
+    assert not any(t.startswith("count(") for t in source.asked)

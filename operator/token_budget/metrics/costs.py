@@ -24,6 +24,14 @@ if it had held its average for all of it (an over-read, never an under-read).
 A query that fails (Prometheus down, refused, a value not finite) is recorded
 in ``SpendSnapshot.cost_errors`` for its window: the budgets reading it then
 have unknown spend (``whenSpendUnknown``), never zero cost.
+
+Cost sources have no recording rules: every window reads raw samples. A window
+longer than a day is first counted (one ``count()`` per cost query) and, like a
+raw spend window, refused with an error naming the figures when it would hold
+more than ``--prometheus-max-samples`` (Prometheus would refuse it too, after
+loading up to that many samples): a Month over cAdvisor's container counters
+holds 172,800 samples a series at a 15 s scrape, so about 290 series fit the
+default 50 million.
 """
 
 from __future__ import annotations
@@ -79,6 +87,10 @@ def read(source: PrometheusSource, plan: CostPlan, now: dt.datetime
     errors: dict[WindowKey, str] = {}
     for key, (seconds, queries) in plan.windows.items():
         try:
+            too_many = _too_many(source, queries, seconds, plan.narrow.get(key), now)
+            if too_many is not None:
+                errors[key] = f"the {key} cost query {too_many}"
+                continue
             items = source.query(window_query(queries, seconds, plan.narrow.get(key)), now,
                                  "cost")
             rows: list[list[CostSeries]] = [[] for _ in queries]
@@ -106,3 +118,21 @@ def with_costs(source: PrometheusSource, snapshot: SpendSnapshot, plan: CostPlan
         return snapshot
     found, errors = read(source, plan, now)
     return dataclasses.replace(snapshot, costs=found, cost_errors=errors)
+
+
+def _too_many(source: PrometheusSource, queries: tuple[CostQuery, ...], seconds: int,
+              namespaces: str | None, now: dt.datetime) -> str | None:
+    """Why a window longer than a day would hold more samples than a query may load."""
+    if not source.max_samples or seconds <= 86400:
+        return None
+    series = 0
+    for q in queries:
+        items = source.query(f"count({selector(q, namespaces)})", now, "estimate")
+        series += int(_value(items[0])) if items else 0
+    samples = series * seconds / max(source.scrape_interval_seconds, 1.0)
+    if samples <= source.max_samples:
+        return None
+    return (f"would hold about {samples:,.0f} samples from {series:,} series, more than the "
+            f"{source.max_samples:,} a query may load (cost sources read raw series): narrow "
+            "the cost source's matchers, use a shorter window, or raise "
+            "--prometheus-max-samples and Prometheus's --query.max-samples")
