@@ -503,3 +503,32 @@ def test_a_day_of_cost_series_is_read_without_counting() -> None:
     found, errors = reading.read(source, costs.CostPlan(windows={day: (86400, (q,))}), NOW)
     assert not errors and (q, day) in found
     assert not any(t.startswith("count(") for t in source.asked)
+
+
+def test_a_partition_counts_the_cost_of_its_own_pods_only() -> None:
+    # Cost series carry no person: a pod's CPU is its person's through the pod's podLabel.
+    # (Every partition used to be charged the whole namespace's CPU: everyone Blocked.)
+    owner = "tokenbudget.io/owner"
+    budget = token_budget(partition={"label": "user", "podLabel": owner},
+                          limits=[{"window": "24h", "cost": "10.00"}], actions=ACTIONS,
+                          costSources=[CPU])
+    snap = b.snapshot([budget], [b.series(10, user="alice"),
+                                 b.series(10, user="bob", workload="agent-1")])
+    pods = {"alice-agent-5d4f8-x1z2q": 250 * 3600.0,  # alice's Deployment: $10 of CPU
+            "bob-agent-7c9d1-k3j4h": 3600.0,           # bob's: $0.04
+            "postgres-0": 7200.0}                      # no person's: $0.08
+    plan = costs.plan([budget], b.catalog(), NOW, snap.recent_seconds)
+    rows = {(q, key): tuple(CostSeries(NAMESPACE, pod, units) for pod, units in pods.items())
+            for key, (_, queries) in plan.windows.items() for q in queries}
+    snap = dataclasses.replace(snap, costs=rows)
+    workloads = [b.workload("alice-agent", labels={**b.AGENT, owner: "alice"}),
+                 b.workload("bob-agent", labels={**b.AGENT, owner: "bob"}),
+                 b.workload("shared", labels=dict(b.AGENT))]
+    world = engine.World(budgets=[budget], catalog=b.catalog(),
+                         namespaces={NAMESPACE: {}}, workloads=workloads)
+    result = engine.evaluate(world, snap, NOW)
+    cpu = {d.scope.partition: d.windows[0].by_kind[1][2] for d in result.decisions}
+    assert cpu == {"alice": Decimal("10.000"), "bob": Decimal("0.040"), "": Decimal("0.080")}
+    told = {k.name: d.state for k, d in result.directives.items()}
+    assert told == {"alice-agent": api.State.BLOCKED, "bob-agent": api.State.OK,
+                    "shared": api.State.OK}

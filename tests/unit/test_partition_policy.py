@@ -255,6 +255,14 @@ def test_the_partition_label_cannot_be_used_to_leave_a_block(
         assert why is not None and refused in why
 
 
+def test_labelling_is_no_way_out_of_a_blocked_unpartitioned_partition() -> None:
+    budget = _with_status(_budget(), [{"value": "", "state": "Blocked"}])
+    why = admission.partition_label_change([budget], b.NAMESPACE, {}, dict(b.AGENT),
+                                           {**b.AGENT, OWNER: "nobody"}, NOW)
+    assert why is not None and "must not be added while" in why
+    assert 'Blocked for partition user unset' in why
+
+
 def test_a_new_pod_of_a_blocked_partition_starts_with_its_state() -> None:
     budget = _with_status(_budget(), [{"value": "alice", "state": "Warning"}])
     alice = admission.directive_for([budget], b.catalog(), b.NAMESPACE, {},

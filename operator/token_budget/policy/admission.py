@@ -153,9 +153,10 @@ def partition_label_change(budgets: Sequence[api.Budget], namespace: str,
 
     For every enforcing partitioned budget that governs the object before or after:
     its ``podLabel`` must not be removed (the pods would leave their person's
-    partition), and must not change away from a partition that is Blocked (a
-    person escaping a Block by relabelling). Other changes of value are allowed: a
-    workload handed to another person.
+    partition), and must not change (or be added) away from a partition that is
+    Blocked, the unpartitioned one included (escaping a Block by relabelling).
+    Other changes of value are allowed: a workload handed to another person, or
+    labelled for the first time.
     """
     gov = {BudgetKey.of(b): b for labels in (old_labels, new_labels)
            for b in governing(budgets, namespace, namespace_labels, labels)}
@@ -164,15 +165,18 @@ def partition_label_change(budgets: Sequence[api.Budget], namespace: str,
         if p is None:
             continue
         was, now_value = partitions.value_of(p, old_labels), partitions.value_of(p, new_labels)
-        if not was or was == now_value:
+        if was == now_value:
             continue
-        if not now_value:
+        if was and not now_value:
             return (f"the label {p.pod_label} must not be removed: {_name(b)} applies its "
                     f"limits per {p.label}, and the pods would leave partition "
                     f"{partitions.describe(p, was)}")
         if partitions.state_of(b, namespace, was) is api.State.BLOCKED \
                 and not _excepted(b, now):
-            return (f"the label {p.pod_label} must not change from {was!r} while "
+            # Labelling an unlabelled workload moves it out of the unpartitioned partition:
+            # not while that one is Blocked either.
+            how = f"change from {was!r}" if was else "be added"
+            return (f"the label {p.pod_label} must not {how} while "
                     f"{_name(b)} is Blocked for partition {partitions.describe(p, was)}"
                     f"{_reset_text(b)}")
     return None

@@ -174,7 +174,7 @@ def outcome(s: ScopeInput, d: Draft) -> Verdict | None:
     cost = (spend.total(s.namespaces, s.spec.spend_matchers, None).cost
             if spend is not None else Decimal(0))
     more = costs.added_cost(s.spec, s.catalog, s.context.costs, WindowKey.of(o.window, "UTC"),
-                            s.namespaces)
+                            s.namespaces, s.cost_keep)
     count = outcome_count(s.context, o, outcome_key(o), s.namespaces)
     # A cost source not read leaves cost per outcome unknown rather than too low.
     d.cost_per_outcome = cpo = per_outcome(cost + more, count) if more is not None else None

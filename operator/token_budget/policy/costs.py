@@ -28,7 +28,7 @@ Pure: prices and sums only; the reading lives in ``token_budget.metrics.costs``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -146,8 +146,10 @@ class Index:
         self.snapshot = snapshot
         self._by_ns: dict[tuple[CostQuery, WindowKey], dict[str, list[CostSeries]]] = {}
 
-    def units(self, query: CostQuery, key: WindowKey, namespaces: Iterable[str]) -> float:
-        """Units of ``query`` over ``key`` in the namespaces.
+    def units(self, query: CostQuery, key: WindowKey, namespaces: Iterable[str],
+              keep: Callable[[str, str], bool] | None = None) -> float:
+        """Units of ``query`` over ``key`` in the namespaces (the series ``keep`` keeps,
+        by namespace and workload label, when given).
 
         Raises:
             Unread: the window's cost query failed or was not read.
@@ -166,27 +168,30 @@ class Index:
         total = 0.0
         for ns in namespaces:
             for r in by_ns.get(ns, ()):
-                total += r.units
+                if keep is None or keep(r.namespace, r.workload):
+                    total += r.units
         return total
 
     def costs(self, found: tuple[api.CostSource, ...], key: WindowKey,
-              namespaces: tuple[str, ...]) -> list[tuple[api.CostSource, Decimal]]:
+              namespaces: tuple[str, ...], keep: Callable[[str, str], bool] | None = None
+              ) -> list[tuple[api.CostSource, Decimal]]:
         """Each cost source's cost in the namespaces over ``key``.
 
         Raises:
             Unread: a cost source's window was not read.
         """
-        return [(c, price(self.units(query_of(c), key, namespaces), c)) for c in found]
+        return [(c, price(self.units(query_of(c), key, namespaces, keep), c)) for c in found]
 
 
 def added_cost(spec: api.TokenBudgetSpec, catalog: Catalog, index: Index, key: WindowKey,
-               namespaces: tuple[str, ...]) -> Decimal | None:
+               namespaces: tuple[str, ...], keep: Callable[[str, str], bool] | None = None
+               ) -> Decimal | None:
     """What the budget's cost sources add over ``key``; None when one was not read."""
     found = merged(spec, catalog)
     if not found:
         return _ZERO
     try:
-        return total(index.costs(found, key, namespaces))
+        return total(index.costs(found, key, namespaces, keep))
     except Unread:
         return None
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -113,7 +113,41 @@ class Partitioner:
             derived = self._derived[(id(budget), value)] = budget.model_copy(
                 update={"spec": spec})
         routed = self._routed_for(budget, namespaces)
-        return ScopeInput(derived, scope, namespaces, self.context, routed.get(value, []))
+        s = ScopeInput(derived, scope, namespaces, self.context, routed.get(value, []))
+        if budget.spec.cost_sources or self.context.catalog.cost_sources:
+            s.cost_keep = self._cost_owner(budget, namespaces, value)
+        return s
+
+    def _cost_owner(self, budget: api.Budget, namespaces: tuple[str, ...], value: str
+                    ) -> Callable[[str, str], bool]:
+        """Which cost-source series a partition counts: those whose workload label (a pod
+        name, as cAdvisor's) belongs to a governed workload carrying its value.
+
+        Cost series carry no partition label: a pod's CPU is its person's through the
+        pod's ``podLabel``. A pod is a workload's when its name is the workload's or
+        the workload's followed by up to three ``-suffix`` parts (a Deployment's
+        ReplicaSet hash and pod suffix, a StatefulSet's ordinal, a CronJob's Job and
+        pod suffixes). Series of no labelled workload (shared agents, other pods of
+        the namespace) are the unpartitioned partition's.
+        """
+        owners: dict[tuple[str, str], str] = {}
+        for v, workloads in self._routed_for(budget, namespaces).items():
+            for w in workloads:
+                owners[(w.key.namespace, w.key.name)] = v
+
+        def keep(namespace: str, workload: str) -> bool:
+            name = workload
+            for _ in range(4):
+                found = owners.get((namespace, name))
+                if found is not None:
+                    return found == value
+                head, sep, _tail = name.rpartition("-")
+                if not sep:
+                    break
+                name = head
+            return value == api.UNPARTITIONED
+
+        return keep
 
     def _routed_for(self, budget: api.Budget, namespaces: tuple[str, ...]
                     ) -> dict[str, list[Workload]]:

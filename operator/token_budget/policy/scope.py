@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from token_budget.api import v1alpha1 as api
 from token_budget.policy.context import Context
 from token_budget.policy.inputs import ScopeKey, Workload
@@ -16,7 +18,7 @@ class ScopeInput:
     """A scope, its namespaces and governed workloads, and the evaluation's shared caches."""
 
     __slots__ = ("budget", "spec", "scope", "namespaces", "context", "catalog", "snapshot",
-                 "governed", "spend_source", "source", "memory", "counted", "timed")
+                 "governed", "spend_source", "source", "memory", "counted", "timed", "cost_keep")
 
     def __init__(self, budget: api.Budget, scope: ScopeKey, namespaces: tuple[str, ...],
                  context: Context, governed: list[Workload]) -> None:
@@ -37,3 +39,6 @@ class ScopeInput:
         # bounds (a run-out, a pace, an exception's expiry, a Hold's age, retention):
         # then it holds for that instant only.
         self.timed = bool(self.spec.exceptions)
+        # Which cost-source series (namespace, workload label) the scope counts; None:
+        # all of its namespaces' (a partition counts those of its own workloads).
+        self.cost_keep: Callable[[str, str], bool] | None = None

@@ -121,9 +121,9 @@ def _cost_sources(s: ScopeInput, key: WindowKey, token_cost: Decimal
     found = costs.merged(s.spec, s.catalog)
     index = s.context.costs
     try:
-        spent = index.costs(found, key, s.namespaces)
+        spent = index.costs(found, key, s.namespaces, s.cost_keep)
         recent_key, recent_seconds = costs.recent_window(s.snapshot.recent_seconds)
-        recent = index.costs(found, recent_key, s.namespaces)
+        recent = index.costs(found, recent_key, s.namespaces, s.cost_keep)
     except costs.Unread as why:
         raise Unknown(str(why)) from None
     rate = costs.total(recent) / Decimal(recent_seconds)
