@@ -292,29 +292,42 @@ def rule_name(rs: ResolvedSource) -> str:
     return f"tokenbudget:spend_{slug}:increase1h"
 
 
-def rules_file(resolved: list[ResolvedSource]) -> dict[str, object]:
+def rules_file(resolved: list[ResolvedSource], keep: tuple[str, ...] = ()
+               ) -> dict[str, object]:
     """A Prometheus rules file recording each source's hourly spend, tagged by kind.
 
     One sample an hour per (namespace, workload, model, kind) instead of one per
     scrape: a 30-day window reads 720 samples a series instead of 172,800 at a
-    15 s scrape interval. The rule keeps only the grouping labels; budgets whose
-    spend matchers name other labels read the raw series.
+    15 s scrape interval. The rule keeps the grouping labels and the ``keep``
+    labels (``tokenbudget rules --keep-label user``): a budget whose spend
+    matchers or partition name only those reads the rules, grouped by them; one
+    that names another label reads that window from the raw series.
     """
     return {"groups": [{
         "name": "tokenbudget.spend",
         "interval": f"{RULE_STEP_SECONDS // 60}m",
         "rules": [{"record": rule_name(rs),
-                   "expr": spend(rs, RULE_STEP_SECONDS, horizon_seconds=MAX_HORIZON_SECONDS)}
+                   "expr": spend(rs, RULE_STEP_SECONDS, extra=keep,
+                                 horizon_seconds=MAX_HORIZON_SECONDS)}
                   for rs in resolved],
     }]}
 
 
-def recorded(rs: ResolvedSource, range_seconds: int) -> str:
-    """The recorded hourly buckets whose samples fall within the last range, summed."""
-    by = ", ".join((*group_labels(rs, ()), KIND_LABEL))
+def recorded(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = ()) -> str:
+    """The recorded hourly buckets whose samples fall within the last range, summed
+    by the grouping labels and ``extra`` (labels the rules keep)."""
+    by = ", ".join((*group_labels(rs, extra), KIND_LABEL))
     return f"sum by ({by}) (sum_over_time({rule_name(rs)}[{range_seconds}s]))"
 
 
 def last_recorded(rs: ResolvedSource) -> str:
     """The recorded samples of the last two rule runs (a matrix: their true timestamps)."""
     return f"{rule_name(rs)}[{2 * RULE_STEP_SECONDS}s]"
+
+
+def carries(rs: ResolvedSource, labels: tuple[str, ...]) -> str:
+    """Per label of ``labels``, whether any raw series of the source carries it now: one
+    row tagged with the label's name (``tb_kind``) per label some series has."""
+    metrics = quote("|".join(sorted({sel.metric for _, sel in rs.counters})))
+    return " or ".join(
+        _tagged(f"count({{__name__=~{metrics}, {label}!=\"\"}})", label) for label in labels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
+from token_budget.policy import planner
 from token_budget.policy.decisions import WindowUsage
 from token_budget.policy.ladders import HUNDRED, percent
 from token_budget.policy.scope import ScopeInput, Unknown
@@ -27,8 +28,9 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
     recent_s = s.context.recent_seconds
     retention = s.snapshot.retention_seconds
     now = s.context.now_utc
+    labels = planner.needed_labels(s.spec)
     for lim in s.spec.limits:
-        window = source.window(lim.window, lim.time_zone)
+        window = source.window(lim.window, lim.time_zone, labels)
         spend = window.spend
         if spend is None:
             why = s.snapshot.window_errors.get((s.source, window.key))
