@@ -50,7 +50,7 @@ class ResultItem(TypedDict):
 
 
 # source, end, seconds, horizon, labels
-_PartKey = tuple[ResolvedSource, dt.datetime, int, int, tuple[str, ...]]
+_PartKey = tuple[ResolvedSource, dt.datetime, float, int, tuple[str, ...]]
 _Part = tuple[tuple[SpendSeries, ...], dict[str, Gap]]
 
 
@@ -277,7 +277,7 @@ class PrometheusSource:
         items = self.query(text, at, kind)
         return to_series(rs, items, extra), gaps_of(rs, items)
 
-    def read_spend(self, rs: ResolvedSource, seconds: int, at: dt.datetime, kind: str = "spend",
+    def read_spend(self, rs: ResolvedSource, seconds: float, at: dt.datetime, kind: str = "spend",
               extra: tuple[str, ...] = (), narrow: tuple[tuple[str, str], ...] = (),
               horizon: int | None = None, part: object = None) -> list[ResultItem]:
         """The exact spend of the ``seconds`` before ``at``, in two steps.
@@ -312,7 +312,7 @@ class PrometheusSource:
         return kept + self.query(promql.spend(rs, seconds, extra, horizon_seconds=horizon,
                                               narrow=narrow + matchers), at, kind)
 
-    def _part(self, rs: ResolvedSource, seconds: int, at: dt.datetime, now: dt.datetime,
+    def _part(self, rs: ResolvedSource, seconds: float, at: dt.datetime, now: dt.datetime,
               horizon: int, part: object, extra: tuple[str, ...] = ()
               ) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
         """A raw part of a window read through the rules: read once per evaluation (the
@@ -360,15 +360,17 @@ class PrometheusSource:
             span = (buckets - 1) * step + 1
             parts.append(self._read(rs, promql.recorded(rs, span, extra), last, "recorded",
                                     extra))
-            head = math.ceil((first_start - start).total_seconds())
         else:
             first_start = last
-            head = math.ceil((last - start).total_seconds())
+        # The raw parts meet the buckets to the millisecond (Prometheus's precision; rules
+        # run at a hash-chosen phase such as :31:25.512): a range rounded to whole seconds
+        # took the sample just before the window's start as the head's start value, one
+        # scrape's spend too much for every series whose sample lay within that second.
+        head = (_ms(first_start) - (_ms(now) - round(seconds * 1000))) / 1000
         if head > 0:
             parts.append(self._part(rs, head, first_start, now, horizon, ("head", key), extra))
-        # Rounded up: a raw sample right at a join belongs in the range, or the spend
-        # between it and the next sample would be lost.
-        tail = math.ceil((now - last).total_seconds())
+        # From the last rule run exactly: the bucket's last sample is the tail's start value.
+        tail = (_ms(now) - _ms(last)) / 1000
         if tail > 0:
             parts.append(self._part(rs, tail, now, now, horizon, ("tail", extra), extra))
         return _sum_series([p[0] for p in parts]), _sum_gaps([p[1] for p in parts])
@@ -551,6 +553,11 @@ def _naming(rs: ResolvedSource, where: list[Mapping[str, str]]) -> dict[str, set
         if len("|".join(planner.re_literal(v) for v in values)) <= planner.MAX_NARROW_CHARS:
             out[label] = values
     return out or None
+
+
+def _ms(t: dt.datetime) -> int:
+    """A time in milliseconds, as a query's ``time`` parameter sends it."""
+    return round(t.timestamp() * 1000)
 
 
 def _finite(item: Any) -> bool:
