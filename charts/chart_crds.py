@@ -71,7 +71,9 @@ RULES_HEADER = """\
 # spend preset, and the labels of monitoring.recordingRules.keepLabels (the operator is run with
 # --rules-keep-label for each). With them the operator reads long windows from hourly buckets.
 {{- $keep := "" }}
-{{- range .Values.monitoring.recordingRules.keepLabels }}{{ $keep = printf "%s, %s" $keep . }}{{- end }}
+{{- range .Values.monitoring.recordingRules.keepLabels }}
+{{- $keep = printf "%s, %s" $keep . }}
+{{- end }}
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:

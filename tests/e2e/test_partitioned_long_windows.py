@@ -1,6 +1,6 @@
 """A monthly allowance per person read through recording rules that keep the person's label.
 
-Five weeks of history for 24 series (3 namespaces x 4 users x 2 pods, each
+Five weeks of history for 300 series (3 namespaces x 4 users x 25 pods, each
 series also labelled with its user's team, each a counter growing by whole
 tokens every 5 minutes) are backfilled into a real Prometheus with ``promtool
 tsdb create-blocks-from openmetrics``; the recording rules generated with
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
 import subprocess
 import urllib.parse
@@ -54,7 +55,7 @@ START = END - dt.timedelta(days=35)
 NAMESPACES = [f"allow-{i}" for i in range(3)]
 USERS = ["alice", "bob", "carol", "dave"]
 TEAM = {"alice": "red", "bob": "blue", "carol": "red", "dave": "blue"}
-PODS = 2
+PODS = 25
 COUNTERS = sources.resolve(api.SpendSource())
 MONTH = WindowKey("Month", "UTC")
 
@@ -124,7 +125,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
 
 
 def test_a_monthly_allowance_per_person_reads_rules_that_keep_the_label_to_the_token(
-        history: Prometheus, tmp_path: Path) -> None:
+        history: Prometheus, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     team_key = WindowKey("Month", "UTC", ("team",))
     plan = planner.plan(BUDGETS, END, kept=("user",))
     # One query per (source, window, label set): the partition on a label the rules keep
@@ -139,8 +140,8 @@ def test_a_monthly_allowance_per_person_reads_rules_that_keep_the_label_to_the_t
     raw_user, raw_ns = totals(snap, MONTH, "user"), totals(snap, MONTH, None)
     raw_team = totals(snap, team_key, "team")
     steps = int((END - END.replace(day=1, hour=0)).total_seconds()) // STEP
-    assert raw_user[(NAMESPACES[1], "bob")] == steps * (tokens_per_step(1, 1, 0)
-                                                        + tokens_per_step(1, 1, 1))
+    assert raw_user[(NAMESPACES[1], "bob")] == steps * sum(tokens_per_step(1, 1, p)
+                                                           for p in range(PODS))
     assert len(raw_user) == len(NAMESPACES) * len(USERS) and len(raw_team) == 2 * len(NAMESPACES)
     raw_samples = samples_loaded(history, promql.spend(COUNTERS, steps * STEP, ("user",)), END)
 
@@ -184,7 +185,9 @@ def test_a_monthly_allowance_per_person_reads_rules_that_keep_the_label_to_the_t
     assert set(misled_plan.windows) == {(COUNTERS, MONTH)}
     misled = PrometheusSource(history.url, scrape_interval_seconds=STEP,
                               rules_keep_labels=told)
-    snap = misled.collect(misled_plan, END)
+    with caplog.at_level(logging.WARNING, logger="token_budget.metrics.prometheus"):
+        snap = misled.collect(misled_plan, END)
+    assert "keeps no label team" in caplog.text and "--keep-label" in caplog.text
     assert not snap.window_errors and totals(snap, MONTH, "team") == raw_team
     assert totals(snap, MONTH, "user") == raw_user
     refused = PrometheusSource(history.url, scrape_interval_seconds=STEP, max_samples=limit,

@@ -101,6 +101,12 @@ def test_short_windows_and_plans_without_kept_labels_are_not_split() -> None:
                          kept=())
     assert list(short.windows) == [(COUNTERS, WindowKey("1h"))]
     assert short.labels_of(COUNTERS, WindowKey("1h")) == ("team",)
+    # Rules that keep nothing beyond their grouping (the operator's default): the partitioned
+    # Month is read apart, the other budget's Month keeps the rules.
+    nothing_kept = planner.plan([_budget("a", "team"), _budget("b")], NOW, kept=())
+    assert set(nothing_kept.windows) == {(COUNTERS, MONTH),
+                                         (COUNTERS, WindowKey("Month", "UTC", ("team",)))}
+    assert nothing_kept.labels_of(COUNTERS, MONTH) == ()
     unsplit = planner.plan([_budget("a", "team"), _budget("b")], NOW)
     assert list(unsplit.windows) == [(COUNTERS, MONTH)]
     assert unsplit.labels_of(COUNTERS, MONTH) == ("team",)
