@@ -12,13 +12,18 @@ Covers:
   is split;
 - the engine reads each budget's spend from its own reading, and a refused
   apart reading makes only its budgets' spend unknown;
-- PromQL ranges of a rule-read window's raw parts are exact to the millisecond.
+- PromQL ranges of a rule-read window's raw parts are exact to the millisecond;
+- the adapter trusts a kept label no raw series carries, and reads raw (with a
+  warning) a kept label that raw series carry but the recorded ones lack.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,11 +33,13 @@ from token_budget import settings
 from token_budget.api import v1alpha1 as api
 from token_budget.cli import build_parser, main
 from token_budget.metrics import promql
+from token_budget.metrics.prometheus import PrometheusSource
 from token_budget.policy import planner, sources
 from token_budget.policy.inputs import SpendSnapshot
 from token_budget.policy.windows import WindowKey
 from unit import builders as b
 from unit.builders import NOW
+from unit.test_prometheus_adapter import Answer, FakePrometheus, item, vector
 
 COUNTERS = sources.resolve(api.SpendSource())
 MONTH = WindowKey("Month", "UTC")
@@ -161,3 +168,60 @@ def test_a_refused_apart_reading_makes_only_its_budgets_spend_unknown() -> None:
 def test_raw_parts_of_a_rule_read_window_have_exact_ranges(seconds: float, text: str) -> None:
     assert promql.duration(seconds) == text
     assert f"[{text}]" in promql.spend(COUNTERS, seconds)
+
+
+def _rules_without_user(carried: bool) -> Callable[[str, dict[str, str]], Answer]:
+    """A Prometheus whose rule ran 10 minutes ago and recorded no ``user`` label; its raw
+    series carry ``user`` or not."""
+    ran = NOW.timestamp() - 600
+
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        q = params.get("query", "")
+        if q == promql.last_recorded(COUNTERS):
+            return 200, {"status": "success", "data": {"resultType": "matrix", "result": [
+                {"metric": {"__name__": promql.rule_name(COUNTERS), "namespace": b.NAMESPACE},
+                 "values": [[ran, "1"]]}]}}
+        if 'user!=""' in q and carried:
+            return vector(item("3", tb_kind="user"))
+        return vector()
+
+    return answer
+
+
+@contextlib.contextmanager
+def _serving(answer: Callable[[str, dict[str, str]], Answer]) -> Iterator[FakePrometheus]:
+    fake = FakePrometheus(answer)
+    fake.thread.start()
+    try:
+        yield fake
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+        fake.thread.join(timeout=5)
+
+
+def _collect(carried: bool) -> tuple[SpendSnapshot, list[str]]:
+    plan = planner.plan([_budget("per-user", "user")], NOW, kept=("user",))
+    with _serving(_rules_without_user(carried)) as fake:
+        snap = PrometheusSource(fake.url, rules_keep_labels=("user",)).collect(plan, NOW)
+        return snap, fake.queries
+
+
+def test_a_kept_label_no_series_carries_is_trusted_and_the_rules_are_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        snap, queries = _collect(carried=False)
+    assert not snap.errors and not snap.window_errors
+    assert any(q.startswith("sum by (namespace, pod, model, user, tb_kind) (sum_over_time(")
+               for q in queries)
+    assert "keeps no label" not in caplog.text
+
+
+def test_a_kept_label_the_recorded_series_lack_but_raw_ones_carry_reads_raw(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        snap, queries = _collect(carried=True)
+    assert not snap.errors and not snap.window_errors
+    assert not any("sum_over_time(" in q for q in queries)
+    assert "keeps no label user" in caplog.text
+    assert "long windows grouped by user read the raw series" in caplog.text

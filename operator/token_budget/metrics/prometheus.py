@@ -103,6 +103,7 @@ class PrometheusSource:
         # Per source: (rule run the check was made for, labels the rules were found to keep).
         self._kept_checked: dict[ResolvedSource, tuple[dt.datetime, frozenset[str]]] = {}
         self._rule_labels: dict[ResolvedSource, frozenset[str]] = {}
+        self._said_raw: set[tuple[ResolvedSource, tuple[str, ...]]] = set()
         self.scrape_interval_seconds = scrape_interval_seconds
         self.max_samples = max_samples
         self._retention: tuple[float, int | None] | None = None
@@ -404,8 +405,12 @@ class PrometheusSource:
                             windows[(rs, key)], gaps[(rs, key)] = self._from_rules(
                                 rs, seconds, now, last, key, extra)
                             continue
-                        log.debug("%s over %s reads the raw series: the recording rules keep "
-                                  "no label %s", rs.preset, key, ", ".join(beyond))
+                if seconds > planner.RULES_MIN_SECONDS and beyond and \
+                        (rs, tuple(beyond)) not in self._said_raw:  # once, not per evaluation
+                    self._said_raw.add((rs, tuple(beyond)))
+                    log.info("%s: long windows grouped by %s read the raw series, as the "
+                             "recording rules keep no such label (tokenbudget rules "
+                             "--keep-label, --rules-keep-label)", rs.preset, ", ".join(beyond))
                 if self.max_samples and seconds > 86400:
                     # Long windows only: a day of 15 s samples is 5,760 per series.
                     if rs not in counts:
