@@ -56,7 +56,8 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         cli_implicit_flags=True,
         cli_hide_none_type=True,
-        cli_shortcuts={"namespaces": "namespace", "webhook-hosts": "webhook-host-name"},
+        cli_shortcuts={"namespaces": "namespace", "webhook-hosts": "webhook-host-name",
+                       "rules-keep-labels": "rules-keep-label"},
     )
 
     prometheus_url: str = Field("http://localhost:9090", description="Prometheus base URL")
@@ -76,6 +77,10 @@ class Settings(BaseSettings):
     prometheus_max_samples: int = Field(
         50_000_000, ge=0,
         description="do not send a window query estimated to load more samples (0: no limit)")
+    rules_keep_labels: Names = Field(
+        (), description="labels the installed recording rules keep besides namespace, workload "
+        "and model (--rules-keep-label, repeatable; as given to `tokenbudget rules "
+        "--keep-label`): long windows of budgets partitioned or matched on them read the rules")
     interval_seconds: float = Field(30.0, gt=0, description="evaluation interval")
     recent_seconds: int = Field(600, gt=0, description="look-back for the burn rate used in "
                                 "forecasts")
@@ -171,7 +176,8 @@ class Settings(BaseSettings):
         description="refresh status.lastEvaluationTime at most this often when nothing changed")
 
     @field_validator("namespaces", "model_env", "webhook_hosts", "directive_readers",
-                     "enrolment_signals", "enrolment_signals_extra", mode="before")
+                     "enrolment_signals", "enrolment_signals_extra", "rules_keep_labels",
+                     mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
         """``"a,b"`` or ``["a", "b,c"]`` -> ``("a", "b", "c")``; empty items dropped."""

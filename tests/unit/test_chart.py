@@ -51,7 +51,10 @@ from harness.prometheus import find_binary
 from harness.tools import ensure_tools
 from token_budget import __version__, settings
 from token_budget.api import crds
+from token_budget.api import v1alpha1 as api
 from token_budget.handlers.telemetry import Telemetry
+from token_budget.metrics import promql
+from token_budget.policy import sources
 from token_budget.webhooks import configuration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -681,6 +684,21 @@ def test_the_recording_rules_ship_in_the_chart_exactly_as_in_the_rules_file(
     assert rule["spec"] == shipped, "the chart and rules/ must record the same series"
     assert not [d for d in render(helm, None, monitoring=True)
                 if d["metadata"]["name"].endswith("-recording")], "off by default"
+
+
+def test_kept_labels_reach_the_rules_and_the_operator_from_one_value(
+        helm: Path, tmp_path: Path) -> None:
+    on = tmp_path / "keep-values.yaml"
+    on.write_text("monitoring:\n  recordingRules:\n    enabled: true\n"
+                  "    keepLabels: [user, team]\n")
+    docs = render(helm, [on], monitoring=True)
+    [rule] = [d for d in docs if d["kind"] == "PrometheusRule"
+              and d["metadata"]["name"].endswith("-recording")]
+    want = promql.rules_file([sources.resolve(api.SpendSource(preset=p)) for p in api.Preset],
+                             ("user", "team"))
+    assert rule["spec"] == want, "the chart must record what `tokenbudget rules` generates"
+    assert settings.from_args(_operator_args(docs)).rules_keep_labels == ("user", "team")
+    assert settings.from_args(_operator_args(render(helm, None))).rules_keep_labels == ()
 
 
 def test_the_directive_service_values_reach_the_operator(helm: Path) -> None:

@@ -532,3 +532,25 @@ def test_a_partition_counts_the_cost_of_its_own_pods_only() -> None:
     told = {k.name: d.state for k, d in result.directives.items()}
     assert told == {"alice-agent": api.State.BLOCKED, "bob-agent": api.State.OK,
                     "shared": api.State.OK}
+
+
+def test_cost_sources_count_where_spend_was_read_apart_by_a_label_the_rules_lack() -> None:
+    # A partitioned Month read apart (its window key carries the label) still finds the
+    # cost sources, which are read per window: it used to be "not read", spend unknown.
+    owner = "tokenbudget.io/owner"
+    budget = token_budget(partition={"label": "user", "podLabel": owner},
+                          limits=[{"window": "Month", "cost": "10.00"}], actions=ACTIONS,
+                          costSources=[CPU])
+    snap = b.snapshot([budget], [b.series(10, user="alice")])
+    snap = dataclasses.replace(snap, windows={
+        (rs, dataclasses.replace(k, labels=("user",))): v for (rs, k), v in snap.windows.items()})
+    plan = costs.plan([budget], b.catalog(), NOW, snap.recent_seconds)
+    snap = dataclasses.replace(snap, costs={
+        (q, key): (CostSeries(NAMESPACE, "alice-agent-6b7c-x9z8w", 3600.0),)
+        for key, (_, queries) in plan.windows.items() for q in queries})
+    world = engine.World(budgets=[budget], catalog=b.catalog(), namespaces={NAMESPACE: {}},
+                         workloads=[b.workload("alice-agent", labels={**b.AGENT, owner: "alice"})])
+    alice = next(d for d in engine.evaluate(world, snap, NOW).decisions
+                 if d.scope.partition == "alice")
+    assert alice.reason is Reason.WITHIN_BUDGET
+    assert alice.windows[0].cost == Decimal("0.04001")

@@ -283,8 +283,9 @@ def test_a_dry_run_partitioned_budget_refuses_nothing() -> None:
 def test_the_plan_reads_the_partition_label_for_every_budget_of_the_source() -> None:
     plan = planner.plan([_budget()], NOW)
     assert [labels for labels in plan.group_labels.values()] == [("user",)]
-    # One source, one reading: a plain budget beside a partitioned one reads the label too
-    # (and so, like spend matchers, the raw series rather than the recording rules).
+    # One source, one reading when the plan is not told which labels the rules keep: a plain
+    # budget beside a partitioned one reads the label too (the operator tells it, and then
+    # splits long windows: see test_rules_keep_labels.py).
     plain = b.token_budget("plain", "other")
     plan = planner.plan([plain, _budget()], NOW)
     assert list(plan.group_labels.values()) == [("user",)]

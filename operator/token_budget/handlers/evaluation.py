@@ -497,7 +497,8 @@ class Evaluator:
             memory.update(statuses.memory_of(b, BudgetKey.of))
         world = engine.World(budgets=g.budgets, catalog=catalog, namespaces=g.namespaces,
                              workloads=g.workloads, memory=memory)
-        plan = planner.plan(g.budgets, now, self.settings.recent_seconds)
+        plan = planner.plan(g.budgets, now, self.settings.recent_seconds,
+                            kept=self.settings.rules_keep_labels)
         snapshot = self.source.collect(plan, now)
         limits = ratelimits.plan(g.budgets, catalog)
         if limits:  # the rate-limit trigger: one query per (source, window)

@@ -458,7 +458,8 @@ def build_runtime(settings: Settings) -> Runtime:
     source = PrometheusSource(settings.prometheus_url, Auth(**settings.auth_kwargs),  # type: ignore[arg-type]
                               settings.prometheus_timeout_seconds, on_query=telemetry.query,
                               scrape_interval_seconds=settings.prometheus_scrape_interval_seconds,
-                              max_samples=settings.prometheus_max_samples)
+                              max_samples=settings.prometheus_max_samples,
+                              rules_keep_labels=settings.rules_keep_labels)
     identity = settings.id or f"{socket.gethostname()}-{os.getpid()}"
     timings = Timings.for_lease(settings.lease_seconds)
     # The elector gets its own request counters: Lease renewals are not evaluation writes.

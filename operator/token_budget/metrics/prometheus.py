@@ -49,7 +49,8 @@ class ResultItem(TypedDict):
     value: list[Any]  # [unix time, "value"]
 
 
-_PartKey = tuple[ResolvedSource, dt.datetime, int, int]  # source, end, seconds, horizon
+# source, end, seconds, horizon, labels
+_PartKey = tuple[ResolvedSource, dt.datetime, float, int, tuple[str, ...]]
 _Part = tuple[tuple[SpendSeries, ...], dict[str, Gap]]
 
 
@@ -80,7 +81,8 @@ class PrometheusSource:
     def __init__(self, url: str, auth: Auth | None = None, timeout_seconds: float = 20.0,
                  on_query: Callable[[str, float, bool], None] | None = None,
                  scrape_interval_seconds: float = 15.0, max_samples: int = 50_000_000,
-                 retention_ttl_seconds: float = 600.0) -> None:
+                 retention_ttl_seconds: float = 600.0,
+                 rules_keep_labels: tuple[str, ...] = ()) -> None:
         """
         Args:
             url: base URL, e.g. ``http://prometheus.monitoring:9090``.
@@ -92,7 +94,16 @@ class PrometheusSource:
             max_samples: refuse a query estimated to load more (Prometheus's own
                 ``--query.max-samples`` default is 50 million); 0 turns the guard off.
             retention_ttl_seconds: how long the server's retention, once read, is trusted.
+            rules_keep_labels: the labels the installed recording rules keep besides
+                namespace, workload and model (``tokenbudget rules --keep-label``); a
+                long window grouped only by them reads the rules. Each is checked
+                against the recorded series (see :meth:`kept_labels`).
         """
+        self.rules_keep_labels = tuple(rules_keep_labels)
+        # Per source: (rule run the check was made for, labels the rules were found to keep).
+        self._kept_checked: dict[ResolvedSource, tuple[dt.datetime, frozenset[str]]] = {}
+        self._rule_labels: dict[ResolvedSource, frozenset[str]] = {}
+        self._said_raw: set[tuple[ResolvedSource, tuple[str, ...]]] = set()
         self.scrape_interval_seconds = scrape_interval_seconds
         self.max_samples = max_samples
         self._retention: tuple[float, int | None] | None = None
@@ -226,7 +237,40 @@ class PrometheusSource:
         if when is not None and (at - when).total_seconds() > 2 * step:
             when = None  # the rules stopped: their buckets would miss recent spend
         self._rule_times[rs] = (when, at)
+        self._rule_labels[rs] = frozenset(
+            k for item in result if isinstance(item.get("metric"), dict) for k in item["metric"])
         return when
+
+    def kept_labels(self, rs: ResolvedSource, last: dt.datetime) -> frozenset[str]:
+        """The labels of ``rules_keep_labels`` the installed rules are found to keep.
+
+        The operator is told which labels the rules keep; a rules file generated
+        without them would put every value's spend under an empty label (each
+        person's allowance reading zero). So a label counts as kept unless raw
+        series of the source carried it when the rules last ran while none of the
+        recorded series of the last two runs does; such a label is dropped (its
+        windows read the raw series) and logged. Checked once per rule run.
+        """
+        if not self.rules_keep_labels:
+            return frozenset()
+        checked = self._kept_checked.get(rs)
+        if checked is not None and checked[0] == last:
+            return checked[1]
+        recorded = self._rule_labels.get(rs, frozenset())
+        unsure = [x for x in self.rules_keep_labels if x not in recorded]
+        carried: set[str] = set()
+        if unsure:
+            carried = {_labels(it).get(promql.KIND_LABEL, "")
+                       for it in self.query(promql.carries(rs, tuple(unsure)), last, "estimate")}
+        missing = sorted(carried)
+        if missing:
+            log.warning("the recording rule %s keeps no label %s, though the operator was told "
+                        "it does (--rules-keep-label) and series of %s carry it: windows grouped "
+                        "by it read the raw series; regenerate the rules with `tokenbudget rules "
+                        "--keep-label`", promql.rule_name(rs), ", ".join(missing), rs.preset)
+        found = frozenset(self.rules_keep_labels) - carried
+        self._kept_checked[rs] = (last, found)
+        return found
 
     def _read(self, rs: ResolvedSource, text: str, at: dt.datetime, kind: str,
               extra: tuple[str, ...] = ()) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
@@ -234,7 +278,7 @@ class PrometheusSource:
         items = self.query(text, at, kind)
         return to_series(rs, items, extra), gaps_of(rs, items)
 
-    def read_spend(self, rs: ResolvedSource, seconds: int, at: dt.datetime, kind: str = "spend",
+    def read_spend(self, rs: ResolvedSource, seconds: float, at: dt.datetime, kind: str = "spend",
               extra: tuple[str, ...] = (), narrow: tuple[tuple[str, str], ...] = (),
               horizon: int | None = None, part: object = None) -> list[ResultItem]:
         """The exact spend of the ``seconds`` before ``at``, in two steps.
@@ -269,28 +313,29 @@ class PrometheusSource:
         return kept + self.query(promql.spend(rs, seconds, extra, horizon_seconds=horizon,
                                               narrow=narrow + matchers), at, kind)
 
-    def _part(self, rs: ResolvedSource, seconds: int, at: dt.datetime, now: dt.datetime,
-              horizon: int, part: object) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
+    def _part(self, rs: ResolvedSource, seconds: float, at: dt.datetime, now: dt.datetime,
+              horizon: int, part: object, extra: tuple[str, ...] = ()
+              ) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
         """A raw part of a window read through the rules: read once per evaluation (the
         windows share their tail), and kept while it lies wholly in the past and does not
         move (a calendar window's head, until the next rule run; a rolling window's head
         moves with every evaluation)."""
-        key = (rs, at, seconds, horizon)
+        key = (rs, at, seconds, horizon, extra)
         kept = self._kept.get((rs, part))
         if kept is not None and kept[0] == key:
             self._parts[(rs, part)] = kept
             return kept[1]
         if key in self._fresh:
             return self._fresh[key]
-        items = self.read_spend(rs, seconds, at, "spend", horizon=horizon, part=part)
-        found = to_series(rs, items), gaps_of(rs, items)
+        items = self.read_spend(rs, seconds, at, "spend", extra, horizon=horizon, part=part)
+        found = to_series(rs, items, extra), gaps_of(rs, items)
         self._fresh[key] = found
         if (now - at).total_seconds() >= max(60.0, 4 * self.scrape_interval_seconds):
             self._parts[(rs, part)] = (key, found)  # settled: no sample will still arrive
         return found
 
     def _from_rules(self, rs: ResolvedSource, seconds: int, now: dt.datetime,
-                    last: dt.datetime, key: object = None
+                    last: dt.datetime, key: object = None, extra: tuple[str, ...] = ()
                     ) -> tuple[tuple[SpendSeries, ...], dict[str, Gap]]:
         """A long window as hourly recorded buckets plus the raw series at both ends.
 
@@ -314,18 +359,21 @@ class PrometheusSource:
             # Samples at last, last - 1h, ...; +1 s takes the oldest one whether range
             # selectors are closed (Prometheus 2) or left-open (Prometheus 3).
             span = (buckets - 1) * step + 1
-            parts.append(self._read(rs, promql.recorded(rs, span), last, "recorded"))
-            head = math.ceil((first_start - start).total_seconds())
+            parts.append(self._read(rs, promql.recorded(rs, span, extra), last, "recorded",
+                                    extra))
         else:
             first_start = last
-            head = math.ceil((last - start).total_seconds())
+        # The raw parts meet the buckets to the millisecond (Prometheus's precision; rules
+        # run at a hash-chosen phase such as :31:25.512): a range rounded to whole seconds
+        # took the sample just before the window's start as the head's start value, one
+        # scrape's spend too much for every series whose sample lay within that second.
+        head = (_ms(first_start) - (_ms(now) - round(seconds * 1000))) / 1000
         if head > 0:
-            parts.append(self._part(rs, head, first_start, now, horizon, ("head", key)))
-        # Rounded up: a raw sample right at a join belongs in the range, or the spend
-        # between it and the next sample would be lost.
-        tail = math.ceil((now - last).total_seconds())
+            parts.append(self._part(rs, head, first_start, now, horizon, ("head", key), extra))
+        # From the last rule run exactly: the bucket's last sample is the tail's start value.
+        tail = (_ms(now) - _ms(last)) / 1000
         if tail > 0:
-            parts.append(self._part(rs, tail, now, now, horizon, "tail"))
+            parts.append(self._part(rs, tail, now, now, horizon, ("tail", extra), extra))
         return _sum_series([p[0] for p in parts]), _sum_gaps([p[1] for p in parts])
 
     def collect(self, plan: Plan, now: dt.datetime) -> SpendSnapshot:
@@ -341,16 +389,28 @@ class PrometheusSource:
         for (rs, key), seconds in plan.windows.items():
             if rs in errors:
                 continue
-            extra = plan.group_labels.get(rs, ())
+            extra = plan.labels_of(rs, key)
+            own = {rs.namespace_label, rs.workload_label, rs.model_label}
+            # Labels the window needs that the rules do not keep (told, then found).
+            beyond = sorted(set(extra) - own - set(self.rules_keep_labels))
             try:
-                if seconds > 2 * promql.RULE_STEP_SECONDS and not extra:
+                if seconds > planner.RULES_MIN_SECONDS and not beyond:
                     if rs not in rule_times:
                         rule_times[rs] = self.last_recorded(rs, now)
                     last = rule_times[rs]
                     if last is not None:
-                        windows[(rs, key)], gaps[(rs, key)] = self._from_rules(
-                            rs, seconds, now, last, key)
-                        continue
+                        kept = self.kept_labels(rs, last) if set(extra) - own else frozenset()
+                        beyond = sorted(set(extra) - own - kept)
+                        if not beyond:
+                            windows[(rs, key)], gaps[(rs, key)] = self._from_rules(
+                                rs, seconds, now, last, key, extra)
+                            continue
+                if seconds > planner.RULES_MIN_SECONDS and beyond and \
+                        (rs, tuple(beyond)) not in self._said_raw:  # once, not per evaluation
+                    self._said_raw.add((rs, tuple(beyond)))
+                    log.info("%s: long windows grouped by %s read the raw series, as the "
+                             "recording rules keep no such label (tokenbudget rules "
+                             "--keep-label, --rules-keep-label)", rs.preset, ", ".join(beyond))
                 if self.max_samples and seconds > 86400:
                     # Long windows only: a day of 15 s samples is 5,760 per series.
                     if rs not in counts:
@@ -363,8 +423,12 @@ class PrometheusSource:
                         window_errors[(rs, key)] = (
                             f"the {key} query would hold about {samples:,.0f} samples from "
                             f"{counts[rs]:,} series, more than the {self.max_samples:,} a "
-                            "query may load: install the recording rules "
-                            "(rules/token-budget.rules.yaml) or raise --prometheus-max-samples")
+                            "query may load: " + (
+                                f"the recording rules keep no label {', '.join(beyond)}: "
+                                "regenerate them with `tokenbudget rules --keep-label` and run "
+                                "the operator with --rules-keep-label" if beyond else
+                                "install the recording rules (rules/token-budget.rules.yaml)")
+                            + " or raise --prometheus-max-samples")
                         continue
                 items = self.read_spend(rs, seconds, now, "spend", extra, plan.narrow.get(rs, ()),
                                    part=key)
@@ -494,6 +558,11 @@ def _naming(rs: ResolvedSource, where: list[Mapping[str, str]]) -> dict[str, set
         if len("|".join(planner.re_literal(v) for v in values)) <= planner.MAX_NARROW_CHARS:
             out[label] = values
     return out or None
+
+
+def _ms(t: dt.datetime) -> int:
+    """A time in milliseconds, as a query's ``time`` parameter sends it."""
+    return round(t.timestamp() * 1000)
 
 
 def _finite(item: Any) -> bool:

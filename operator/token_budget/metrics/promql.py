@@ -61,6 +61,8 @@ needed for windows that do not start on the rule's own, hash-chosen phase.
 
 from __future__ import annotations
 
+import math
+
 from token_budget.policy.ratesources import RateSource
 from token_budget.policy.sources import ResolvedSource
 
@@ -103,7 +105,15 @@ GAP_UNKNOWN = "gap_unknown"
 UNCOMMON = "uncommon"
 
 
-def horizon(range_seconds: int) -> int:
+def duration(seconds: float) -> str:
+    """A PromQL duration: whole seconds (``3600s``), else milliseconds (``3600512ms``, the
+    precision of Prometheus's timestamps), so a raw part of a window read through the rules
+    meets its hourly buckets exactly where a rule ran (see ``PrometheusSource._from_rules``)."""
+    ms = round(seconds * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def horizon(range_seconds: float) -> int:
     """How far before a window's start its start value may lie.
 
     The window's own length, at least the lookback and at most
@@ -111,7 +121,7 @@ def horizon(range_seconds: int) -> int:
     that covers the start into the window, so the horizon bounds that over-read
     by the window's own size (a 2-minute window never takes an hour's gap).
     """
-    return min(MAX_HORIZON_SECONDS, max(range_seconds, LOOKBACK_SECONDS))
+    return min(MAX_HORIZON_SECONDS, max(math.ceil(range_seconds), LOOKBACK_SECONDS))
 
 
 class _Parts:
@@ -123,8 +133,8 @@ class _Parts:
     times per series, where a plain ``increase()`` reads the window once.
     """
 
-    def __init__(self, sel: str, range_seconds: int, horizon_seconds: int) -> None:
-        r = f"{range_seconds}s"
+    def __init__(self, sel: str, range_seconds: float, horizon_seconds: int) -> None:
+        r = duration(range_seconds)
         self.range = f"{sel}[{r}]"
         self.last = f"last_over_time({self.range})"
         self.first = f"min_over_time({self.range})"  # a counter's first value, without resets
@@ -194,7 +204,7 @@ def increase(sel: str, range_seconds: int, horizon_seconds: int | None = None) -
     return _Parts(sel, range_seconds, h).increase()
 
 
-def spend(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = (),
+def spend(rs: ResolvedSource, range_seconds: float, extra: tuple[str, ...] = (),
           horizon_seconds: int | None = None, narrow: tuple[tuple[str, str], ...] = ()) -> str:
     """Spend per namespace, workload, model (and ``extra`` labels) over the last range.
 
@@ -220,7 +230,7 @@ def spend(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = (),
     return " or ".join(rows)
 
 
-def common(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = (),
+def common(rs: ResolvedSource, range_seconds: float, extra: tuple[str, ...] = (),
            narrow: tuple[tuple[str, str], ...] = ()) -> str:
     """The first, cheap step of the exact reading of :func:`spend`.
 
@@ -292,29 +302,42 @@ def rule_name(rs: ResolvedSource) -> str:
     return f"tokenbudget:spend_{slug}:increase1h"
 
 
-def rules_file(resolved: list[ResolvedSource]) -> dict[str, object]:
+def rules_file(resolved: list[ResolvedSource], keep: tuple[str, ...] = ()
+               ) -> dict[str, object]:
     """A Prometheus rules file recording each source's hourly spend, tagged by kind.
 
     One sample an hour per (namespace, workload, model, kind) instead of one per
     scrape: a 30-day window reads 720 samples a series instead of 172,800 at a
-    15 s scrape interval. The rule keeps only the grouping labels; budgets whose
-    spend matchers name other labels read the raw series.
+    15 s scrape interval. The rule keeps the grouping labels and the ``keep``
+    labels (``tokenbudget rules --keep-label user``): a budget whose spend
+    matchers or partition name only those reads the rules, grouped by them; one
+    that names another label reads that window from the raw series.
     """
     return {"groups": [{
         "name": "tokenbudget.spend",
         "interval": f"{RULE_STEP_SECONDS // 60}m",
         "rules": [{"record": rule_name(rs),
-                   "expr": spend(rs, RULE_STEP_SECONDS, horizon_seconds=MAX_HORIZON_SECONDS)}
+                   "expr": spend(rs, RULE_STEP_SECONDS, extra=keep,
+                                 horizon_seconds=MAX_HORIZON_SECONDS)}
                   for rs in resolved],
     }]}
 
 
-def recorded(rs: ResolvedSource, range_seconds: int) -> str:
-    """The recorded hourly buckets whose samples fall within the last range, summed."""
-    by = ", ".join((*group_labels(rs, ()), KIND_LABEL))
+def recorded(rs: ResolvedSource, range_seconds: int, extra: tuple[str, ...] = ()) -> str:
+    """The recorded hourly buckets whose samples fall within the last range, summed
+    by the grouping labels and ``extra`` (labels the rules keep)."""
+    by = ", ".join((*group_labels(rs, extra), KIND_LABEL))
     return f"sum by ({by}) (sum_over_time({rule_name(rs)}[{range_seconds}s]))"
 
 
 def last_recorded(rs: ResolvedSource) -> str:
     """The recorded samples of the last two rule runs (a matrix: their true timestamps)."""
     return f"{rule_name(rs)}[{2 * RULE_STEP_SECONDS}s]"
+
+
+def carries(rs: ResolvedSource, labels: tuple[str, ...]) -> str:
+    """Per label of ``labels``, whether any raw series of the source carries it now: one
+    row tagged with the label's name (``tb_kind``) per label some series has."""
+    metrics = quote("|".join(sorted({sel.metric for _, sel in rs.counters})))
+    return " or ".join(
+        _tagged(f"count({{__name__=~{metrics}, {label}!=\"\"}})", label) for label in labels)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
 from token_budget.api.types import utc
-from token_budget.policy import attribution, costs, directives, ratelimits, usage
+from token_budget.policy import attribution, costs, directives, planner, ratelimits, usage
 from token_budget.policy.decisions import (
     SEVERITY,
     STATE_OF_ACTION,
@@ -170,7 +170,7 @@ def outcome(s: ScopeInput, d: Draft) -> Verdict | None:
     o = s.spec.outcome
     if o is None:
         return None
-    spend = s.spend_source.window(o.window, "UTC").spend
+    spend = s.spend_source.window(o.window, "UTC", planner.needed_labels(s.spec)).spend
     cost = (spend.total(s.namespaces, s.spec.spend_matchers, None).cost
             if spend is not None else Decimal(0))
     more = costs.added_cost(s.spec, s.catalog, s.context.costs, WindowKey.of(o.window, "UTC"),

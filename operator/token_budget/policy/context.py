@@ -8,6 +8,7 @@ model-pattern matches, cheapest equivalents.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections import defaultdict
 from decimal import Decimal
@@ -34,17 +35,25 @@ class Source:
         self.error = context.snapshot.errors.get(rs)
         self.recent = recent if recent is not None else Spend(
             context.snapshot.recent.get(rs, ()), context.prices, context.model_ok)
-        self._windows: dict[tuple[str, str], Window] = {}
+        self._windows: dict[tuple[str, str, tuple[str, ...]], Window] = {}
 
-    def window(self, window: str, time_zone: str) -> Window:
+    def window(self, window: str, time_zone: str, labels: tuple[str, ...] = ()) -> Window:
+        """A window's spend as a budget reads it. ``labels``: the labels the budget needs
+        (:func:`token_budget.policy.planner.needed_labels`); when the plan read the window
+        apart for them (the rules do not keep one), that reading."""
         try:
-            return self._windows[(window, time_zone)]
+            return self._windows[(window, time_zone, labels)]
         except KeyError:
             key = WindowKey.of(window, time_zone)
+            if labels:
+                apart = dataclasses.replace(key, labels=labels)
+                snap = self.context.snapshot
+                if (self.rs, apart) in snap.windows or (self.rs, apart) in snap.window_errors:
+                    key = apart
             spend = self.context.spend(self.rs, key)
             # Bounds only for windows that were read, as before (an odd zone fails planning).
             start, resets = self.context.bounds(key) if spend is not None else (EPOCH, None)
-            found = self._windows[(window, time_zone)] = Window(
+            found = self._windows[(window, time_zone, labels)] = Window(
                 key, start, resets, spend, self.context.now_utc)
             return found
 

@@ -47,7 +47,7 @@ from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
-from token_budget.policy import checks, costs, partitions, reuse
+from token_budget.policy import checks, costs, partitions, planner, reuse
 from token_budget.policy.attribution import (
     UNGOVERNED_SHOWN,
     governed_by,
@@ -293,7 +293,8 @@ def _explain_unseen(decision: Decision, budget: api.Budget, context: Context) ->
     if matchers:
         inside: set[tuple[str, str, str]] = set()
         for lim in budget.spec.limits:
-            spend = source.window(lim.window, lim.time_zone).spend
+            spend = source.window(lim.window, lim.time_zone,
+                                   planner.needed_labels(budget.spec)).spend
             if spend is not None:
                 inside.update((s.namespace, s.workload, s.model)
                               for ns in namespaces for s in spend.by_ns.get(ns, ()))

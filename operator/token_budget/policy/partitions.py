@@ -38,6 +38,7 @@ from decimal import Decimal
 from typing import Any
 
 from token_budget.api import v1alpha1 as api
+from token_budget.policy import planner
 from token_budget.policy.attribution import governed_by
 from token_budget.policy.context import Context
 from token_budget.policy.decisions import SEVERITY, Decision
@@ -85,8 +86,9 @@ class Partitioner:
         spec = budget.spec
         source = self.context.source(spec.source)
         matchers = tuple(spec.spend_matchers)
+        labels = planner.needed_labels(spec)
         spends = [w.spend for lim in spec.limits
-                  if (w := source.window(lim.window, lim.time_zone)).spend is not None]
+                  if (w := source.window(lim.window, lim.time_zone, labels)).spend is not None]
         out: Scopes = []
         for scope, namespaces in listed:
             values = {api.UNPARTITIONED} | self._memory(scope.budget, scope.namespace)

@@ -3,8 +3,18 @@
 The planner looks at every budget at once and returns a :class:`Plan`: the
 distinct (source, window) pairs, the labels each source's query must group by
 (namespace, workload and model, plus every label any budget's spend matchers
-use), and the outcome counters. The Prometheus adapter turns the plan into
-PromQL; the engine reads the answers back by the same keys.
+or partition use), and the outcome counters. The Prometheus adapter turns the
+plan into PromQL; the engine reads the answers back by the same keys.
+
+Long windows and the recording rules. A window longer than
+:data:`RULES_MIN_SECONDS` is read from the hourly recording rules when they
+keep every label its budgets group by (``kept``: the labels the installed
+rules keep besides namespace, workload and model). A budget that needs another
+label would push its whole (source, window) query to the raw series, and with
+it every budget of the source; so its window is read apart, once per (source,
+window, label set), under a :class:`WindowKey` whose ``labels`` name that set
+(:func:`reading_key`), and only those budgets read raw there. Without ``kept``
+(None) nothing is split: one query per (source, window), as before.
 """
 
 from __future__ import annotations
@@ -47,6 +57,16 @@ class Plan:
     # they go into the PromQL selector, so a matcher on a high-cardinality label does not
     # pull every series of the source.
     narrow: dict[ResolvedSource, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # Per window read, the labels its query groups by when they differ from the source's
+    # (a shared reading grouped only by the labels of its own budgets; see the module).
+    window_labels: dict[tuple[ResolvedSource, WindowKey], tuple[str, ...]] = \
+        field(default_factory=dict)
+
+    def labels_of(self, rs: ResolvedSource, key: WindowKey) -> tuple[str, ...]:
+        """The labels the query of one window groups by, beyond the source's own."""
+        if key.labels:
+            return key.labels
+        return self.window_labels.get((rs, key), self.group_labels.get(rs, ()))
 
     @property
     def query_count(self) -> int:
@@ -61,9 +81,41 @@ def budget_windows(spec: api.TokenBudgetSpec) -> list[WindowKey]:
     return keys
 
 
-def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 600) -> Plan:
-    """The queries for one evaluation of ``budgets`` at ``now``."""
+#: Windows longer than this are read from the hourly recording rules when they are installed
+#: (two rule steps: shorter ones gain nothing from hourly buckets).
+RULES_MIN_SECONDS = 2 * 3600
+
+
+def needed_labels(spec: api.TokenBudgetSpec) -> tuple[str, ...]:
+    """The labels a budget's spend must be grouped by: its matchers' and its partition's."""
+    labels = {m.label for m in spec.spend_matchers}
+    if spec.partition is not None:
+        labels.add(spec.partition.label)
+    return tuple(sorted(labels))
+
+
+def reading_key(rs: ResolvedSource, spec: api.TokenBudgetSpec, key: WindowKey,
+                seconds: int, kept: tuple[str, ...] | None) -> WindowKey:
+    """Under which key a budget's window is read: apart (``key.labels`` set) when the
+    window is long enough for the rules and the budget needs a label they do not keep."""
+    if kept is None or seconds <= RULES_MIN_SECONDS:
+        return key
+    need = needed_labels(spec)
+    base = {rs.namespace_label, rs.workload_label, rs.model_label}
+    if set(need) - base <= set(kept):
+        return key
+    return dataclasses.replace(key, labels=need)
+
+
+def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 600,
+         kept: tuple[str, ...] | None = None) -> Plan:
+    """The queries for one evaluation of ``budgets`` at ``now``.
+
+    ``kept``: the labels the installed recording rules keep (``--rules-keep-label``);
+    None reads every window of a source in one query grouped by every label.
+    """
     ranges: dict[tuple[ResolvedSource, WindowKey], int] = {}
+    per_window: dict[tuple[ResolvedSource, WindowKey], set[str]] = {}
     extra: dict[ResolvedSource, set[str]] = {}
     matchers: dict[ResolvedSource, list[tuple[api.SpendMatcher, ...]]] = {}
     outcome_groups: dict[tuple[str, str, WindowKey], set[str]] = {}
@@ -75,7 +127,10 @@ def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 
             extra[rs].add(spec.partition.label)
         matchers.setdefault(rs, []).append(tuple(spec.spend_matchers))
         for key in budget_windows(spec):
-            ranges[(rs, key)] = windows.range_seconds(key, now)
+            seconds = windows.range_seconds(key, now)
+            key = reading_key(rs, spec, key, seconds, kept)
+            ranges[(rs, key)] = seconds
+            per_window.setdefault((rs, key), set()).update(needed_labels(spec))
         if spec.outcome is not None:
             o = spec.outcome
             okey = (o.metric, o.namespace_label, WindowKey.of(o.window, "UTC"))
@@ -96,6 +151,9 @@ def plan(budgets: Iterable[api.Budget], now: dt.datetime, recent_seconds: int = 
         recent_seconds=recent_seconds,
         sources=tuple(sorted(extra)),
         narrow={rs: n for rs, per_budget in matchers.items() if (n := narrowing(per_budget))},
+        # Only when some window is read apart do the shared ones group by fewer labels.
+        window_labels={k: tuple(sorted(v)) for k, v in per_window.items()}
+        if any(k.labels for _, k in ranges) else {},
     )
 
 
@@ -171,5 +229,6 @@ def report_plan(budgets: Iterable[api.Budget], extra_sources: Iterable[ResolvedS
     return dataclasses.replace(
         base, windows={(rs, key): seconds for rs in sorted(resolved)},
         group_labels={rs: base.group_labels.get(rs, ()) for rs in sorted(resolved)},
+        window_labels={},
         outcomes=outcomes, sources=(),
         narrow={})  # a report shows every namespace's spend, not only the budgets' matches

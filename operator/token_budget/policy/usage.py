@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
-from token_budget.policy import costs
+from token_budget.policy import costs, planner
 from token_budget.policy.decisions import WindowUsage
 from token_budget.policy.ladders import HUNDRED, percent
 from token_budget.policy.scope import ScopeInput, Unknown
@@ -29,8 +29,9 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
     recent_s = s.context.recent_seconds
     retention = s.snapshot.retention_seconds
     now = s.context.now_utc
+    labels = planner.needed_labels(s.spec)
     for lim in s.spec.limits:
-        window = source.window(lim.window, lim.time_zone)
+        window = source.window(lim.window, lim.time_zone, labels)
         spend = window.spend
         if spend is None:
             why = s.snapshot.window_errors.get((s.source, window.key))
@@ -47,7 +48,9 @@ def read(s: ScopeInput) -> tuple[list[WindowUsage], bool, set[str]]:
             # Cost sources add to money limits without a model (see policy.costs). A limit
             # on tokens only does not need them: unread, it shows token cost alone.
             try:
-                by_kind, extra_rate = _cost_sources(s, window.key, cost)
+                # Cost sources are read per window, whatever labels spend was read apart by.
+                by_kind, extra_rate = _cost_sources(
+                    s, WindowKey.of(lim.window, lim.time_zone), cost)
             except Unknown:
                 if lim.cost is not None:
                     raise

@@ -22,6 +22,9 @@ class WindowKey:
 
     window: str
     time_zone: str = "UTC"
+    #: Set only on a reading apart from the source's shared one: the labels it groups by,
+    #: for budgets that need a label the recording rules do not keep (see the planner).
+    labels: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         if self.is_calendar:
