@@ -162,10 +162,32 @@ def test_a_partition_remembered_blocked_whose_series_vanished_is_still_decided()
     assert not by["alice"].spend_known
 
 
-def _thousand() -> tuple[api.TokenBudget, Any]:
+def _thousand(n: int = 1000) -> tuple[api.TokenBudget, Any]:
     budget = _budget()
-    spend = [b.series(50 + i % 20 * 60, user=f"u{i:04}") for i in range(1000)]
+    spend = [b.series(50 + i % 20 * 60, user=f"u{i:04}") for i in range(n)]
     return budget, b.evaluate([budget], spend, workloads=[])
+
+
+def test_the_over_list_is_bounded_blocked_first() -> None:
+    budget, result = _thousand(3000)  # 1,050 restricted, 450 of them Blocked
+    status = statuses.partitioned_status(budget, result.decisions, "USD", NOW, 0, None)
+    p = status["partitions"]
+    assert len(p["over"]) == api.PARTITIONS_OVER_SHOWN < p["overCount"] == 1050
+    assert all(e["state"] == "Blocked" for e in p["over"][:p["blocked"]])
+    api.BudgetStatus.model_validate(status)  # within the schema's bounds
+
+
+def test_admission_sees_every_blocked_person_of_a_large_budget() -> None:
+    # 150 people Blocked: the status used to list 100, and the 150th was admitted.
+    budget = _budget()
+    spend = [b.series(5000, user=f"u{i:03d}", workload=f"w{i}") for i in range(150)]
+    result = b.evaluate([budget], spend, workloads=[])
+    status = statuses.partitioned_status(budget, result.decisions, "USD", NOW, 0, None)
+    read_back = budget.model_copy(update={"status": api.BudgetStatus.model_validate(status)})
+    for user in ("u000", "u149"):
+        verdict = admission.review([read_back], b.catalog(), b.NAMESPACE, {},
+                                   {**b.AGENT, OWNER: user}, [], NOW)
+        assert (verdict.allowed, verdict.reason) == (False, "BudgetBlocked"), user
 
 
 def test_a_thousand_partitions_give_a_bounded_status_and_one_event() -> None:
@@ -176,8 +198,9 @@ def test_a_thousand_partitions_give_a_bounded_status_and_one_event() -> None:
     assert p["count"] == 1001
     assert p["blocked"] == sum(1 for i in range(1000) if 50 + i % 20 * 60 >= 1000)
     assert len(p["top"]) == 3 and p["top"][0]["usedPercent"] == 119
-    assert len(p["over"]) == api.PARTITIONS_OVER_SHOWN < p["overCount"]
-    assert all(e["state"] == "Blocked" for e in p["over"])  # Blocked first
+    # 350 restricted: every one listed, so admission and memory see every Blocked person.
+    assert len(p["over"]) == p["overCount"] == p["restricted"] == 350
+    assert [e["state"] for e in p["over"]][:p["blocked"]] == ["Blocked"] * p["blocked"]
     assert status["state"] == "Ok"  # the unpartitioned spend is none: not Blocked for all
     assert f"{p['restricted']} of 1001 partitions by user restricted" in status["message"]
     api.BudgetStatus.model_validate(status)  # within the schema's bounds

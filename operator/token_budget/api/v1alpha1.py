@@ -555,7 +555,7 @@ class Partition(_Base):
     report_at_percent: int = Field(
         default=80, ge=1, le=1000,
         description="status.partitions.over lists every partition at or above this "
-        "percentage of a limit, or not Ok (Blocked first; at most 100 entries).",
+        "percentage of a limit, or not Ok (Blocked first; at most 1,000 entries).",
     )
 
 
@@ -764,7 +764,7 @@ class PartitionEntry(_Base):
 
 
 #: Most entries ``status.partitions.over`` lists.
-PARTITIONS_OVER_SHOWN = 100
+PARTITIONS_OVER_SHOWN = 1000
 
 
 class PartitionsStatus(_Base):
@@ -783,7 +783,7 @@ class PartitionsStatus(_Base):
         default=(),
         max_length=PARTITIONS_OVER_SHOWN,
         description="Partitions at or above reportAtPercent or not Ok, Blocked first, then "
-        "most used first (at most 100; overCount says how many there are).",
+        "most used first (at most 1,000; overCount says how many there are).",
     )
     over_count: int = Field(default=0, description="How many partitions qualify for over.")
 
