@@ -33,7 +33,7 @@ from token_budget.api import rules
 from token_budget.api import v1alpha1 as api
 from token_budget.handlers import status as statuses
 from token_budget.handlers.telemetry import Telemetry
-from token_budget.policy import admission, planner
+from token_budget.policy import admission, partitions, planner
 from token_budget.policy.inputs import BudgetKey, Memory, ScopeKey
 from token_budget.policy.matchers import series_matches
 from token_budget.policy.pricing import Prices
@@ -75,6 +75,32 @@ def test_each_user_gets_the_full_limits_and_only_their_workloads_are_told() -> N
     assert result.directives[b.key("bob-agent")].state is State.OK
     assert result.directives[b.key("carol-agent")].state is State.WARNING
     assert 'user="alice"' in result.directives[b.key("alice-agent")].message
+
+
+@pytest.mark.parametrize(("value", "form"), [
+    ("alice", "alice"), ("alice@corp.com", "alice_corp.com"), ("Bob Smith", "Bob_Smith"),
+    ("-key:42-", "key_42"), ("x" * 70, "x" * 63)])
+def test_a_value_no_pod_label_can_hold_has_a_label_form(value: str, form: str) -> None:
+    assert partitions.label_form(value) == form
+
+
+def test_people_named_by_e_mail_are_told_through_their_label_form() -> None:
+    # end_user is often an e-mail, which no pod label value can hold: alice's pods carry
+    # alice_corp.com. (Her partition was Blocked and her agent told Ok.)
+    budget = _budget()
+    result = b.evaluate([budget], [b.series(1500, user="alice@corp.com"),
+                                   b.series(100, user="bob@corp.com")],
+                        workloads=[_owned("alice-agent", "alice_corp.com"),
+                                   _owned("bob-agent", "bob_corp.com")])
+    assert result.directives[b.key("alice-agent")].blocked
+    assert result.directives[b.key("bob-agent")].state is State.OK
+    assert sorted(d.scope.partition or "" for d in result.decisions) == [
+        "", "alice@corp.com", "bob@corp.com"]  # not the label forms again
+    status = statuses.partitioned_status(budget, result.decisions, "USD", NOW, 0, None)
+    read_back = budget.model_copy(update={"status": api.BudgetStatus.model_validate(status)})
+    verdict = admission.review([read_back], b.catalog(), b.NAMESPACE, {},
+                               {**b.AGENT, OWNER: "alice_corp.com"}, [], NOW)
+    assert (verdict.allowed, verdict.reason) == (False, "BudgetBlocked")
 
 
 def test_unlabelled_spend_is_one_partition_the_limits_apply_to() -> None:

@@ -32,6 +32,7 @@ or not Ok (Blocked first, at most :data:`api.PARTITIONS_OVER_SHOWN`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
@@ -52,6 +53,25 @@ def value_of(partition: api.Partition, pod_labels: dict[str, str] | Any) -> str:
     """The partition a pod (template) belongs to: its ``podLabel`` value ("" without it)."""
     value = pod_labels.get(partition.pod_label, "")
     return value if isinstance(value, str) else ""
+
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_NOT_IN_LABEL = re.compile(r"[^-A-Za-z0-9_.]")
+
+
+def label_form(value: str) -> str:
+    """The pod label value that names a partition value.
+
+    A value a pod label can hold is itself. Others (an e-mail as ``end_user``, an
+    API key alias with spaces, more than 63 characters) have every character a label
+    value cannot hold replaced by ``_``, the ends trimmed to a letter or digit and the
+    whole cut to 63: ``alice@corp.com`` is ``alice_corp.com``.
+    """
+    if len(value) <= 63 and _LABEL_VALUE.match(value):
+        return value
+    form = _NOT_IN_LABEL.sub("_", value)
+    form = re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", form)[:63]
+    return re.sub(r"[^A-Za-z0-9]+$", "", form)
 
 
 def describe(partition: api.Partition, value: str) -> str:
@@ -92,10 +112,13 @@ class Partitioner:
         out: Scopes = []
         for scope, namespaces in listed:
             values = {api.UNPARTITIONED} | self._memory(scope.budget, scope.namespace)
-            values.update(self._routed_for(budget, namespaces))
             for spend in spends:
                 for ns in namespaces:
                     values.update(spend.grouped(ns, matchers, partition.label))
+            # A person whose workloads run before they spent: their pod label's value (a
+            # value spent under is named by its label form on the pods: not twice).
+            named = {label_form(v) for v in values}
+            values.update(r for r in self._routed_for(budget, namespaces) if r not in named)
             out.extend((ScopeKey(scope.budget, scope.namespace, v), namespaces)
                        for v in sorted(values))
         return out
@@ -115,7 +138,8 @@ class Partitioner:
             derived = self._derived[(id(budget), value)] = budget.model_copy(
                 update={"spec": spec})
         routed = self._routed_for(budget, namespaces)
-        s = ScopeInput(derived, scope, namespaces, self.context, routed.get(value, []))
+        s = ScopeInput(derived, scope, namespaces, self.context,
+                       routed.get(label_form(value), []))
         if budget.spec.cost_sources or self.context.catalog.cost_sources:
             s.cost_keep = self._cost_owner(budget, namespaces, value)
         return s
@@ -142,7 +166,7 @@ class Partitioner:
             for _ in range(4):
                 found = owners.get((namespace, name))
                 if found is not None:
-                    return found == value
+                    return found == label_form(value)
                 head, sep, _tail = name.rpartition("-")
                 if not sep:
                     break
@@ -233,13 +257,17 @@ def remembered(status: api.BudgetStatus, key: BudgetKey
 
 
 def state_of(budget: api.Budget, namespace: str, value: str) -> api.State:
-    """A partition's state as the budget's status says (Ok when not listed)."""
+    """The state of the partition a pod label ``value`` names, as the budget's status says
+    (Ok when not listed; the most severe when several values share a label form)."""
     st = budget.status
     if st is None or st.partitions is None:
         return api.State.OK
     scoped = isinstance(budget, api.ClusterTokenBudget) and \
         budget.spec.limit_scope is api.LimitScope.PER_NAMESPACE
+    found = api.State.OK
     for e in (*st.partitions.over, *st.partitions.top):
-        if e.value == value and (not scoped or e.namespace == namespace):
-            return e.state
-    return api.State.OK
+        if (e.value == value or label_form(e.value) == value) and \
+                (not scoped or e.namespace == namespace) and \
+                SEVERITY[e.state] > SEVERITY[found]:
+            found = e.state
+    return found
