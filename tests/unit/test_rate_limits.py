@@ -452,3 +452,56 @@ def test_a_per_namespace_cluster_budget_judges_each_namespace_on_its_own_429s() 
     memory = statuses.memory_of(parsed, BudgetKey.of)
     assert memory[ScopeKey(BudgetKey.of(budget), "qa-1")].rate_limited == (("large", NOW),)
     assert memory[ScopeKey(BudgetKey.of(budget), "qa-2")].rate_limited == ()
+
+
+def _round(budget: api.Budget, shares: dict[str, int], old: dict[str, Any] | None,
+           now: dt.datetime, *, spend_error: str | None = None,
+           events: list[tuple[str, str]] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """One evaluation of ``budget`` (Deployment ``agent`` in each namespace, calling
+    ``large``) whose status is read back from ``old``, as the operator does; the model its
+    directive names, the new status; the rate-limit Events appended to ``events``."""
+    from token_budget.handlers import evaluation
+    from token_budget.handlers import status as statuses
+
+    if old is not None:
+        budget = budget.model_copy(update={"status": api.BudgetStatus.model_validate(old)})
+    cat = _catalog()
+    snap = b.snapshot([budget], [b.series(1000, namespace=ns, workload="agent", model="large")
+                                 for ns in shares], now=now,
+                      errors={api.Preset.COUNTERS: spend_error} if spend_error else None)
+    samples = tuple(RateSample(ns, "large", 100, p) for ns, p in shares.items())
+    snap = SpendSnapshot(**{**snap.__dict__, "rate_limits": {
+        k: samples for k in ratelimits.plan([budget], cat)}})
+    world = engine.World(budgets=[budget], catalog=cat,
+                         namespaces={ns: {"environment": "qa"} for ns in shares},
+                         workloads=[b.workload(namespace=ns, models=["large"]) for ns in shares],
+                         memory=statuses.memory_of(budget, BudgetKey.of))
+    result = engine.evaluate(world, snap, now)
+    new = statuses.budget_status(budget, list(result.decisions), "USD", now, 1, old)
+
+    class Said:
+        def event(self, obj: Any, type_: str, reason: str, message: str) -> None:
+            if events is not None:
+                events.append((reason, message))
+
+    evaluation.Evaluator._rate_limit_events(Said(), {}, old or {}, new)  # type: ignore[arg-type]
+    first = b.key(namespace=next(iter(shares)))
+    held = first in result.held
+    d = result.directives.get(first)
+    return ("held" if held else d.model if d else None), new
+
+
+def test_an_unreadable_spend_keeps_the_rate_limit_memory_and_its_hysteresis() -> None:
+    budget = _budget()
+    events: list[tuple[str, str]] = []
+    later = [NOW + dt.timedelta(seconds=30 * i) for i in range(3)]
+    model, st = _round(budget, {NAMESPACE: 30}, None, later[0], events=events)
+    assert model == "large-eu"
+    model, st = _round(budget, {NAMESPACE: 30}, st, later[1], events=events,
+                       spend_error="connection refused")
+    assert model == "held"  # Hold: the reroute's annotation stays as it is
+    assert st["rateLimited"][0]["fallback"] == "large-eu"
+    assert _condition(st)["reason"] == "RateLimited"
+    model, st = _round(budget, {NAMESPACE: 17}, st, later[2], events=events)
+    assert model == "large-eu"  # 17 % is within the hysteresis (20 - 5)
+    assert [r for r, _ in events] == ["RateLimited"]  # no false RateLimitRecovered

@@ -19,6 +19,7 @@ from token_budget.api.types import format_money, utc
 from token_budget.policy import engine, partitions, ratelimits
 from token_budget.policy.decisions import SEVERITY, Decision
 from token_budget.policy.inputs import Gap, Memory, ScopeKey
+from token_budget.policy.ratesources import RateLimited
 
 
 def _time(value: dt.datetime | None) -> str | None:
@@ -48,20 +49,48 @@ def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+def _kept_rows(old: dict[str, Any], decisions: Sequence[Decision]
+               ) -> list[tuple[str, RateLimited]]:
+    """The old status's rows of the namespaces whose spend is unknown (and so not judged).
+
+    A scope whose spend cannot be read is decided by ``whenSpendUnknown``, not by the
+    chain, so its 429 share is not judged: what it remembered stays as it was (Hold
+    keeps the reroute's annotation in place), or the hysteresis would be lost and a
+    false RateLimitRecovered announced.
+    """
+    judged = {d.scope.namespace for d in decisions if d.rate_limit_on}
+    unknown = {d.scope.namespace for d in decisions if not d.spend_known} - judged
+    kept = []
+    for r in old.get("rateLimited") or ():
+        ns = r.get("namespace") or ""
+        if ns not in unknown or not r.get("model"):
+            continue
+        since = r.get("since")
+        kept.append((ns, RateLimited(
+            model=str(r["model"]), share_percent=int(r.get("sharePercent") or 0), requests=0,
+            fallback=r.get("fallback"),
+            since=dt.datetime.fromisoformat(str(since).replace("Z", "+00:00"))
+            if since else EPOCH)))
+    return kept
+
+
 def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
-                conds: tuple[cond.Condition, ...], now: dt.datetime, generation: int | None
-                ) -> tuple[cond.Condition, ...]:
+                conds: tuple[cond.Condition, ...], now: dt.datetime, generation: int | None,
+                old: dict[str, Any]) -> tuple[cond.Condition, ...]:
     """``rateLimited`` and the RateLimited condition, for a budget whose trigger is on."""
     on = [d for d in decisions if d.rate_limit_on]
-    if not on:
-        return tuple(c for c in conds if c.type != cond.RATE_LIMITED)
     rows = [(d.scope.namespace, r) for d in on for r in d.rate_limited]
+    rows += _kept_rows(old, decisions)
     if rows:
         status["rateLimited"] = [
             {k: v for k, v in {
                 "model": r.model, "namespace": ns or None, "sharePercent": r.share_percent,
                 "fallback": r.fallback, "since": _time(r.since)}.items() if v is not None}
             for ns, r in rows[:20]]
+    if not on:
+        if any(not d.spend_known for d in decisions):
+            return conds  # not judged: the condition stays as it was
+        return tuple(c for c in conds if c.type != cond.RATE_LIMITED)
     errors = sorted({d.rate_limit_error for d in on if d.rate_limit_error})
     if rows:
         text = "; ".join(f"{ns + ': ' if ns else ''}{ratelimits.describe([r])}"
@@ -267,7 +296,7 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
         conds = cond.set_condition(conds, cond.ENFORCING, False, cond.Reason.WITHIN_BUDGET,
                                    f"{enforced} workload(s) governed; nothing restricted", now,
                                    generation)
-    conds = _rate_limit(status, decisions, conds, now, generation)
+    conds = _rate_limit(status, decisions, conds, now, generation, old)
     status["conditions"] = [c.model_dump(mode="json", by_alias=True) for c in conds]
     return status
 
