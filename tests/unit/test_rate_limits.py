@@ -505,3 +505,40 @@ def test_an_unreadable_spend_keeps_the_rate_limit_memory_and_its_hysteresis() ->
     model, st = _round(budget, {NAMESPACE: 17}, st, later[2], events=events)
     assert model == "large-eu"  # 17 % is within the hysteresis (20 - 5)
     assert [r for r, _ in events] == ["RateLimited"]  # no false RateLimitRecovered
+
+
+def test_partitions_remember_a_rate_limit_in_one_row_per_namespace_and_model() -> None:
+    from token_budget.handlers import status as statuses
+
+    owner = "tokenbudget.io/owner"
+    budget = _budget(partition={"label": "user", "podLabel": owner})
+    cat = _catalog()
+
+    def run(share: int, old: dict[str, Any] | None, now: dt.datetime
+            ) -> tuple[engine.Evaluation, dict[str, Any]]:
+        parsed = budget if old is None else budget.model_copy(
+            update={"status": api.BudgetStatus.model_validate(old)})
+        snap = b.snapshot([parsed], [b.series(1000, workload=f"agent-{u}", model="large",
+                                              user=u) for u in ("alice", "bob")], now=now)
+        snap = SpendSnapshot(**{**snap.__dict__, "rate_limits": {
+            k: (RateSample(NAMESPACE, "large", 100, share),)
+            for k in ratelimits.plan([parsed], cat)}})
+        world = engine.World(
+            budgets=[parsed], catalog=cat, namespaces={NAMESPACE: {}},
+            workloads=[b.workload(name=f"agent-{u}", models=["large"],
+                                  labels={**b.AGENT, owner: u}) for u in ("alice", "bob")],
+            memory=statuses.memory_of(parsed, BudgetKey.of))
+        result = engine.evaluate(world, snap, now)
+        return result, statuses.partitioned_status(parsed, list(result.decisions), "USD", now,
+                                                   2, old)
+
+    result, st = run(30, None, NOW)
+    assert st["rateLimited"] == [{"model": "large", "sharePercent": 30, "fallback": "large-eu",
+                                  "since": "2025-11-20T12:00:00Z"}]
+    later = NOW + dt.timedelta(seconds=30)
+    result, new = run(17, st, later)  # within the hysteresis (20 - 5)
+    for u in ("alice", "bob"):
+        assert result.directives[b.key(name=f"agent-{u}")].model == "large-eu"
+    assert new["rateLimited"] == [{"model": "large", "sharePercent": 17,
+                                   "fallback": "large-eu", "since": "2025-11-20T12:00:00Z"}]
+    assert not statuses.changed(st, new, later, 300)  # "since" kept: nothing to write

@@ -79,7 +79,12 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
                 old: dict[str, Any]) -> tuple[cond.Condition, ...]:
     """``rateLimited`` and the RateLimited condition, for a budget whose trigger is on."""
     on = [d for d in decisions if d.rate_limit_on]
-    rows = [(d.scope.namespace, r) for d in on for r in d.rate_limited]
+    # One row per (namespace, model): every partition of a namespace reads the same share.
+    found: dict[tuple[str, str], RateLimited] = {}
+    for d in on:
+        for r in d.rate_limited:
+            found.setdefault((d.scope.namespace, r.model), r)
+    rows = [(ns, r) for (ns, _), r in found.items()]
     rows += _kept_rows(old, decisions)
     if rows:
         status["rateLimited"] = [

@@ -47,6 +47,7 @@ once ``minRequests`` requests are counted.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from collections.abc import Iterable
 from decimal import Decimal
 
@@ -55,7 +56,7 @@ from token_budget.api.conditions import Reason
 from token_budget.policy import usage
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, Directive
-from token_budget.policy.inputs import WorkloadKey
+from token_budget.policy.inputs import ScopeKey, WorkloadKey
 from token_budget.policy.ratesources import RateLimited, RateSample, RateSource, resolve
 from token_budget.policy.scope import ScopeInput
 
@@ -111,7 +112,7 @@ def judge(s: ScopeInput) -> Rate:
         rate.error = error or f"the {rs} rate-limit counters over {t.window_seconds}s were not read"
         return rate
     rate.shares = shares = _shares(samples, s.namespaces, s.catalog)
-    before = dict(s.memory.rate_limited) if s.memory is not None else {}
+    before = dict(remembered(s))
     limited: dict[str, tuple[int, int]] = {}
     for model, (requests, answered_429) in shares.items():
         if requests < t.min_requests or requests <= 0:
@@ -132,6 +133,21 @@ def judge(s: ScopeInput) -> Rate:
         if model not in before:
             s.timed = True  # "since" is the time of evaluation: it holds for that instant
     return rate
+
+
+def remembered(s: ScopeInput) -> tuple[tuple[str, dt.datetime], ...]:
+    """The models the scope found rate-limited last time, with when each became so.
+
+    The 429 share is per (namespace, model): every partition of a scope reads the same
+    share, so the memory is the scope's (``ScopeKey(budget, namespace)``, kept in the
+    status's ``rateLimited`` rows), shared by its partitions, most of which a status
+    does not list.
+    """
+    own = s.memory.rate_limited if s.memory is not None else ()
+    if s.scope.partition is None or not s.context.world.memory:
+        return own
+    parent = s.context.world.memory.get(ScopeKey(s.scope.budget, s.scope.namespace))
+    return (*own, *parent.rate_limited) if parent is not None else own
 
 
 def _shares(samples: Iterable[RateSample], namespaces: tuple[str, ...], catalog: Catalog
