@@ -456,12 +456,16 @@ def test_a_per_namespace_cluster_budget_judges_each_namespace_on_its_own_429s() 
 
 def _round(budget: api.Budget, shares: dict[str, int], old: dict[str, Any] | None,
            now: dt.datetime, *, spend_error: str | None = None,
-           events: list[tuple[str, str]] | None = None) -> tuple[str | None, dict[str, Any]]:
+           events: list[tuple[str, str]] | None = None, rates: Any = None
+           ) -> tuple[str | None, dict[str, Any]]:
     """One evaluation of ``budget`` (Deployment ``agent`` in each namespace, calling
-    ``large``) whose status is read back from ``old``, as the operator does; the model its
-    directive names, the new status; the rate-limit Events appended to ``events``."""
-    from token_budget.handlers import evaluation
+    ``large``) whose status is read back from ``old`` and whose in-process memory is
+    ``rates`` (a RateMemory; None: a fresh one, as after a restart), as the operator does;
+    the model the first directive names, the new status; the Events appended to
+    ``events``."""
     from token_budget.handlers import status as statuses
+
+    rates = rates if rates is not None else statuses.RateMemory()
 
     if old is not None:
         budget = budget.model_copy(update={"status": api.BudgetStatus.model_validate(old)})
@@ -475,16 +479,12 @@ def _round(budget: api.Budget, shares: dict[str, int], old: dict[str, Any] | Non
     world = engine.World(budgets=[budget], catalog=cat,
                          namespaces={ns: {"environment": "qa"} for ns in shares},
                          workloads=[b.workload(namespace=ns, models=["large"]) for ns in shares],
-                         memory=statuses.memory_of(budget, BudgetKey.of))
+                         memory=rates.merged(statuses.memory_of(budget, BudgetKey.of)))
     result = engine.evaluate(world, snap, now)
     new = statuses.budget_status(budget, list(result.decisions), "USD", now, 1, old)
-
-    class Said:
-        def event(self, obj: Any, type_: str, reason: str, message: str) -> None:
-            if events is not None:
-                events.append((reason, message))
-
-    evaluation.Evaluator._rate_limit_events(Said(), {}, old or {}, new)  # type: ignore[arg-type]
+    said = rates.update(BudgetKey.of(budget), list(result.decisions), old or {})
+    if events is not None:
+        events.extend((reason, message) for _, reason, message in said)
     first = b.key(namespace=next(iter(shares)))
     held = first in result.held
     d = result.directives.get(first)
@@ -542,3 +542,32 @@ def test_partitions_remember_a_rate_limit_in_one_row_per_namespace_and_model() -
     assert new["rateLimited"] == [{"model": "large", "sharePercent": 17,
                                    "fallback": "large-eu", "since": "2025-11-20T12:00:00Z"}]
     assert not statuses.changed(st, new, later, 300)  # "since" kept: nothing to write
+
+
+def test_pairs_past_the_status_rows_keep_their_hysteresis_and_events() -> None:
+    from token_budget.handlers import status as statuses
+
+    budget = b.cluster_budget(rateLimit=TRIGGER, limits=[{"window": "24h", "tokens": 10**9}])
+    spaces = [f"ns{i:02d}" for i in range(25)]
+    rates = statuses.RateMemory()
+    events: list[tuple[str, str]] = []
+    _, st = _round(budget, dict.fromkeys(spaces, 30), None, NOW, rates=rates, events=events)
+    assert len(st["rateLimited"]) == statuses.RATE_LIMITED_SHOWN
+    assert "25 (namespace, model) pairs" in _condition(st)["message"]
+    assert len(events) == 25  # one RateLimited per pair, listed in the status or not
+    later = NOW + dt.timedelta(seconds=30)
+    parsed = budget.model_copy(update={"status": api.BudgetStatus.model_validate(st)})
+    memory = rates.merged(statuses.memory_of(parsed, BudgetKey.of))
+    snap = b.snapshot([parsed], [b.series(1000, namespace=ns, workload="agent", model="large")
+                                 for ns in spaces], now=later)
+    cat = _catalog()
+    snap = SpendSnapshot(**{**snap.__dict__, "rate_limits": {
+        k: tuple(RateSample(ns, "large", 100, 17) for ns in spaces)
+        for k in ratelimits.plan([parsed], cat)}})
+    world = engine.World(budgets=[parsed], catalog=cat,
+                         namespaces={ns: {"environment": "qa"} for ns in spaces},
+                         workloads=[b.workload(namespace=ns, models=["large"]) for ns in spaces],
+                         memory=memory)
+    result = engine.evaluate(world, snap, later)
+    assert all(result.directives[b.key(namespace=ns)].model == "large-eu" for ns in spaces)
+    assert rates.update(BudgetKey.of(budget), list(result.decisions), st) == []

@@ -8,8 +8,9 @@ is due, so a quiet evaluation writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -18,7 +19,7 @@ from token_budget.api import v1alpha1 as api
 from token_budget.api.types import format_money, utc
 from token_budget.policy import engine, partitions, ratelimits
 from token_budget.policy.decisions import SEVERITY, Decision
-from token_budget.policy.inputs import Gap, Memory, ScopeKey
+from token_budget.policy.inputs import BudgetKey, Gap, Memory, ScopeKey
 from token_budget.policy.ratesources import RateLimited
 
 
@@ -49,29 +50,41 @@ def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-def _kept_rows(old: dict[str, Any], decisions: Sequence[Decision]
-               ) -> list[tuple[str, RateLimited]]:
-    """The old status's rows of the namespaces whose spend is unknown (and so not judged).
-
-    A scope whose spend cannot be read is decided by ``whenSpendUnknown``, not by the
-    chain, so its 429 share is not judged: what it remembered stays as it was (Hold
-    keeps the reroute's annotation in place), or the hysteresis would be lost and a
-    false RateLimitRecovered announced.
-    """
-    judged = {d.scope.namespace for d in decisions if d.rate_limit_on}
-    unknown = {d.scope.namespace for d in decisions if not d.spend_known} - judged
-    kept = []
-    for r in old.get("rateLimited") or ():
-        ns = r.get("namespace") or ""
-        if ns not in unknown or not r.get("model"):
+def _rows(rows: Any) -> list[tuple[str, RateLimited]]:
+    """``status.rateLimited`` rows read back (namespace, verdict)."""
+    out = []
+    for r in rows or ():
+        if not isinstance(r, dict) or not r.get("model"):
             continue
         since = r.get("since")
-        kept.append((ns, RateLimited(
+        try:
+            when = dt.datetime.fromisoformat(str(since).replace("Z", "+00:00")) \
+                if since else EPOCH
+        except ValueError:
+            when = EPOCH
+        out.append((str(r.get("namespace") or ""), RateLimited(
             model=str(r["model"]), share_percent=int(r.get("sharePercent") or 0), requests=0,
-            fallback=r.get("fallback"),
-            since=dt.datetime.fromisoformat(str(since).replace("Z", "+00:00"))
-            if since else EPOCH)))
-    return kept
+            fallback=r.get("fallback"), since=when)))
+    return out
+
+
+def _judged(decisions: Sequence[Decision]) -> dict[Pair, RateLimited]:
+    """The pairs an evaluation finds rate-limited: one per (namespace, model), as every
+    partition of a namespace reads the same share."""
+    found: dict[Pair, RateLimited] = {}
+    for d in decisions:
+        if d.rate_limit_on:
+            for r in d.rate_limited:
+                found.setdefault((d.scope.namespace, r.model), r)
+    return found
+
+
+def _unknown(decisions: Sequence[Decision]) -> set[str]:
+    """The namespaces whose spend cannot be read (decided by ``whenSpendUnknown``, so
+    their 429 share is not judged: what they remembered stays as it was; Hold keeps the
+    reroute's annotation in place)."""
+    judged = {d.scope.namespace for d in decisions if d.rate_limit_on}
+    return {d.scope.namespace for d in decisions if not d.spend_known} - judged
 
 
 def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
@@ -79,19 +92,15 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
                 old: dict[str, Any]) -> tuple[cond.Condition, ...]:
     """``rateLimited`` and the RateLimited condition, for a budget whose trigger is on."""
     on = [d for d in decisions if d.rate_limit_on]
-    # One row per (namespace, model): every partition of a namespace reads the same share.
-    found: dict[tuple[str, str], RateLimited] = {}
-    for d in on:
-        for r in d.rate_limited:
-            found.setdefault((d.scope.namespace, r.model), r)
-    rows = [(ns, r) for (ns, _), r in found.items()]
-    rows += _kept_rows(old, decisions)
+    unknown = _unknown(decisions)
+    rows = [(ns, r) for (ns, _), r in _judged(decisions).items()]
+    rows += [(ns, r) for ns, r in _rows(old.get("rateLimited")) if ns in unknown]
     if rows:
         status["rateLimited"] = [
             {k: v for k, v in {
                 "model": r.model, "namespace": ns or None, "sharePercent": r.share_percent,
                 "fallback": r.fallback, "since": _time(r.since)}.items() if v is not None}
-            for ns, r in rows[:20]]
+            for ns, r in rows[:RATE_LIMITED_SHOWN]]
     if not on:
         if any(not d.spend_known for d in decisions):
             return conds  # not judged: the condition stays as it was
@@ -100,6 +109,9 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
     if rows:
         text = "; ".join(f"{ns + ': ' if ns else ''}{ratelimits.describe([r])}"
                          for ns, r in rows)
+        if len(rows) > RATE_LIMITED_SHOWN:
+            text = (f"{len(rows)} (namespace, model) pairs rate-limited, "
+                    f"status.rateLimited lists {RATE_LIMITED_SHOWN}: {text}")
         if errors:
             text += "; " + "; ".join(errors)
         rerouted = any(r.fallback for _, r in rows)
@@ -114,6 +126,76 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
     return cond.set_condition(conds, cond.RATE_LIMITED, False, cond.Reason.NOT_RATE_LIMITED,
                               "no model's share of 429 answers is over the threshold", now,
                               generation)
+
+
+#: Rows ``status.rateLimited`` lists (the CRD's bound): it is for people; the hysteresis
+#: and the Events read :class:`RateMemory`, which holds every pair.
+RATE_LIMITED_SHOWN = 20
+
+Pair = tuple[str, str]  # (namespace, model); "" for a scope without its own namespace
+
+
+class RateMemory:
+    """The rate-limit verdicts of every budget's (namespace, model) pairs, kept in process.
+
+    ``status.rateLimited`` shows :data:`RATE_LIMITED_SHOWN` rows; the hysteresis of the
+    pairs past them (and their Events) must not depend on that bound, so the operator
+    remembers every pair between evaluations and :meth:`merged` adds them to the memory
+    read back from the statuses. Only an operator restart forgets the pairs a status does
+    not list (then they need the full threshold again, and their Events compare with the
+    status's rows).
+    """
+
+    def __init__(self) -> None:
+        self._pairs: dict[BudgetKey, dict[Pair, RateLimited]] = {}
+
+    def merged(self, memory: dict[ScopeKey, Memory]) -> dict[ScopeKey, Memory]:
+        """``memory`` (read from statuses) with the remembered models it does not list."""
+        for budget, pairs in self._pairs.items():
+            for (ns, model), r in pairs.items():
+                key = ScopeKey(budget, ns)
+                m = memory.get(key)
+                if m is None:
+                    memory[key] = Memory(api.State.OK, None, ((model, r.since),))
+                elif all(model != listed for listed, _ in m.rate_limited):
+                    memory[key] = dataclasses.replace(
+                        m, rate_limited=(*m.rate_limited, (model, r.since)))
+        return memory
+
+    def update(self, budget: BudgetKey, decisions: Sequence[Decision], old: dict[str, Any]
+               ) -> list[tuple[str, str, str]]:
+        """Remember an evaluation's verdicts of a budget; its Events (type, reason, message):
+        ``RateLimited`` when a pair becomes rate-limited or its fallback changes,
+        ``RateLimitRecovered`` when it no longer is. A namespace whose spend cannot be read
+        is not judged: its pairs stay as they were."""
+        before = self._pairs.get(budget)
+        if before is None:  # first evaluation since the operator started: the status's
+            before = {(ns, r.model): r for ns, r in _rows(old.get("rateLimited"))}
+        after = _judged(decisions)
+        unknown = _unknown(decisions)
+        after.update({p: r for p, r in before.items() if p[0] in unknown})
+        self._pairs[budget] = after
+        events: list[tuple[str, str, str]] = []
+        for (ns, model), r in sorted(after.items()):
+            was = before.get((ns, model))
+            if was is not None and was.fallback == r.fallback:
+                continue
+            where = (f"its traffic goes to {r.fallback}" if r.fallback else
+                     "no fallback is allowed and free: not rerouted")
+            scope = f" in {ns}" if ns else ""
+            events.append(("Warning", cond.Reason.RATE_LIMITED,
+                           f"{model} is rate-limited{scope} ({r.share_percent}% of requests "
+                           f"answered 429): {where}"))
+        for (ns, model) in sorted(before.keys() - after.keys()):
+            scope = f" in {ns}" if ns else ""
+            events.append(("Normal", "RateLimitRecovered",
+                           f"{model} is no longer rate-limited{scope}: traffic goes back to it"))
+        return events
+
+    def keep_only(self, budgets: Iterable[BudgetKey]) -> None:
+        """Forget the budgets that no longer exist."""
+        wanted = set(budgets)
+        self._pairs = {k: v for k, v in self._pairs.items() if k in wanted}
 
 
 def partitioned_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,
