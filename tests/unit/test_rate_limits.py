@@ -456,8 +456,8 @@ def test_a_per_namespace_cluster_budget_judges_each_namespace_on_its_own_429s() 
 
 def _round(budget: api.Budget, shares: dict[str, int], old: dict[str, Any] | None,
            now: dt.datetime, *, spend_error: str | None = None,
-           events: list[tuple[str, str]] | None = None, rates: Any = None
-           ) -> tuple[str | None, dict[str, Any]]:
+           events: list[tuple[str, str]] | None = None, rates: Any = None,
+           requests: int = 100) -> tuple[str | None, dict[str, Any]]:
     """One evaluation of ``budget`` (Deployment ``agent`` in each namespace, calling
     ``large``) whose status is read back from ``old`` and whose in-process memory is
     ``rates`` (a RateMemory; None: a fresh one, as after a restart), as the operator does;
@@ -473,7 +473,8 @@ def _round(budget: api.Budget, shares: dict[str, int], old: dict[str, Any] | Non
     snap = b.snapshot([budget], [b.series(1000, namespace=ns, workload="agent", model="large")
                                  for ns in shares], now=now,
                       errors={api.Preset.COUNTERS: spend_error} if spend_error else None)
-    samples = tuple(RateSample(ns, "large", 100, p) for ns, p in shares.items())
+    samples = tuple(RateSample(ns, "large", requests, requests * p / 100)
+                    for ns, p in shares.items())
     snap = SpendSnapshot(**{**snap.__dict__, "rate_limits": {
         k: samples for k in ratelimits.plan([budget], cat)}})
     world = engine.World(budgets=[budget], catalog=cat,
@@ -571,3 +572,26 @@ def test_pairs_past_the_status_rows_keep_their_hysteresis_and_events() -> None:
     result = engine.evaluate(world, snap, later)
     assert all(result.directives[b.key(namespace=ns)].model == "large-eu" for ns in spaces)
     assert rates.update(BudgetKey.of(budget), list(result.decisions), st) == []
+
+
+def test_a_model_that_keeps_answering_429_is_announced_once_not_every_half_open_cycle() -> None:
+    from token_budget.handlers import status as statuses
+
+    budget = _budget()
+    rates = statuses.RateMemory()
+    events: list[tuple[str, str]] = []
+    st: dict[str, Any] | None = None
+    now = NOW
+    seen = []
+    for _ in range(10):  # rerouted; its traffic dries up (half-open lift); 429s again
+        for requests in (100, 4):
+            model, st = _round(budget, {NAMESPACE: 30}, st, now, rates=rates, events=events,
+                               requests=requests)
+            seen.append(model)
+            now += dt.timedelta(seconds=150)
+        assert _condition(st)["reason"] == "Probing"
+    assert seen == ["large-eu", None] * 10  # the lift still happens: the model is tried again
+    assert len(events) <= 2, events
+    model, st = _round(budget, {NAMESPACE: 1}, st, now, rates=rates, events=events)
+    assert model is None  # judged on enough requests: recovered, and said so
+    assert [r for r, _ in events] == ["RateLimited", "RateLimitRecovered"]

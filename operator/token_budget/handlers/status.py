@@ -106,6 +106,10 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
             return conds  # not judged: the condition stays as it was
         return tuple(c for c in conds if c.type != cond.RATE_LIMITED)
     errors = sorted({d.rate_limit_error for d in on if d.rate_limit_error})
+    probing = sorted({(d.scope.namespace, m) for d in on for m, _ in d.rate_limit_probing})
+    said = "; ".join(f"{ns + ': ' if ns else ''}{m} probing: too few requests to judge since "
+                     "its reroute lifted, rerouted again if it still answers 429"
+                     for ns, m in probing)
     if rows:
         text = "; ".join(f"{ns + ': ' if ns else ''}{ratelimits.describe([r])}"
                          for ns, r in rows)
@@ -114,10 +118,17 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
                     f"status.rateLimited lists {RATE_LIMITED_SHOWN}: {text}")
         if errors:
             text += "; " + "; ".join(errors)
+        if said:
+            text += "; " + said
         rerouted = any(r.fallback for _, r in rows)
         return cond.set_condition(conds, cond.RATE_LIMITED, True,
                                   cond.Reason.RATE_LIMITED if rerouted else cond.Reason.NO_FALLBACK,
                                   text[:1000], now, generation)
+    if said:
+        if errors:
+            said += "; " + "; ".join(errors)
+        return cond.set_condition(conds, cond.RATE_LIMITED, False, PROBING, said[:1000], now,
+                                  generation)
     if errors:
         return cond.set_condition(
             conds, cond.RATE_LIMITED, cond.Status.UNKNOWN, cond.Reason.RATE_LIMIT_UNKNOWN,
@@ -131,6 +142,9 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
 #: Rows ``status.rateLimited`` lists (the CRD's bound): it is for people; the hysteresis
 #: and the Events read :class:`RateMemory`, which holds every pair.
 RATE_LIMITED_SHOWN = 20
+
+#: The RateLimited condition's reason while rate-limited models are tried again (half-open).
+PROBING = "Probing"
 
 Pair = tuple[str, str]  # (namespace, model); "" for a scope without its own namespace
 
@@ -148,10 +162,14 @@ class RateMemory:
 
     def __init__(self) -> None:
         self._pairs: dict[BudgetKey, dict[Pair, RateLimited]] = {}
+        # Pairs probing (lifted for too few requests to judge): their last verdict.
+        self._probing: dict[BudgetKey, dict[Pair, RateLimited]] = {}
 
     def merged(self, memory: dict[ScopeKey, Memory]) -> dict[ScopeKey, Memory]:
-        """``memory`` (read from statuses) with the remembered models it does not list."""
-        for budget, pairs in self._pairs.items():
+        """``memory`` (read from statuses) with the remembered models it does not list
+        (a probing model included: its hysteresis and ``since`` go on)."""
+        for budget in self._pairs.keys() | self._probing.keys():
+            pairs = {**self._probing.get(budget, {}), **self._pairs.get(budget, {})}
             for (ns, model), r in pairs.items():
                 key = ScopeKey(budget, ns)
                 m = memory.get(key)
@@ -167,17 +185,29 @@ class RateMemory:
         """Remember an evaluation's verdicts of a budget; its Events (type, reason, message):
         ``RateLimited`` when a pair becomes rate-limited or its fallback changes,
         ``RateLimitRecovered`` when it no longer is. A namespace whose spend cannot be read
-        is not judged: its pairs stay as they were."""
+        is not judged: its pairs stay as they were. A pair probing (lifted only because too
+        few requests were counted to judge it) is neither recovered nor announced, nor is
+        its reroute when the probe finds it still rate-limited: a model that keeps
+        answering 429 is announced once, not once per half-open cycle."""
         before = self._pairs.get(budget)
         if before is None:  # first evaluation since the operator started: the status's
             before = {(ns, r.model): r for ns, r in _rows(old.get("rateLimited"))}
+        probed = self._probing.get(budget, {})
         after = _judged(decisions)
+        probing: dict[Pair, RateLimited] = {}
+        for d in decisions:
+            for model, since in d.rate_limit_probing if d.rate_limit_on else ():
+                pair = (d.scope.namespace, model)
+                if pair not in after:
+                    probing[pair] = before.get(pair) or probed.get(pair) or RateLimited(
+                        model=model, share_percent=0, requests=0, fallback=None, since=since)
         unknown = _unknown(decisions)
         after.update({p: r for p, r in before.items() if p[0] in unknown})
-        self._pairs[budget] = after
+        probing.update({p: r for p, r in probed.items() if p[0] in unknown})
+        self._pairs[budget], self._probing[budget] = after, probing
         events: list[tuple[str, str, str]] = []
         for (ns, model), r in sorted(after.items()):
-            was = before.get((ns, model))
+            was = before.get((ns, model)) or probed.get((ns, model))
             if was is not None and was.fallback == r.fallback:
                 continue
             where = (f"its traffic goes to {r.fallback}" if r.fallback else
@@ -186,7 +216,8 @@ class RateMemory:
             events.append(("Warning", cond.Reason.RATE_LIMITED,
                            f"{model} is rate-limited{scope} ({r.share_percent}% of requests "
                            f"answered 429): {where}"))
-        for (ns, model) in sorted(before.keys() - after.keys()):
+        for (ns, model) in sorted((before.keys() | probed.keys()) - after.keys()
+                                  - probing.keys()):
             scope = f" in {ns}" if ns else ""
             events.append(("Normal", "RateLimitRecovered",
                            f"{model} is no longer rate-limited{scope}: traffic goes back to it"))
@@ -196,6 +227,7 @@ class RateMemory:
         """Forget the budgets that no longer exist."""
         wanted = set(budgets)
         self._pairs = {k: v for k, v in self._pairs.items() if k in wanted}
+        self._probing = {k: v for k, v in self._probing.items() if k in wanted}
 
 
 def partitioned_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,

@@ -41,7 +41,10 @@ A reroute reduces the rerouted model's traffic to nothing, so its share is
 judged on fewer requests each evaluation: once the window holds fewer than
 ``minRequests`` the reroute lifts and the model is tried again (a circuit
 breaker's half-open state); if it still answers 429, it is rerouted again
-once ``minRequests`` requests are counted.
+once ``minRequests`` requests are counted. Such a model is *probing*
+(``Decision.rate_limit_probing``): it is remembered as rate-limited (its
+hysteresis and ``since`` go on) until a share is judged on enough requests, and
+the operator announces neither the lift nor the reroute that follows it.
 """
 
 from __future__ import annotations
@@ -84,13 +87,14 @@ def plan(budgets: Iterable[api.Budget], catalog: Catalog) -> tuple[RateKey, ...]
 class Rate:
     """What the trigger found for one scope (on the decision chain's draft)."""
 
-    __slots__ = ("on", "limited", "error", "shares")
+    __slots__ = ("on", "limited", "error", "shares", "probing")
 
     def __init__(self) -> None:
         self.on = False
         self.limited: dict[str, RateLimited] = {}  # catalog model -> verdict
         self.error: str | None = None
         self.shares: dict[str, tuple[float, float]] = {}  # model -> (requests, limited)
+        self.probing: dict[str, dt.datetime] = {}  # lifted for too few requests -> since
 
 
 def judge(s: ScopeInput) -> Rate:
@@ -121,6 +125,10 @@ def judge(s: ScopeInput) -> Rate:
         floor = t.threshold_percent - (t.hysteresis_percent if model in before else 0)
         if share >= floor:
             limited[model] = (int(share), int(requests))
+    for model, since in before.items():
+        requests = shares.get(model, (0.0, 0.0))[0]
+        if model not in limited and (requests < t.min_requests or requests <= 0):
+            rate.probing[model] = since  # half-open: not judged, tried again
     allowed = s.context.allowed_models(s.spec)
     for model, (share_pct, requests) in sorted(limited.items()):
         entry = s.catalog.models.get(model)
