@@ -452,3 +452,146 @@ def test_a_per_namespace_cluster_budget_judges_each_namespace_on_its_own_429s() 
     memory = statuses.memory_of(parsed, BudgetKey.of)
     assert memory[ScopeKey(BudgetKey.of(budget), "qa-1")].rate_limited == (("large", NOW),)
     assert memory[ScopeKey(BudgetKey.of(budget), "qa-2")].rate_limited == ()
+
+
+def _round(budget: api.Budget, shares: dict[str, int], old: dict[str, Any] | None,
+           now: dt.datetime, *, spend_error: str | None = None,
+           events: list[tuple[str, str]] | None = None, rates: Any = None,
+           requests: int = 100) -> tuple[str | None, dict[str, Any]]:
+    """One evaluation of ``budget`` (Deployment ``agent`` in each namespace, calling
+    ``large``) whose status is read back from ``old`` and whose in-process memory is
+    ``rates`` (a RateMemory; None: a fresh one, as after a restart), as the operator does;
+    the model the first directive names, the new status; the Events appended to
+    ``events``."""
+    from token_budget.handlers import status as statuses
+
+    rates = rates if rates is not None else statuses.RateMemory()
+
+    if old is not None:
+        budget = budget.model_copy(update={"status": api.BudgetStatus.model_validate(old)})
+    cat = _catalog()
+    snap = b.snapshot([budget], [b.series(1000, namespace=ns, workload="agent", model="large")
+                                 for ns in shares], now=now,
+                      errors={api.Preset.COUNTERS: spend_error} if spend_error else None)
+    samples = tuple(RateSample(ns, "large", requests, requests * p / 100)
+                    for ns, p in shares.items())
+    snap = SpendSnapshot(**{**snap.__dict__, "rate_limits": {
+        k: samples for k in ratelimits.plan([budget], cat)}})
+    world = engine.World(budgets=[budget], catalog=cat,
+                         namespaces={ns: {"environment": "qa"} for ns in shares},
+                         workloads=[b.workload(namespace=ns, models=["large"]) for ns in shares],
+                         memory=rates.merged(statuses.memory_of(budget, BudgetKey.of)))
+    result = engine.evaluate(world, snap, now)
+    new = statuses.budget_status(budget, list(result.decisions), "USD", now, 1, old)
+    said = rates.update(BudgetKey.of(budget), list(result.decisions), old or {})
+    if events is not None:
+        events.extend((reason, message) for _, reason, message in said)
+    first = b.key(namespace=next(iter(shares)))
+    held = first in result.held
+    d = result.directives.get(first)
+    return ("held" if held else d.model if d else None), new
+
+
+def test_an_unreadable_spend_keeps_the_rate_limit_memory_and_its_hysteresis() -> None:
+    budget = _budget()
+    events: list[tuple[str, str]] = []
+    later = [NOW + dt.timedelta(seconds=30 * i) for i in range(3)]
+    model, st = _round(budget, {NAMESPACE: 30}, None, later[0], events=events)
+    assert model == "large-eu"
+    model, st = _round(budget, {NAMESPACE: 30}, st, later[1], events=events,
+                       spend_error="connection refused")
+    assert model == "held"  # Hold: the reroute's annotation stays as it is
+    assert st["rateLimited"][0]["fallback"] == "large-eu"
+    assert _condition(st)["reason"] == "RateLimited"
+    model, st = _round(budget, {NAMESPACE: 17}, st, later[2], events=events)
+    assert model == "large-eu"  # 17 % is within the hysteresis (20 - 5)
+    assert [r for r, _ in events] == ["RateLimited"]  # no false RateLimitRecovered
+
+
+def test_partitions_remember_a_rate_limit_in_one_row_per_namespace_and_model() -> None:
+    from token_budget.handlers import status as statuses
+
+    owner = "tokenbudget.io/owner"
+    budget = _budget(partition={"label": "user", "podLabel": owner})
+    cat = _catalog()
+
+    def run(share: int, old: dict[str, Any] | None, now: dt.datetime
+            ) -> tuple[engine.Evaluation, dict[str, Any]]:
+        parsed = budget if old is None else budget.model_copy(
+            update={"status": api.BudgetStatus.model_validate(old)})
+        snap = b.snapshot([parsed], [b.series(1000, workload=f"agent-{u}", model="large",
+                                              user=u) for u in ("alice", "bob")], now=now)
+        snap = SpendSnapshot(**{**snap.__dict__, "rate_limits": {
+            k: (RateSample(NAMESPACE, "large", 100, share),)
+            for k in ratelimits.plan([parsed], cat)}})
+        world = engine.World(
+            budgets=[parsed], catalog=cat, namespaces={NAMESPACE: {}},
+            workloads=[b.workload(name=f"agent-{u}", models=["large"],
+                                  labels={**b.AGENT, owner: u}) for u in ("alice", "bob")],
+            memory=statuses.memory_of(parsed, BudgetKey.of))
+        result = engine.evaluate(world, snap, now)
+        return result, statuses.partitioned_status(parsed, list(result.decisions), "USD", now,
+                                                   2, old)
+
+    result, st = run(30, None, NOW)
+    assert st["rateLimited"] == [{"model": "large", "sharePercent": 30, "fallback": "large-eu",
+                                  "since": "2025-11-20T12:00:00Z"}]
+    later = NOW + dt.timedelta(seconds=30)
+    result, new = run(17, st, later)  # within the hysteresis (20 - 5)
+    for u in ("alice", "bob"):
+        assert result.directives[b.key(name=f"agent-{u}")].model == "large-eu"
+    assert new["rateLimited"] == [{"model": "large", "sharePercent": 17,
+                                   "fallback": "large-eu", "since": "2025-11-20T12:00:00Z"}]
+    assert not statuses.changed(st, new, later, 300)  # "since" kept: nothing to write
+
+
+def test_pairs_past_the_status_rows_keep_their_hysteresis_and_events() -> None:
+    from token_budget.handlers import status as statuses
+
+    budget = b.cluster_budget(rateLimit=TRIGGER, limits=[{"window": "24h", "tokens": 10**9}])
+    spaces = [f"ns{i:02d}" for i in range(25)]
+    rates = statuses.RateMemory()
+    events: list[tuple[str, str]] = []
+    _, st = _round(budget, dict.fromkeys(spaces, 30), None, NOW, rates=rates, events=events)
+    assert len(st["rateLimited"]) == statuses.RATE_LIMITED_SHOWN
+    assert "25 (namespace, model) pairs" in _condition(st)["message"]
+    assert len(events) == 25  # one RateLimited per pair, listed in the status or not
+    later = NOW + dt.timedelta(seconds=30)
+    parsed = budget.model_copy(update={"status": api.BudgetStatus.model_validate(st)})
+    memory = rates.merged(statuses.memory_of(parsed, BudgetKey.of))
+    snap = b.snapshot([parsed], [b.series(1000, namespace=ns, workload="agent", model="large")
+                                 for ns in spaces], now=later)
+    cat = _catalog()
+    snap = SpendSnapshot(**{**snap.__dict__, "rate_limits": {
+        k: tuple(RateSample(ns, "large", 100, 17) for ns in spaces)
+        for k in ratelimits.plan([parsed], cat)}})
+    world = engine.World(budgets=[parsed], catalog=cat,
+                         namespaces={ns: {"environment": "qa"} for ns in spaces},
+                         workloads=[b.workload(namespace=ns, models=["large"]) for ns in spaces],
+                         memory=memory)
+    result = engine.evaluate(world, snap, later)
+    assert all(result.directives[b.key(namespace=ns)].model == "large-eu" for ns in spaces)
+    assert rates.update(BudgetKey.of(budget), list(result.decisions), st) == []
+
+
+def test_a_model_that_keeps_answering_429_is_announced_once_not_every_half_open_cycle() -> None:
+    from token_budget.handlers import status as statuses
+
+    budget = _budget()
+    rates = statuses.RateMemory()
+    events: list[tuple[str, str]] = []
+    st: dict[str, Any] | None = None
+    now = NOW
+    seen = []
+    for _ in range(10):  # rerouted; its traffic dries up (half-open lift); 429s again
+        for requests in (100, 4):
+            model, st = _round(budget, {NAMESPACE: 30}, st, now, rates=rates, events=events,
+                               requests=requests)
+            seen.append(model)
+            now += dt.timedelta(seconds=150)
+        assert _condition(st)["reason"] == "Probing"
+    assert seen == ["large-eu", None] * 10  # the lift still happens: the model is tried again
+    assert len(events) <= 2, events
+    model, st = _round(budget, {NAMESPACE: 1}, st, now, rates=rates, events=events)
+    assert model is None  # judged on enough requests: recovered, and said so
+    assert [r for r, _ in events] == ["RateLimited", "RateLimitRecovered"]

@@ -29,7 +29,6 @@ import pydantic
 
 from token_budget.api import rules
 from token_budget.api import v1alpha1 as api
-from token_budget.api.conditions import Reason
 from token_budget.enforcement import patches
 from token_budget.errors import EnforcementError, TargetNotFound
 from token_budget.handlers import status as statuses
@@ -275,6 +274,7 @@ class Evaluator:
         self._parsed: dict[tuple[Any, ...], tuple[api.Budget | None, list[str]]] = {}
         self._keda_checked: tuple[float, bool] | None = None
         self._previous: Evaluation | None = None  # what the next evaluation may take over
+        self._rates = statuses.RateMemory()  # every rate-limited pair, status-listed or not
 
     # -- gather ------------------------------------------------------------------
 
@@ -495,6 +495,8 @@ class Evaluator:
         memory: dict[Any, Any] = {}
         for b in g.budgets:
             memory.update(statuses.memory_of(b, BudgetKey.of))
+        self._rates.keep_only(BudgetKey.of(b) for b in g.budgets)
+        memory = self._rates.merged(memory)  # the pairs past status.rateLimited's bound
         world = engine.World(budgets=g.budgets, catalog=catalog, namespaces=g.namespaces,
                              workloads=g.workloads, memory=memory)
         plan = planner.plan(g.budgets, now, self.settings.recent_seconds,
@@ -641,7 +643,8 @@ class Evaluator:
                 said = statuses.partition_transitions(budget.spec.partition, old, decisions)
                 if said is not None:
                     self.event(body, said[0], "PartitionsChanged", said[1])
-            self._rate_limit_events(body, old, new)
+            for type_, reason, message in self._rates.update(key, decisions, old):
+                self.event(body, type_, reason, message)
             self._ungoverned_event(body, old, new)
         for body, found in g.invalid:
             old = body.get("status") or {}
@@ -681,28 +684,6 @@ class Evaluator:
             self.event(body, kind, d.state.value,
                        f"{was or 'new'} -> {d.state.value}{scope}: {d.message}")
             self.telemetry.transition(d.state.value)
-
-    def _rate_limit_events(self, body: Obj, old: Obj, new: Obj) -> None:
-        """A ``RateLimited`` Event when a model becomes rate-limited (saying where its
-        traffic goes) and a ``RateLimitRecovered`` Event when it no longer is."""
-        def keyed(status: Obj) -> dict[tuple[str, str], Obj]:
-            return {(r.get("namespace") or "", r.get("model") or ""): r
-                    for r in status.get("rateLimited") or ()}
-
-        before, after = keyed(old), keyed(new)
-        for (ns, model), r in sorted(after.items()):
-            if (ns, model) in before and before[(ns, model)].get("fallback") == r.get("fallback"):
-                continue
-            where = (f"its traffic goes to {r['fallback']}" if r.get("fallback") else
-                     "no fallback is allowed and free: not rerouted")
-            scope = f" in {ns}" if ns else ""
-            self.event(body, "Warning", Reason.RATE_LIMITED,
-                       f"{model} is rate-limited{scope} ({r.get('sharePercent')}% of requests "
-                       f"answered 429): {where}")
-        for (ns, model) in sorted(before.keys() - after.keys()):
-            scope = f" in {ns}" if ns else ""
-            self.event(body, "Normal", "RateLimitRecovered",
-                       f"{model} is no longer rate-limited{scope}: traffic goes back to it")
 
     def _ungoverned_event(self, body: Obj, old: Obj, new: Obj) -> None:
         """An ``UngovernedSpend`` Event when spend of a workload label the budget does not

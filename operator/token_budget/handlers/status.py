@@ -8,8 +8,9 @@ is due, so a quiet evaluation writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -18,7 +19,8 @@ from token_budget.api import v1alpha1 as api
 from token_budget.api.types import format_money, utc
 from token_budget.policy import engine, partitions, ratelimits
 from token_budget.policy.decisions import SEVERITY, Decision
-from token_budget.policy.inputs import Gap, Memory, ScopeKey
+from token_budget.policy.inputs import BudgetKey, Gap, Memory, ScopeKey
+from token_budget.policy.ratesources import RateLimited
 
 
 def _time(value: dt.datetime | None) -> str | None:
@@ -48,30 +50,85 @@ def memory_of(budget: api.Budget, key_of: Any) -> dict[ScopeKey, Memory]:
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+def _rows(rows: Any) -> list[tuple[str, RateLimited]]:
+    """``status.rateLimited`` rows read back (namespace, verdict)."""
+    out = []
+    for r in rows or ():
+        if not isinstance(r, dict) or not r.get("model"):
+            continue
+        since = r.get("since")
+        try:
+            when = dt.datetime.fromisoformat(str(since).replace("Z", "+00:00")) \
+                if since else EPOCH
+        except ValueError:
+            when = EPOCH
+        out.append((str(r.get("namespace") or ""), RateLimited(
+            model=str(r["model"]), share_percent=int(r.get("sharePercent") or 0), requests=0,
+            fallback=r.get("fallback"), since=when)))
+    return out
+
+
+def _judged(decisions: Sequence[Decision]) -> dict[Pair, RateLimited]:
+    """The pairs an evaluation finds rate-limited: one per (namespace, model), as every
+    partition of a namespace reads the same share."""
+    found: dict[Pair, RateLimited] = {}
+    for d in decisions:
+        if d.rate_limit_on:
+            for r in d.rate_limited:
+                found.setdefault((d.scope.namespace, r.model), r)
+    return found
+
+
+def _unknown(decisions: Sequence[Decision]) -> set[str]:
+    """The namespaces whose spend cannot be read (decided by ``whenSpendUnknown``, so
+    their 429 share is not judged: what they remembered stays as it was; Hold keeps the
+    reroute's annotation in place)."""
+    judged = {d.scope.namespace for d in decisions if d.rate_limit_on}
+    return {d.scope.namespace for d in decisions if not d.spend_known} - judged
+
+
 def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
-                conds: tuple[cond.Condition, ...], now: dt.datetime, generation: int | None
-                ) -> tuple[cond.Condition, ...]:
+                conds: tuple[cond.Condition, ...], now: dt.datetime, generation: int | None,
+                old: dict[str, Any]) -> tuple[cond.Condition, ...]:
     """``rateLimited`` and the RateLimited condition, for a budget whose trigger is on."""
     on = [d for d in decisions if d.rate_limit_on]
-    if not on:
-        return tuple(c for c in conds if c.type != cond.RATE_LIMITED)
-    rows = [(d.scope.namespace, r) for d in on for r in d.rate_limited]
+    unknown = _unknown(decisions)
+    rows = [(ns, r) for (ns, _), r in _judged(decisions).items()]
+    rows += [(ns, r) for ns, r in _rows(old.get("rateLimited")) if ns in unknown]
     if rows:
         status["rateLimited"] = [
             {k: v for k, v in {
                 "model": r.model, "namespace": ns or None, "sharePercent": r.share_percent,
                 "fallback": r.fallback, "since": _time(r.since)}.items() if v is not None}
-            for ns, r in rows[:20]]
+            for ns, r in rows[:RATE_LIMITED_SHOWN]]
+    if not on:
+        if any(not d.spend_known for d in decisions):
+            return conds  # not judged: the condition stays as it was
+        return tuple(c for c in conds if c.type != cond.RATE_LIMITED)
     errors = sorted({d.rate_limit_error for d in on if d.rate_limit_error})
+    probing = sorted({(d.scope.namespace, m) for d in on for m, _ in d.rate_limit_probing})
+    said = "; ".join(f"{ns + ': ' if ns else ''}{m} probing: too few requests to judge since "
+                     "its reroute lifted, rerouted again if it still answers 429"
+                     for ns, m in probing)
     if rows:
         text = "; ".join(f"{ns + ': ' if ns else ''}{ratelimits.describe([r])}"
                          for ns, r in rows)
+        if len(rows) > RATE_LIMITED_SHOWN:
+            text = (f"{len(rows)} (namespace, model) pairs rate-limited, "
+                    f"status.rateLimited lists {RATE_LIMITED_SHOWN}: {text}")
         if errors:
             text += "; " + "; ".join(errors)
+        if said:
+            text += "; " + said
         rerouted = any(r.fallback for _, r in rows)
         return cond.set_condition(conds, cond.RATE_LIMITED, True,
                                   cond.Reason.RATE_LIMITED if rerouted else cond.Reason.NO_FALLBACK,
                                   text[:1000], now, generation)
+    if said:
+        if errors:
+            said += "; " + "; ".join(errors)
+        return cond.set_condition(conds, cond.RATE_LIMITED, False, PROBING, said[:1000], now,
+                                  generation)
     if errors:
         return cond.set_condition(
             conds, cond.RATE_LIMITED, cond.Status.UNKNOWN, cond.Reason.RATE_LIMIT_UNKNOWN,
@@ -80,6 +137,97 @@ def _rate_limit(status: dict[str, Any], decisions: Sequence[Decision],
     return cond.set_condition(conds, cond.RATE_LIMITED, False, cond.Reason.NOT_RATE_LIMITED,
                               "no model's share of 429 answers is over the threshold", now,
                               generation)
+
+
+#: Rows ``status.rateLimited`` lists (the CRD's bound): it is for people; the hysteresis
+#: and the Events read :class:`RateMemory`, which holds every pair.
+RATE_LIMITED_SHOWN = 20
+
+#: The RateLimited condition's reason while rate-limited models are tried again (half-open).
+PROBING = "Probing"
+
+Pair = tuple[str, str]  # (namespace, model); "" for a scope without its own namespace
+
+
+class RateMemory:
+    """The rate-limit verdicts of every budget's (namespace, model) pairs, kept in process.
+
+    ``status.rateLimited`` shows :data:`RATE_LIMITED_SHOWN` rows; the hysteresis of the
+    pairs past them (and their Events) must not depend on that bound, so the operator
+    remembers every pair between evaluations and :meth:`merged` adds them to the memory
+    read back from the statuses. Only an operator restart forgets the pairs a status does
+    not list (then they need the full threshold again, and their Events compare with the
+    status's rows).
+    """
+
+    def __init__(self) -> None:
+        self._pairs: dict[BudgetKey, dict[Pair, RateLimited]] = {}
+        # Pairs probing (lifted for too few requests to judge): their last verdict.
+        self._probing: dict[BudgetKey, dict[Pair, RateLimited]] = {}
+
+    def merged(self, memory: dict[ScopeKey, Memory]) -> dict[ScopeKey, Memory]:
+        """``memory`` (read from statuses) with the remembered models it does not list
+        (a probing model included: its hysteresis and ``since`` go on)."""
+        for budget in self._pairs.keys() | self._probing.keys():
+            pairs = {**self._probing.get(budget, {}), **self._pairs.get(budget, {})}
+            for (ns, model), r in pairs.items():
+                key = ScopeKey(budget, ns)
+                m = memory.get(key)
+                if m is None:
+                    memory[key] = Memory(api.State.OK, None, ((model, r.since),))
+                elif all(model != listed for listed, _ in m.rate_limited):
+                    memory[key] = dataclasses.replace(
+                        m, rate_limited=(*m.rate_limited, (model, r.since)))
+        return memory
+
+    def update(self, budget: BudgetKey, decisions: Sequence[Decision], old: dict[str, Any]
+               ) -> list[tuple[str, str, str]]:
+        """Remember an evaluation's verdicts of a budget; its Events (type, reason, message):
+        ``RateLimited`` when a pair becomes rate-limited or its fallback changes,
+        ``RateLimitRecovered`` when it no longer is. A namespace whose spend cannot be read
+        is not judged: its pairs stay as they were. A pair probing (lifted only because too
+        few requests were counted to judge it) is neither recovered nor announced, nor is
+        its reroute when the probe finds it still rate-limited: a model that keeps
+        answering 429 is announced once, not once per half-open cycle."""
+        before = self._pairs.get(budget)
+        if before is None:  # first evaluation since the operator started: the status's
+            before = {(ns, r.model): r for ns, r in _rows(old.get("rateLimited"))}
+        probed = self._probing.get(budget, {})
+        after = _judged(decisions)
+        probing: dict[Pair, RateLimited] = {}
+        for d in decisions:
+            for model, since in d.rate_limit_probing if d.rate_limit_on else ():
+                pair = (d.scope.namespace, model)
+                if pair not in after:
+                    probing[pair] = before.get(pair) or probed.get(pair) or RateLimited(
+                        model=model, share_percent=0, requests=0, fallback=None, since=since)
+        unknown = _unknown(decisions)
+        after.update({p: r for p, r in before.items() if p[0] in unknown})
+        probing.update({p: r for p, r in probed.items() if p[0] in unknown})
+        self._pairs[budget], self._probing[budget] = after, probing
+        events: list[tuple[str, str, str]] = []
+        for (ns, model), r in sorted(after.items()):
+            was = before.get((ns, model)) or probed.get((ns, model))
+            if was is not None and was.fallback == r.fallback:
+                continue
+            where = (f"its traffic goes to {r.fallback}" if r.fallback else
+                     "no fallback is allowed and free: not rerouted")
+            scope = f" in {ns}" if ns else ""
+            events.append(("Warning", cond.Reason.RATE_LIMITED,
+                           f"{model} is rate-limited{scope} ({r.share_percent}% of requests "
+                           f"answered 429): {where}"))
+        for (ns, model) in sorted((before.keys() | probed.keys()) - after.keys()
+                                  - probing.keys()):
+            scope = f" in {ns}" if ns else ""
+            events.append(("Normal", "RateLimitRecovered",
+                           f"{model} is no longer rate-limited{scope}: traffic goes back to it"))
+        return events
+
+    def keep_only(self, budgets: Iterable[BudgetKey]) -> None:
+        """Forget the budgets that no longer exist."""
+        wanted = set(budgets)
+        self._pairs = {k: v for k, v in self._pairs.items() if k in wanted}
+        self._probing = {k: v for k, v in self._probing.items() if k in wanted}
 
 
 def partitioned_status(budget: api.Budget, decisions: Sequence[Decision], currency: str,
@@ -267,7 +415,7 @@ def budget_status(budget: api.Budget, decisions: Sequence[Decision], currency: s
         conds = cond.set_condition(conds, cond.ENFORCING, False, cond.Reason.WITHIN_BUDGET,
                                    f"{enforced} workload(s) governed; nothing restricted", now,
                                    generation)
-    conds = _rate_limit(status, decisions, conds, now, generation)
+    conds = _rate_limit(status, decisions, conds, now, generation, old)
     status["conditions"] = [c.model_dump(mode="json", by_alias=True) for c in conds]
     return status
 

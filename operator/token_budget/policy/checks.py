@@ -254,6 +254,7 @@ def dry_run(s: ScopeInput, d: Draft) -> Decision:
         ungoverned=unaccounted, ungoverned_series=unaccounted_n,
         rate_limit_on=d.rate.on, rate_limited=tuple(d.rate.limited.values()),
         rate_limit_error=d.rate.error,
+        rate_limit_probing=tuple(sorted(d.rate.probing.items())),
     )
 
 

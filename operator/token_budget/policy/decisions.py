@@ -165,6 +165,9 @@ class Decision:
     rate_limit_on: bool = False
     rate_limited: tuple[RateLimited, ...] = ()
     rate_limit_error: str | None = None
+    # Models rate-limited last time that now have too few requests to judge: the reroute
+    # lifts so they are tried again (half-open), with when they first became rate-limited.
+    rate_limit_probing: tuple[tuple[str, dt.datetime], ...] = ()
 
     @property
     def worst_window(self) -> WindowUsage | None:

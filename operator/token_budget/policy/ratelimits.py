@@ -41,12 +41,16 @@ A reroute reduces the rerouted model's traffic to nothing, so its share is
 judged on fewer requests each evaluation: once the window holds fewer than
 ``minRequests`` the reroute lifts and the model is tried again (a circuit
 breaker's half-open state); if it still answers 429, it is rerouted again
-once ``minRequests`` requests are counted.
+once ``minRequests`` requests are counted. Such a model is *probing*
+(``Decision.rate_limit_probing``): it is remembered as rate-limited (its
+hysteresis and ``since`` go on) until a share is judged on enough requests, and
+the operator announces neither the lift nor the reroute that follows it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from collections.abc import Iterable
 from decimal import Decimal
 
@@ -55,7 +59,7 @@ from token_budget.api.conditions import Reason
 from token_budget.policy import usage
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, Directive
-from token_budget.policy.inputs import WorkloadKey
+from token_budget.policy.inputs import ScopeKey, WorkloadKey
 from token_budget.policy.ratesources import RateLimited, RateSample, RateSource, resolve
 from token_budget.policy.scope import ScopeInput
 
@@ -83,13 +87,14 @@ def plan(budgets: Iterable[api.Budget], catalog: Catalog) -> tuple[RateKey, ...]
 class Rate:
     """What the trigger found for one scope (on the decision chain's draft)."""
 
-    __slots__ = ("on", "limited", "error", "shares")
+    __slots__ = ("on", "limited", "error", "shares", "probing")
 
     def __init__(self) -> None:
         self.on = False
         self.limited: dict[str, RateLimited] = {}  # catalog model -> verdict
         self.error: str | None = None
         self.shares: dict[str, tuple[float, float]] = {}  # model -> (requests, limited)
+        self.probing: dict[str, dt.datetime] = {}  # lifted for too few requests -> since
 
 
 def judge(s: ScopeInput) -> Rate:
@@ -111,7 +116,7 @@ def judge(s: ScopeInput) -> Rate:
         rate.error = error or f"the {rs} rate-limit counters over {t.window_seconds}s were not read"
         return rate
     rate.shares = shares = _shares(samples, s.namespaces, s.catalog)
-    before = dict(s.memory.rate_limited) if s.memory is not None else {}
+    before = dict(remembered(s))
     limited: dict[str, tuple[int, int]] = {}
     for model, (requests, answered_429) in shares.items():
         if requests < t.min_requests or requests <= 0:
@@ -120,6 +125,10 @@ def judge(s: ScopeInput) -> Rate:
         floor = t.threshold_percent - (t.hysteresis_percent if model in before else 0)
         if share >= floor:
             limited[model] = (int(share), int(requests))
+    for model, since in before.items():
+        requests = shares.get(model, (0.0, 0.0))[0]
+        if model not in limited and (requests < t.min_requests or requests <= 0):
+            rate.probing[model] = since  # half-open: not judged, tried again
     allowed = s.context.allowed_models(s.spec)
     for model, (share_pct, requests) in sorted(limited.items()):
         entry = s.catalog.models.get(model)
@@ -132,6 +141,21 @@ def judge(s: ScopeInput) -> Rate:
         if model not in before:
             s.timed = True  # "since" is the time of evaluation: it holds for that instant
     return rate
+
+
+def remembered(s: ScopeInput) -> tuple[tuple[str, dt.datetime], ...]:
+    """The models the scope found rate-limited last time, with when each became so.
+
+    The 429 share is per (namespace, model): every partition of a scope reads the same
+    share, so the memory is the scope's (``ScopeKey(budget, namespace)``, kept in the
+    status's ``rateLimited`` rows), shared by its partitions, most of which a status
+    does not list.
+    """
+    own = s.memory.rate_limited if s.memory is not None else ()
+    if s.scope.partition is None or not s.context.world.memory:
+        return own
+    parent = s.context.world.memory.get(ScopeKey(s.scope.budget, s.scope.namespace))
+    return (*own, *parent.rate_limited) if parent is not None else own
 
 
 def _shares(samples: Iterable[RateSample], namespaces: tuple[str, ...], catalog: Catalog

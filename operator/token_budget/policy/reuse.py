@@ -253,6 +253,10 @@ class Reuse:
         if not self.same_memory and \
                 self.context.world.memory.get(scope) != self.memo.world.memory.get(scope):
             return False
+        if not self.same_memory and scope.partition is not None:  # ratelimits.remembered
+            parent = ScopeKey(scope.budget, scope.namespace)
+            if self.context.world.memory.get(parent) != self.memo.world.memory.get(parent):
+                return False
         if entry.budget.spec.outcome is not None and not self.same_outcomes:
             return False
         if self.rate_moved and self._rate_moved(entry.budget.spec, namespaces):
