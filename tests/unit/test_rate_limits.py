@@ -205,6 +205,22 @@ def test_a_spend_reroute_to_a_rate_limited_model_goes_on_to_its_fallback() -> No
         api.State.REROUTED, Reason.LIMIT_REACHED, "tiny")
 
 
+def test_a_rate_limit_never_sends_a_spend_reroute_back_to_the_model_it_left() -> None:
+    # The ladder moved the agent off large to medium; medium answers 429 and the catalog
+    # lists large first among medium's fallbacks: the next one (tiny) is taken, not large.
+    models = [m.model_dump(mode="json", by_alias=True, exclude_none=True)
+              for m in _catalog().models.values()]
+    for m in models:
+        if m["name"] == "medium":
+            m["rateLimitFallbacks"] = ["large", "tiny"]
+    body = {"apiVersion": api.API_VERSION, "kind": "ModelCatalog",
+            "metadata": {"name": "prices"}, "spec": {"models": models}}
+    budget = _budget(actions=[{"type": "Reroute", "atPercent": 50, "model": "medium"}])
+    _, directive = _evaluate(budget, {"medium": (100, 50)}, spent=600_000,
+                             catalog=Catalog([api.ModelCatalog.model_validate(body)]))
+    assert directive is not None and directive.model == "tiny"
+
+
 def test_a_spend_reroute_away_from_a_rate_limited_model_keeps_its_target() -> None:
     budget = _budget(actions=[{"type": "Reroute", "atPercent": 50, "model": "medium"}])
     _, directive = _evaluate(budget, {"large": (100, 50)}, spent=600_000)

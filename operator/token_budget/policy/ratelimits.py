@@ -183,30 +183,45 @@ def reroute(s: ScopeInput, told: dict[WorkloadKey, Directive], rate: Rate
         d = told.get(w.key)
         if d is None or d.blocked:
             continue  # a Block wins
-        model = d.model
-        if model is None:
-            model = next(iter(w.declared_models), None)
-            if model is None:
-                if top is None:
-                    top = usage.top_model(s)
-                model = top.get(w.key.name) or next(
-                    (m for wl, m in sorted(top.items()) if wl.startswith(w.key.name + "-")),
-                    None)
+        own = next(iter(w.declared_models), None)
+        if own is None:
+            if top is None:
+                top = usage.top_model(s)
+            own = top.get(w.key.name) or next(
+                (m for wl, m in sorted(top.items()) if wl.startswith(w.key.name + "-")), None)
+        model = d.model if d.model is not None else own
         if model is None:
             continue
         found = rate.limited.get(s.catalog.canonical(model))
         if found is None or found.fallback is None:
             continue
+        fallback: str | None = found.fallback
+        if d.model is not None and own is not None and fallback is not None and \
+                s.catalog.canonical(own) == s.catalog.canonical(fallback):
+            # The ladder moved the workload off ``own`` (a spend Reroute): a rate limit on
+            # its target must not send it back. The next fallback, or none.
+            fallback = _next_fallback(s, found.model, rate, exclude=s.catalog.canonical(own))
+            if fallback is None:
+                continue
         why = (f"{found.model} is rate-limited ({found.share_percent}% of "
-               f"{found.requests} requests answered 429): rerouted to {found.fallback}")
+               f"{found.requests} requests answered 429): rerouted to {fallback}")
         if SEVERITY[d.state] < SEVERITY[api.State.REROUTED]:
             out[w.key] = dataclasses.replace(d, state=api.State.REROUTED,
                                              reason=Reason.RATE_LIMITED, message=why,
-                                             model=found.fallback)
+                                             model=fallback)
         else:
-            out[w.key] = dataclasses.replace(d, model=found.fallback,
+            out[w.key] = dataclasses.replace(d, model=fallback,
                                              message=f"{d.message}; {why}")
     return out
+
+
+def _next_fallback(s: ScopeInput, model: str, rate: Rate, exclude: str) -> str | None:
+    """The first fallback of ``model`` that is allowed, not rate-limited, not ``exclude``."""
+    entry = s.catalog.models.get(model)
+    allowed = s.context.allowed_models(s.spec)
+    return next((f for f in (entry.rate_limit_fallbacks if entry else ())
+                 if f in s.catalog.models and f not in rate.limited and f != exclude
+                 and (allowed is None or f in allowed)), None)
 
 
 def describe(limited: Iterable[RateLimited]) -> str:
