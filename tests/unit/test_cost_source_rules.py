@@ -462,6 +462,45 @@ def test_a_token_limit_is_decided_while_cost_sources_cannot_be_read() -> None:
     assert decision.windows[0].by_kind == ()  # no breakdown claimed without the cost sources
 
 
+class _Rows(reading.PrometheusSource):
+    """A Prometheus that answers every cost query with ``rows``: (namespace, pod, value)."""
+
+    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
+        super().__init__("http://prometheus.invalid", scrape_interval_seconds=15.0)
+        self.rows = rows
+
+    def query(self, text: str, at: dt.datetime, kind: str = "spend",
+              matrix: bool = False) -> list[Any]:
+        return [{"metric": {"namespace": ns, "pod": pod, "tb_cost": "0"}, "value": [0, v]}
+                for ns, pod, v in self.rows]
+
+
+def test_a_nan_cost_row_makes_only_its_namespace_unknown() -> None:
+    # A NaN sandbox gauge in team-b: team-b's money limit is unknown (FailClosed), team-a's
+    # two core-hours are still read and team-a is decided (it was blocked with team-b).
+    prom = _Rows([("team-a", "a-1", "7200"), ("team-b", "sandbox-1", "NaN")])
+    budgets = [token_budget(ns, namespace=ns, limits=MONEY, actions=ACTIONS, costSources=[CPU],
+                            whenSpendUnknown={"policy": "FailClosed"})
+               for ns in ("team-a", "team-b")]
+    q, day = costs.query_of(source(**CPU)), WindowKey.of("24h", "UTC")
+    found, errors, unknown = reading.read(
+        prom, costs.CostPlan(windows={day: (86400, (q,))}, narrow={day: "team-a|team-b"}), NOW)
+    assert not errors and found[(q, day)] == (CostSeries("team-a", "a-1", 7200.0),)
+    assert list(unknown) == [(day, "team-b")] and "nan" in unknown[(day, "team-b")]
+    snap = reading.with_costs(prom, b.snapshot(budgets),
+                              costs.plan(budgets, b.catalog(), NOW, 600), NOW)
+    world = engine.World(budgets=budgets, catalog=b.catalog(),
+                         namespaces={"team-a": {}, "team-b": {}},
+                         workloads=[b.workload(namespace="team-a"),
+                                    b.workload(namespace="team-b")])
+    by_ns = {d.namespaces: d for d in engine.evaluate(world, snap, NOW).decisions}
+    a, bad = by_ns[("team-a",)], by_ns[("team-b",)]
+    assert a.spend_known and a.state is api.State.OK
+    assert a.windows[0].by_kind[1] == ("Compute", "cpu", Decimal("0.08"))
+    assert not bad.spend_known and bad.reason is Reason.SPEND_UNKNOWN_FAIL_CLOSED
+    assert "team-b" in (bad.spend_error or "") and "nan" in (bad.spend_error or "")
+
+
 class _Counting(reading.PrometheusSource):
     """A Prometheus whose count() answers ``series`` and which records every query."""
 
@@ -485,7 +524,7 @@ def test_a_month_of_cost_series_past_max_samples_is_refused_before_it_is_read(
     month = WindowKey.of("Month", "UTC")
     plan = costs.CostPlan(windows={month: (30 * 86400, (q,))})
     source = _Counting(series)
-    found, errors = reading.read(source, plan, NOW)
+    found, errors, _ = reading.read(source, plan, NOW)
     # 30 days at 15 s are 172,800 samples a series: 250 fit in 50 million, 400 do not.
     assert (month in errors) is refused
     if refused:
@@ -500,6 +539,6 @@ def test_a_day_of_cost_series_is_read_without_counting() -> None:
     q = CostQuery("tool_calls_total")
     day = WindowKey.of("24h", "UTC")
     source = _Counting(10**9)
-    found, errors = reading.read(source, costs.CostPlan(windows={day: (86400, (q,))}), NOW)
+    found, errors, _ = reading.read(source, costs.CostPlan(windows={day: (86400, (q,))}), NOW)
     assert not errors and (q, day) in found
     assert not any(t.startswith("count(") for t in source.asked)

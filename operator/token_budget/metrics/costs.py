@@ -21,9 +21,12 @@ assumed one); its error is at most the gauge's change between two scrapes
 times the window, and a series present for part of the window is charged as
 if it had held its average for all of it (an over-read, never an under-read).
 
-A query that fails (Prometheus down, refused, a value not finite) is recorded
+A query that fails (Prometheus down, refused, a malformed answer) is recorded
 in ``SpendSnapshot.cost_errors`` for its window: the budgets reading it then
-have unknown spend (``whenSpendUnknown``), never zero cost.
+have unknown spend (``whenSpendUnknown``), never zero cost. A row whose value is
+not finite (a NaN gauge) is recorded in ``SpendSnapshot.cost_namespace_errors``
+for its (window, namespace) and left out: only the scopes over that namespace
+have unknown spend, every other namespace's rows of the window are kept.
 
 Cost sources have no recording rules: every window reads raw samples. A window
 longer than a day is first counted (one ``count()`` per cost query) and, like a
@@ -39,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from token_budget.errors import MetricsError
+from token_budget.errors import InvalidValue, MetricsError
 from token_budget.metrics import promql
 from token_budget.metrics.prometheus import PrometheusSource, _labels, _value
 from token_budget.policy.costs import CostPlan
@@ -81,10 +84,12 @@ def window_query(queries: tuple[CostQuery, ...], range_seconds: int,
 
 def read(source: PrometheusSource, plan: CostPlan, now: dt.datetime
          ) -> tuple[dict[tuple[CostQuery, WindowKey], tuple[CostSeries, ...]],
-                    dict[WindowKey, str]]:
-    """Run the cost plan at ``now``: units per (query, window), and errors per window."""
+                    dict[WindowKey, str], dict[tuple[WindowKey, str], str]]:
+    """Run the cost plan at ``now``: units per (query, window), errors per window, and
+    errors per (window, namespace) (rows that are not finite, left out)."""
     found: dict[tuple[CostQuery, WindowKey], tuple[CostSeries, ...]] = {}
     errors: dict[WindowKey, str] = {}
+    unknown: dict[tuple[WindowKey, str], str] = {}
     for key, (seconds, queries) in plan.windows.items():
         try:
             too_many = _too_many(source, queries, seconds, plan.narrow.get(key), now)
@@ -101,14 +106,21 @@ def read(source: PrometheusSource, plan: CostPlan, now: dt.datetime
                     q = queries[i]
                 except (ValueError, IndexError):
                     continue  # not one of ours
-                rows[i].append(CostSeries(labels.get(q.namespace_label, ""),
-                                          labels.get(q.workload_label, ""), _value(it)))
+                namespace = labels.get(q.namespace_label, "")
+                try:
+                    value = _value(it)
+                except InvalidValue as exc:
+                    # One namespace's cost is unknown, not every namespace's.
+                    unknown.setdefault((key, namespace), f"the {key} cost query: {exc}")
+                    continue
+                rows[i].append(CostSeries(namespace, labels.get(q.workload_label, ""),
+                                          value))
         except MetricsError as exc:
             errors[key] = str(exc)
             continue
         for q, r in zip(queries, rows, strict=True):
             found[(q, key)] = tuple(sorted(r, key=lambda c: (c.namespace, c.workload)))
-    return found, errors
+    return found, errors, {k: v for k, v in unknown.items() if k[0] not in errors}
 
 
 def with_costs(source: PrometheusSource, snapshot: SpendSnapshot, plan: CostPlan,
@@ -116,8 +128,9 @@ def with_costs(source: PrometheusSource, snapshot: SpendSnapshot, plan: CostPlan
     """The snapshot with the cost plan read into it (itself when the plan is empty)."""
     if not plan.windows:
         return snapshot
-    found, errors = read(source, plan, now)
-    return dataclasses.replace(snapshot, costs=found, cost_errors=errors)
+    found, errors, unknown = read(source, plan, now)
+    return dataclasses.replace(snapshot, costs=found, cost_errors=errors,
+                               cost_namespace_errors=unknown)
 
 
 def _too_many(source: PrometheusSource, queries: tuple[CostQuery, ...], seconds: int,

@@ -199,7 +199,8 @@ def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Cata
 def _raise_errors(snapshot: SpendSnapshot) -> None:
     """A report is all or nothing: the first source, window or outcome not read fails it."""
     problems = [*snapshot.errors.values(), *snapshot.window_errors.values(),
-                *snapshot.outcome_errors.values(), *snapshot.cost_errors.values()]
+                *snapshot.outcome_errors.values(), *snapshot.cost_errors.values(),
+                *snapshot.cost_namespace_errors.values()]
     if problems:
         raise MetricsError(problems[0])
 
