@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
+import shutil
+import subprocess
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -169,26 +172,70 @@ def test_a_cost_source_without_a_kind_or_price_is_refused_by_the_schema() -> Non
 
 def test_a_counter_is_read_with_the_exact_increase_of_token_counters() -> None:
     q = costs.query_of(source(**CPU))
-    text = reading.units(q, 3600)
+    text = reading.units(q, 3600, interval=15)
     sel = 'container_cpu_usage_seconds_total{container!=""}'
     assert text == f"sum by (namespace, pod) ({promql.increase(sel, 3600)})"
 
 
-def test_a_gauge_is_integrated_as_its_average_times_the_window() -> None:
-    q = costs.query_of(source(name="memory", kind="Memory", type="Gauge",
-                              metric="container_memory_working_set_bytes",
-                              matchers=[{"label": "image", "operator": "NotRegex", "value": ""},
-                                        {"label": "team", "value": "a\"b"}],
-                              labels={"namespace": "ns", "workload": "app"},
-                              pricePerUnit="0.01"))
-    assert reading.units(q, 600) == (
-        'sum by (ns, app) (avg_over_time(container_memory_working_set_bytes'
-        '{image!~"",team="a\\"b"}[600s]) * 600)')
+MEMORY: dict[str, Any] = {
+    "name": "memory", "kind": "Memory", "type": "Gauge",
+    "metric": "container_memory_working_set_bytes",
+    "pricePerUnit": "0.01", "unitsPerPrice": "3865470566400"}  # $0.01 a GiB-hour
+
+
+def test_a_gauge_is_integrated_over_each_series_own_span() -> None:
+    q = costs.query_of(source(**{**MEMORY, "labels": {"namespace": "ns", "workload": "app"},
+                                 "matchers": [
+                                     {"label": "image", "operator": "NotRegex", "value": ""},
+                                     {"label": "team", "value": "a\"b"}]}))
+    sel = 'container_memory_working_set_bytes{image!~"",team="a\\"b"}'
+    # Each sample stands for one scrape interval, never more than the whole window.
+    assert reading.units(q, 600, interval=15) == (
+        f"sum by (ns, app) (avg_over_time({sel}[600s]) * "
+        f"clamp_max(count_over_time({sel}[600s]) * 15, 600))")
+    assert "* 0.5, 600)" in reading.units(q, 600, interval=0.5)
+
+
+GIB = 1024 ** 3
+
+
+def test_two_successive_12h_pods_at_1_gib_cost_24_gib_hours_over_a_day_not_48(
+        tmp_path: Path) -> None:
+    """Evaluated by Prometheus's own engine (promtool) on a day of 15 s samples: a pod
+    replaced at noon (cAdvisor's new series) is charged for its half of the window, as
+    is the pod it replaced; a pod present all day is charged the day exactly."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI=true and promtool is missing: make prereqs installs it")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    q = costs.query_of(source(**MEMORY))
+    half = 43200 // 15  # samples in 12 h
+    m = "container_memory_working_set_bytes"
+    gib_hours = f"sum by (namespace) ({reading.units(q, 86400, interval=15)}) / {GIB} / 3600"
+    test = {"rule_files": [], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [
+            {"series": f'{m}{{namespace="team-a",pod="agent-1"}}',
+             "values": f"{GIB}+0x{half - 1}"},
+            {"series": f'{m}{{namespace="team-a",pod="agent-2"}}',
+             "values": f"_x{half} {GIB}+0x{half - 1}"},
+            {"series": f'{m}{{namespace="team-b",pod="agent-1"}}',
+             "values": f"{GIB}+0x{2 * half - 1}"}],
+        "promql_expr_test": [{
+            "expr": gib_hours, "eval_time": f"{86400 - 15}s",
+            "exp_samples": [{"labels": '{namespace="team-a"}', "value": 24},
+                            {"labels": '{namespace="team-b"}', "value": 24}]}]}]}
+    path = tmp_path / "gauge.test.yaml"
+    path.write_text(json.dumps(test))
+    out = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_one_query_per_window_reads_every_distinct_cost_query_tagged() -> None:
     qs = (costs.query_of(source(**CPU)), costs.query_of(source(**SEARCH)))
-    text = reading.window_query(qs, 60)
+    text = reading.window_query(qs, 60, interval=15)
     assert text.count("label_replace(") == 2 and '"tb_cost", "1"' in text
 
 
@@ -369,7 +416,7 @@ def test_token_budgets_narrow_the_cost_query_to_their_namespaces() -> None:
                            WindowKey.of("10m", "UTC"): "team-a|team-z"}
     q = costs.query_of(source(**CPU))
     assert 'container_cpu_usage_seconds_total{container!="",namespace=~"team-a|team-z"}' in \
-        reading.units(q, 60, plan.narrow[WindowKey.of("24h", "UTC")])
+        reading.units(q, 60, plan.narrow[WindowKey.of("24h", "UTC")], interval=15)
     # A ClusterTokenBudget's namespaces are not known to the plan: nothing is narrowed.
     qa = b.cluster_budget(limits=MONEY, costSources=[CPU])
     assert costs.plan([a, qa], b.catalog(), NOW, 600).narrow == {}
