@@ -373,6 +373,36 @@ def test_the_report_says_where_the_money_goes_tokens_first_then_cost_sources() -
     assert "KIND" in text and "vector-search" in text and "44.4%" in text
 
 
+class _Report(reading.PrometheusSource):
+    """No token spend; every cost query answers team-a's 7200 and team-b's 3600 CPU-seconds."""
+
+    def __init__(self) -> None:
+        super().__init__("http://prometheus.invalid", scrape_interval_seconds=15.0)
+
+    def collect(self, plan: Any, at: dt.datetime) -> SpendSnapshot:
+        return SpendSnapshot(taken_at=at)
+
+    def query(self, text: str, at: dt.datetime, kind: str = "spend",
+              matrix: bool = False) -> list[Any]:
+        return [{"metric": {"namespace": ns, "pod": f"{ns}-agent", "tb_cost": "0"},
+                 "value": [0, v]} for ns, v in (("team-a", "7200"), ("team-b", "3600"))]
+
+
+def test_the_report_counts_a_namespaces_cost_source_once_where_budgets_overlap() -> None:
+    # A Shared cluster budget over team-a and team-b and a TokenBudget in team-a both read
+    # team-a's CPU: the report's total counts its two core-hours ($0.08) once.
+    budgets = [b.cluster_budget(scope="Shared", limits=MONEY, costSources=[CPU]),
+               token_budget("team-a", namespace="team-a", limits=MONEY, costSources=[CPU])]
+    qa = {"environment": "qa"}
+    rep = report.build(_Report(), budgets, b.catalog(), {"team-a": qa, "team-b": qa}, 86400,
+                       NOW)
+    assert rep.total.cost == Decimal("0.12")  # 3 core-hours at 0.04, not 0.20
+    assert rep.by_kind[("Compute", "cpu")].cost == Decimal("0.12")
+    assert rep.by_namespace["team-a"].cost == Decimal("0.08")
+    assert rep.by_namespace["team-b"].cost == Decimal("0.04")
+    assert rep.by_budget["ClusterTokenBudget/qa"].cost == Decimal("0.12")  # each its own
+
+
 def test_a_report_without_cost_sources_has_no_kind_table() -> None:
     rep = report.Report(since_seconds=86400, at=NOW, currency="USD")
     rep.by_kind[("Tokens", "input")].add(1, Decimal(1))
