@@ -12,7 +12,8 @@ read within one scrape of extrapolation, as token counters are; a proxy's own sp
 counter (LiteLLM) replaces the catalog's token prices and a cost source adds to it; a
 cost source whose answer is not a number (a NaN gauge) holds the budget with
 MetricsAvailable=False saying why, leaves the agent running, and reads again once the
-NaN has left the window.
+NaN has left the window; a gauge charges two successive pods (a replaced pod's new series)
+each for its own half of the window, not each for the whole window.
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ def test_a_cpu_counter_reset_in_place_is_read_within_one_scrape(
     q = costs.query_of(api.CostSource.model_validate(CPU_SOURCE))
 
     def units() -> float | None:
-        rows = prometheus.query(reading.units(q, 3600))
+        rows = prometheus.query(reading.units(q, 3600, interval=1))
         found = [float(r["value"][1]) for r in rows if r["metric"].get("namespace") == ns]
         return found[0] if found else None
 
@@ -344,3 +345,42 @@ def test_a_proxys_own_spend_replaces_catalog_token_prices_and_cost_sources_add_t
     assert [(k, n, round(v, 6)) for k, n, v in found.by_kind] == [
         ("Tokens", "tokens", 0.75), ("Compute", "cpu", 0.25)]
     assert found.used_percent == 50
+
+
+def test_a_gauge_charges_two_successive_pods_each_for_its_own_half_of_the_window(
+        exporter: AgentExporter, prometheus: Prometheus) -> None:
+    """A pod replaced mid-window (cAdvisor's new series) is charged for the time it was
+    scraped, as is the pod it replaced: two successive 15 s pods at 1 VM over a window of
+    about 32 s cost about 30 VM-seconds, not twice the window (each series' average held
+    for the whole window)."""
+    ns = f"gauge-{uuid.uuid4().hex[:6]}"
+    sandboxes = Sandboxes()
+    exporter.registry.register(sandboxes)
+    try:
+        start = time.time()
+        sandboxes.vms[(ns, "agent-1")] = 1.0
+        time.sleep(15)
+        del sandboxes.vms[(ns, "agent-1")]
+        sandboxes.vms[(ns, "agent-2")] = 1.0
+        time.sleep(15)
+        del sandboxes.vms[(ns, "agent-2")]
+        time.sleep(2.5)  # agent-2's last sample is scraped, then its stale marker
+        now = dt.datetime.now(dt.UTC)
+        seconds = int(now.timestamp() - start) + 2
+        q = costs.query_of(api.CostSource.model_validate({
+            "name": "sandboxes", "kind": "Sandbox", "type": "Gauge",
+            "metric": "agent_sandbox_vms", "pricePerUnit": "0.10", "unitsPerPrice": "3600"}))
+        key = planner.rolling_key(60)
+        source = PrometheusSource(prometheus.url, scrape_interval_seconds=1)
+        found, errors, unknown = reading.read(
+            source, costs.CostPlan(windows={key: (seconds, (q,))}), now)
+        assert not errors and not unknown
+        units = {r.workload: r.units for r in found[(q, key)] if r.namespace == ns}
+        samples = {r["metric"]["pod"]: float(r["value"][1]) for r in prometheus.query(
+            f'count_over_time(agent_sandbox_vms{{namespace="{ns}"}}[{seconds}s])',
+            now.timestamp())}
+        assert units == samples, "each sample stands for one 1 s scrape"
+        assert 27 <= sum(units.values()) <= 33, (units, seconds)
+        assert sum(units.values()) < 0.6 * 2 * seconds  # the whole window each: 2 x window
+    finally:
+        exporter.registry.unregister(sandboxes)

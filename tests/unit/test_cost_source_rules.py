@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
+import shutil
+import subprocess
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -169,26 +172,70 @@ def test_a_cost_source_without_a_kind_or_price_is_refused_by_the_schema() -> Non
 
 def test_a_counter_is_read_with_the_exact_increase_of_token_counters() -> None:
     q = costs.query_of(source(**CPU))
-    text = reading.units(q, 3600)
+    text = reading.units(q, 3600, interval=15)
     sel = 'container_cpu_usage_seconds_total{container!=""}'
     assert text == f"sum by (namespace, pod) ({promql.increase(sel, 3600)})"
 
 
-def test_a_gauge_is_integrated_as_its_average_times_the_window() -> None:
-    q = costs.query_of(source(name="memory", kind="Memory", type="Gauge",
-                              metric="container_memory_working_set_bytes",
-                              matchers=[{"label": "image", "operator": "NotRegex", "value": ""},
-                                        {"label": "team", "value": "a\"b"}],
-                              labels={"namespace": "ns", "workload": "app"},
-                              pricePerUnit="0.01"))
-    assert reading.units(q, 600) == (
-        'sum by (ns, app) (avg_over_time(container_memory_working_set_bytes'
-        '{image!~"",team="a\\"b"}[600s]) * 600)')
+MEMORY: dict[str, Any] = {
+    "name": "memory", "kind": "Memory", "type": "Gauge",
+    "metric": "container_memory_working_set_bytes",
+    "pricePerUnit": "0.01", "unitsPerPrice": "3865470566400"}  # $0.01 a GiB-hour
+
+
+def test_a_gauge_is_integrated_over_each_series_own_span() -> None:
+    q = costs.query_of(source(**{**MEMORY, "labels": {"namespace": "ns", "workload": "app"},
+                                 "matchers": [
+                                     {"label": "image", "operator": "NotRegex", "value": ""},
+                                     {"label": "team", "value": "a\"b"}]}))
+    sel = 'container_memory_working_set_bytes{image!~"",team="a\\"b"}'
+    # Each sample stands for one scrape interval, never more than the whole window.
+    assert reading.units(q, 600, interval=15) == (
+        f"sum by (ns, app) (avg_over_time({sel}[600s]) * "
+        f"clamp_max(count_over_time({sel}[600s]) * 15, 600))")
+    assert "* 0.5, 600)" in reading.units(q, 600, interval=0.5)
+
+
+GIB = 1024 ** 3
+
+
+def test_two_successive_12h_pods_at_1_gib_cost_24_gib_hours_over_a_day_not_48(
+        tmp_path: Path) -> None:
+    """Evaluated by Prometheus's own engine (promtool) on a day of 15 s samples: a pod
+    replaced at noon (cAdvisor's new series) is charged for its half of the window, as
+    is the pod it replaced; a pod present all day is charged the day exactly."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI=true and promtool is missing: make prereqs installs it")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    q = costs.query_of(source(**MEMORY))
+    half = 43200 // 15  # samples in 12 h
+    m = "container_memory_working_set_bytes"
+    gib_hours = f"sum by (namespace) ({reading.units(q, 86400, interval=15)}) / {GIB} / 3600"
+    test = {"rule_files": [], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [
+            {"series": f'{m}{{namespace="team-a",pod="agent-1"}}',
+             "values": f"{GIB}+0x{half - 1}"},
+            {"series": f'{m}{{namespace="team-a",pod="agent-2"}}',
+             "values": f"_x{half} {GIB}+0x{half - 1}"},
+            {"series": f'{m}{{namespace="team-b",pod="agent-1"}}',
+             "values": f"{GIB}+0x{2 * half - 1}"}],
+        "promql_expr_test": [{
+            "expr": gib_hours, "eval_time": f"{86400 - 15}s",
+            "exp_samples": [{"labels": '{namespace="team-a"}', "value": 24},
+                            {"labels": '{namespace="team-b"}', "value": 24}]}]}]}
+    path = tmp_path / "gauge.test.yaml"
+    path.write_text(json.dumps(test))
+    out = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_one_query_per_window_reads_every_distinct_cost_query_tagged() -> None:
     qs = (costs.query_of(source(**CPU)), costs.query_of(source(**SEARCH)))
-    text = reading.window_query(qs, 60)
+    text = reading.window_query(qs, 60, interval=15)
     assert text.count("label_replace(") == 2 and '"tb_cost", "1"' in text
 
 
@@ -326,6 +373,36 @@ def test_the_report_says_where_the_money_goes_tokens_first_then_cost_sources() -
     assert "KIND" in text and "vector-search" in text and "44.4%" in text
 
 
+class _Report(reading.PrometheusSource):
+    """No token spend; every cost query answers team-a's 7200 and team-b's 3600 CPU-seconds."""
+
+    def __init__(self) -> None:
+        super().__init__("http://prometheus.invalid", scrape_interval_seconds=15.0)
+
+    def collect(self, plan: Any, at: dt.datetime) -> SpendSnapshot:
+        return SpendSnapshot(taken_at=at)
+
+    def query(self, text: str, at: dt.datetime, kind: str = "spend",
+              matrix: bool = False) -> list[Any]:
+        return [{"metric": {"namespace": ns, "pod": f"{ns}-agent", "tb_cost": "0"},
+                 "value": [0, v]} for ns, v in (("team-a", "7200"), ("team-b", "3600"))]
+
+
+def test_the_report_counts_a_namespaces_cost_source_once_where_budgets_overlap() -> None:
+    # A Shared cluster budget over team-a and team-b and a TokenBudget in team-a both read
+    # team-a's CPU: the report's total counts its two core-hours ($0.08) once.
+    budgets = [b.cluster_budget(scope="Shared", limits=MONEY, costSources=[CPU]),
+               token_budget("team-a", namespace="team-a", limits=MONEY, costSources=[CPU])]
+    qa = {"environment": "qa"}
+    rep = report.build(_Report(), budgets, b.catalog(), {"team-a": qa, "team-b": qa}, 86400,
+                       NOW)
+    assert rep.total.cost == Decimal("0.12")  # 3 core-hours at 0.04, not 0.20
+    assert rep.by_kind[("Compute", "cpu")].cost == Decimal("0.12")
+    assert rep.by_namespace["team-a"].cost == Decimal("0.08")
+    assert rep.by_namespace["team-b"].cost == Decimal("0.04")
+    assert rep.by_budget["ClusterTokenBudget/qa"].cost == Decimal("0.12")  # each its own
+
+
 def test_a_report_without_cost_sources_has_no_kind_table() -> None:
     rep = report.Report(since_seconds=86400, at=NOW, currency="USD")
     rep.by_kind[("Tokens", "input")].add(1, Decimal(1))
@@ -369,7 +446,7 @@ def test_token_budgets_narrow_the_cost_query_to_their_namespaces() -> None:
                            WindowKey.of("10m", "UTC"): "team-a|team-z"}
     q = costs.query_of(source(**CPU))
     assert 'container_cpu_usage_seconds_total{container!="",namespace=~"team-a|team-z"}' in \
-        reading.units(q, 60, plan.narrow[WindowKey.of("24h", "UTC")])
+        reading.units(q, 60, plan.narrow[WindowKey.of("24h", "UTC")], interval=15)
     # A ClusterTokenBudget's namespaces are not known to the plan: nothing is narrowed.
     qa = b.cluster_budget(limits=MONEY, costSources=[CPU])
     assert costs.plan([a, qa], b.catalog(), NOW, 600).narrow == {}
@@ -462,6 +539,45 @@ def test_a_token_limit_is_decided_while_cost_sources_cannot_be_read() -> None:
     assert decision.windows[0].by_kind == ()  # no breakdown claimed without the cost sources
 
 
+class _Rows(reading.PrometheusSource):
+    """A Prometheus that answers every cost query with ``rows``: (namespace, pod, value)."""
+
+    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
+        super().__init__("http://prometheus.invalid", scrape_interval_seconds=15.0)
+        self.rows = rows
+
+    def query(self, text: str, at: dt.datetime, kind: str = "spend",
+              matrix: bool = False) -> list[Any]:
+        return [{"metric": {"namespace": ns, "pod": pod, "tb_cost": "0"}, "value": [0, v]}
+                for ns, pod, v in self.rows]
+
+
+def test_a_nan_cost_row_makes_only_its_namespace_unknown() -> None:
+    # A NaN sandbox gauge in team-b: team-b's money limit is unknown (FailClosed), team-a's
+    # two core-hours are still read and team-a is decided (it was blocked with team-b).
+    prom = _Rows([("team-a", "a-1", "7200"), ("team-b", "sandbox-1", "NaN")])
+    budgets = [token_budget(ns, namespace=ns, limits=MONEY, actions=ACTIONS, costSources=[CPU],
+                            whenSpendUnknown={"policy": "FailClosed"})
+               for ns in ("team-a", "team-b")]
+    q, day = costs.query_of(source(**CPU)), WindowKey.of("24h", "UTC")
+    found, errors, unknown = reading.read(
+        prom, costs.CostPlan(windows={day: (86400, (q,))}, narrow={day: "team-a|team-b"}), NOW)
+    assert not errors and found[(q, day)] == (CostSeries("team-a", "a-1", 7200.0),)
+    assert list(unknown) == [(day, "team-b")] and "nan" in unknown[(day, "team-b")]
+    snap = reading.with_costs(prom, b.snapshot(budgets),
+                              costs.plan(budgets, b.catalog(), NOW, 600), NOW)
+    world = engine.World(budgets=budgets, catalog=b.catalog(),
+                         namespaces={"team-a": {}, "team-b": {}},
+                         workloads=[b.workload(namespace="team-a"),
+                                    b.workload(namespace="team-b")])
+    by_ns = {d.namespaces: d for d in engine.evaluate(world, snap, NOW).decisions}
+    a, bad = by_ns[("team-a",)], by_ns[("team-b",)]
+    assert a.spend_known and a.state is api.State.OK
+    assert a.windows[0].by_kind[1] == ("Compute", "cpu", Decimal("0.08"))
+    assert not bad.spend_known and bad.reason is Reason.SPEND_UNKNOWN_FAIL_CLOSED
+    assert "team-b" in (bad.spend_error or "") and "nan" in (bad.spend_error or "")
+
+
 class _Counting(reading.PrometheusSource):
     """A Prometheus whose count() answers ``series`` and which records every query."""
 
@@ -485,7 +601,7 @@ def test_a_month_of_cost_series_past_max_samples_is_refused_before_it_is_read(
     month = WindowKey.of("Month", "UTC")
     plan = costs.CostPlan(windows={month: (30 * 86400, (q,))})
     source = _Counting(series)
-    found, errors = reading.read(source, plan, NOW)
+    found, errors, _ = reading.read(source, plan, NOW)
     # 30 days at 15 s are 172,800 samples a series: 250 fit in 50 million, 400 do not.
     assert (month in errors) is refused
     if refused:
@@ -500,7 +616,7 @@ def test_a_day_of_cost_series_is_read_without_counting() -> None:
     q = CostQuery("tool_calls_total")
     day = WindowKey.of("24h", "UTC")
     source = _Counting(10**9)
-    found, errors = reading.read(source, costs.CostPlan(windows={day: (86400, (q,))}), NOW)
+    found, errors, _ = reading.read(source, costs.CostPlan(windows={day: (86400, (q,))}), NOW)
     assert not errors and (q, day) in found
     assert not any(t.startswith("count(") for t in source.asked)
 

@@ -496,9 +496,10 @@ class CostSource(_Base):
     type: CostMetricType = Field(
         default=CostMetricType.COUNTER,
         description="Counter: its exact increase over the window (resets, new and deleted "
-        "pods read as token counters are). Gauge (memory bytes): integrated over the window "
-        "as avg_over_time(metric[window]) times the window's length, which charges a series "
-        "present for part of the window as if it had held its average for all of it.",
+        "pods read as token counters are). Gauge (memory bytes): integrated per series over "
+        "its own observed span, each sample standing for one scrape interval "
+        "(--prometheus-scrape-interval-seconds), never more than the whole window: a pod "
+        "present for part of the window is charged for that part only.",
     )
     matchers: tuple[SpendMatcher, ...] = Field(
         default=(), max_length=16,

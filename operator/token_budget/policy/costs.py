@@ -20,7 +20,9 @@ winning (:func:`merged`); each is a Prometheus metric with a price per
 What is read: one query per window for every distinct :class:`CostQuery` of
 the plan (:func:`plan`), read as exactly as token counters (see
 :mod:`token_budget.metrics.promql`); a query that failed makes the spend of the
-budgets that need it unknown (``whenSpendUnknown``), never zero.
+budgets that need it unknown (``whenSpendUnknown``), never zero; a row that is
+not a finite number makes unknown only its namespace's cost over that window
+(``SpendSnapshot.cost_namespace_errors``): the scopes over that namespace.
 
 Pure: prices and sums only; the reading lives in ``token_budget.metrics.costs``.
 """
@@ -152,7 +154,8 @@ class Index:
         by namespace and workload label, when given).
 
         Raises:
-            Unread: the window's cost query failed or was not read.
+            Unread: the window's cost query failed or was not read, or a row of one of
+                the namespaces was not a finite number.
         """
         by_ns = self._by_ns.get((query, key))
         if by_ns is None:
@@ -166,7 +169,12 @@ class Index:
             for r in rows:
                 by_ns.setdefault(r.namespace, []).append(r)
         total = 0.0
+        unknown = self.snapshot.cost_namespace_errors
         for ns in namespaces:
+            if unknown:
+                error = unknown.get((key, ns))
+                if error is not None:
+                    raise Unread(f"cost sources over {key} in {ns} could not be read: {error}")
             for r in by_ns.get(ns, ()):
                 if keep is None or keep(r.namespace, r.workload):
                     total += r.units

@@ -148,6 +148,10 @@ class SpendSnapshot:
         default_factory=dict
     )
     cost_errors: Mapping[WindowKey, str] = field(default_factory=dict)
+    # Why one namespace's cost over a window is unknown although the window's query
+    # answered (a row that is not a finite number): only scopes over that namespace
+    # have unknown spend, every other namespace's rows are kept.
+    cost_namespace_errors: Mapping[tuple[WindowKey, str], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,9 @@ class Reuse:
         # Cost sources' series are not tracked per namespace: when any moved, no budget
         # with cost sources keeps its decision (the others still do).
         self.same_costs = (snapshot.costs == memo.snapshot.costs
-                           and snapshot.cost_errors == memo.snapshot.cost_errors)
+                           and snapshot.cost_errors == memo.snapshot.cost_errors
+                           and snapshot.cost_namespace_errors
+                           == memo.snapshot.cost_namespace_errors)
         self.stale = stale_sources(memo.snapshot, snapshot)
         new_w, old_w = context.workloads, before.workloads
         self.moved = {ns for ns in new_w.keys() | old_w.keys()

@@ -30,7 +30,8 @@ from token_budget.metrics import costs as cost_reading
 from token_budget.metrics.prometheus import PrometheusSource
 from token_budget.policy import costs, engine, planner, sources
 from token_budget.policy.catalog import MILLION, Catalog
-from token_budget.policy.inputs import SpendSeries, SpendSnapshot
+from token_budget.policy.inputs import BudgetKey, CostQuery, SpendSeries, SpendSnapshot
+from token_budget.policy.windows import WindowKey
 from token_budget.reports import tables
 
 
@@ -174,19 +175,15 @@ def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Cata
     world = engine.World(budgets=list(budgets), catalog=catalog,
                          namespaces=namespaces or _seen(series))
     counted: dict[str, tuple[float, Decimal]] = {}
-    sourced: set[tuple[tuple[str, ...], str]] = set()
+    of_key = {BudgetKey.of(b): b for b in budgets}
+    sourced: set[tuple[str, str, CostQuery]] = set()
     for spent in engine.scope_spend(world, snapshot, at, key):
         b = spent.scope.budget
         name = f"{b.kind}/{b}"
         report.by_budget[name].add(spent.tokens, spent.cost)
-        for kind, source_name, cost in spent.by_kind[1:]:
-            # A namespace's cost source counts once, however many budgets read it.
-            if (spent.namespaces, source_name) not in sourced:
-                sourced.add((spent.namespaces, source_name))
-                report.by_kind[(kind, source_name)].add(0.0, cost)
-                report.total.add(0.0, cost)
-                if len(spent.namespaces) == 1:
-                    report.by_namespace[spent.namespaces[0]].add(0.0, cost)
+        budget = of_key.get(b)
+        if spent.by_kind and budget is not None:
+            _cost_rows(report, budget.spec, catalog, snapshot, key, spent.namespaces, sourced)
         if spent.outcomes is not None:
             n, cost = counted.get(name, (0.0, Decimal(0)))
             counted[name] = (n + spent.outcomes, cost + spent.cost)
@@ -196,10 +193,30 @@ def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Cata
     return report
 
 
+def _cost_rows(report: Report, spec: api.TokenBudgetSpec, catalog: Catalog,
+               snapshot: SpendSnapshot, key: WindowKey, namespaces: tuple[str, ...],
+               sourced: set[tuple[str, str, CostQuery]]) -> None:
+    """A scope's cost sources into the totals, by kind and by namespace: each (namespace,
+    workload, cost query) once, however many budgets' scopes read it (a Shared cluster
+    budget over a and b and a TokenBudget in a both count a's CPU)."""
+    within = set(namespaces)
+    for c in costs.merged(spec, catalog):
+        q = costs.query_of(c)
+        for r in snapshot.costs.get((q, key), ()):
+            if r.namespace not in within or (r.namespace, r.workload, q) in sourced:
+                continue
+            sourced.add((r.namespace, r.workload, q))
+            cost = costs.price(r.units, c)
+            report.by_kind[(c.kind.value, c.name)].add(0.0, cost)
+            report.total.add(0.0, cost)
+            report.by_namespace[r.namespace].add(0.0, cost)
+
+
 def _raise_errors(snapshot: SpendSnapshot) -> None:
     """A report is all or nothing: the first source, window or outcome not read fails it."""
     problems = [*snapshot.errors.values(), *snapshot.window_errors.values(),
-                *snapshot.outcome_errors.values(), *snapshot.cost_errors.values()]
+                *snapshot.outcome_errors.values(), *snapshot.cost_errors.values(),
+                *snapshot.cost_namespace_errors.values()]
     if problems:
         raise MetricsError(problems[0])
 
