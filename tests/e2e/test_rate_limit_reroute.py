@@ -286,7 +286,8 @@ def test_the_operator_reroutes_a_rate_limited_model_and_brings_it_back(
                 return None
             return b if c["reason"] == "RateLimitUnknown" else None
 
-        body = eventually(unknown, 60, what="RateLimited=Unknown while the query is refused")
+        # The first evaluation of a freshly started operator: slow on a loaded machine.
+        body = eventually(unknown, 180, what="RateLimited=Unknown while the query is refused")
         assert condition(body, "RateLimited")["status"] == "Unknown"
         assert "refused" in condition(body, "RateLimited")["message"]
         assert proxy.refused > 0
