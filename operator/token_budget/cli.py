@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
             rp.add_argument("-o", "--output", choices=("table", "json", "csv"),
                             default="table")
             rp.add_argument("--html", help="also write an HTML report with charts here")
+            rp.add_argument("--top", type=int, default=None,
+                            help="partitioned budgets: how many values (people) to list, "
+                            "most spent first; default: each budget's statusTop")
         else:
             rp.add_argument("--budget", required=True, help="the budget manifest to replay")
             rp.add_argument("--step", type=_duration, default=3600, help="1h, 15m, ...")
@@ -523,7 +526,8 @@ def report_or_backtest(args: argparse.Namespace, out: TextIO) -> int:
                             for b in k.list(CLUSTERTOKENBUDGETS)]
                 namespaces = {n["metadata"]["name"]: n["metadata"].get("labels") or {}
                               for n in k.list(NAMESPACES)}
-            rep = spend.build(source, budgets, catalog, namespaces, args.since, at)
+            rep = spend.build(source, budgets, catalog, namespaces, args.since, at,
+                              top=args.top)
             if args.html:
                 Path(args.html).write_text(spend.html(rep))
             if args.output == "json":

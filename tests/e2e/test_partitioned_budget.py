@@ -26,6 +26,7 @@ Deployment per user labelled ``tokenbudget.io/owner=<user>``:
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -37,8 +38,12 @@ from harness.controlplane import ControlPlane
 from harness.exporter import AgentExporter
 from harness.prometheus import Prometheus
 from harness.waiting import eventually
+from token_budget.api import v1alpha1 as api
 from token_budget.errors import EnforcementError
 from token_budget.kube import DEPLOYMENTS, PODS, TOKENBUDGETS, Kube
+from token_budget.metrics.prometheus import PrometheusSource
+from token_budget.policy.catalog import Catalog
+from token_budget.reports import spend as reports
 
 A = "tokenbudget.io/"
 OWNER = A + "owner"
@@ -185,6 +190,16 @@ def test_the_user_over_the_limit_is_blocked_alone_refused_at_admission_and_resto
         assert [(e["value"], e["state"]) for e in p["over"]] == [
             ("alice", "Blocked"), ("bob", "Warning")]
         assert "1 Blocked" in st["message"]
+
+        # `tokenbudget report` over the budget's own window: each person's spend as read from
+        # the real Prometheus, summed as the partitions sum it.
+        read = api.TokenBudget.model_validate(kube.get(TOKENBUDGETS, ns, "allowance"))
+        rep = reports.build(PrometheusSource(prometheus.url), [read], Catalog(), {ns: {}},
+                            3600, dt.datetime.now(dt.UTC))
+        part = rep.by_partition[f"TokenBudget/{ns}/allowance"]
+        spent = {v: round(r.tokens) for v, r in part.rows.items()}
+        assert {u: spent.get(u) for u in USERS} == {"alice": 1500, "bob": 850, "carol": 100}
+        assert [v for v, _ in part.ranked()] == ["alice", "bob"]  # statusTop 2
 
         def changed() -> list[str]:
             data = kube.request("GET", f"/api/v1/namespaces/{ns}/events")

@@ -33,11 +33,13 @@ from token_budget.api import rules
 from token_budget.api import v1alpha1 as api
 from token_budget.handlers import status as statuses
 from token_budget.handlers.telemetry import Telemetry
+from token_budget.metrics.prometheus import PrometheusSource as Prometheus
 from token_budget.policy import admission, partitions, planner
-from token_budget.policy.inputs import BudgetKey, Memory, ScopeKey
+from token_budget.policy.inputs import BudgetKey, Memory, ScopeKey, SpendSnapshot
 from token_budget.policy.matchers import series_matches
 from token_budget.policy.pricing import Prices
 from token_budget.policy.spend import Spend
+from token_budget.reports import spend as reports
 from unit import builders as b
 from unit.builders import NOW
 
@@ -450,3 +452,38 @@ def test_a_partition_beside_other_matchers_is_valid() -> None:
     fields = {"spendMatchers": [{"label": "user", "operator": "NotEqual", "value": "bot"},
                                 {"label": "team", "value": "search"}]}
     assert rules.problems(_budget(**fields), None) == []
+
+
+class _Spent(Prometheus):
+    """A Prometheus whose every spend reading answers ``series``."""
+
+    def __init__(self, series: list[Any]) -> None:
+        super().__init__("http://prometheus.invalid")
+        self.series = tuple(series)
+
+    def collect(self, plan: Any, at: dt.datetime) -> Any:
+        return SpendSnapshot(taken_at=at, windows={k: self.series for k in plan.windows})
+
+
+def test_the_report_lists_the_top_spenders_bounded_and_agreeing_with_the_status() -> None:
+    budget = _budget()  # 24h, 1,000 tokens; statusTop 3
+    spend = ([b.series(100 + 10 * i, user=f"u{i:02d}", workload=f"w{i}") for i in range(40)]
+             + [b.series(77, workload="shared")] + [b.series(5, namespace="other", user="u39")])
+    rep = reports.build(_Spent(spend), [budget], b.catalog(), {b.NAMESPACE: {}, "other": {}},
+                        86400, NOW)
+    name = f"TokenBudget/{b.NAMESPACE}/search"
+    part = rep.by_partition[name]
+    assert part.count == 40 and [v for v, _ in part.ranked()] == ["u39", "u38", "u37"]
+    # The status's figures over the same window: every person's tokens, to the token.
+    decided = {d.scope.partition: d.windows[0].tokens
+               for d in b.evaluate([budget], spend, workloads=[]).decisions}
+    assert {v: round(r.tokens) for v, r in part.rows.items()} == decided
+    body = rep.to_json()["byPartition"][0]
+    assert (body["count"], len(body["top"]), body["unpartitioned"]["tokens"]) == (40, 3, 77)
+    text = reports.table(rep)
+    assert "40 values of user, the top 3" in text and "(user unset)" in text
+    assert "u36" not in text  # bounded: 40 people are not 40 lines
+    wide = reports.build(_Spent(spend), [budget], b.catalog(), {b.NAMESPACE: {}}, 86400, NOW,
+                         top=10)
+    assert len(wide.by_partition[name].ranked()) == 10
+    assert "partition" in reports.to_csv(wide)

@@ -75,6 +75,9 @@ class Report:
     # Where the money goes: (kind, name) -> cost; tokens by input, output and cached
     # input, then each cost source (policy.costs).
     by_kind: dict[tuple[str, str], Row] = field(default_factory=lambda: defaultdict(Row))
+    # Partitioned budgets: per budget, its spend by the partition label's value ("" for
+    # the unpartitioned spend), and how many of those values to list (its statusTop).
+    by_partition: dict[str, Partitioned] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         def rows(d: dict[Any, Row], key: str) -> list[dict[str, Any]]:
@@ -105,6 +108,7 @@ class Report:
             "unpricedModels": sorted(self.unpriced),
             "byKind": [{"kind": k, "name": n, "tokens": round(r.tokens),
                         "cost": plain_money(r.cost)} for (k, n), r in self.kinds()],
+            "byPartition": [p.to_json(b) for b, p in sorted(self.by_partition.items())],
         }
 
     def kinds(self) -> list[tuple[tuple[str, str], Row]]:
@@ -114,6 +118,32 @@ class Report:
         others = [(k, r) for k, r in self.by_kind.items() if k[0] != costs.TOKENS[0]]
         return (sorted(tokens, key=lambda kv: order.get(kv[0][1], len(order)))
                 + sorted(others, key=lambda kv: (-kv[1].cost, kv[0])))
+
+
+@dataclass
+class Partitioned:
+    """A partitioned budget's spend by value, of which the ``top`` most are listed."""
+
+    label: str
+    top: int
+    rows: dict[str, Row] = field(default_factory=lambda: defaultdict(Row))
+
+    def ranked(self) -> list[tuple[str, Row]]:
+        """The people, most spent first (the unpartitioned spend apart), at most ``top``."""
+        people = [(v, r) for v, r in self.rows.items() if v != api.UNPARTITIONED]
+        return sorted(people, key=lambda kv: (-kv[1].cost, -kv[1].tokens, kv[0]))[:self.top]
+
+    @property
+    def count(self) -> int:
+        return sum(1 for v in self.rows if v != api.UNPARTITIONED)
+
+    def to_json(self, budget: str) -> dict[str, Any]:
+        unpartitioned = self.rows.get(api.UNPARTITIONED, Row())
+        return {"budget": budget, "label": self.label, "count": self.count,
+                "top": [{"value": v, "tokens": round(r.tokens), "cost": plain_money(r.cost)}
+                        for v, r in self.ranked()],
+                "unpartitioned": {"tokens": round(unpartitioned.tokens),
+                                  "cost": plain_money(unpartitioned.cost)}}
 
 
 #: The token parts of the breakdown by kind; "reported" is cost a source reports itself.
@@ -143,7 +173,7 @@ def _cost(s: SpendSeries, catalog: Catalog) -> Decimal | None:
 
 def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Catalog,
           namespaces: Mapping[str, Mapping[str, str]], since_seconds: int, at: dt.datetime,
-          presets: Iterable[api.SpendSource] = ()) -> Report:
+          presets: Iterable[api.SpendSource] = (), top: int | None = None) -> Report:
     """Read spend over ``since`` as the operator reads it and fold it into a report.
 
     Raises:
@@ -190,7 +220,29 @@ def build(source: PrometheusSource, budgets: Sequence[api.Budget], catalog: Cata
     for name, (n, cost) in counted.items():
         # One scope: the engine's own figure; several (PerNamespace): their sums, alike.
         report.outcomes[name] = (n, cost / Decimal(round(n, 6)) if n > 0 else None)
+    _partitions(report, budgets, catalog, world, series, top)
     return report
+
+
+def _partitions(report: Report, budgets: Sequence[api.Budget], catalog: Catalog,
+                world: engine.World, series: Sequence[SpendSeries], top: int | None) -> None:
+    """Each partitioned budget's token spend by its label's value, summed as its partitions
+    sum it: its namespaces' series under its spend matchers (cost sources, which carry no
+    person, are in byKind and byNamespace, not here)."""
+    index = engine.NamespaceIndex(world.namespaces)
+    for b in budgets:
+        p = b.spec.partition
+        if p is None:
+            continue
+        within = {ns for _, namespaces in engine.scopes(b, index) for ns in namespaces}
+        found = Partitioned(label=p.label, top=top if top is not None else p.status_top)
+        for s in series:
+            if s.namespace not in within or \
+                    not engine.series_matches(s, b.spec.spend_matchers):
+                continue
+            found.rows[s.label(p.label) or api.UNPARTITIONED].add(
+                s.tokens, _cost(s, catalog) or Decimal(0))
+        report.by_partition[f"{b.kind}/{BudgetKey.of(b)}"] = found
 
 
 def _cost_rows(report: Report, spec: api.TokenBudgetSpec, catalog: Catalog,
@@ -287,6 +339,19 @@ def table(report: Report) -> str:
             share = (r.cost * 100 / report.total.cost) if report.total.cost else Decimal(0)
             lines.append([kind, name, display_money(r.cost, c), f"{share:.1f}%"])
         tables.render(lines, out)
+    for name, part in sorted(report.by_partition.items()):
+        # Per person: the most spent first, bounded (1,000 people are not 1,000 lines).
+        print(file=out)
+        print(f"{name}: {part.count:,} values of {part.label}, the top {len(part.ranked())}",
+              file=out)
+        lines = [[part.label.upper(), "TOKENS", "COST"]]
+        for value, r in part.ranked():
+            lines.append([value, f"{r.tokens:,.0f}", display_money(r.cost, c)])
+        rest = part.rows.get(api.UNPARTITIONED)
+        if rest is not None:
+            lines.append([f"({part.label} unset)", f"{rest.tokens:,.0f}",
+                          display_money(rest.cost, c)])
+        tables.render(lines, out)
     if report.outcomes:
         print(file=out)
         lines = [["BUDGET", "OUTCOMES", "COST/OUTCOME"]]
@@ -319,6 +384,10 @@ def to_csv(report: Report) -> str:
     for s in report.savings:
         w.writerow(["saving", f"{s.namespace}/{s.model}->{s.instead}", round(s.tokens),
                     plain_money(s.saved), report.currency])
+    for name, part in sorted(report.by_partition.items()):
+        for value, r in part.ranked():
+            w.writerow(["partition", f"{name}/{part.label}={value}", round(r.tokens),
+                        plain_money(r.cost), report.currency])
     return out.getvalue()
 
 
