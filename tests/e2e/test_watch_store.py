@@ -17,7 +17,10 @@ Covers:
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.parse
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -128,7 +131,8 @@ def test_a_cut_resumes_and_a_restart_relists_and_nothing_is_missed(
 
 def test_a_quiet_evaluation_sends_no_request_and_the_first_lists_each_feed_once(
         kube: Kube, namespace: str, controlplane: ControlPlane, proxy: ApiProxy,
-        exporter: AgentExporter, prometheus: Prometheus, tmp_path: Any) -> None:
+        exporter: AgentExporter, prometheus: Prometheus, tmp_path: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
     ns = namespace
     kube.create(DEPLOYMENTS, ns, agent_deployment("agent", replicas=2))
     kube.create(PODS, ns, pod("web", {"app": "web"}))
@@ -151,8 +155,17 @@ def test_a_quiet_evaluation_sends_no_request_and_the_first_lists_each_feed_once(
         requested = [r.path for r in proxy.requests if r.method == "GET"
                      and "watch=" not in r.path and "limit=" in r.path]
         listed = sorted(p for p in requested if "/scaledobjects" not in p)
-        assert len(listed) == len(feeds) == len(set(listed)), \
-            f"{len(feeds)} feeds, each listed once: {listed}"
+        # A list whose request timed out on a loaded machine is sent again, as kopf logs
+        # ("Request attempt #1/9 failed; will retry: GET <url> -> TimeoutError()"): once
+        # more for each such retry, never otherwise.
+        retried = Counter(
+            urllib.parse.unquote(urllib.parse.urlsplit(m.group(1)).path + "?"
+                                 + urllib.parse.urlsplit(m.group(1)).query)
+            for r in caplog.records
+            if (m := re.search(r"will retry: GET (\S+)", r.getMessage())))
+        extra = {p: n - 1 - retried[p] for p, n in Counter(listed).items() if n > 1}
+        assert len(set(listed)) == len(feeds) and all(v <= 0 for v in extra.values()), \
+            f"{len(feeds)} feeds, each listed once (retries: {dict(retried)}): {listed}"
         assert sum("/scaledobjects" in p for p in requested) <= 1, requested
         assert first.workload_writes >= 3, "the Deployment and its two pods stamped"
         runs: list[int] = []
