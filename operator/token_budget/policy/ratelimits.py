@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
@@ -131,10 +131,7 @@ def judge(s: ScopeInput) -> Rate:
             rate.probing[model] = since  # half-open: not judged, tried again
     allowed = s.context.allowed_models(s.spec)
     for model, (share_pct, requests) in sorted(limited.items()):
-        entry = s.catalog.models.get(model)
-        fallback = next((f for f in (entry.rate_limit_fallbacks if entry else ())
-                         if f in s.catalog.models and f not in limited
-                         and (allowed is None or f in allowed)), None)
+        fallback = first_fallback(s.catalog, allowed, model, limited)
         rate.limited[model] = RateLimited(
             model=model, share_percent=share_pct, requests=requests, fallback=fallback,
             since=before.get(model, s.context.now_utc))
@@ -200,7 +197,9 @@ def reroute(s: ScopeInput, told: dict[WorkloadKey, Directive], rate: Rate
                 s.catalog.canonical(own) == s.catalog.canonical(fallback):
             # The ladder moved the workload off ``own`` (a spend Reroute): a rate limit on
             # its target must not send it back. The next fallback, or none.
-            fallback = _next_fallback(s, found.model, rate, exclude=s.catalog.canonical(own))
+            fallback = first_fallback(s.catalog, s.context.allowed_models(s.spec),
+                                      found.model, rate.limited,
+                                      exclude=s.catalog.canonical(own))
             if fallback is None:
                 continue
         why = (f"{found.model} is rate-limited ({found.share_percent}% of "
@@ -215,12 +214,13 @@ def reroute(s: ScopeInput, told: dict[WorkloadKey, Directive], rate: Rate
     return out
 
 
-def _next_fallback(s: ScopeInput, model: str, rate: Rate, exclude: str) -> str | None:
-    """The first fallback of ``model`` that is allowed, not rate-limited, not ``exclude``."""
-    entry = s.catalog.models.get(model)
-    allowed = s.context.allowed_models(s.spec)
+def first_fallback(catalog: Catalog, allowed: Container[str] | None, model: str,
+                   limited: Container[str], exclude: str | None = None) -> str | None:
+    """The first of ``model``'s rate-limit fallbacks in the catalog that the budget allows,
+    that is not rate-limited itself and is not ``exclude``; None when there is none."""
+    entry = catalog.models.get(model)
     return next((f for f in (entry.rate_limit_fallbacks if entry else ())
-                 if f in s.catalog.models and f not in rate.limited and f != exclude
+                 if f in catalog.models and f not in limited and f != exclude
                  and (allowed is None or f in allowed)), None)
 
 

@@ -225,18 +225,9 @@ class AdmissionCache:
         Its ``tokens-per-minute`` is one pod's share: the owner's rate divided
         by the replicas (Jobs: the parallelism) it asks for.
         """
-        meta = pod.get("metadata") or {}
-        labels = meta.get("labels") or {}
         with self.lock:
-            for ref in meta.get("ownerReferences") or []:
-                kind, name = ref.get("kind"), str(ref.get("name"))
-                if kind == "ReplicaSet" and labels.get("pod-template-hash"):
-                    h = labels["pod-template-hash"]
-                    if name.endswith("-" + h):
-                        kind, name = "Deployment", name[: -len(h) - 1]
-                found = self.owners.get((str(kind), namespace, name))
-                if kind == "Job" and not found:
-                    continue
+            for kind, name in _owner_refs(pod):
+                found = self.owners.get((kind, namespace, name))
                 if found:
                     return dict(found)
         return {}
@@ -244,15 +235,8 @@ class AdmissionCache:
     def owns(self, namespace: str, pod: Mapping[str, Any]) -> bool:
         """Whether a governed Deployment, StatefulSet, Job or CronJob the operator knows makes
         the pod (a ReplicaSet of a known Deployment, a Job of a known CronJob included)."""
-        meta = pod.get("metadata") or {}
-        labels = meta.get("labels") or {}
         with self.lock:
-            for ref in meta.get("ownerReferences") or []:
-                kind, name = str(ref.get("kind")), str(ref.get("name"))
-                if kind == "ReplicaSet" and labels.get("pod-template-hash"):
-                    h = labels["pod-template-hash"]
-                    if name.endswith("-" + h):
-                        kind, name = "Deployment", name[: -len(h) - 1]
+            for kind, name in _owner_refs(pod):
                 if (kind, namespace, name) in self.owners:
                     return True
                 if kind == "Job" and any(k == "CronJob" and ns == namespace
@@ -324,6 +308,20 @@ class AdmissionCache:
                 self._memo.clear()
             self._memo[key] = _Memo(generation, until, value)
         return value
+
+
+def _owner_refs(pod: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The pod's owners as (kind, name), a Deployment's ReplicaSet named as the Deployment
+    (by the pod's ``pod-template-hash``)."""
+    meta = pod.get("metadata") or {}
+    h = (meta.get("labels") or {}).get("pod-template-hash")
+    out = []
+    for ref in meta.get("ownerReferences") or []:
+        kind, name = str(ref.get("kind")), str(ref.get("name"))
+        if kind == "ReplicaSet" and h and name.endswith("-" + h):
+            kind, name = "Deployment", name[: -len(h) - 1]
+        out.append((kind, name))
+    return out
 
 
 def _pods_wanted(obj: Mapping[str, Any]) -> int:
