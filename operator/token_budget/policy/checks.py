@@ -29,7 +29,7 @@ from typing import NamedTuple
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
 from token_budget.api.types import utc
-from token_budget.policy import attribution, costs, directives, planner, ratelimits, usage
+from token_budget.policy import costs, directives, planner, ratelimits, usage
 from token_budget.policy.decisions import (
     SEVERITY,
     STATE_OF_ACTION,
@@ -241,8 +241,7 @@ def dry_run(s: ScopeInput, d: Draft) -> Decision:
     # Over the limit that counted the most series (the longest window, as a rule): a
     # label is judged once, not once per window.
     widest = max(s.counted, key=lambda c: len(c.series), default=None)
-    unaccounted, unaccounted_n = attribution.ungoverned(
-        widest.series if widest is not None else (), s.governed)
+    unaccounted, unaccounted_n = s.context.ungoverned.of(widest, s.governed)
     return Decision(
         scope=s.scope, namespaces=s.namespaces, state=d.state, reason=d.reason,
         message=d.message, windows=tuple(d.usages), action=top_action,

@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
 from token_budget.api.types import pattern_matches, utc
-from token_budget.policy import costs, ladders, model_rules, sources, windows
+from token_budget.policy import attribution, costs, ladders, model_rules, sources, windows
 from token_budget.policy.inputs import SpendSnapshot, Workload
 from token_budget.policy.pricing import Prices
 from token_budget.policy.sources import ResolvedSource
@@ -86,6 +86,7 @@ class Context:
         self.prices: Prices = before.prices if before is not None else Prices(world.catalog)
         self.recent_seconds = Decimal(max(1, snapshot.recent_seconds))
         self.costs = costs.Index(snapshot)  # cost sources' series (policy.costs)
+        self.ungoverned = attribution.Ungoverned()
         self.workloads: defaultdict[str, list[Workload]] = defaultdict(list)
         for w in world.workloads:
             self.workloads[w.key.namespace].append(w)
