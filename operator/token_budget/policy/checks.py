@@ -22,6 +22,7 @@ it caps every action in effect, the outcome's too. Every reason is a
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from decimal import Decimal
 from typing import NamedTuple
@@ -44,6 +45,7 @@ from token_budget.policy.windows import WindowKey
 
 _TENTH = Decimal("0.1")
 _NO_RUNG = Rung(-1, None)
+_USED = operator.attrgetter("used_percent")
 
 
 class Verdict(NamedTuple):
@@ -120,9 +122,10 @@ def missing_data(s: ScopeInput, d: Draft) -> Decision | None:
 def ladder(s: ScopeInput, d: Draft) -> Verdict:
     """The rung spend reached: LimitReached, or WithinBudget below the first."""
     d.ladder = s.context.ladder(s.spec)
-    d.used = used = max((w.used_percent for w in d.usages), default=Decimal(0))
+    # The first limit of the highest use, and that use (one pass, not two).
+    worst = max(d.usages, key=_USED)
+    d.used = used = worst.used_percent
     d.rung = rung = rung_for(d.ladder, used)
-    worst = max(d.usages, key=lambda w: w.used_percent)
     spend_text, limit_text = describe(worst, s.catalog.currency)
     window_text = f"{worst.window}" + (f" ({worst.time_zone})" if worst.resets_at else "")
     message = (f"spend in window {window_text} is {spend_text} of {limit_text} "
