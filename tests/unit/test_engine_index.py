@@ -18,6 +18,11 @@ Covers:
   PerNamespace ClusterTokenBudgets, spend matchers, per-model limits, costs the
   source reports itself, prices of every shape and sums too big for an exact
   integer shortcut;
+- ungoverned spend per scope against :func:`engine.ungoverned` over the scope's
+  series and governed workloads, for budgets of every kind governing other
+  workloads in the same namespaces (labels are judged once per namespace and
+  shared), more stray labels than a decision names, namespaces whose names sort
+  apart from their labels;
 - ``merge`` of directives that tie on everything but their allowed models, and
   of a single directive (which skips the merge);
 - the quicker ``__init__`` of the value types: same arguments and defaults.
@@ -246,6 +251,68 @@ def test_one_namespace_s_spend_counts_once_for_every_budget_that_covers_it() -> 
     # $0.30 (ties to even: 0 and 2); Decimal keeps the exponents a sum of those terms has.
     assert usage == {"qa-1/search": (410, "0.00131"), "per[qa-1]": (410, "0.00131"),
                      "per[qa-2]": (3, "6E-7"), "shared": (413, "0.0013106")}
+
+
+# ---------------------------------------------------------------------------
+# Ungoverned spend
+# ---------------------------------------------------------------------------
+
+WEB = {"app": "web"}
+# Labels of governed workloads, of their pods, of pods not listed yet, and many strays:
+# more than UNGOVERNED_SHOWN at once, so which are named depends on the order.
+LABELS = ["agent", "agent-5d-x", "web", "web-1", "coder-7f-x", "", *(f"w{i}-x" for i in range(9))]
+# A namespace whose name begins another's: "qa-1/..." sorts before "qa/...".
+PICKED = ["qa", "qa-1", "qa-2"]
+
+
+@st.composite
+def governing(draw: st.DrawFn) -> tuple[list[api.Budget], list[inputs.Workload],
+                                        list[SpendSeries]]:
+    """Budgets of every kind over the same namespaces, governing other workloads there."""
+    selector = {"selector": {"matchLabels": WEB}}
+    budgets: list[api.Budget] = [
+        b.token_budget(f"t{i}", namespace=ns, **(selector if draw(st.booleans()) else {}))
+        for i, ns in enumerate(draw(st.lists(st.sampled_from(PICKED), max_size=3)))]
+    for i, scope in enumerate(draw(st.lists(st.sampled_from(["Shared", "PerNamespace"]),
+                                            max_size=3))):
+        budget = b.cluster_budget(f"c{i}", scope=scope, **draw(
+            st.sampled_from([{}, {"enrolment": "Mandatory"}])))
+        if draw(st.booleans()):  # (the builder's ``selector`` picks the namespaces)
+            budget = budget.model_copy(update={"spec": budget.spec.model_copy(
+                update={"selector": LabelSelector(match_labels=WEB)})})
+        budgets.append(budget)
+    workloads = [inputs.Workload(b.key(name, ns), draw(st.sampled_from([b.AGENT, WEB])),
+                                 pods=draw(st.sampled_from([(), (f"{name}-9c-y",)])))
+                 for ns in PICKED
+                 for name in draw(st.lists(st.sampled_from(["agent", "web", "coder"]),
+                                           max_size=2, unique=True))]
+    spend_ = [b.series(draw(st.sampled_from([0, 5])), namespace=draw(st.sampled_from(PICKED)),
+                       workload=draw(st.sampled_from(LABELS)))
+              for _ in range(draw(st.integers(0, 60)))]
+    return budgets, workloads, spend_
+
+
+@settings(max_examples=300, deadline=None)
+@given(governing())
+def test_ungoverned_spend_is_judged_as_by_hand_for_each_scope(
+        world: tuple[list[api.Budget], list[inputs.Workload], list[SpendSeries]]) -> None:
+    # Labels are judged once per namespace and shared between scopes: a scope must still
+    # get its own workloads' judgement (another selector governs others) and, over several
+    # namespaces, the first labels of all of them in order.
+    budgets, workloads, spend_ = world
+    namespaces = {ns: {"environment": "qa"} for ns in PICKED}
+    result = b.evaluate(budgets, spend_, namespaces=namespaces, workloads=workloads)
+    by_ns: dict[str, list[inputs.Workload]] = {}
+    for w in workloads:
+        by_ns.setdefault(w.key.namespace, []).append(w)
+    budget_of = {(x.kind, x.metadata.namespace or "", x.metadata.name): x for x in budgets}
+    for decision in result.decisions:
+        key = decision.scope.budget
+        budget = budget_of[(key.kind, key.namespace, key.name)]
+        governed = engine.governed_by(budget, decision.namespaces, by_ns)
+        mine = [s for ns in decision.namespaces for s in spend_ if s.namespace == ns]
+        assert (decision.ungoverned, decision.ungoverned_series) == \
+            engine.ungoverned(mine, governed)
 
 
 # ---------------------------------------------------------------------------

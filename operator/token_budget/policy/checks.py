@@ -22,6 +22,7 @@ it caps every action in effect, the outcome's too. Every reason is a
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from decimal import Decimal
 from typing import NamedTuple
@@ -29,7 +30,7 @@ from typing import NamedTuple
 from token_budget.api import v1alpha1 as api
 from token_budget.api.conditions import Reason
 from token_budget.api.types import utc
-from token_budget.policy import attribution, costs, directives, planner, ratelimits, usage
+from token_budget.policy import costs, directives, planner, ratelimits, usage
 from token_budget.policy.decisions import (
     SEVERITY,
     STATE_OF_ACTION,
@@ -44,6 +45,7 @@ from token_budget.policy.windows import WindowKey
 
 _TENTH = Decimal("0.1")
 _NO_RUNG = Rung(-1, None)
+_USED = operator.attrgetter("used_percent")
 
 
 class Verdict(NamedTuple):
@@ -120,9 +122,10 @@ def missing_data(s: ScopeInput, d: Draft) -> Decision | None:
 def ladder(s: ScopeInput, d: Draft) -> Verdict:
     """The rung spend reached: LimitReached, or WithinBudget below the first."""
     d.ladder = s.context.ladder(s.spec)
-    d.used = used = max((w.used_percent for w in d.usages), default=Decimal(0))
+    # The first limit of the highest use, and that use (one pass, not two).
+    worst = max(d.usages, key=_USED)
+    d.used = used = worst.used_percent
     d.rung = rung = rung_for(d.ladder, used)
-    worst = max(d.usages, key=lambda w: w.used_percent)
     spend_text, limit_text = describe(worst, s.catalog.currency)
     window_text = f"{worst.window}" + (f" ({worst.time_zone})" if worst.resets_at else "")
     message = (f"spend in window {window_text} is {spend_text} of {limit_text} "
@@ -241,8 +244,7 @@ def dry_run(s: ScopeInput, d: Draft) -> Decision:
     # Over the limit that counted the most series (the longest window, as a rule): a
     # label is judged once, not once per window.
     widest = max(s.counted, key=lambda c: len(c.series), default=None)
-    unaccounted, unaccounted_n = attribution.ungoverned(
-        widest.series if widest is not None else (), s.governed)
+    unaccounted, unaccounted_n = s.context.ungoverned.of(widest, s.governed)
     return Decision(
         scope=s.scope, namespaces=s.namespaces, state=d.state, reason=d.reason,
         message=d.message, windows=tuple(d.usages), action=top_action,

@@ -15,7 +15,15 @@ from decimal import Decimal
 
 from token_budget.api import v1alpha1 as api
 from token_budget.api.types import pattern_matches, utc
-from token_budget.policy import costs, ladders, model_rules, sources, windows
+from token_budget.policy import (
+    attribution,
+    costs,
+    ladders,
+    model_rules,
+    planner,
+    sources,
+    windows,
+)
 from token_budget.policy.inputs import SpendSnapshot, Workload
 from token_budget.policy.pricing import Prices
 from token_budget.policy.sources import ResolvedSource
@@ -86,6 +94,7 @@ class Context:
         self.prices: Prices = before.prices if before is not None else Prices(world.catalog)
         self.recent_seconds = Decimal(max(1, snapshot.recent_seconds))
         self.costs = costs.Index(snapshot)  # cost sources' series (policy.costs)
+        self.ungoverned = attribution.Ungoverned()
         self.workloads: defaultdict[str, list[Workload]] = defaultdict(list)
         for w in world.workloads:
             self.workloads[w.key.namespace].append(w)
@@ -95,6 +104,7 @@ class Context:
         self._spend: dict[tuple[ResolvedSource, WindowKey], Spend | None] = {}
         self._bounds: dict[WindowKey, tuple[dt.datetime, dt.datetime | None]] = {}
         self._ladders: dict[int, tuple[tuple[api.Action, ...], list[api.Action]]] = {}
+        self._labels: dict[int, tuple[api.TokenBudgetSpec, tuple[str, ...]]] = {}
         self._allowed: dict[tuple[object, ...], frozenset[str] | None] = {}
         self._model_ok: dict[tuple[str, str], bool] = {}
         self._cheapest: dict[tuple[str, frozenset[str] | None], str | None] = {}
@@ -143,6 +153,13 @@ class Context:
         found = self._ladders.get(id(spec.actions))
         if found is None or found[0] is not spec.actions:
             found = self._ladders[id(spec.actions)] = (spec.actions, ladders.ladder(spec))
+        return found[1]
+
+    def needed_labels(self, spec: api.TokenBudgetSpec) -> tuple[str, ...]:
+        """:func:`planner.needed_labels` of the spec (once per spec, not per scope)."""
+        found = self._labels.get(id(spec))
+        if found is None or found[0] is not spec:
+            found = self._labels[id(spec)] = (spec, planner.needed_labels(spec))
         return found[1]
 
     def bounds(self, key: WindowKey) -> tuple[dt.datetime, dt.datetime | None]:

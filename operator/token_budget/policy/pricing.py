@@ -35,7 +35,7 @@ def _coefficient(value: Decimal, exponent: int) -> int:
 class Part:
     """Spend of some series: tokens (a float sum in their order) and cost."""
 
-    __slots__ = ("series", "tokens", "cost", "unpriced", "exact", "rates")
+    __slots__ = ("series", "tokens", "cost", "unpriced", "exact", "rates", "pieces")
 
     def __init__(self, series: Sequence[SpendSeries], tokens: float, cost: Decimal,
                  unpriced: frozenset[str], exact: tuple[int, int] | None) -> None:
@@ -45,6 +45,9 @@ class Part:
         self.unpriced = unpriced
         self.exact = exact  # (numerator, exponent) of the cost; None: summed as Decimals
         self.rates: tuple[Decimal, Decimal] | None = None  # per second, once asked for
+        # The parts this one joins (:meth:`Prices.join`), each of one namespace's series;
+        # None: not a join (the series of one namespace, or of none).
+        self.pieces: Sequence[Part] | None = None
 
     def per_second(self, seconds: Decimal) -> tuple[Decimal, Decimal]:
         """Tokens and cost per second over ``seconds`` (always the same in an evaluation)."""
@@ -176,6 +179,11 @@ class Prices:
 
     def join(self, parts: Sequence[Part]) -> Part:
         """Parts as one, as if their series had been summed in one go."""
+        joined = self._joined(parts)
+        joined.pieces = parts
+        return joined
+
+    def _joined(self, parts: Sequence[Part]) -> Part:
         series = [s for p in parts for s in p.series]
         exact = [p.exact for p in parts if p.exact is not None]
         if len(exact) < len(parts):
