@@ -26,6 +26,7 @@ few namespaces are cross-checked so the two paths are known to read the same spe
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import subprocess
 import tempfile
@@ -164,7 +165,8 @@ def per_budget(src: PrometheusSource, objs: list[api.Budget], now: dt.datetime
 
 class PreviousSource(PrometheusSource):
     """The reading before issue 16, for the side-by-side figures: one whole exact query
-    (:func:`promql.spend`) per window and per raw part, none shared or kept."""
+    (:func:`promql.spend`) per window and per raw part, none shared or kept, and the
+    recorded buckets read for every window."""
 
     def read_spend(self, rs: ResolvedSource, seconds: int, at: dt.datetime, kind: str = "spend",
               extra: tuple[str, ...] = (), narrow: tuple[tuple[str, str], ...] = (),
@@ -172,10 +174,14 @@ class PreviousSource(PrometheusSource):
         return list(self.query(promql.spend(rs, seconds, extra, horizon_seconds=horizon,
                                             narrow=narrow), at, kind))
 
-    def _part(self, rs: ResolvedSource, seconds: int, at: dt.datetime, now: dt.datetime,
-              horizon: int, part: object) -> tuple[Any, Any]:
-        items = self.read_spend(rs, seconds, at, horizon=horizon)
-        return to_series(rs, items), gaps_of(rs, items)
+    def _part(self, rs: ResolvedSource, seconds: float, at: dt.datetime, now: dt.datetime,
+              horizon: int, part: object, extra: tuple[str, ...] = ()) -> tuple[Any, Any]:
+        items = self.read_spend(rs, seconds, at, extra=extra, horizon=horizon)
+        return to_series(rs, items, extra), gaps_of(rs, items)
+
+    def _recorded(self, rs: ResolvedSource, span: int, last: dt.datetime, part: object,
+                  extra: tuple[str, ...] = ()) -> tuple[Any, Any]:
+        return self._read(rs, promql.recorded(rs, span, extra), last, "recorded", extra)
 
 
 def watch(src: PrometheusSource) -> list[dict[str, Any]]:
@@ -274,7 +280,8 @@ def per_budget_run(report: Report, raw: PrometheusSource, objs: list[api.Budget]
 
 
 #: (spend series, namespaces with a budget each). Under a load of 10-12 on 2 cores the
-#: full size's raw 24 h window outlasts Prometheus's own 2-minute query timeout.
+#: full size's raw 24 h window outlasts Prometheus's own 2-minute query timeout; the
+#: environment variable TBO_BENCH_PROMQL_SIZE="20000,2000" runs another size.
 FULL = (100_000, 10_000)
 QUICK = (10_000, 1_000)
 #: The per-budget (KEDA-style) comparison takes minutes at 10,000 budgets; its figures
@@ -298,6 +305,8 @@ def run(report: Report, quick: bool, wait_seconds: float = 300) -> None:
                               count - first, "count", target="== 0", met=count == first))
 
     n_series, n_namespaces = QUICK if quick else FULL
+    if os.environ.get("TBO_BENCH_PROMQL_SIZE"):  # "20000,2000": series, namespaces
+        n_series, n_namespaces = (int(x) for x in os.environ["TBO_BENCH_PROMQL_SIZE"].split(","))
     end = (int(time.time()) // 60 - 2) * 60
     now = dt.datetime.fromtimestamp(end, dt.UTC)
     work = Path(tempfile.mkdtemp(prefix="tbo-bench-promql-"))
