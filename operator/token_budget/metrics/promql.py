@@ -60,6 +60,12 @@ step, which costs more, not less; and shorter recording rules (an exact
 1-minute delta) move the same per-series reading into the rule evaluator,
 once a minute instead of once per evaluation, with a raw head and tail still
 needed for windows that do not start on the rule's own, hash-chosen phase.
+What is left per evaluation are the raw parts with an edge that moves with
+``now``: the tail, the rolling window's head and the burn rate. Each edge
+needs its own start value per series, so reading the burn rate from the tail
+saves no read unless the burn rate's window changes (a behaviour change); and
+recording the buckets by (namespace, model) would now save only the hourly
+read of the buckets.
 """
 
 from __future__ import annotations
