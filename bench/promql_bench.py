@@ -21,6 +21,19 @@ per namespace; a 24h token cap, a Day and a Month money cap in UTC):
 
 Both read the same Prometheus at the same instant (the end of the backfilled data); a
 few namespaces are cross-checked so the two paths are known to read the same spend.
+
+Figures of 2026-12-01 11:00 UTC (Prometheus's own evalTotalTime per evaluation, summed;
+"next" is every evaluation after the first; figures equal to the digit in every pair):
+
+* 20,000 series, 2,000 budgets, this bench (``TBO_BENCH_PROMQL_SIZE=20000,2000``, load
+  2-4): with the rules, previous 32.2 s, new first 4.91 s, new next 4.16 s (4 queries,
+  1,919,808 samples); raw series, previous 30.0 s, new next 9.28 s.
+* The reading of 610f379 (the first step dividing by its fall test, the buckets read
+  every evaluation) against this one, same Prometheus and instants (with the rules):
+  20,000 series (load 3.2), next 6.97 / 5.38 s -> 3.11 / 2.79 s; 100,000 series and
+  10,000 budgets (load 1.2-1.6), first 30.1 s -> 18.7 s, next 29.3 / 24.0 s -> 9.11 /
+  9.05 s (4 queries, 9,599,904 samples): the three raw parts that move with now (the
+  tail, the rolling 24 h head, the burn rate), about 3 s each.
 """
 
 from __future__ import annotations
