@@ -508,9 +508,16 @@ def test_the_first_step_reads_nothing_before_the_window_but_the_start_value() ->
     parts = promql._Parts('llm_tokens_total{token_type="input"}', 60, 300)
     text = promql.common(COUNTERS, 60)
     assert "] offset" not in text  # no horizon, no up: no range before the window
-    assert f"({parts.last} - {parts.exact_start}) / (({parts.resets} == bool 0)" in text
-    assert f"count by (namespace, pod) ({parts.unstarted()} or " in text
-    assert text.count("[60s]") == 3 * 4  # 4 window reads per counter, as against 8
+    assert f"sum by (namespace, pod, model) ({parts.last} - {parts.exact_start})" in text
+    # The pairs the first step cannot read: a series without a start value, or one that
+    # fell anywhere from the lookback before the window on (a reset, or a reset in a gap).
+    unstarted, fell = parts.uncommon()
+    assert unstarted == f"({parts.last} unless {parts.exact_start})"
+    assert fell == '(resets(llm_tokens_total{token_type="input"}[360s]) > 0)'
+    assert f"count by (namespace, pod) ({unstarted} or {fell} or " in text
+    # 2 window reads and 2 operations between series per counter (the version before: 4, 5).
+    assert text.count("[60s]") == 3 * 2 and text.count("[360s]") == 3
+    assert text.count(" - ") == 3 and text.count(" unless ") == 3
 
 
 def test_too_many_pairs_to_name_read_the_whole_source_and_go_on_doing_so(serve: Any) -> None:
@@ -549,15 +556,58 @@ def test_the_windows_read_through_the_rules_share_their_tail_and_keep_a_settled_
     # One tail for the three windows; a head each (Day, 24h and Month begin apart).
     assert raw.count(promql.common(COUNTERS, 1200)) == 1
     assert len(raw) == 1 + 3 + 1  # tail, heads, burn rate
+    # Recorded buckets, a span each.
+    assert len([q for q in fake.queries if q.startswith("sum by")]) == 3
     later = NOW + dt.timedelta(seconds=30)
     before = len(fake.queries)
     source.collect(planner.plan([budget], later), later)
     again = [q for q in fake.queries[before:] if q.startswith("label_replace")]
-    # The calendar windows' heads lie in the past and have not moved: not read again.
+    # The calendar windows' heads lie in the past and have not moved: not read again;
+    # nor are the recorded buckets, read at the rule's last run.
     # The rolling 24h head moved; the tail and the burn rate are read anew.
     assert len(again) == 1 + 1 + 1
-    # One head kept per window, the rolling one replaced: memory does not grow.
+    assert not [q for q in fake.queries[before:] if q.startswith("sum by")]
+    # One head and one set of buckets kept per window, the rolling head replaced:
+    # memory does not grow.
     for i in range(2, 5):
         at = NOW + dt.timedelta(seconds=30 * i)
         source.collect(planner.plan([budget], at), at)
-    assert len(source._parts) == 3
+    assert len(source._parts) == 3 + 3
+
+
+def test_the_recorded_buckets_are_read_again_when_the_rule_has_run_again(serve: Any) -> None:
+    runs = [NOW - dt.timedelta(minutes=20)]  # the rule's runs, last one last
+    rule = promql.rule_name(COUNTERS)
+
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        q = params["query"]
+        if path.endswith("/status/runtimeinfo"):
+            return 200, {"status": "success", "data": {"storageRetention": "30d"}}
+        if q.startswith(rule):
+            return 200, {"status": "success", "data": {"resultType": "matrix", "result": [
+                {"metric": {}, "values": [[runs[-1].timestamp(), "1"]]}]}}
+        if q.startswith("sum by"):  # the buckets: 1,000 tokens each hour of the window
+            hours = int(q.split("[")[1].split("s]")[0]) // 3600 + 1
+            return vector(item(str(1000 * hours), tb_kind="input", namespace="a", pod="p",
+                               model="m"))
+        return vector()
+
+    fake = serve(answer)
+    budget = b.token_budget(limits=[{"window": "24h", "tokens": 10}])
+    source = PrometheusSource(fake.url)
+
+    def spent(at: dt.datetime) -> float:
+        snap = source.collect(planner.plan([budget], at), at)
+        return sum(s.tokens for series in snap.windows.values() for s in series)
+
+    def buckets_read() -> int:
+        return len([q for q in fake.queries if q.startswith("sum by")])
+
+    assert spent(NOW) == 23_000 and buckets_read() == 1
+    assert spent(NOW + dt.timedelta(minutes=30)) == 23_000 and buckets_read() == 1
+    # The rule ran again: the window holds another bucket, which is read (and the
+    # oldest hour is the raw head's now), not the figure kept from the run before.
+    runs.append(NOW + dt.timedelta(minutes=40))
+    later = NOW + dt.timedelta(minutes=81, seconds=1)
+    assert spent(later) == 23_000 and buckets_read() == 2
+    assert promql.recorded(COUNTERS, 22 * 3600 + 1) in fake.queries
