@@ -20,12 +20,45 @@ tokenbudget_ungoverned_workloads            workload labels whose spend a scope 
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from token_budget.api import v1alpha1 as api
 from token_budget.policy.decisions import Evaluation
 
 _LABELS = ("kind", "budget_namespace", "budget", "scope", "window")
+
+
+class _Current:
+    """A labelled gauge that exports the series set since the last :meth:`sweep` only.
+
+    Each label tuple's child is kept from one evaluation to the next and those not set
+    again are removed. Clearing the gauge and setting every series anew built and
+    validated a new child per ``labels()`` call: 10,000 of them took 0.30 s of a 1.5 s
+    quiet evaluation of 1,000 budgets (``KUBE_BENCH_PROFILE``, bench/kube_bench.py);
+    1,000 budgets x 3 windows observed: 0.18-0.19 s -> 0.024 s of CPU from the second
+    evaluation on (0.19 s the first, which builds the children).
+    """
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._set: set[tuple[str, ...]] = set()
+
+    def set(self, labels: tuple[str, ...], value: float) -> None:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self.gauge.labels(*labels)
+        child.set(value)
+        self._set.add(labels)
+
+    def sweep(self) -> None:
+        """Remove the series not set since the last sweep (budgets come and go)."""
+        for labels in [k for k in self._children if k not in self._set]:
+            del self._children[labels]
+            self.gauge.remove(*labels)
+        self._set = set()
 
 
 class Telemetry:
@@ -69,6 +102,9 @@ class Telemetry:
                                 "no workload of.", ("kind", "budget_namespace", "budget",
                                                     "scope"), registry=r)
         self._api_seen: dict[str, int] = {}
+        self._current = {g: _Current(g) for g in (
+            self.spend_tokens, self.spend_cost, self.limit_tokens, self.limit_cost,
+            self.utilization, self.state, self.ungoverned)}
 
     def api(self, by_verb: dict[str, int]) -> None:
         """Catch up with the Kubernetes client's request counters."""
@@ -93,25 +129,27 @@ class Telemetry:
 
     def observe(self, result: Evaluation, seconds: float) -> None:
         self.duration.observe(seconds)
-        for g in (self.spend_tokens, self.spend_cost, self.limit_tokens, self.limit_cost,
-                  self.utilization, self.state, self.ungoverned):
-            g.clear()  # budgets come and go: only current series are exported
+        state, ungoverned = self._current[self.state], self._current[self.ungoverned]
+        tokens, cost = self._current[self.spend_tokens], self._current[self.spend_cost]
+        limit_tokens, limit_cost = (self._current[self.limit_tokens],
+                                    self._current[self.limit_cost])
+        utilization = self._current[self.utilization]
         for d in result.decisions:
             if d.scope.partition:  # spec.partition: the budget's own (unpartitioned) only,
                 continue  # not one series per person (the status summarises them)
             b = d.scope.budget
+            scope = (b.kind, b.namespace or "", b.name, d.scope.namespace or "")
             for s in api.State:
-                self.state.labels(b.kind, b.namespace, b.name, d.scope.namespace,
-                                  s.value).set(1 if s is d.state else 0)
-            self.ungoverned.labels(b.kind, b.namespace, b.name, d.scope.namespace
-                                   ).set(d.ungoverned_series)
+                state.set((*scope, s.value), 1 if s is d.state else 0)
+            ungoverned.set(scope, d.ungoverned_series)
             for w in d.windows:
-                labels = (b.kind, b.namespace, b.name, d.scope.namespace,
-                          w.window + (f"({w.model})" if w.model else ""))
-                self.spend_tokens.labels(*labels).set(w.tokens)
-                self.spend_cost.labels(*labels).set(float(w.cost))
+                labels = (*scope, w.window + (f"({w.model})" if w.model else ""))
+                tokens.set(labels, w.tokens)
+                cost.set(labels, float(w.cost))
                 if w.limit_tokens is not None:
-                    self.limit_tokens.labels(*labels).set(w.limit_tokens)
+                    limit_tokens.set(labels, w.limit_tokens)
                 if w.limit_cost is not None:
-                    self.limit_cost.labels(*labels).set(float(w.limit_cost))
-                self.utilization.labels(*labels).set(float(w.used_percent) / 100)
+                    limit_cost.set(labels, float(w.limit_cost))
+                utilization.set(labels, float(w.used_percent) / 100)
+        for current in self._current.values():
+            current.sweep()  # budgets come and go: only current series are exported
