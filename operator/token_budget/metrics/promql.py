@@ -185,15 +185,23 @@ class _Parts:
         (right for those that did not fall; :meth:`uncommon` names the others)."""
         return f"{self.last} - {self.exact_start}"
 
-    def uncommon(self) -> tuple[str, str]:
+    def uncommon(self) -> tuple[str, str, str]:
         """The series :meth:`common` does not read right: those without a start value
         within the lookback, and those that fell. A series fell when a sample is below
         the one before it from its start value on (a reset in the window, or a first
         sample below the start value: a reset during a gap); one ``resets()`` over the
         window and the lookback before it sees both, and also a reset in the lookback
-        before the start value, which only sends that series to the second step."""
+        before the start value, which only sends that series to the second step.
+
+        A fall across a NaN sample is not a reset to ``resets()`` (every comparison with
+        NaN is false; a float counter given a NaN stays NaN until its process restarts):
+        the whole reading sees it as a first value below the start value
+        (``min_over_time`` skips NaN), and so does the third test here. Without it, 500,
+        510, NaN, 5 ... 95 read -405 instead of 95 (found by review with Prometheus's own
+        engine, ``tests/e2e/test_two_step_engine.py``)."""
         return (f"({self.last} unless {self.exact_start})",
-                f"({self.resets_from_lookback} > 0)")
+                f"({self.resets_from_lookback} > 0)",
+                f"({self.first} < {self.exact_start})")
 
 
 def increase(sel: str, range_seconds: int, horizon_seconds: int | None = None) -> str:
@@ -259,8 +267,8 @@ def common(rs: ResolvedSource, range_seconds: float, extra: tuple[str, ...] = ()
     of the start value: the horizon's reads and the born-in-window evidence are left
     to the few series that need them.
 
-    What a series costs here (issue 16): 5 reads and 2 operations between two series
-    (``-``, ``unless``); the sums of groups and the mostly empty rows of the uncommon
+    What a series costs here (issue 16): 6 reads and 3 operations between two series
+    (``-``, ``unless``, ``<``: the last one finds a fall across a NaN sample); the sums of groups and the mostly empty rows of the uncommon
     series cost little. The version before detected a fall inside each series' sum (a
     division by ``(resets == bool 0) * (first >= bool start)``: 5 more reads and
     operations between series, which cost Prometheus about 80 ms per 6,666 series
