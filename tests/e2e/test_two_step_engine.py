@@ -19,8 +19,8 @@ import pytest
 
 from harness.promtool import EPOCH, PromtoolSource, Series
 from token_budget.api import v1alpha1 as api
-from token_budget.metrics import promql
 from token_budget.errors import MetricsError
+from token_budget.metrics import promql
 from token_budget.metrics.prometheus import ResultItem, gaps_of, to_series
 from token_budget.policy import sources
 
@@ -60,7 +60,8 @@ def test_a_reset_behind_a_nan_sample_is_read_as_the_whole_reading_reads_it() -> 
                           ('up{job="a",instance="i"}', "1+0x14")], interval="1m")
     at = EPOCH + dt.timedelta(minutes=14, seconds=30)  # the window (4m30s, 14m30s]
     two, whole = _both(src, 600, at)
-    assert isinstance(whole, tuple) and whole[0][0].input_tokens == 95.0  # all of the last value, as after any restart
+    # All of the last value, as after any restart:
+    assert isinstance(whole, tuple) and whole[0][0].input_tokens == 95.0
     assert two == whole  # it read -405 (95 - 500) when only resets() named the falls
     assert len(src.texts) > 1, "the pair must go to the second step"
 

@@ -561,6 +561,11 @@ def test_the_windows_read_through_the_rules_share_their_tail_and_keep_a_settled_
     assert len(raw) == 1 + 3 + 1  # tail, heads, burn rate
     # Recorded buckets, a span each.
     assert len([q for q in fake.queries if q.startswith("sum by")]) == 3
+    # The next evaluation reads the settled parts once more: kept only when two reads agree.
+    second = NOW + dt.timedelta(seconds=15)
+    before = len(fake.queries)
+    source.collect(planner.plan([budget], second), second)
+    assert len([q for q in fake.queries[before:] if q.startswith("sum by")]) == 3
     later = NOW + dt.timedelta(seconds=30)
     before = len(fake.queries)
     source.collect(planner.plan([budget], later), later)
@@ -570,47 +575,85 @@ def test_the_windows_read_through_the_rules_share_their_tail_and_keep_a_settled_
     # The rolling 24h head moved; the tail and the burn rate are read anew.
     assert len(again) == 1 + 1 + 1
     assert not [q for q in fake.queries[before:] if q.startswith("sum by")]
-    # One head and one set of buckets kept per window, the rolling head replaced:
+    # One head and one set of buckets kept per window, the rolling head replaced
     # memory does not grow.
     for i in range(2, 5):
         at = NOW + dt.timedelta(seconds=30 * i)
         source.collect(planner.plan([budget], at), at)
-    assert len(source._parts) == 3 + 3
+    # (the rolling head, read anew each evaluation, is never the same twice: never kept)
+    assert len(source._parts) == 3 + 2 and len(source._reads) == 1
 
 
-def test_the_recorded_buckets_are_read_again_when_the_rule_has_run_again(serve: Any) -> None:
-    runs = [NOW - dt.timedelta(minutes=20)]  # the rule's runs, last one last
+def _hourly_rule(runs: list[dt.datetime], short: list[bool] | None = None
+                 ) -> Callable[[str, dict[str, str]], Answer]:
+    """A Prometheus whose rule last ran at ``runs[-1]`` and whose buckets hold 1,000 tokens
+    an hour of the window (one bucket fewer while ``short[0]``: a read not yet complete)."""
     rule = promql.rule_name(COUNTERS)
 
     def answer(path: str, params: dict[str, str]) -> Answer:
-        q = params["query"]
+        q = params.get("query", "")
         if path.endswith("/status/runtimeinfo"):
             return 200, {"status": "success", "data": {"storageRetention": "30d"}}
         if q.startswith(rule):
             return 200, {"status": "success", "data": {"resultType": "matrix", "result": [
                 {"metric": {}, "values": [[runs[-1].timestamp(), "1"]]}]}}
-        if q.startswith("sum by"):  # the buckets: 1,000 tokens each hour of the window
+        if q.startswith("sum by") and rule in q:
             hours = int(q.split("[")[1].split("s]")[0]) // 3600 + 1
+            hours -= 1 if short and short[0] else 0
             return vector(item(str(1000 * hours), tb_kind="input", namespace="a", pod="p",
                                model="m"))
         return vector()
+    return answer
 
-    fake = serve(answer)
+
+def _spent(source: PrometheusSource, budget: Any, at: dt.datetime) -> float:
+    snap = source.collect(planner.plan([budget], at), at)
+    return sum(s.tokens for series in snap.windows.values() for s in series)
+
+
+def test_the_recorded_buckets_are_read_again_when_the_rule_has_run_again(serve: Any) -> None:
+    runs = [NOW - dt.timedelta(minutes=20)]  # the rule's runs, last one last
+    fake = serve(_hourly_rule(runs))
     budget = b.token_budget(limits=[{"window": "24h", "tokens": 10}])
     source = PrometheusSource(fake.url)
 
     def spent(at: dt.datetime) -> float:
-        snap = source.collect(planner.plan([budget], at), at)
-        return sum(s.tokens for series in snap.windows.values() for s in series)
+        return _spent(source, budget, at)
 
     def buckets_read() -> int:
         return len([q for q in fake.queries if q.startswith("sum by")])
 
     assert spent(NOW) == 23_000 and buckets_read() == 1
-    assert spent(NOW + dt.timedelta(minutes=30)) == 23_000 and buckets_read() == 1
+    assert spent(NOW + dt.timedelta(minutes=1)) == 23_000 and buckets_read() == 2  # agrees
+    assert spent(NOW + dt.timedelta(minutes=30)) == 23_000 and buckets_read() == 2
     # The rule ran again: the window holds another bucket, which is read (and the
     # oldest hour is the raw head's now), not the figure kept from the run before.
     runs.append(NOW + dt.timedelta(minutes=40))
     later = NOW + dt.timedelta(minutes=81, seconds=1)
-    assert spent(later) == 23_000 and buckets_read() == 2
+    assert spent(later) == 23_000 and buckets_read() == 3
     assert promql.recorded(COUNTERS, 22 * 3600 + 1) in fake.queries
+
+
+def test_a_bucket_read_is_kept_only_once_a_second_read_agrees(serve: Any) -> None:
+    # Two Prometheus replicas behind one Service run the rule at the same instants; at the
+    # first evaluation the rule run is seen on one while the buckets query reaches the
+    # other, not done with that run (or Thanos answers a partial response): 22 buckets of
+    # 1,000 tokens instead of 23. Kept, that read under-read until the rule ran again.
+    short = [True]
+    fake = serve(_hourly_rule([NOW - dt.timedelta(minutes=20)], short))
+    budget = b.token_budget(limits=[{"window": "24h", "tokens": 10}])
+    source = PrometheusSource(fake.url)
+    rule = promql.rule_name(COUNTERS)
+
+    def spent(at: dt.datetime) -> float:
+        return _spent(source, budget, at)
+
+    def bucket_reads() -> int:
+        return len([q for q in fake.queries if q.startswith("sum by") and rule in q])
+
+    assert spent(NOW) == 22_000  # the incomplete read
+    short[0] = False
+    assert spent(NOW + dt.timedelta(seconds=30)) == 23_000  # read again, not kept
+    assert spent(NOW + dt.timedelta(seconds=60)) == 23_000  # the same twice: kept from here
+    assert spent(NOW + dt.timedelta(seconds=90)) == 23_000
+    assert bucket_reads() == 3
