@@ -17,6 +17,7 @@ the cut is delivered later.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -50,7 +51,8 @@ class ApiProxy:
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._cut = threading.Event()
-        self._open: list[socket.socket] = []
+        self._open: list[socket.socket] = []  # accepted during a cut, never served
+        self._heals = 0
         self._closed = False
         threading.Thread(target=self._accept, daemon=True, name="apiproxy").start()
 
@@ -68,8 +70,9 @@ class ApiProxy:
     def heal(self) -> None:
         """Close what stalled during the cut; forward new connections again."""
         with self._lock:
-            stalled, self._open = self._open, []
-        for s in stalled:
+            unserved, self._open = self._open, []
+            self._heals += 1  # each relay closes its own sockets (see _relay)
+        for s in unserved:
             with contextlib.suppress(OSError):
                 s.close()
         self._cut.clear()
@@ -89,13 +92,13 @@ class ApiProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            with self._lock:
-                self._open.append(client)
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         if self._cut.is_set():
-            return  # accepted, never answered: closed at heal()
+            with self._lock:  # accepted, never answered: closed at heal()
+                self._open.append(client)
+            return
         try:
             raw = socket.create_connection(self._upstream, timeout=10)
             upstream = self._ssl.wrap_socket(raw, server_hostname=self._upstream[0])
@@ -103,35 +106,66 @@ class ApiProxy:
         except OSError:
             client.close()
             return
-        with self._lock:
-            self._open.append(upstream)
-        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-        self._pump(client, upstream, True)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
-        """Copy ``src`` to ``dst`` until either closes; parse requests on the way up."""
-        pending = b""
         try:
-            while True:
-                data = src.recv(65536)
-                if not data or self._cut.is_set():
-                    if self._cut.is_set():
-                        self._stall(src)
-                    break
-                if requests:
-                    pending = self._parse(pending + data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.close()
+            self._relay(client, upstream)
+        finally:
+            for s in (client, upstream):
+                with contextlib.suppress(OSError):
+                    s.close()
 
-    def _stall(self, s: socket.socket) -> None:
-        """Read and drop until heal() closes the socket."""
-        with contextlib.suppress(OSError):
-            while s.recv(65536):
-                pass
+    def _relay(self, client: socket.socket, upstream: ssl.SSLSocket) -> None:
+        """Copy both ways until either side closes; parse requests on the way up.
+
+        One thread owns both sockets: an SSL object read in one thread while another
+        writes it or closes it (as two pumps did) crashed the interpreter (SIGSEGV in
+        ``SSLSocket.send`` during a cut, tests/e2e/test_watch_store.py)."""
+        pending = b""
+        born = self._heals
+        stalled = False
+        while not self._closed:
+            if self._heals != born:
+                return  # heal() closes what was open, stalled or not: nothing sent later
+            # Decrypted bytes already buffered in the SSL object are not seen by select.
+            ready = [upstream] if upstream.pending() else \
+                select.select([client, upstream], [], [], 0.2)[0]
+            for src in ready:
+                try:
+                    data = self._recv(src)
+                except OSError:
+                    return
+                if data is None:
+                    continue  # TLS bytes that held no application data (a session ticket)
+                if not data:
+                    return
+                stalled = stalled or self._cut.is_set()
+                if stalled:
+                    continue  # read and dropped until heal()
+                try:
+                    if src is client:
+                        pending = self._parse(pending + data)
+                        upstream.sendall(data)
+                    else:
+                        client.sendall(data)
+                except OSError:
+                    return
+
+    @staticmethod
+    def _recv(src: socket.socket) -> bytes | None:
+        """Read what is there without waiting; None when the TLS layer had nothing for us.
+
+        A readable TLS socket may hold only a record that is not application data (the
+        server's session tickets after the handshake): a blocking read would then wait for
+        the response to a request this thread has not forwarded yet, and hang the relay.
+        """
+        if not isinstance(src, ssl.SSLSocket):
+            return src.recv(65536)
+        src.settimeout(0.0)
+        try:
+            return src.recv(65536)
+        except ssl.SSLWantReadError:
+            return None
+        finally:
+            src.settimeout(None)
 
     def _parse(self, buf: bytes) -> bytes:
         """Record each complete request head in ``buf``; return what is left to read.
