@@ -11,6 +11,8 @@ Covers:
   that is not a number, no labels, no kind tag, not an object) -> ``QueryFailed``;
 - an unreachable Prometheus (a closed port) -> ``MetricsUnavailable``, recorded
   per source in ``SpendSnapshot.errors`` by ``collect()``, promptly;
+- a kept-alive connection that broke before any answer is asked again once, on a new
+  connection; a timeout is not (it would double the wait);
 - an HTTP error answer (400, 422, 503) -> ``QueryFailed`` carrying Prometheus's
   own error text, at once and without retries; a 200 answer that is not
   Prometheus JSON -> ``QueryFailed``;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -218,6 +221,97 @@ def test_collect_records_an_unreachable_prometheus_per_source_and_goes_on() -> N
     assert all("cannot be reached" in text for text in snap.errors.values())
     assert (dict(snap.windows), dict(snap.recent)) == ({}, {})
     assert elapsed < 3, f"an unreachable Prometheus held the evaluation for {elapsed:.1f}s"
+
+
+class KeepAliveServer:
+    """HTTP/1.1 with kept-alive connections; ``fault(conn, nth)`` breaks the nth request
+    (0-based) on the conn-th connection: "garble" answers a status line cut short (what CI
+    saw on a connection kept across a Prometheus restart), "close" closes unanswered,
+    "hang" never answers; None answers an empty vector."""
+
+    def __init__(self, fault: Callable[[int, int], str | None]) -> None:
+        self.fault = fault
+        self.connections = 0
+        self.answered = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections - 1),
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        body = json.dumps(vector()[1]).encode()
+        with conn, conn.makefile("rb") as reader:
+            nth = 0
+            while True:
+                line = reader.readline()
+                if not line:
+                    return
+                while reader.readline() not in (b"\r\n", b""):
+                    pass  # the rest of the request head; a GET has no body
+                fault = self.fault(index, nth)
+                nth += 1
+                if fault == "close":
+                    return
+                if fault == "hang":
+                    time.sleep(30)
+                    return
+                if fault == "garble":
+                    conn.sendall(b"ntent-Encoding: gzip\r\n\r\n")
+                    return
+                self.answered += 1  # before: the client may read the answer at once
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("fault", ["garble", "close"])
+def test_a_kept_alive_connection_that_broke_is_asked_again_once_on_a_new_one(
+        fault: str) -> None:
+    # The second request on the first connection breaks: the evaluation must not report
+    # Prometheus as unreachable for a connection the server had dropped.
+    server = KeepAliveServer(lambda conn, nth: fault if (conn, nth) == (0, 1) else None)
+    try:
+        source = PrometheusSource(server.url, timeout_seconds=5)
+        assert source.query("up", NOW) == []
+        assert source.query("up", NOW) == []
+        assert (server.connections, server.answered) == (2, 2)
+        assert (source.stats.queries, source.stats.errors) == (2, 0)
+    finally:
+        server.close()
+
+
+def test_a_connection_that_breaks_again_is_reported_after_one_more_try() -> None:
+    server = KeepAliveServer(lambda conn, nth: "close")
+    try:
+        with pytest.raises(MetricsUnavailable, match="cannot be reached"):
+            PrometheusSource(server.url, timeout_seconds=5).query("up", NOW)
+        assert server.connections == 2  # once more, never a loop
+    finally:
+        server.close()
+
+
+def test_a_prometheus_that_does_not_answer_is_not_asked_again() -> None:
+    server = KeepAliveServer(lambda conn, nth: "hang")
+    try:
+        started = time.monotonic()
+        with pytest.raises(MetricsUnavailable, match="cannot be reached"):
+            PrometheusSource(server.url, timeout_seconds=1).query("up", NOW)
+        elapsed = time.monotonic() - started
+        assert server.connections == 1
+        assert elapsed < 1.9, f"a timeout was waited for twice ({elapsed:.1f} s)"
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize(

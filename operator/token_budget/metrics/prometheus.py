@@ -29,6 +29,7 @@ from typing import Any, TypedDict
 import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.exceptions import MaxRetryError, ProtocolError
 from urllib3.util import Retry
 
 from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
@@ -157,7 +158,20 @@ class PrometheusSource:
         started = time.monotonic()
         ok = False
         try:
-            result = self._prom.custom_query(query=text, params={"time": f"{at.timestamp():.3f}"})
+            params = {"time": f"{at.timestamp():.3f}"}
+            try:
+                result = self._prom.custom_query(query=text, params=params)
+            except requests.exceptions.ConnectionError as exc:
+                if not _broke_before_answer(exc):
+                    raise
+                # A kept-alive connection broke before any answer (closed or cut by the
+                # server or a proxy in between while idle, CI: BadStatusLine on one reused
+                # across a restart). The pool dropped it: ask once more on a new one, as Go's
+                # HTTP client does for idempotent requests. A refused connection (Prometheus
+                # down) and a timeout are not asked again: they fail as fast as before.
+                log.debug("Prometheus at %s: a kept-alive connection broke (%s); asking "
+                             "once more on a new one", self.url, _short(exc))
+                result = self._prom.custom_query(query=text, params=params)
             ok = True
         except requests.exceptions.JSONDecodeError as exc:
             # Answered, but not with Prometheus JSON (a proxy's sign-in page, say).
@@ -723,6 +737,16 @@ def _sum_series(parts: list[tuple[SpendSeries, ...]]) -> tuple[SpendSeries, ...]
                                    x.output_tokens + y.output_tokens,
                                    x.cached_input_tokens + y.cached_input_tokens, cost, x.labels)
     return tuple(acc[k] for k in sorted(acc))
+
+
+def _broke_before_answer(exc: requests.exceptions.ConnectionError) -> bool:
+    """True when a connection broke mid-request (aborted, reset, garbled status line).
+
+    Not for a refused or timed-out connection: those are urllib3's other errors."""
+    cause = exc.args[0] if exc.args else None
+    if isinstance(cause, MaxRetryError):
+        cause = cause.reason
+    return isinstance(cause, ProtocolError)
 
 
 def _short(exc: BaseException) -> str:
