@@ -251,7 +251,7 @@ def watched(report: Report, kb: dict[str, Any], cluster: Cluster, settings: Sett
         # The collector's share: a full collection walks every object the store holds.
         plain = quiet_runs(ev, 4)
         gc.collect()
-        gc.freeze()  # what the operator does after its first evaluation (handlers.operator)
+        gc.freeze()  # the store out of sight, as the operator does (handlers.operator.freeze_heap)
         try:
             frozen = quiet_runs(ev, 4)
         finally:

@@ -52,6 +52,7 @@ class ApiProxy:
         self._lock = threading.Lock()
         self._cut = threading.Event()
         self._open: list[socket.socket] = []  # accepted during a cut, never served
+        self._live: set[socket.socket] = set()  # clients of running relays
         self._heals = 0
         self._closed = False
         threading.Thread(target=self._accept, daemon=True, name="apiproxy").start()
@@ -72,10 +73,14 @@ class ApiProxy:
         with self._lock:
             unserved, self._open = self._open, []
             self._heals += 1  # each relay closes its own sockets (see _relay)
+            self._cut.clear()
+            live = list(self._live)
         for s in unserved:
             with contextlib.suppress(OSError):
                 s.close()
-        self._cut.clear()
+        for s in live:  # wakes each relay at once; shutdown of a plain socket is thread-safe
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
     def writes_since(self, t: float) -> list[Request]:
         with self._lock:
@@ -95,32 +100,37 @@ class ApiProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        if self._cut.is_set():
-            with self._lock:  # accepted, never answered: closed at heal()
-                self._open.append(client)
-            return
+        with self._lock:  # checked and kept together: heal() swaps both under the lock
+            if self._cut.is_set():
+                self._open.append(client)  # accepted, never answered: closed at heal()
+                return
+            self._live.add(client)
+            born = self._heals
         try:
             raw = socket.create_connection(self._upstream, timeout=10)
             upstream = self._ssl.wrap_socket(raw, server_hostname=self._upstream[0])
             upstream.settimeout(None)
         except OSError:
+            with self._lock:
+                self._live.discard(client)
             client.close()
             return
         try:
-            self._relay(client, upstream)
+            self._relay(client, upstream, born)
         finally:
+            with self._lock:
+                self._live.discard(client)
             for s in (client, upstream):
                 with contextlib.suppress(OSError):
                     s.close()
 
-    def _relay(self, client: socket.socket, upstream: ssl.SSLSocket) -> None:
+    def _relay(self, client: socket.socket, upstream: ssl.SSLSocket, born: int) -> None:
         """Copy both ways until either side closes; parse requests on the way up.
 
         One thread owns both sockets: an SSL object read in one thread while another
         writes it or closes it (as two pumps did) crashed the interpreter (SIGSEGV in
         ``SSLSocket.send`` during a cut, tests/e2e/test_watch_store.py)."""
         pending = b""
-        born = self._heals
         stalled = False
         while not self._closed:
             if self._heals != born:
@@ -137,7 +147,9 @@ class ApiProxy:
                     continue  # TLS bytes that held no application data (a session ticket)
                 if not data:
                     return
-                stalled = stalled or self._cut.is_set()
+                # A heal since this connection opened: nothing more goes through it (the
+                # cut is read first, so data of a cut that heals meanwhile is dropped too).
+                stalled = stalled or self._cut.is_set() or self._heals != born
                 if stalled:
                     continue  # read and dropped until heal()
                 try:

@@ -211,3 +211,37 @@ def test_an_unchanged_budget_is_parsed_once_and_again_when_it_changes(
         "spec": {**body["spec"], "limits": [{"window": "1h", "tokens": 5}]}})
     [changed] = ev.gather().budgets
     assert calls == ["1", "2"] and changed.spec.limits[0].tokens == 5
+
+
+def test_the_first_gather_hook_runs_once_on_a_full_store_before_any_evaluation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The operator freezes its heap there: on a store that has not listed it would freeze
+    # too little, after an evaluation it would freeze that evaluation's cycles for good.
+    from token_budget.handlers import evaluation
+
+    class Stop(Exception):
+        pass
+
+    class Source:
+        stats = type("Stats", (), {"queries": 0})()
+
+        def collect(self, *args: Any) -> Any:
+            raise Stop
+
+    monkeypatch.setattr(evaluation, "READY_SECONDS", 0.05)
+    settings = Settings(prometheus_url="http://p")
+    store = stores.Store(trim_for(settings))
+    kube = type("K", (), {"counters": type("C", (), {"writes": 0})()})()
+    calls: list[Any] = []
+    ev = Evaluator(kube, Source(), settings, watcher=_Watcher(store),  # type: ignore[arg-type]
+                   on_first_gather=lambda: calls.append(ev._previous))
+    monkeypatch.setattr(ev, "_keda", lambda: False)
+    with pytest.raises(stores.NotReady):
+        ev.run_once()
+    assert calls == []
+    for feed in base_feeds(settings):
+        listed(store, feed)
+    for _ in range(2):
+        with pytest.raises(Stop):
+            ev.run_once()
+    assert calls == [None]

@@ -263,8 +263,12 @@ class Evaluator:
     def __init__(self, kube: Kube, source: PrometheusSource, settings: Settings,
                  telemetry: Telemetry | None = None,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 watcher: Watcher | None = None) -> None:
+                 watcher: Watcher | None = None,
+                 on_first_gather: Callable[[], None] | None = None) -> None:
         self.kube = kube
+        # Called once, after the first gather from a full store and before any object of
+        # an evaluation exists (the operator freezes the heap there, see handlers.operator).
+        self._on_first_gather = on_first_gather
         self.source = source
         self.settings = settings
         self.telemetry = telemetry or Telemetry(None)
@@ -491,6 +495,9 @@ class Evaluator:
         before = self.kube.counters.writes
         queries_before = self.source.stats.queries
         g = self.gather()
+        if self._on_first_gather is not None:
+            first, self._on_first_gather = self._on_first_gather, None
+            first()
         catalog = Catalog(g.catalogs)
         memory: dict[Any, Any] = {}
         for b in g.budgets:

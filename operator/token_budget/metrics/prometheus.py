@@ -133,6 +133,7 @@ class PrometheusSource:
         if auth.insecure_skip_verify:
             verify = False
         self.url = url.rstrip("/")
+        self._timeout = timeout_seconds
         self._prom = PrometheusConnect(
             url=self.url,
             headers=headers or None,
@@ -162,13 +163,15 @@ class PrometheusSource:
             try:
                 result = self._prom.custom_query(query=text, params=params)
             except requests.exceptions.ConnectionError as exc:
-                if not _broke_before_answer(exc):
+                if not _broke_before_answer(exc) or \
+                        time.monotonic() - started > min(1.0, self._timeout / 10):
                     raise
-                # A kept-alive connection broke before any answer (closed or cut by the
-                # server or a proxy in between while idle, CI: BadStatusLine on one reused
-                # across a restart). The pool dropped it: ask once more on a new one, as Go's
-                # HTTP client does for idempotent requests. A refused connection (Prometheus
-                # down) and a timeout are not asked again: they fail as fast as before.
+                # A kept-alive connection broke at once, before any answer (closed or cut by
+                # the server or a proxy in between while idle, CI: BadStatusLine on one
+                # reused across a restart). The pool dropped it: ask once more on a new one,
+                # as Go's HTTP client does for idempotent requests. Not a refused connection
+                # (Prometheus down), a timeout, or a break after a while (Prometheus killed
+                # by the query itself): they fail as fast as before, the query run once.
                 log.debug("Prometheus at %s: a kept-alive connection broke (%s); asking "
                              "once more on a new one", self.url, _short(exc))
                 result = self._prom.custom_query(query=text, params=params)
