@@ -151,7 +151,7 @@ class ApiProxy:
                 # cut is read first, so data of a cut that heals meanwhile is dropped too).
                 stalled = stalled or self._cut.is_set() or self._heals != born
                 if stalled:
-                    continue  # read and dropped until heal()
+                    continue  # read and dropped; the relay ends at the next heal() check
                 try:
                     if src is client:
                         pending = self._parse(pending + data)

@@ -266,9 +266,6 @@ class Evaluator:
                  watcher: Watcher | None = None,
                  on_first_gather: Callable[[], None] | None = None) -> None:
         self.kube = kube
-        # Called once, after the first gather from a full store and before any object of
-        # an evaluation exists (the operator freezes the heap there, see handlers.operator).
-        self._on_first_gather = on_first_gather
         self.source = source
         self.settings = settings
         self.telemetry = telemetry or Telemetry(None)
@@ -279,6 +276,9 @@ class Evaluator:
         self._keda_checked: tuple[float, bool] | None = None
         self._previous: Evaluation | None = None  # what the next evaluation may take over
         self._rates = statuses.RateMemory()  # every rate-limited pair, status-listed or not
+        # Called once, after the first gather from a full store and before any object of
+        # an evaluation exists (the operator freezes the heap there, see handlers.operator).
+        self._on_first_gather = on_first_gather
 
     # -- gather ------------------------------------------------------------------
 

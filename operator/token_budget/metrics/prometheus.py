@@ -173,7 +173,7 @@ class PrometheusSource:
                 # (Prometheus down), a timeout, or a break after a while (Prometheus killed
                 # by the query itself): they fail as fast as before, the query run once.
                 log.debug("Prometheus at %s: a kept-alive connection broke (%s); asking "
-                             "once more on a new one", self.url, _short(exc))
+                          "once more on a new one", self.url, _short(exc))
                 result = self._prom.custom_query(query=text, params=params)
             ok = True
         except requests.exceptions.JSONDecodeError as exc:
@@ -743,7 +743,7 @@ def _sum_series(parts: list[tuple[SpendSeries, ...]]) -> tuple[SpendSeries, ...]
 
 
 def _broke_before_answer(exc: requests.exceptions.ConnectionError) -> bool:
-    """True when a connection broke mid-request (aborted, reset, garbled status line).
+    """True when a connection broke before an answer (aborted, reset, garbled status line).
 
     Not for a refused or timed-out connection: those are urllib3's other errors."""
     cause = exc.args[0] if exc.args else None
