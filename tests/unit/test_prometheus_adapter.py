@@ -407,13 +407,15 @@ def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> Non
 
     assert snap.errors == {} and snap.outcome_errors == {}
     assert snap.retention_seconds == 30 * 86400
-    assert fake.queries == [
+    # The burn rate (600 s) is read once, in a thread of its own beside the windows.
+    burn_rate = promql.common(COUNTERS, 600, ("team",), narrow=TEAM)
+    assert fake.queries.count(burn_rate) == 1
+    assert [q for q in fake.queries if q != burn_rate] == [
         # The budget's spend matcher narrows every selector (team=~"search"). No series
         # is uncommon (no row says so): one query per window, the first step's.
         promql.common(COUNTERS, 86400, ("team",), narrow=TEAM),
         'count({__name__=~"llm_tokens_total"})',  # a long window: estimate its samples first
         promql.common(COUNTERS, 19 * 86400 + 12 * 3600, ("team",), narrow=TEAM),
-        promql.common(COUNTERS, 600, ("team",), narrow=TEAM),
         promql.outcomes("agent_outcomes_total", "namespace", 86400, ("outcome",)),
         "(up == 0) unless on (job, instance) (timestamp(up) < time() - 60)",  # none down
     ]
@@ -432,18 +434,20 @@ def test_collect_builds_the_snapshot_from_the_planned_queries(serve: Any) -> Non
 
 def test_collect_keeps_a_failing_source_apart_from_a_working_one(serve: Any) -> None:
     def answer(path: str, params: dict[str, str]) -> Answer:
-        if "litellm" in params["query"]:
+        if "litellm" in params.get("query", ""):
             return error(400, "bad_data", "unknown function")
         return vector(item("5", tb_kind="input", namespace="team-search", pod="p", model="m"))
 
     fake = serve(answer)
-    plan = planner.plan([b.token_budget("a"), b.token_budget("b", source={"preset": "LiteLLM"})],
-                        NOW)
+    plan = planner.plan([b.token_budget("a"), b.token_budget(
+        "b", source={"preset": "LiteLLM"},
+        limits=[{"window": "24h", "tokens": 1000}, {"window": "1h", "tokens": 100}])], NOW)
     snap = PrometheusSource(fake.url).collect(plan, NOW)
     assert list(snap.errors) == [LITELLM]
     assert "unknown function" in snap.errors[LITELLM]
     assert snap.windows[(COUNTERS, WindowKey("24h"))][0].input_tokens == 5.0
-    assert sum("litellm" in q for q in fake.queries) == 1, \
+    # Its first window and its burn rate (read side by side); its second window never.
+    assert sum("litellm" in q for q in fake.queries) == 2, \
         "a failed source is not asked again in the same collect"
 
 
@@ -595,6 +599,55 @@ def test_the_second_step_reads_the_pairs_the_first_could_not_and_replaces_their_
         SpendSeries("a", "p-1", "m", 900.0), SpendSeries("a", "p.2", "m", 7.0, 6.0),
         SpendSeries("b", "q", "m", 8.0), SpendSeries("c", "p-1", "m", 9.0))
     assert prometheus.gaps_of(COUNTERS, items) == {"c": prometheus.Gap(bridged=1, unknown=0)}
+
+
+def test_the_burn_rate_is_read_while_a_window_is(serve: Any) -> None:
+    """The window's query and the burn rate's are each answered only once the other has
+    arrived: read one after the other (in either order), the first waits 5 s in vain."""
+    burn_rate = promql.common(COUNTERS, 600)
+    meet = threading.Barrier(2, timeout=5)
+    together: list[bool] = []
+
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        q = params.get("query", "")
+        if q == burn_rate or "[86400s]" in q:
+            try:
+                meet.wait()
+                together.append(True)
+            except threading.BrokenBarrierError:
+                together.append(False)
+        return vector()
+
+    fake = serve(answer)
+    budget = b.token_budget(limits=[{"window": "24h", "tokens": 10_000}])
+    started = time.monotonic()
+    snap = PrometheusSource(fake.url).collect(planner.plan([budget], NOW), NOW)
+    assert together == [True, True] and time.monotonic() - started < 5
+    assert snap.errors == {}
+
+
+@pytest.mark.parametrize("failing", ["window", "burn rate"])
+def test_a_failing_read_on_either_side_fails_its_source_and_no_other(
+        serve: Any, failing: str) -> None:
+    """The burn rate runs beside the windows: whichever fails, the source is in error with
+    that read's message (the window's when both fail) and keeps no burn rate."""
+    burn_rate = promql.common(COUNTERS, 600)
+
+    def answer(path: str, params: dict[str, str]) -> Answer:
+        q = params.get("query", "")
+        if path.endswith("/status/runtimeinfo"):
+            return 200, {"status": "success", "data": {"storageRetention": "15d"}}
+        if (q == burn_rate) == (failing == "burn rate") and q.startswith("label_replace"):
+            return error(422, "execution", f"the {failing} query broke")
+        return vector(item("5", tb_kind="input", namespace="team-search", pod="agent-0",
+                           model="large"))
+
+    fake = serve(answer)
+    budget = b.token_budget(limits=[{"window": "24h", "tokens": 10_000}])
+    snap = PrometheusSource(fake.url).collect(planner.plan([budget], NOW), NOW)
+    assert f"the {failing} query broke" in snap.errors[COUNTERS]
+    assert COUNTERS not in snap.recent
+    assert [rs for rs, _ in snap.windows] == ([] if failing == "window" else [COUNTERS])
 
 
 def test_a_clean_first_step_is_the_whole_reading(serve: Any) -> None:

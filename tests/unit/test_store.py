@@ -245,3 +245,51 @@ def test_the_first_gather_hook_runs_once_on_a_full_store_before_any_evaluation(
         with pytest.raises(Stop):
             ev.run_once()
     assert calls == [None]
+
+
+def test_prometheus_is_read_while_the_workloads_are_gathered_but_not_beside_the_hook(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first evaluation, the spend reading and the gathering of workloads each
+    go on only once the other has begun (a rendezvous: one after the other, the first
+    waits 5 s in vain). In the first evaluation nothing is read until the hook has run."""
+    from token_budget.handlers import evaluation
+
+    class Stop(Exception):
+        pass
+
+    meet = threading.Barrier(2, timeout=5)
+    order: list[str] = []
+
+    def rendezvous(what: str) -> None:
+        order.append(what)
+        if len(order) > 3:  # the first evaluation is done: meet the other side
+            try:
+                meet.wait()
+            except threading.BrokenBarrierError:
+                order.append(f"{what} alone")
+
+    class Source:
+        stats = type("Stats", (), {"queries": 0})()
+
+        def collect(self, *args: Any) -> Any:
+            rendezvous("collect")
+            raise Stop
+
+    settings = Settings(prometheus_url="http://p")
+    store = stores.Store(trim_for(settings))
+    for feed in base_feeds(settings):
+        listed(store, feed)
+    kube = type("K", (), {"counters": type("C", (), {"writes": 0})()})()
+    ev = Evaluator(kube, Source(), settings, watcher=_Watcher(store),  # type: ignore[arg-type]
+                   on_first_gather=lambda: order.append("hook"))
+    monkeypatch.setattr(ev, "_keda", lambda: False)
+    gather = ev._gather_workloads
+    monkeypatch.setattr(ev, "_gather_workloads",
+                        lambda g: (rendezvous("workloads"), gather(g))[1])
+    with pytest.raises(Stop):
+        ev.run_once()
+    assert order == ["workloads", "hook", "collect"]
+    started = time.monotonic()
+    with pytest.raises(Stop):
+        ev.run_once()
+    assert sorted(order[3:]) == ["collect", "workloads"] and time.monotonic() - started < 5

@@ -10,6 +10,10 @@
     selector, server-side), and what          per source+window)     status only when changed
     the operator marked as enforced           engine.evaluate
 
+The spend reading (``planner.plan`` and the queries) needs only the budgets: it runs in a
+thread of its own while the workloads are gathered (not in the first evaluation from a
+full store, see ``on_first_gather``).
+
 Everything the operator must remember lives in the API (status, annotations),
 so a restart in the middle of any step loses nothing: the next evaluation
 reads the state back and converges.
@@ -17,6 +21,7 @@ reads the state back and converges.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import logging
@@ -56,7 +61,7 @@ from token_budget.metrics.prometheus import PrometheusSource
 from token_budget.policy import costs, engine, forecast, partitions, planner, ratelimits
 from token_budget.policy.catalog import Catalog
 from token_budget.policy.decisions import SEVERITY, Decision, Directive, Evaluation
-from token_budget.policy.inputs import BudgetKey, Workload, WorkloadKey
+from token_budget.policy.inputs import BudgetKey, SpendSnapshot, Workload, WorkloadKey
 from token_budget.policy.workloads import workload_of
 from token_budget.settings import Settings
 
@@ -328,6 +333,12 @@ class Evaluator:
             self.store.observed(res, obj)
 
     def gather(self) -> Gathered:
+        g = self._gather_budgets()
+        self._gather_workloads(g)
+        return g
+
+    def _gather_budgets(self) -> Gathered:
+        """Catalogs, budgets and namespaces: what the spend reading is planned from."""
         g = Gathered()
         self._want(self._mandatory)
         catalog_versions = []
@@ -367,7 +378,6 @@ class Evaluator:
             if self.settings.namespaces and name not in self.settings.namespaces:
                 continue
             g.namespaces[name] = dict(body["metadata"].get("labels") or {})
-        self._gather_workloads(g)
         return g
 
     def _gather_workloads(self, g: Gathered) -> None:
@@ -494,11 +504,22 @@ class Evaluator:
         now = self.clock()
         before = self.kube.counters.writes
         queries_before = self.source.stats.queries
-        g = self.gather()
+        g = self._gather_budgets()
+        catalog = Catalog(g.catalogs)
         if self._on_first_gather is not None:
+            # The first evaluation from a full store: nothing of an evaluation may exist
+            # when the hook runs (it freezes the heap), so nothing is read beside it.
+            self._gather_workloads(g)
             first, self._on_first_gather = self._on_first_gather, None
             first()
-        catalog = Catalog(g.catalogs)
+            snapshot = self._read(g.budgets, catalog, now)
+        else:
+            # Prometheus answers while the workloads are gathered (0.06-0.18 s of a quiet
+            # evaluation of 1,000 budgets and 6,000 objects, in the benchmark).
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spend") as pool:
+                reading = pool.submit(self._read, g.budgets, catalog, now)
+                self._gather_workloads(g)  # should it raise, the pool waits for the reading
+                snapshot = reading.result()
         memory: dict[Any, Any] = {}
         for b in g.budgets:
             memory.update(statuses.memory_of(b, BudgetKey.of))
@@ -506,15 +527,6 @@ class Evaluator:
         memory = self._rates.merged(memory)  # the pairs past status.rateLimited's bound
         world = engine.World(budgets=g.budgets, catalog=catalog, namespaces=g.namespaces,
                              workloads=g.workloads, memory=memory)
-        plan = planner.plan(g.budgets, now, self.settings.recent_seconds,
-                            kept=self.settings.rules_keep_labels)
-        snapshot = self.source.collect(plan, now)
-        limits = ratelimits.plan(g.budgets, catalog)
-        if limits:  # the rate-limit trigger: one query per (source, window)
-            read, failed = self.source.read_rate_limits(limits, now)
-            snapshot = dataclasses.replace(snapshot, rate_limits=read, rate_limit_errors=failed)
-        cost_plan = costs.plan(g.budgets, catalog, now, self.settings.recent_seconds)
-        snapshot = cost_reading.with_costs(self.source, snapshot, cost_plan, now)
         result = self._previous = engine.evaluate(world, snapshot, now, previous=self._previous)
         out = Outcome(evaluation=result, started=now)
         enforced = self.act(g, result, now)
@@ -533,6 +545,20 @@ class Evaluator:
                  "queries, %d writes", len(g.budgets), len(result.decisions), len(g.workloads),
                  out.seconds, out.queries, out.writes)
         return out
+
+    def _read(self, budgets: list[api.Budget], catalog: Catalog, now: dt.datetime
+              ) -> SpendSnapshot:
+        """Every reading of Prometheus the budgets need at ``now``: spend, rate limits,
+        costs. Failures land in the snapshot; it raises only on programming errors."""
+        plan = planner.plan(budgets, now, self.settings.recent_seconds,
+                            kept=self.settings.rules_keep_labels)
+        snapshot = self.source.collect(plan, now)
+        limits = ratelimits.plan(budgets, catalog)
+        if limits:  # the rate-limit trigger: one query per (source, window)
+            read, failed = self.source.read_rate_limits(limits, now)
+            snapshot = dataclasses.replace(snapshot, rate_limits=read, rate_limit_errors=failed)
+        cost_plan = costs.plan(budgets, catalog, now, self.settings.recent_seconds)
+        return cost_reading.with_costs(self.source, snapshot, cost_plan, now)
 
     # -- act ---------------------------------------------------------------------
 
