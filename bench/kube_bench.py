@@ -264,8 +264,8 @@ def watched(report: Report, kb: dict[str, Any], cluster: Cluster, settings: Sett
         report.add(Figure(**kb, name="watched: gather from the store (of a quiet evaluation)",
                           value=gather, unit="s",
                           note=f"{len(g.budgets)} budgets, {len(g.objects):,} workloads and "
-                               "pods; the rest of an evaluation is the PromQL queries, the "
-                               "engine and the diffs"))
+                               "pods; the PromQL queries run beside the gathering of "
+                               "workloads, then come the engine and the diffs"))
         profile_to = os.environ.get("KUBE_BENCH_PROFILE")
         if profile_to:  # where a quiet evaluation's time goes: cProfile of one more
             import cProfile
@@ -273,7 +273,9 @@ def watched(report: Report, kb: dict[str, Any], cluster: Cluster, settings: Sett
                 again = ev.run_once()
             prof.dump_stats(profile_to)
             report.note("kube", f"profiled quiet evaluation: {again.seconds:.2f} s, "
-                                f"{again.writes} writes -> {profile_to}")
+                                f"{again.writes} writes -> {profile_to} (the calling "
+                                "thread only: the spend reading runs in others and shows "
+                                "as the wait in Future.result)")
         # The collector's share: a full collection walks every object the store holds.
         plain = quiet_runs(ev, 4)
         gc.collect()

@@ -38,12 +38,14 @@ Figures of 2026-12-01 11:00 UTC (Prometheus's own evalTotalTime per evaluation, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +178,27 @@ def per_budget(src: PrometheusSource, objs: list[api.Budget], now: dt.datetime
     return out
 
 
+class _Later(concurrent.futures.Future[Any]):
+    """A future computed when its result is asked for, in the asking thread."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__()
+        self._fn = fn
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            self.set_result(self._fn())
+        return super().result(timeout)
+
+
 class PreviousSource(PrometheusSource):
     """The reading before issue 16, for the side-by-side figures: one whole exact query
     (:func:`promql.spend`) per window and per raw part, none shared or kept, and the
-    recorded buckets read for every window."""
+    recorded buckets read for every window; and every query in a row (the burn rate
+    after the windows, not beside them)."""
+
+    def collect(self, plan: planner.Plan, now: dt.datetime) -> Any:
+        return self._collect(plan, now, _Later(lambda: self._recent(plan, now)))
 
     def read_spend(self, rs: ResolvedSource, seconds: int, at: dt.datetime, kind: str = "spend",
               extra: tuple[str, ...] = (), narrow: tuple[tuple[str, str], ...] = (),

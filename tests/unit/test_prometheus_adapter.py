@@ -626,28 +626,53 @@ def test_the_burn_rate_is_read_while_a_window_is(serve: Any) -> None:
     assert snap.errors == {}
 
 
-@pytest.mark.parametrize("failing", ["window", "burn rate"])
+@pytest.mark.parametrize("failing", ["window", "burn rate", "both"])
 def test_a_failing_read_on_either_side_fails_its_source_and_no_other(
         serve: Any, failing: str) -> None:
     """The burn rate runs beside the windows: whichever fails, the source is in error with
-    that read's message (the window's when both fail) and keeps no burn rate."""
+    that read's message (the window's when both fail) and keeps no burn rate. (Behaviour
+    as before the burn rate was read beside the windows, where it was read last.)"""
     burn_rate = promql.common(COUNTERS, 600)
 
     def answer(path: str, params: dict[str, str]) -> Answer:
         q = params.get("query", "")
         if path.endswith("/status/runtimeinfo"):
             return 200, {"status": "success", "data": {"storageRetention": "15d"}}
-        if (q == burn_rate) == (failing == "burn rate") and q.startswith("label_replace"):
-            return error(422, "execution", f"the {failing} query broke")
+        if q.startswith("label_replace") and failing in ("both", (
+                "burn rate" if q == burn_rate else "window")):
+            return error(422, "execution",
+                         f"the {'burn rate' if q == burn_rate else 'window'} query broke")
         return vector(item("5", tb_kind="input", namespace="team-search", pod="agent-0",
                            model="large"))
 
     fake = serve(answer)
     budget = b.token_budget(limits=[{"window": "24h", "tokens": 10_000}])
     snap = PrometheusSource(fake.url).collect(planner.plan([budget], NOW), NOW)
-    assert f"the {failing} query broke" in snap.errors[COUNTERS]
+    said = "window" if failing == "both" else failing
+    assert f"the {said} query broke" in snap.errors[COUNTERS]
     assert COUNTERS not in snap.recent
-    assert [rs for rs, _ in snap.windows] == ([] if failing == "window" else [COUNTERS])
+    assert [rs for rs, _ in snap.windows] == ([] if failing != "burn rate" else [COUNTERS])
+
+
+def test_a_programming_error_waits_for_the_burn_rate_and_logs_its_failure_too(
+        caplog: pytest.LogCaptureFixture) -> None:
+    started = threading.Event()
+
+    class Broken(PrometheusSource):
+        def _recent(self, plan: Any, now: dt.datetime) -> Any:
+            started.set()
+            time.sleep(0.2)
+            raise KeyError("burn rate broke")
+
+        def _collect(self, plan: Any, now: dt.datetime, recent_reads: Any) -> Any:
+            assert started.wait(5)
+            raise ValueError("windows broke")
+
+    source = Broken(CLOSED_PORT_URL)
+    with pytest.raises(ValueError, match="windows broke"):
+        source.collect(planner.plan([b.token_budget()], NOW), NOW)
+    failed = [r for r in caplog.records if r.getMessage() == "the burn-rate reads failed too"]
+    assert len(failed) == 1 and "burn rate broke" in str(failed[0].exc_info[1])
 
 
 def test_a_clean_first_step_is_the_whole_reading(serve: Any) -> None:

@@ -252,7 +252,6 @@ def test_prometheus_is_read_while_the_workloads_are_gathered_but_not_beside_the_
     """After the first evaluation, the spend reading and the gathering of workloads each
     go on only once the other has begun (a rendezvous: one after the other, the first
     waits 5 s in vain). In the first evaluation nothing is read until the hook has run."""
-    from token_budget.handlers import evaluation
 
     class Stop(Exception):
         pass
@@ -293,3 +292,44 @@ def test_prometheus_is_read_while_the_workloads_are_gathered_but_not_beside_the_
     with pytest.raises(Stop):
         ev.run_once()
     assert sorted(order[3:]) == ["collect", "workloads"] and time.monotonic() - started < 5
+
+
+def test_a_gather_that_fails_waits_for_the_reading_and_logs_its_failure_too(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The next evaluation's reading must not overlap this one's, and the reading's own
+    failure (a programming error) is not lost behind the gather's."""
+    class Stop(Exception):
+        pass
+
+    read: list[float] = []
+
+    class Source:
+        stats = type("Stats", (), {"queries": 0})()
+
+        def collect(self, *args: Any) -> Any:
+            if read:  # the first evaluation's reading passes; the second one's breaks
+                time.sleep(0.3)
+                read.append(time.monotonic())
+                raise Stop("the reading broke")
+            read.append(time.monotonic())
+            raise Stop("first")
+
+    settings = Settings(prometheus_url="http://p")
+    store = stores.Store(trim_for(settings))
+    for feed in base_feeds(settings):
+        listed(store, feed)
+    kube = type("K", (), {"counters": type("C", (), {"writes": 0})()})()
+    ev = Evaluator(kube, Source(), settings, watcher=_Watcher(store))  # type: ignore[arg-type]
+    monkeypatch.setattr(ev, "_keda", lambda: False)
+    with pytest.raises(Stop):
+        ev.run_once()
+
+    def not_ready(g: Any) -> None:
+        raise stores.NotReady("a mandatory namespace's pods have not listed")
+
+    monkeypatch.setattr(ev, "_gather_workloads", not_ready)
+    with pytest.raises(stores.NotReady):
+        ev.run_once()
+    assert len(read) == 2 and time.monotonic() >= read[1]  # the reading had ended
+    failed = [r for r in caplog.records if r.getMessage() == "the spend reading failed too"]
+    assert len(failed) == 1 and "the reading broke" in str(failed[0].exc_info[1])

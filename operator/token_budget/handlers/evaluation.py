@@ -518,7 +518,16 @@ class Evaluator:
             # evaluation of 1,000 budgets and 6,000 objects, in the benchmark).
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spend") as pool:
                 reading = pool.submit(self._read, g.budgets, catalog, now)
-                self._gather_workloads(g)  # should it raise, the pool waits for the reading
+                try:
+                    self._gather_workloads(g)
+                except BaseException:
+                    # Not ready (a mandatory namespace's feed), or a programming error: the
+                    # reading is waited for (the next evaluation's must not overlap it),
+                    # and a failure of its own, a programming error, is not lost.
+                    failed = reading.exception()
+                    if failed is not None:
+                        log.error("the spend reading failed too", exc_info=failed)
+                    raise
                 snapshot = reading.result()
         memory: dict[Any, Any] = {}
         for b in g.budgets:

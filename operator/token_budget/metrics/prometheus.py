@@ -447,8 +447,14 @@ class PrometheusSource:
             recent_reads = pool.submit(self._recent, plan, now)
             try:
                 return self._collect(plan, now, recent_reads)
-            finally:
-                recent_reads.cancel()
+            except BaseException as exc:
+                # A programming error: the burn-rate reads are waited for (the next
+                # collect must not overlap them) and their own failure is not lost.
+                if not recent_reads.cancel():
+                    failed = recent_reads.exception()
+                    if failed is not None and failed is not exc:
+                        log.error("the burn-rate reads failed too", exc_info=failed)
+                raise
 
     def _recent(self, plan: Plan, now: dt.datetime) -> _Recent:
         """Every source's spend over the burn-rate range, and the sources that failed."""
