@@ -15,13 +15,17 @@ import json
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 from urllib.parse import quote
 
 import kubernetes
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+from urllib3 import BaseHTTPResponse
+from urllib3.connectionpool import ConnectionPool
+from urllib3.util import Retry
 
 from token_budget.errors import Conflict, EnforcementError, Forbidden, TargetNotFound
 
@@ -44,16 +48,39 @@ class Counters:
         return sum(v for k, v in self.by_verb.items() if k in ("PATCH", "POST", "PUT", "DELETE"))
 
 
+class ReplayReads(Retry):
+    """The transport's retries: a request is asked again (3 times) after its connection
+    failed only if it reads (GET, HEAD, OPTIONS, TRACE), as Go's HTTP client (client-go)
+    replays only those; a write fails at once, and its caller decides with what it knows
+    then. urllib3's default also replays PUT and DELETE, and each retry starts its own
+    timeout: a Lease renewal sent just before a network partition reached the API server
+    after it healed, from a replica that had long stopped leading (CI,
+    tests/e2e/test_partitioned_leader.py; refused there by its resourceVersion, but a
+    write after the lease was lost all the same), and a retried write could outlive the
+    window LeaderOnlyKube gives it."""
+
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: BaseHTTPResponse | None = None, error: Exception | None = None,
+                  _pool: ConnectionPool | None = None,
+                  _stacktrace: TracebackType | None = None) -> Self:
+        if error is not None and method is not None and method.upper() not in _REPLAYABLE:
+            raise error.with_traceback(_stacktrace)  # as urllib3 does for what it won't replay
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
 def api_client(kubeconfig: str | None = None) -> ApiClient:
     """An ApiClient from in-cluster credentials, else the kubeconfig ($KUBECONFIG)."""
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return ApiClient()
+        config = kubernetes.client.Configuration.get_default_copy()
     except ConfigException:
-        pass
-    config = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-        config_file=kubeconfig, client_configuration=config)
+        config = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, client_configuration=config)
+    config.retries = ReplayReads(total=3)
     return ApiClient(configuration=config)
 
 
