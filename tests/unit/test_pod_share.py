@@ -206,3 +206,53 @@ def test_a_new_pod_is_stamped_with_its_share_of_the_owners_rate(
     stamped = cache.owner_directive(NS, pod("new", owner=pod_owner))
     assert stamped[patches.TOKENS_PER_MINUTE] == expected
     assert stamped[patches.STATE] == "Throttled"
+
+
+# -- what needed nothing is not diffed again ------------------------------------
+
+
+def test_an_object_that_needed_nothing_is_diffed_again_only_when_it_or_its_directive_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from token_budget.handlers import store as stores
+
+    diffed: list[str] = []
+    patch_for = patches.patch_for
+
+    def counting(obj: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        diffed.append(obj["metadata"]["name"])
+        return patch_for(obj, *args, **kwargs)
+
+    monkeypatch.setattr(patches, "patch_for", counting)
+    dep = WorkloadKey("Deployment", NS, "agent")
+    deployment = {"kind": "Deployment", "apiVersion": "apps/v1",
+                  "metadata": {"name": "agent", "namespace": NS}, "spec": {"replicas": 2}}
+    g = Gathered()
+    for obj in (deployment, pod("agent-a"), pod("agent-b")):
+        key = WorkloadKey(obj["kind"], NS, obj["metadata"]["name"])
+        g.objects[key], g.top[key] = obj, dep
+    kube = FakeKube()
+    watched = type("W", (), {"store": stores.Store()})()  # reading the watches' store
+    ev = Evaluator(kube, None, Settings(), clock=lambda: NOW, watcher=watched)  # type: ignore[arg-type]
+
+    def act(directives: dict[WorkloadKey, Directive]) -> list[str]:
+        diffed.clear()
+        kube.patched.clear()
+        ev.act(g, Evaluation(decisions=(), directives=directives), NOW)
+        return sorted(diffed)
+
+    assert act({}) == ["agent", "agent-a", "agent-b"] and kube.patched == {}
+    assert act({}) == [], "the same objects, the same (no) directive: nothing to diff"
+    g.objects[WorkloadKey("Pod", NS, "agent-b")] = pod("agent-b", phase="Running")  # an event
+    assert act({}) == ["agent-b"]
+    assert act({dep: directive()}) == ["agent", "agent-a", "agent-b"]
+    assert sorted(kube.patched) == ["agent", "agent-a", "agent-b"]
+    # The patches were needed: tried again until the objects carry the directive (this
+    # fake API does not change them), never taken as done.
+    assert act({dep: directive()}) == ["agent", "agent-a", "agent-b"]
+    assert sorted(kube.patched) == ["agent", "agent-a", "agent-b"]
+    # Without a store (tools, listing every evaluation) nothing is kept between them.
+    listing = Evaluator(kube, None, Settings(), clock=lambda: NOW)  # type: ignore[arg-type]
+    for _ in range(2):
+        diffed.clear()
+        listing.act(g, Evaluation(decisions=(), directives={}), NOW)
+        assert sorted(diffed) == ["agent", "agent-a", "agent-b"]

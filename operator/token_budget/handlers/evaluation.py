@@ -281,6 +281,9 @@ class Evaluator:
         self._keda_checked: tuple[float, bool] | None = None
         self._previous: Evaluation | None = None  # what the next evaluation may take over
         self._rates = statuses.RateMemory()  # every rate-limited pair, status-listed or not
+        # Objects the last evaluation found needing no patch, with the directive they were
+        # checked against (see act); kept only when reading the watches' store.
+        self._needs_nothing: dict[WorkloadKey, tuple[Obj, Directive | None]] = {}
         # Called once, after the first gather from a full store and before any object of
         # an evaluation exists (the operator freezes the heap there, see handlers.operator).
         self._on_first_gather = on_first_gather
@@ -582,14 +585,29 @@ class Evaluator:
         for key, obj in g.objects.items():
             if key.kind == "Pod" and patches.live(obj):
                 pods[g.top[key]] = pods.get(g.top[key], 0) + 1
-        for key, obj in sorted(g.objects.items()):
+        # The same object (the store replaces an object whole on every change, never edits
+        # it) checked against an equal directive needs no patch again: patch_for reads
+        # nothing else (the time only for a patch's updated-at). Skipping those and sorting
+        # only the rest took act from 0.13 s to 0.085 s of a quiet evaluation of 6,000
+        # objects (profiled, kube benchmark).
+        before, self._needs_nothing = self._needs_nothing, {}
+        todo: list[tuple[WorkloadKey, Obj, Directive | None]] = []
+        for key, obj in g.objects.items():
             unit = g.top[key]
             if unit in result.held:
                 continue  # Hold: spend unknown, keep what the workload has
             directive = result.directives.get(unit)
             if key.kind == "Pod":
                 directive = patches.pod_share(directive, pods.get(unit, 1), obj)
-            self._apply(key, obj, directive, now, alone=unit == key)
+            seen = before.get(key)
+            if seen is not None and seen[0] is obj and seen[1] == directive:
+                self._needs_nothing[key] = seen
+            else:
+                todo.append((key, obj, directive))
+        for key, obj, directive in sorted(todo, key=lambda t: t[0]):
+            if not self._apply(key, obj, directive, now, alone=g.top[key] == key) and \
+                    self.store is not None:
+                self._needs_nothing[key] = (obj, directive)
         for unit, scaled in sorted(g.scaled_objects.items()):
             if unit in result.held:
                 continue
@@ -621,10 +639,11 @@ class Evaluator:
         return out
 
     def _apply(self, key: WorkloadKey, obj: Obj, directive: Directive | None,
-               now: dt.datetime, alone: bool = False) -> None:
+               now: dt.datetime, alone: bool = False) -> bool:
+        """Patch ``obj`` to carry ``directive``; False when it needed no patch."""
         patch = patches.patch_for(obj, directive, now, may_scale=key.kind != "Pod")
         if patch is None:
-            return
+            return False
         res = WORKLOADS[key.kind]
         spec = obj.get("spec") or {}
         ann = (obj.get("metadata") or {}).get("annotations") or {}
@@ -635,17 +654,17 @@ class Evaluator:
             self._observed(res, self.kube.patch(res, key.namespace, key.name, patch))
             log.info("%s: %s", key, patches.describe(patch))
         except TargetNotFound:
-            return  # gone since we listed it: nothing to enforce
+            return True  # gone since we listed it: nothing to enforce
         except EnforcementError as exc:
             log.warning("cannot enforce on %s: %s", key, exc)
             self.telemetry.enforcement_error(key.kind)
-            return
+            return True
         self.telemetry.action(key.kind, directive.state.value if directive else "Removed")
         if key.kind == "Pod":
             cannot = patches.cannot_stop(obj, directive, patch) if alone else None
             if cannot is not None:
                 self.event(obj, "Warning", "CannotStop", cannot)
-            return
+            return True
         text = patches.describe(patch)
         if drift:
             self.event(obj, "Warning", "DriftCorrected",
@@ -655,6 +674,7 @@ class Evaluator:
             reason = "Blocked" if kind == "Warning" else "Restored"
             by = f" by {directive.budget}" if directive is not None else ""
             self.event(obj, kind, reason, f"{reason}{by}: {text}")
+        return True
 
     # -- report ------------------------------------------------------------------
 
