@@ -198,7 +198,7 @@ class PreviousSource(PrometheusSource):
     after the windows, not beside them)."""
 
     def collect(self, plan: planner.Plan, now: dt.datetime) -> Any:
-        return self._collect(plan, now, _Later(lambda: self._recent(plan, now)))
+        return self._collect(plan, now, _Later(lambda: self._recent(plan, now)), {})
 
     def read_spend(self, rs: ResolvedSource, seconds: int, at: dt.datetime, kind: str = "spend",
               extra: tuple[str, ...] = (), narrow: tuple[tuple[str, str], ...] = (),
@@ -295,6 +295,40 @@ def side_by_side(report: Report, url: str, objs: list[api.Budget], now: dt.datet
                       "new vs previous", same, "count", target=f"== {len(ta)}",
                       met=same == len(ta) == len(tb) and ga == gb, contended=contended,
                       note=f"{len(ta):,} totals; gap rows equal: {ga == gb}"))
+    if max_samples:  # with the rules: the burn rate from the tails, as an operator runs
+        steady(report, url, objs, now, later, label, contended, max_samples, tb)
+
+
+def steady(report: Report, url: str, objs: list[api.Budget], now: dt.datetime,
+           later: dt.datetime, label: str, contended: bool, max_samples: int,
+           want: dict[Any, tuple[float, float, float]]) -> None:
+    """A source that has evaluated every 30 s for the burn rate's length, at ``later``:
+    every settled part is kept by then (the "next evaluations" above had one evaluation
+    before theirs). Once with the burn rate read by its query, once taken from the tails
+    (``metrics.accruals``): the tail of 600 s ago and this one, no query; its figures
+    must equal those of the source that read the burn rate (``want``), to the digit
+    (integer counters)."""
+    for derive in (False, True):
+        src = PrometheusSource(url, timeout_seconds=900, max_samples=max_samples)
+        if not derive:  # the same evaluations, the burn rate read by its query
+            src._accruals.before = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        seen = watch(src)
+        t = later - dt.timedelta(seconds=630)
+        while t < later:
+            src.collect(planner.plan(objs, t), t)
+            t += dt.timedelta(seconds=30)
+        derived = src.stats.derived_rates
+        snap = evaluate(report, src, seen, objs, later,
+                        f"{label}, new, after 10 minutes of evaluations every 30 s, burn rate "
+                        + ("from the tails" if derive else "read by its query"), contended)
+    got = totals(snap)
+    same = sum(1 for k in want if got.get(k) == want[k])
+    report.add(Figure("promql", f"{label}: totals of the burn rate from the tails equal to "
+                      "the digit", same, "count", target=f"== {len(want)}",
+                      met=same == len(want) == len(got) and src.stats.derived_rates > derived,
+                      contended=contended,
+                      note=f"{len(want):,} totals, windows and burn rate; burn rates taken from "
+                           f"the tails in that evaluation: {src.stats.derived_rates - derived}"))
 
 
 def per_budget_run(report: Report, raw: PrometheusSource, objs: list[api.Budget],

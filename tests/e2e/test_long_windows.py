@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from harness.prometheus import Prometheus, find_binary
+from harness.prometheus import Prometheus, backfilled, find_binary
 from token_budget.api import v1alpha1 as api
 from token_budget.metrics import promql
 from token_budget.metrics.prometheus import PrometheusSource
@@ -70,14 +70,8 @@ def openmetrics() -> str:
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    work = tmp_path_factory.mktemp("long")
-    prom = Prometheus(workdir=work, retention="90d")
-    prom.backfill(openmetrics())
-    prom.start()
-    try:
+    with backfilled(tmp_path_factory.mktemp("long"), openmetrics(), "90d") as prom:
         yield prom
-    finally:
-        prom.close()
 
 
 def _budget(window: str) -> api.TokenBudget:

@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.prometheus import Prometheus, find_binary
+from harness.prometheus import Prometheus, backfilled, find_binary
 from token_budget.api import v1alpha1 as api
 from token_budget.metrics import promql
 from token_budget.metrics.prometheus import PrometheusSource
@@ -114,14 +114,8 @@ def samples_loaded(prom: Prometheus, query: str, at: dt.datetime) -> int:
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    work = tmp_path_factory.mktemp("allowances")
-    prom = Prometheus(workdir=work, retention="120d")
-    prom.backfill(openmetrics())
-    prom.start()
-    try:
+    with backfilled(tmp_path_factory.mktemp("allowances"), openmetrics(), "120d") as prom:
         yield prom
-    finally:
-        prom.close()
 
 
 def test_a_monthly_allowance_per_person_reads_rules_that_keep_the_label_to_the_token(

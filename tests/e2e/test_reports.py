@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.prometheus import Prometheus
+from harness.prometheus import Prometheus, backfilled
 from token_budget.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,14 +62,8 @@ def openmetrics() -> str:
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    work = tmp_path_factory.mktemp("history")
-    prom = Prometheus(workdir=work, retention="60d")
-    prom.backfill(openmetrics())
-    prom.start()
-    try:
+    with backfilled(tmp_path_factory.mktemp("history"), openmetrics(), "60d") as prom:
         yield prom
-    finally:
-        prom.close()
 
 
 @pytest.fixture

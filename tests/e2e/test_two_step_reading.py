@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.prometheus import Prometheus
+from harness.prometheus import Prometheus, backfilled
 from token_budget.api import v1alpha1 as api
 from token_budget.metrics import promql
 from token_budget.metrics.prometheus import PrometheusSource, ResultItem, gaps_of, to_series
@@ -85,13 +85,8 @@ def openmetrics() -> str:
 
 @pytest.fixture(scope="module")
 def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    server = Prometheus(workdir=tmp_path_factory.mktemp("two-step"), retention="30d")
-    server.backfill(openmetrics())
-    server.start()
-    try:
+    with backfilled(tmp_path_factory.mktemp("two-step"), openmetrics(), "30d") as server:
         yield server
-    finally:
-        server.close()
 
 
 class _Recording(PrometheusSource):

@@ -16,6 +16,7 @@ It deliberately does not know about the operator's metric names; tests bring the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -25,7 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -380,3 +381,15 @@ def values_by(result: Result, *labels: str) -> dict[tuple[str, ...], float]:
         key = tuple(sample["metric"].get(label, "") for label in labels)
         out[key] = float(sample["value"][1])
     return out
+
+
+@contextlib.contextmanager
+def backfilled(workdir: Path, openmetrics: str, retention: str) -> Iterator[Prometheus]:
+    """A Prometheus started over ``openmetrics`` history (``promtool`` blocks), closed after."""
+    prom = Prometheus(workdir=workdir, retention=retention)
+    prom.backfill(openmetrics)
+    prom.start()
+    try:
+        yield prom
+    finally:
+        prom.close()

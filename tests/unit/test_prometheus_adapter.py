@@ -659,12 +659,13 @@ def test_a_programming_error_waits_for_the_burn_rate_and_logs_its_failure_too(
     started = threading.Event()
 
     class Broken(PrometheusSource):
-        def _recent(self, plan: Any, now: dt.datetime) -> Any:
+        def _recent(self, plan: Any, now: dt.datetime, derived: Any = frozenset()) -> Any:
             started.set()
             time.sleep(0.2)
             raise KeyError("burn rate broke")
 
-        def _collect(self, plan: Any, now: dt.datetime, recent_reads: Any) -> Any:
+        def _collect(self, plan: Any, now: dt.datetime, recent_reads: Any,
+                     derive: Any) -> Any:
             assert started.wait(5)
             raise ValueError("windows broke")
 

@@ -35,7 +35,7 @@ from urllib3.exceptions import MaxRetryError, ProtocolError
 from urllib3.util import Retry
 
 from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
-from token_budget.metrics import promql
+from token_budget.metrics import accruals, promql
 from token_budget.policy import inputs, planner
 from token_budget.policy.inputs import Gap, SpendSeries, SpendSnapshot
 from token_budget.policy.planner import Plan
@@ -77,6 +77,7 @@ class QueryStats:
     queries: int = 0
     errors: int = 0
     seconds: float = 0.0
+    derived_rates: int = 0  # burn rates taken from two tails, no query (see metrics.accruals)
 
 
 #: The burn-rate reads: series per source, and the sources that failed.
@@ -128,6 +129,11 @@ class PrometheusSource:
         self._unconfirmed: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
         self._reads: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
         self._dense: dict[tuple[Any, ...], float] = {}
+        # The tails of rule-read windows: this evaluation's, per (source, labels), as
+        # (rule run in ms, series); and those of the last minutes (burn rates, see collect).
+        self._tails: dict[tuple[ResolvedSource, tuple[str, ...]],
+                          tuple[int, tuple[SpendSeries, ...]]] = {}
+        self._accruals = accruals.Accruals()
         self._retention_ttl = retention_ttl_seconds
         auth = auth or Auth()
         headers = dict(auth.headers)
@@ -431,8 +437,11 @@ class PrometheusSource:
             parts.append(self._part(rs, head, first_start, now, horizon, ("head", key), extra))
         # From the last rule run exactly: the bucket's last sample is the tail's start value.
         tail = (_ms(now) - _ms(last)) / 1000
+        tail_series: tuple[SpendSeries, ...] = ()
         if tail > 0:
             parts.append(self._part(rs, tail, now, now, horizon, ("tail", extra), extra))
+            tail_series = parts[-1][0]
+        self._tails[(rs, extra)] = (_ms(last), tail_series)
         return _sum_series([p[0] for p in parts]), _sum_gaps([p[1] for p in parts])
 
     def collect(self, plan: Plan, now: dt.datetime) -> SpendSnapshot:
@@ -440,13 +449,18 @@ class PrometheusSource:
 
         The burn-rate reads run in a thread of their own beside the windows' reads: they
         share no part with them, and Prometheus answers two queries at once on two cores
-        (a quiet evaluation of 1,000 budgets waited for three queries in a row).
+        (a quiet evaluation of 1,000 budgets waited for three queries in a row). A source
+        whose windows are read through the rules, with a tail kept from the burn-rate
+        window's length ago, takes its burn rate from that tail and this evaluation's
+        instead (:mod:`token_budget.metrics.accruals`): no query.
         """
+        derive = {rs: old for rs in plan.sources if (old := self._accruals.before(
+            (rs, plan.group_labels.get(rs, ())), now, plan.recent_seconds)) is not None}
         with concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="prometheus-recent") as pool:
-            recent_reads = pool.submit(self._recent, plan, now)
+            recent_reads = pool.submit(self._recent, plan, now, frozenset(derive))
             try:
-                return self._collect(plan, now, recent_reads)
+                return self._collect(plan, now, recent_reads, derive)
             except BaseException as exc:
                 # A programming error: the burn-rate reads are waited for (the next
                 # collect must not overlap them) and their own failure is not lost.
@@ -456,22 +470,57 @@ class PrometheusSource:
                         log.error("the burn-rate reads failed too", exc_info=failed)
                 raise
 
-    def _recent(self, plan: Plan, now: dt.datetime) -> _Recent:
-        """Every source's spend over the burn-rate range, and the sources that failed."""
+    def _recent(self, plan: Plan, now: dt.datetime,
+                derived: frozenset[ResolvedSource] = frozenset()) -> _Recent:
+        """Every source's spend over the burn-rate range (but those ``derived`` from their
+        tails), and the sources that failed."""
         recent: dict[ResolvedSource, tuple[SpendSeries, ...]] = {}
         errors: dict[ResolvedSource, str] = {}
         for rs in plan.sources:
-            extra = plan.group_labels.get(rs, ())
+            if rs in derived:
+                continue
             try:
-                items = self.read_spend(rs, plan.recent_seconds, now, "recent", extra,
-                                        plan.narrow.get(rs, ()), part="recent")
-                recent[rs] = to_series(rs, items, extra)
+                recent[rs] = self._read_recent(plan, rs, now)
             except MetricsError as exc:
                 errors[rs] = str(exc)
         return recent, errors
 
+    def _read_recent(self, plan: Plan, rs: ResolvedSource, now: dt.datetime
+                     ) -> tuple[SpendSeries, ...]:
+        extra = plan.group_labels.get(rs, ())
+        items = self.read_spend(rs, plan.recent_seconds, now, "recent", extra,
+                                plan.narrow.get(rs, ()), part="recent")
+        return to_series(rs, items, extra)
+
+    def _derived(self, plan: Plan, now: dt.datetime,
+                 derive: Mapping[ResolvedSource, accruals.Accrual],
+                 recent: dict[ResolvedSource, tuple[SpendSeries, ...]],
+                 errors: dict[ResolvedSource, str]) -> None:
+        """The burn rates of ``derive`` from this evaluation's tails, or read when they do
+        not make one (the rule ran since, a row fell); then this evaluation's tails kept."""
+        for rs, old in derive.items():
+            if rs in errors:
+                continue
+            tail = self._tails.get((rs, plan.group_labels.get(rs, ())))
+            found = None if tail is None else \
+                accruals.derive(old, tail[0], now, tail[1], plan.recent_seconds)
+            if found is not None:
+                recent[rs] = found
+                with self._stats_lock:
+                    self.stats.derived_rates += 1
+                continue
+            try:
+                recent[rs] = self._read_recent(plan, rs, now)
+            except MetricsError as exc:
+                errors[rs] = str(exc)
+        for (rs, extra), (anchor, series) in self._tails.items():
+            if rs not in errors:
+                self._accruals.add((rs, extra), anchor, now, series, plan.recent_seconds)
+        self._accruals.prune(now, plan.recent_seconds)
+
     def _collect(self, plan: Plan, now: dt.datetime,
-                 recent_reads: concurrent.futures.Future[_Recent]) -> SpendSnapshot:
+                 recent_reads: concurrent.futures.Future[_Recent],
+                 derive: Mapping[ResolvedSource, accruals.Accrual]) -> SpendSnapshot:
         windows: dict[Any, tuple[SpendSeries, ...]] = {}
         gaps: dict[Any, dict[str, Gap]] = {}
         errors: dict[ResolvedSource, str] = {}
@@ -480,6 +529,7 @@ class PrometheusSource:
         rule_times: dict[ResolvedSource, dt.datetime | None] = {}
         self._kept, self._parts, self._fresh = self._parts, {}, {}
         self._unconfirmed, self._reads = self._reads, {}
+        self._tails = {}
         for (rs, key), seconds in plan.windows.items():
             if rs in errors:
                 continue
@@ -533,6 +583,7 @@ class PrometheusSource:
         recent, failed = recent_reads.result()
         for rs, message in failed.items():
             errors.setdefault(rs, message)  # a window's error first, as it came first
+        self._derived(plan, now, derive, recent, errors)
         recent = {rs: series for rs, series in recent.items() if rs not in errors}
         outcomes: dict[str, tuple[tuple[str, tuple[tuple[str, str], ...], float], ...]] = {}
         outcome_errors: dict[str, str] = {}

@@ -62,10 +62,12 @@ once a minute instead of once per evaluation, with a raw head and tail still
 needed for windows that do not start on the rule's own, hash-chosen phase.
 What is left per evaluation are the raw parts with an edge that moves with
 ``now``: the tail, the rolling window's head and the burn rate. Each edge
-needs its own start value per series, so reading the burn rate from the tail
-saves no read unless the burn rate's window changes (a behaviour change); and
-recording the buckets by (namespace, model) would now save only the hourly
-read of the buckets.
+needs its own start value per series, so no query can read the burn rate from
+the tail; but the tail's start stays put until the rule runs again, so the
+tail kept from the burn rate's length ago and this one differ by the burn
+rate's spend, and the source takes it from them without a query
+(:mod:`token_budget.metrics.accruals`). Recording the buckets by (namespace,
+model) would now save only the hourly read of the buckets.
 """
 
 from __future__ import annotations

@@ -1,0 +1,171 @@
+"""The burn rate taken from two tails equals the burn-rate query, on the real Prometheus.
+
+A window read through the recording rules ends in a raw tail from the rule's last run to
+now; two tails of the same run differ by the spend between them, so a source that kept
+the tail of ``recent_seconds`` ago sends no burn-rate query (``metrics.accruals``). Here
+a real Prometheus holds 26 hours of 15 s scrapes (steady counters, a pod born, a pod
+gone, an agent restarting) and the hourly buckets of the rule, which last ran at
+``RULE_RUN``. One source evaluates every 30 s from five minutes before that run to
+fourteen minutes after it, another every 45 s; at every instant a fresh source (nothing
+kept: the query) reads the same burn rate, to the digit at 30 s (two tails exactly 600 s
+apart); at 45 s the tails are 630 s apart, and the figures are the query's over 630 s
+scaled to 600 s, to the last bits. Across the rule run the
+tail starts anew and the burn rate is read by query until a tail of the new run is old
+enough.
+
+Prometheus only, no control plane.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+
+from harness.prometheus import Prometheus, backfilled
+from token_budget.api import v1alpha1 as api
+from token_budget.metrics import promql
+from token_budget.metrics.prometheus import PrometheusSource, ResultItem, to_series
+from token_budget.policy import planner, sources
+from token_budget.policy.inputs import SpendSeries
+
+COUNTERS = sources.resolve(api.SpendSource())
+STEP = 15
+HOUR = 3600
+AT = int(dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0).timestamp()) - HOUR
+RULE_RUN = AT - 1800  # the rule's last run before the evaluations below; every hour before
+BASE = AT - 26 * HOUR
+STEADY = tuple(f"steady-{i}" for i in range(3))
+PODS = (*STEADY, "born", "gone", "restarts")
+KINDS = (("input", 1), ("output", 3), ("cached_input", 5))  # integer tokens a scrape, x rate
+
+
+def rate(pod: str) -> int:
+    return 7 + 11 * PODS.index(pod)
+
+
+def alive(pod: str, t: int) -> bool:
+    return not ((pod == "born" and t < RULE_RUN + 400) or (pod == "gone" and t > RULE_RUN + 200))
+
+
+def values(pod: str, share: int) -> list[tuple[int, int]]:
+    """(time, counter) of a pod's counter: a scrape every 15 s while it lives."""
+    out, value = [], 0
+    for t in range(BASE + 7, AT + 1, STEP):
+        if not alive(pod, t):
+            continue
+        value = rate(pod) * share if pod == "restarts" and t == RULE_RUN + 502 else \
+            value + rate(pod) * share
+        out.append((t, value))
+    return out
+
+
+def last_before(points: list[tuple[int, int]], t: int) -> int:
+    return max((v for s, v in points if s <= t), default=0)
+
+
+def openmetrics() -> str:
+    lines = ["# TYPE llm_tokens counter"]
+    recorded = []
+    for pod in PODS:
+        for kind, share in KINDS:
+            points = values(pod, share)
+            labels = f'namespace="ns",pod="{pod}",model="gpt-4o"'
+            lines += [f'llm_tokens_total{{{labels},token_type="{kind}",job="agents",'
+                      f'instance="{pod}:9000"}} {v} {t}' for t, v in points]
+            # The rule's hourly buckets, as it would have recorded them (no reset in one).
+            for run in range(RULE_RUN - 25 * HOUR, RULE_RUN + 1, HOUR):
+                spent = last_before(points, run) - last_before(points, run - HOUR)
+                recorded.append(f'{promql.rule_name(COUNTERS)}{{{labels},tb_kind="{kind}"}} '
+                                f'{spent} {run}')
+    lines.append("# TYPE up gauge")
+    for pod in PODS:  # each pod's target from its birth; the others prove it was new
+        lines += [f'up{{job="agents",instance="{pod}:9000"}} 1 {t}'
+                  for t in range(BASE + 7, AT + 1, STEP) if alive(pod, t) or pod == "gone"]
+    lines.append(f"# TYPE {promql.rule_name(COUNTERS)} gauge")
+    lines += recorded
+    lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    with backfilled(tmp_path_factory.mktemp("tails"), openmetrics(), "30d") as server:
+        yield server
+
+
+def _plan(at: dt.datetime) -> planner.Plan:
+    budget = api.TokenBudget.model_validate({
+        "apiVersion": api.API_VERSION, "kind": "TokenBudget",
+        "metadata": {"name": "b", "namespace": "ns"},
+        "spec": {"limits": [{"window": "24h", "tokens": 10**9}]}})
+    return planner.plan([budget], at)
+
+
+class _Kinds(PrometheusSource):
+    """A source that notes the kind of every query it sends."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, scrape_interval_seconds=STEP)
+        self.kinds: list[str] = []
+
+    def query(self, text: str, at: dt.datetime, kind: str = "spend",
+              matrix: bool = False) -> list[ResultItem]:
+        self.kinds.append(kind)
+        return super().query(text, at, kind, matrix)
+
+
+def burn(series: tuple[SpendSeries, ...]) -> dict[str, tuple[float, float, float]]:
+    """Per pod, the tokens of the burn-rate window that were spent (rows of 0 left out:
+    the query has no row for a pod gone 600 s ago, the tails still do)."""
+    return {s.workload: (s.input_tokens, s.output_tokens, s.cached_input_tokens)
+            for s in series if s.tokens}
+
+
+@pytest.mark.parametrize("every", [30, 45])
+def test_the_burn_rate_from_two_tails_is_the_burn_rate_query(prom: Prometheus,
+                                                             every: int) -> None:
+    kept = _Kinds(prom.url)
+    derived_at = []
+    for t in range(RULE_RUN - 293, RULE_RUN + 14 * 60, every):
+        now = dt.datetime.fromtimestamp(t, dt.UTC)
+        before = kept.stats.derived_rates
+        kept.kinds.clear()
+        got = kept.collect(_plan(now), now)
+        fresh = PrometheusSource(prom.url, scrape_interval_seconds=STEP)
+        want = fresh.collect(_plan(now), now)
+        assert not got.errors and not want.errors, (got.errors, want.errors)
+        assert got.windows == want.windows
+        derived = kept.stats.derived_rates > before
+        mine, theirs = burn(got.recent[COUNTERS]), burn(want.recent[COUNTERS])
+        span = 600 if every == 30 or not derived else 630  # 14 evaluations of 45 s back
+        if span != 600:
+            # Two tails 630 s apart: the spend between them, scaled to 600 s (a rate over
+            # 630 s: a pod born 300 s ago reads 600/630 of what the 600 s query reads).
+            theirs = {pod: tuple(x * 600 / span for x in figures) for pod, figures in
+                      burn(to_series(COUNTERS, fresh.read_spend(COUNTERS, span, now))).items()}
+        restarted = mine.pop("restarts", None), theirs.pop("restarts", None)
+        if span == 600:
+            assert mine == theirs, t - RULE_RUN
+        else:
+            assert mine.keys() == theirs.keys(), t - RULE_RUN
+            for pod, figures in theirs.items():
+                assert mine[pod] == pytest.approx(figures, rel=1e-12), (t - RULE_RUN, pod)
+        # A restart inside the tail is read with increase() by both tails: off by at most
+        # a fraction of a scrape at each of its ends, never made up.
+        if restarted[1] is not None:
+            assert restarted[0] is not None
+            for a, b, (_, share) in zip(*restarted, KINDS, strict=True):
+                assert abs(a - b) <= 2 * rate("restarts") * share, (t - RULE_RUN, a, b)
+        if derived:
+            derived_at.append(t - RULE_RUN)
+            assert "recent" not in kept.kinds, kept.kinds  # no burn-rate query was sent
+        else:
+            assert "recent" in kept.kinds, kept.kinds
+    # Before the rule ran, no tail was old enough yet; after it, the tails start anew:
+    # read by query until one of the new run is 600 s old (the first is read <= 90 s
+    # after the run: the rule's time is asked again a minute after the next one is due).
+    assert derived_at, "the burn rate was always read by query"
+    assert min(derived_at) >= 600, derived_at
+    assert max(derived_at) >= 14 * 60 - every and min(derived_at) <= 600 + 90 + every, derived_at
