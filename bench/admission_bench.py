@@ -13,8 +13,9 @@ as in production (the operator log's "evaluated" lines are counted per loop).
 * Through the API server, webhooks off and on side by side at each rate (200/s, then
   100/s): pods without the label (no webhook: the API server's own latency on this
   machine, under the same evaluation) and agent pods (label ``tokenbudget.io/agent``:
-  one call to the mutating webhook each). The figure held to its target is the ratio
-  of the two p99s (<= 1.3).
+  one call to the mutating webhook each), in 5 interleaved rounds. The figure held to
+  its target is the median over the rounds of the ratio of the two p99s (<= 1.3); the
+  pooled p99s and their ratio are reported beside it.
 
 The load comes from a process of its own (:func:`generate`: asyncio, aiohttp, one
 keep-alive connection pool), not from threads of the benchmark's process: 8 Python
@@ -37,6 +38,7 @@ import json
 import multiprocessing
 import os
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,8 @@ RATIO = 1.3  # pod-create p99 with the webhook / without, at each rate
 EVALUATED = 1_000  # budgets the operator evaluates meanwhile (quick: a tenth)
 PER_NAMESPACE = 10
 WARMUP = 200  # requests before each measured loop: connections, caches, memoised answers
+ROUNDS = 5  # through the API server: loops without and with the webhook, in turns
+ROUND_WARMUP = 50  # requests before each loop of a round (each loop opens new connections)
 
 
 @dataclass(frozen=True)
@@ -299,32 +303,71 @@ def _apiserver_pid(cluster: Cluster) -> int | None:
 def through_apiserver(report: Report, cluster: Cluster, namespace: str, n: int,
                       contended: bool, pids: dict[str, int | None], port: int,
                       evaluated: Callable[[], int], label: str = "") -> None:
+    """At each rate, :data:`ROUNDS` rounds, each a loop without the webhook and one with
+    it (in turns first: ABBA), each after :data:`ROUND_WARMUP` requests of its own.
+
+    The target's figure is the median over the rounds of each round's p99 ratio: on 2
+    shared cores one stall of a few hundred ms (a collection, etcd's fsync, another
+    engineer's test) decides the p99 of the loop it falls in, and loops measured one
+    after the other once gave 0.35x and 20.3x for the same code. The p99 of all the
+    rounds' requests pooled, and its ratio, are reported beside it.
+    """
     t = _apiserver_target(cluster, namespace)
     pids = {**pids, "API server": _apiserver_pid(cluster)}
     for rate in (RATE, RATE / 2):
-        count = n if rate == RATE else n // 2
-        p99s: dict[bool, float] = {}
-        for agent in (False, True):  # side by side: webhooks off, then on
-            prefix = f"{label.strip(': ')}-{'agent' if agent else 'plain'}-{int(rate)}".strip("-")
+        count = (n if rate == RATE else n // 2) // ROUNDS
+        pooled: dict[bool, list[Load]] = {False: [], True: []}
+        cpus: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        seen = {False: 0, True: 0}
+        ratios: list[float] = []
+        runs = evaluated()
+        for r in range(ROUNDS):
+            p99s: dict[bool, float] = {}
+            for agent in ((False, True) if r % 2 == 0 else (True, False)):
+                prefix = f"{label.strip(': ')}-{'agent' if agent else 'plain'}-{int(rate)}-{r}"
 
-            def bodies(fmt: Callable[[int], str], k: int, agent: bool = agent) -> list[bytes]:
-                return [json.dumps(pod(fmt(i), agent)).encode() for i in range(k)]
+                def bodies(fmt: Callable[[int], str], k: int, agent: bool = agent
+                           ) -> list[bytes]:
+                    return [json.dumps(pod(fmt(i), agent)).encode() for i in range(k)]
 
-            runs = evaluated()
-            result, cpu, conns = measured(
-                t, bodies(lambda i, p=prefix: f"{p}-warm-{i}", WARMUP),
-                bodies(lambda i, p=prefix: f"{p}-{i}", count), rate, pids, port)
+                result, cpu, conns = measured(
+                    t, bodies(lambda i, p=prefix: f"{p}-warm-{i}", ROUND_WARMUP),
+                    bodies(lambda i, p=prefix: f"{p}-{i}", count), rate, pids, port)
+                pooled[agent].append(result)
+                cpus[agent].append(cpu)
+                seen[agent] += conns
+                p99s[agent] = percentile(result.latencies_ms, 99) or 0.0
+            if p99s[False]:
+                ratios.append(p99s[True] / p99s[False])
+        for agent in (False, True):
             what = "agent pods (the webhook)" if agent else "pods without the label (no webhook)"
-            _figures(report, f"{label}API server at {rate:g}/s, {what}", result, cpu, count,
-                     None, contended, conns)
-            report.note("admission", f"{label}at {rate:g}/s, {what}: {evaluated() - runs} "
-                                     "evaluations of the operator finished meanwhile")
-            p99s[agent] = percentile(result.latencies_ms, 99) or 0.0
-        ratio = p99s[True] / p99s[False] if p99s[False] else None
+            loads = pooled[agent]
+            merged = Load([x for ld in loads for x in ld.latencies_ms],
+                          sum(ld.errors for ld in loads),
+                          next((ld.first_error for ld in loads if ld.errors), ""),
+                          statistics.median(ld.achieved for ld in loads),
+                          max(ld.lag_p99_ms for ld in loads),
+                          sum(ld.client_cpu_s for ld in loads))
+            cpu = {k: statistics.mean(c[k] for c in cpus[agent]) for k in cpus[agent][0]}
+            _figures(report, f"{label}API server at {rate:g}/s, {what}, {ROUNDS} rounds pooled",
+                     merged, cpu, count * ROUNDS, None, contended, seen[agent])
+        report.note("admission", f"{label}at {rate:g}/s: {evaluated() - runs} evaluations of "
+                                 "the operator finished during the rounds")
+        with_p99, without_p99 = (
+            percentile([x for ld in pooled[agent] for x in ld.latencies_ms], 99) or 0.0
+            for agent in (True, False))
+        median = statistics.median(ratios) if ratios else None
         report.add(Figure("admission", f"{label}API server at {rate:g}/s: p99 with the "
-                                       "webhook / without", ratio, "x", target=f"<= {RATIO:g}",
-                          met=ratio is not None and ratio <= RATIO, contended=contended,
-                          note=f"p99 {p99s[True]:.1f} ms with, {p99s[False]:.1f} ms without"))
+                                       "webhook / without, median of the rounds' ratios",
+                          median, "x", target=f"<= {RATIO:g}",
+                          met=median is not None and median <= RATIO, contended=contended,
+                          note="per round (" + ", ".join(f"{x:.2f}" for x in ratios)
+                               + f"); {count} pods a loop"))
+        report.add(Figure("admission", f"{label}API server at {rate:g}/s: p99 with the "
+                                       "webhook / without, all rounds pooled",
+                          with_p99 / without_p99 if without_p99 else None, "x",
+                          contended=contended,
+                          note=f"p99 {with_p99:.1f} ms with, {without_p99:.1f} ms without"))
     stamped = [p for p in cluster.client().list(PODS, namespace, AGENT)
                if (p["metadata"].get("annotations") or {}).get("tokenbudget.io/state")]
     report.note("admission", f"{label}{len(stamped)} agent pods were stamped with a "

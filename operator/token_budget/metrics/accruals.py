@@ -25,6 +25,10 @@ What the difference is, compared with the burn-rate query it replaces:
   whose extrapolation (a fraction of one scrape) differs between the two reads; the
   query reads a reset in its own window the same way.
 
+The burn rate decides when the loop looks again (the forecast) and the projected run-out
+in status; no action of a ladder follows from it, so the scaled span or a reset's
+extrapolation moves a look, never a Block.
+
 It is not used, and the query runs, when no kept tail lies ``recent_seconds`` to
 ``recent_seconds`` + :data:`MAX_LAG_SECONDS` back (the first minutes after a start or
 a leader change, an interval longer than the lag), when the rule ran since (its tail
