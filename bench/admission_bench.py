@@ -324,7 +324,8 @@ def through_apiserver(report: Report, cluster: Cluster, namespace: str, n: int,
         for r in range(ROUNDS):
             p99s: dict[bool, float] = {}
             for agent in ((False, True) if r % 2 == 0 else (True, False)):
-                prefix = f"{label.strip(': ')}-{'agent' if agent else 'plain'}-{int(rate)}-{r}"
+                kind = "agent" if agent else "plain"
+                prefix = f"{label.strip(': ')}-{kind}-{int(rate)}-{r}".strip("-")
 
                 def bodies(fmt: Callable[[int], str], k: int, agent: bool = agent
                            ) -> list[bytes]:

@@ -58,6 +58,9 @@ def test_a_rule_run_since_starts_the_tail_anew() -> None:
 def test_what_is_kept_is_bounded_spaced_and_dropped_when_the_clock_goes_back() -> None:
     kept = kept_every(10, 3600)  # evaluations every 10 s for an hour
     assert len(kept) <= (600 + accruals.MAX_LAG_SECONDS) / accruals.SPACING_SECONDS + 1
+    n = len(kept)
+    kept.add(KEY, RULE, at(3600), [row("a", 1)], 600)  # the same instant collected again
+    assert len(kept) == n
     kept.add(KEY, RULE, at(100), [row("a", 1)], 600)  # the clock was set back
     assert len(kept) == 1 and kept.before(KEY, at(3600), 600) is None
 
@@ -66,22 +69,36 @@ def test_tails_with_the_same_rows_share_their_keys() -> None:
     first = accrual(RULE, at(0), [row("a", 1), row("b", 2)])
     second = accrual(RULE, at(30), [row("a", 5), row("b", 9)], like=first)
     assert second.keys is first.keys
+    third = accrual(RULE, at(60), [row("a", 5), row("b", 9), row("c", 1)], like=second)
+    assert third.keys[0] is first.keys[0] and third.keys[1] is first.keys[1]  # not copied
+
+
+def alive(*pods: str) -> set[tuple[str, str, str, tuple[tuple[str, str], ...]]]:
+    return {("ns", p, "gpt-4o", ()) for p in pods}
 
 
 def test_two_tails_the_window_apart_differ_by_its_spend_to_the_digit() -> None:
-    old = accrual(RULE, at(0), [row("a", 1234.5, "0.10"), row("gone-later", 7.0)])
-    now = [row("a", 2234.5, "0.35"), row("gone-later", 7.0), row("born", 88.0, "0.01")]
-    got = {s.workload: s for s in derive(old, RULE, at(600), now, 600) or ()}
+    old = accrual(RULE, at(0), [row("a", 1234.5, "0.10"), row("idle", 7.0),
+                                row("gone", 9.0)])
+    now = [row("a", 2234.5, "0.35"), row("idle", 7.0), row("gone", 9.0),
+           row("born", 88.0, "0.01")]
+    found = derive(old, RULE, at(600), now, 600, alive("a", "idle", "born", "other"))
+    assert found is not None
+    rows, new = found
+    got = {s.workload: s for s in rows}
     assert got["a"] == SpendSeries("ns", "a", "gpt-4o", 1000.0, 2000.0, 3000.0,
                                    Decimal(repr(0.35 - 0.10)))  # token counts: exact
-    assert got["gone-later"].tokens == 0  # still in the tail, nothing spent since
-    assert got["born"] == row("born", 88.0, "0.01")  # new since: all of it
+    assert got["idle"].tokens == 0  # a sample in the window, nothing spent: a row of 0
+    assert "gone" not in got  # no sample in the window: no row, as the query has none
+    # Rows alive without an old tail (born, or an old read that missed them) are the
+    # caller's to read by query: their whole tail is no burn rate.
+    assert "born" not in got and new == alive("born", "other")
 
 
 def test_a_longer_span_is_scaled_to_the_window() -> None:
     old = accrual(RULE, at(0), [row("a", 0.0)])
-    got = derive(old, RULE, at(660), [row("a", 1100.0)], 600)
-    assert got is not None and got[0].input_tokens == pytest.approx(1000.0)
+    got = derive(old, RULE, at(660), [row("a", 1100.0)], 600, alive("a"))
+    assert got is not None and got[0][0].input_tokens == pytest.approx(1000.0)
 
 
 @pytest.mark.parametrize(("anchor", "seconds_later", "now_rows"), [
@@ -94,13 +111,13 @@ def test_a_longer_span_is_scaled_to_the_window() -> None:
 def test_no_burn_rate_is_made_up(anchor: int, seconds_later: float,
                                  now_rows: list[SpendSeries]) -> None:
     old = accrual(RULE, at(0), [row("a", 100.0)])
-    assert derive(old, anchor, at(seconds_later), now_rows, 600) is None
+    assert derive(old, anchor, at(seconds_later), now_rows, 600, alive("a")) is None
 
 
 def test_a_sum_in_another_order_is_no_fall() -> None:
     old = accrual(RULE, at(0), [row("a", 0.1 + 0.2 + 0.3)])
-    got = derive(old, RULE, at(600), [row("a", 0.3 + 0.2 + 0.1)], 600)
-    assert got is not None and got[0].tokens == 0
+    got = derive(old, RULE, at(600), [row("a", 0.3 + 0.2 + 0.1)], 600, alive("a"))
+    assert got is not None and got[0][0].tokens == 0
 
 
 def test_a_reading_nobody_makes_any_more_is_forgotten() -> None:

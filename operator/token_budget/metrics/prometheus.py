@@ -80,8 +80,10 @@ class QueryStats:
     derived_rates: int = 0  # burn rates taken from two tails, no query (see metrics.accruals)
 
 
-#: The burn-rate reads: series per source, and the sources that failed.
-_Recent = tuple[dict[ResolvedSource, tuple[SpendSeries, ...]], dict[ResolvedSource, str]]
+#: The burn-rate reads: series per source, the sources that failed, and for those whose
+#: burn rate comes from the tails, the groups with a sample in its range.
+_Recent = tuple[dict[ResolvedSource, tuple[SpendSeries, ...]], dict[ResolvedSource, str],
+                dict[ResolvedSource, frozenset[tuple[str, str, str, tuple[tuple[str, str], ...]]]]]
 
 
 class PrometheusSource:
@@ -134,6 +136,7 @@ class PrometheusSource:
         self._tails: dict[tuple[ResolvedSource, tuple[str, ...]],
                           tuple[int, tuple[SpendSeries, ...]]] = {}
         self._accruals = accruals.Accruals()
+        self._down_at: dict[ResolvedSource, dt.datetime] = {}  # a target last seen down
         self._retention_ttl = retention_ttl_seconds
         auth = auth or Auth()
         headers = dict(auth.headers)
@@ -455,7 +458,10 @@ class PrometheusSource:
         instead (:mod:`token_budget.metrics.accruals`): no query.
         """
         derive = {rs: old for rs in plan.sources if (old := self._accruals.before(
-            (rs, plan.group_labels.get(rs, ())), now, plan.recent_seconds)) is not None}
+            (rs, plan.group_labels.get(rs, ())), now, plan.recent_seconds)) is not None
+            # A target down since: the old tail took its last sample before the gap, and
+            # the difference would put the gap's spend into the burn rate.
+            and self._down_at.get(rs, _EPOCH) < old.at - dt.timedelta(seconds=60)}
         with concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="prometheus-recent") as pool:
             recent_reads = pool.submit(self._recent, plan, now, frozenset(derive))
@@ -476,14 +482,20 @@ class PrometheusSource:
         tails), and the sources that failed."""
         recent: dict[ResolvedSource, tuple[SpendSeries, ...]] = {}
         errors: dict[ResolvedSource, str] = {}
+        alive: dict[ResolvedSource, frozenset[tuple[str, str, str,
+                                                    tuple[tuple[str, str], ...]]]] = {}
         for rs in plan.sources:
-            if rs in derived:
-                continue
             try:
-                recent[rs] = self._read_recent(plan, rs, now)
+                if rs in derived:
+                    extra = plan.group_labels.get(rs, ())
+                    items = self.query(promql.alive(rs, plan.recent_seconds, extra,
+                                                    plan.narrow.get(rs, ())), now, "alive")
+                    alive[rs] = frozenset(_row_key(rs, _labels(it), extra) for it in items)
+                else:
+                    recent[rs] = self._read_recent(plan, rs, now)
             except MetricsError as exc:
                 errors[rs] = str(exc)
-        return recent, errors
+        return recent, errors, alive
 
     def _read_recent(self, plan: Plan, rs: ResolvedSource, now: dt.datetime
                      ) -> tuple[SpendSeries, ...]:
@@ -494,6 +506,7 @@ class PrometheusSource:
 
     def _derived(self, plan: Plan, now: dt.datetime,
                  derive: Mapping[ResolvedSource, accruals.Accrual],
+                 alive: Mapping[ResolvedSource, frozenset[Any]],
                  recent: dict[ResolvedSource, tuple[SpendSeries, ...]],
                  errors: dict[ResolvedSource, str]) -> None:
         """The burn rates of ``derive`` from this evaluation's tails, or read when they do
@@ -501,21 +514,43 @@ class PrometheusSource:
         for rs, old in derive.items():
             if rs in errors:
                 continue
-            tail = self._tails.get((rs, plan.group_labels.get(rs, ())))
-            found = None if tail is None else \
-                accruals.derive(old, tail[0], now, tail[1], plan.recent_seconds)
-            if found is not None:
-                recent[rs] = found
+            extra = plan.group_labels.get(rs, ())
+            tail = self._tails.get((rs, extra))
+            try:
+                found = None if tail is None or rs not in alive else accruals.derive(
+                    old, tail[0], now, tail[1], plan.recent_seconds, alive[rs])
+                if found is None:
+                    recent[rs] = self._read_recent(plan, rs, now)
+                    continue
+                rows, new = found
+                if new:
+                    # Rows without an old tail are read by query, narrowed to their pairs.
+                    named = _naming(rs, [{rs.namespace_label: k[0], rs.workload_label: k[1]}
+                                         for k in new])
+                    if named is None:
+                        recent[rs] = self._read_recent(plan, rs, now)
+                        continue
+                    matchers = tuple((k, "|".join(sorted(planner.re_literal(x) for x in v)))
+                                     for k, v in named.items())
+                    read = to_series(rs, self.read_spend(
+                        rs, plan.recent_seconds, now, "recent", extra,
+                        plan.narrow.get(rs, ()) + matchers, part="recent"), extra)
+                    picked = {rs.namespace_label: lambda x: x.namespace,
+                              rs.workload_label: lambda x: x.workload}
+                    rows = tuple(sorted(
+                        [x for x in rows if not all(picked[k](x) in v for k, v in named.items())]
+                        + list(read), key=accruals.row_key))
+                recent[rs] = rows
                 with self._stats_lock:
                     self.stats.derived_rates += 1
-                continue
-            try:
-                recent[rs] = self._read_recent(plan, rs, now)
             except MetricsError as exc:
                 errors[rs] = str(exc)
-        for (rs, extra), (anchor, series) in self._tails.items():
-            if rs not in errors:
-                self._accruals.add((rs, extra), anchor, now, series, plan.recent_seconds)
+        if plan.recent_seconds + accruals.MAX_LAG_SECONDS < promql.RULE_STEP_SECONDS:
+            for rs in plan.sources:
+                tail = self._tails.get((rs, plan.group_labels.get(rs, ())))
+                if tail is not None and rs not in errors:
+                    self._accruals.add((rs, plan.group_labels.get(rs, ())), tail[0], now,
+                                       tail[1], plan.recent_seconds)
         self._accruals.prune(now, plan.recent_seconds)
 
     def _collect(self, plan: Plan, now: dt.datetime,
@@ -580,10 +615,10 @@ class PrometheusSource:
                                                        gaps_of(rs, items))
             except MetricsError as exc:
                 errors[rs] = str(exc)
-        recent, failed = recent_reads.result()
+        recent, failed, alive = recent_reads.result()
         for rs, message in failed.items():
             errors.setdefault(rs, message)  # a window's error first, as it came first
-        self._derived(plan, now, derive, recent, errors)
+        self._derived(plan, now, derive, alive, recent, errors)
         recent = {rs: series for rs, series in recent.items() if rs not in errors}
         outcomes: dict[str, tuple[tuple[str, tuple[tuple[str, str], ...], float], ...]] = {}
         outcome_errors: dict[str, str] = {}
@@ -606,6 +641,8 @@ class PrometheusSource:
         if errors.keys() != set(plan.sources):
             try:
                 down = self.down_targets([rs for rs in plan.sources if rs not in errors], now)
+                for rs in down:
+                    self._down_at[rs] = now
             except MetricsError as exc:
                 for rs in plan.sources:
                     errors.setdefault(rs, str(exc))
@@ -699,6 +736,16 @@ def _naming(rs: ResolvedSource, where: list[Mapping[str, str]]) -> dict[str, set
     return out or None
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _row_key(rs: ResolvedSource, labels: Mapping[str, str], extra: tuple[str, ...]
+             ) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
+    """The (namespace, workload, model, extra labels) a result row is folded into."""
+    return (labels.get(rs.namespace_label, ""), labels.get(rs.workload_label, ""),
+            labels.get(rs.model_label, ""), tuple((x, labels.get(x, "")) for x in extra))
+
+
 def _ms(t: dt.datetime) -> int:
     """A time in milliseconds, as a query's ``time`` parameter sends it."""
     return round(t.timestamp() * 1000)
@@ -760,12 +807,7 @@ def to_series(rs: ResolvedSource, items: list[ResultItem],
             kind = Kind(tag)
         except ValueError as exc:
             raise QueryFailed(f"result series without a {promql.KIND_LABEL} tag: {labels}") from exc
-        key = (
-            labels.get(rs.namespace_label, ""),
-            labels.get(rs.workload_label, ""),
-            labels.get(rs.model_label, ""),
-            tuple((x, labels.get(x, "")) for x in extra),
-        )
+        key = _row_key(rs, labels, extra)
         acc[key][kind] = acc[key].get(kind, 0.0) + _value(item)
     out = []
     for (ns, workload, model, extra_labels), kinds in sorted(acc.items()):

@@ -289,6 +289,18 @@ def common(rs: ResolvedSource, range_seconds: float, extra: tuple[str, ...] = ()
     return " or ".join(rows)
 
 
+def alive(rs: ResolvedSource, range_seconds: float, extra: tuple[str, ...] = (),
+          narrow: tuple[tuple[str, str], ...] = ()) -> str:
+    """The groups of :func:`spend` with a sample of the source's first counter in the last
+    range: the rows a spend query over that range returns (the burn rate from the tails,
+    :mod:`token_budget.metrics.accruals`). One read a series of one counter, as the gap
+    rows of :func:`spend`."""
+    kind, sel = rs.counters[0]
+    by = ", ".join(group_labels(rs, extra))
+    return (f"group by ({by}) (last_over_time("
+            f"{selector(sel.metric, sel.matchers, narrow)}[{duration(range_seconds)}]))")
+
+
 #: Tags of the two sums of :func:`rate_limits` (``tb_kind``).
 RATE_REQUESTS = "requests"
 RATE_LIMITED = "limited"
