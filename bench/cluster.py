@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
-import os
 import shutil
 import tempfile
 import time
@@ -52,11 +51,7 @@ class Cluster:
                                      "--concurrent-replicaset-syncs=10",
                                      "--concurrent-deployment-syncs=10"])
         self.exporter = AgentExporter()
-        # 1 s keeps the latency benchmarks' waits short; BENCH_SCRAPE_INTERVAL=15s measures
-        # what a common production scrape interval costs the reading instead.
-        self.prometheus = Prometheus(workdir=self.workdir / "prometheus",
-                                     scrape_interval=os.environ.get("BENCH_SCRAPE_INTERVAL",
-                                                                    "1s"))
+        self.prometheus = Prometheus(workdir=self.workdir / "prometheus", scrape_interval="1s")
         self.kube: Kube | None = None
         self._api: Any = None
         self.operators: list[OperatorProcess] = []
