@@ -44,9 +44,10 @@ when a row fell or vanished between the two reads (Prometheus lost data, a reset
 two ways): a burn rate is never made up. Found by review, each with a test.
 
 Pure: :class:`Accruals` keeps what it is given and :func:`derive` computes. A kept
-tail holds its values in an ``array`` (8 bytes a figure), and tails that list the
-same rows share one tuple of keys: at 100,000 series that is about 1 MB a tail, and
-at most (``recent_seconds`` + lag) / :data:`SPACING_SECONDS` tails are kept.
+tail holds its values in an ``array`` (8 bytes a figure), and a tail's keys are the
+previous tail's objects: 27 tails of 33,334 rows (100,000 series) held 39 MB, measured
+by review (about 1.5 MB a tail), and at most (``recent_seconds`` + lag) /
+:data:`SPACING_SECONDS` + 1 tails are kept.
 """
 
 from __future__ import annotations
