@@ -66,7 +66,8 @@ MAX_LAG_SECONDS = 60
 #: Tails are kept at least this far apart (evaluations woken by events come closer).
 SPACING_SECONDS = 25
 
-_RowKey = tuple[str, str, str, tuple[tuple[str, str], ...]]
+#: A row's (namespace, workload, model, extra labels).
+RowKey = tuple[str, str, str, tuple[tuple[str, str], ...]]
 _FIGURES = 4  # input, output, cached input, cost (NaN: the source reports no money)
 
 
@@ -76,16 +77,14 @@ class Accrual:
 
     anchor: int
     at: dt.datetime
-    keys: tuple[_RowKey, ...]
+    keys: tuple[RowKey, ...]
     values: array[float]
 
 
-def row_key(s: SpendSeries) -> _RowKey:
+def row_key(s: SpendSeries) -> RowKey:
     """A row's (namespace, workload, model, extra labels): how tails and results sort."""
     return (s.namespace, s.workload, s.model, s.labels)
 
-
-_key = row_key
 
 
 def accrual(anchor: int, at: dt.datetime, series: Sequence[SpendSeries],
@@ -93,7 +92,7 @@ def accrual(anchor: int, at: dt.datetime, series: Sequence[SpendSeries],
     """A tail read at ``at``; its keys are ``like``'s when the rows are the same, and each
     key that ``like`` has is ``like``'s object (pods come and go: a new row must not copy
     every key; 33,334 rows in 27 tails held 277 MB so, 39 MB shared)."""
-    keys = tuple(_key(s) for s in series)
+    keys = tuple(row_key(s) for s in series)
     if like is not None:
         if like.keys == keys:
             keys = like.keys
@@ -158,8 +157,8 @@ class Accruals:
 
 
 def derive(old: Accrual, anchor: int, now: dt.datetime, series: Sequence[SpendSeries],
-           seconds: float, alive: Collection[_RowKey]
-           ) -> tuple[tuple[SpendSeries, ...], set[_RowKey]] | None:
+           seconds: float, alive: Collection[RowKey]
+           ) -> tuple[tuple[SpendSeries, ...], set[RowKey]] | None:
     """The spend of the last ``seconds`` from this evaluation's tail (``series``, read at
     ``now`` from ``anchor``) and ``old``, for the rows of ``alive`` (those with a sample
     in the last ``seconds``: the rows the burn-rate query would have); and the keys of
@@ -178,7 +177,7 @@ def derive(old: Accrual, anchor: int, now: dt.datetime, series: Sequence[SpendSe
     out = []
     new = set(alive)  # less those of the tail: rows alive that the tail lacks are new too
     for s in series:
-        key = _key(s)
+        key = row_key(s)
         i = index.pop(key, None)
         if key not in alive:
             continue  # no sample in the window: the query has no such row

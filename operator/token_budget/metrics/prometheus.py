@@ -83,7 +83,7 @@ class QueryStats:
 #: The burn-rate reads: series per source, the sources that failed, and for those whose
 #: burn rate comes from the tails, the groups with a sample in its range.
 _Recent = tuple[dict[ResolvedSource, tuple[SpendSeries, ...]], dict[ResolvedSource, str],
-                dict[ResolvedSource, frozenset[tuple[str, str, str, tuple[tuple[str, str], ...]]]]]
+                dict[ResolvedSource, frozenset[accruals.RowKey]]]
 
 
 class PrometheusSource:
@@ -348,11 +348,9 @@ class PrometheusSource:
             self._dense[dense] = time.monotonic() + DENSE_SECONDS
             return self.query(whole, at, kind)
         kept = [it for it in first if _labels(it).get(promql.KIND_LABEL) != promql.UNCOMMON
-                and not all(_labels(it).get(k, "") in v for k, v in named.items())]
-        matchers = tuple((k, "|".join(sorted(planner.re_literal(x) for x in v)))
-                         for k, v in named.items())
+                and not _picks(named, _labels(it))]
         return kept + self.query(promql.spend(rs, seconds, extra, horizon_seconds=horizon,
-                                              narrow=narrow + matchers), at, kind)
+                                              narrow=narrow + _matchers(named)), at, kind)
 
     def _part(self, rs: ResolvedSource, seconds: float, at: dt.datetime, now: dt.datetime,
               horizon: int, part: object, extra: tuple[str, ...] = ()
@@ -482,8 +480,7 @@ class PrometheusSource:
         tails), and the sources that failed."""
         recent: dict[ResolvedSource, tuple[SpendSeries, ...]] = {}
         errors: dict[ResolvedSource, str] = {}
-        alive: dict[ResolvedSource, frozenset[tuple[str, str, str,
-                                                    tuple[tuple[str, str], ...]]]] = {}
+        alive: dict[ResolvedSource, frozenset[accruals.RowKey]] = {}
         for rs in plan.sources:
             try:
                 if rs in derived:
@@ -506,7 +503,7 @@ class PrometheusSource:
 
     def _derived(self, plan: Plan, now: dt.datetime,
                  derive: Mapping[ResolvedSource, accruals.Accrual],
-                 alive: Mapping[ResolvedSource, frozenset[Any]],
+                 alive: Mapping[ResolvedSource, frozenset[accruals.RowKey]],
                  recent: dict[ResolvedSource, tuple[SpendSeries, ...]],
                  errors: dict[ResolvedSource, str]) -> None:
         """The burn rates of ``derive`` from this evaluation's tails, or read when they do
@@ -530,15 +527,12 @@ class PrometheusSource:
                     if named is None:
                         recent[rs] = self._read_recent(plan, rs, now)
                         continue
-                    matchers = tuple((k, "|".join(sorted(planner.re_literal(x) for x in v)))
-                                     for k, v in named.items())
                     read = to_series(rs, self.read_spend(
                         rs, plan.recent_seconds, now, "recent", extra,
-                        plan.narrow.get(rs, ()) + matchers, part="recent"), extra)
-                    picked = {rs.namespace_label: lambda x: x.namespace,
-                              rs.workload_label: lambda x: x.workload}
+                        plan.narrow.get(rs, ()) + _matchers(named), part="recent"), extra)
                     rows = tuple(sorted(
-                        [x for x in rows if not all(picked[k](x) in v for k, v in named.items())]
+                        [x for x in rows if not _picks(named, {rs.namespace_label: x.namespace,
+                                                               rs.workload_label: x.workload})]
                         + list(read), key=accruals.row_key))
                 recent[rs] = rows
                 with self._stats_lock:
@@ -724,6 +718,17 @@ class PrometheusSource:
 DENSE_SECONDS = 600.0
 
 
+def _matchers(named: Mapping[str, set[str]]) -> tuple[tuple[str, str], ...]:
+    """Regex matchers selecting the values :func:`_naming` found."""
+    return tuple((k, "|".join(sorted(planner.re_literal(x) for x in v)))
+                 for k, v in named.items())
+
+
+def _picks(named: Mapping[str, set[str]], labels: Mapping[str, str]) -> bool:
+    """Whether the matchers of ``named`` select a series with ``labels``."""
+    return all(labels.get(k, "") in v for k, v in named.items())
+
+
 def _naming(rs: ResolvedSource, where: list[Mapping[str, str]]) -> dict[str, set[str]] | None:
     """The values of the namespace and workload labels of ``where``, per label whose regex
     is short enough to send; None when neither is. Selecting them keeps every pair of
@@ -740,7 +745,7 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _row_key(rs: ResolvedSource, labels: Mapping[str, str], extra: tuple[str, ...]
-             ) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
+             ) -> accruals.RowKey:
     """The (namespace, workload, model, extra labels) a result row is folded into."""
     return (labels.get(rs.namespace_label, ""), labels.get(rs.workload_label, ""),
             labels.get(rs.model_label, ""), tuple((x, labels.get(x, "")) for x in extra))

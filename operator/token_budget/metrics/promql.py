@@ -295,7 +295,7 @@ def alive(rs: ResolvedSource, range_seconds: float, extra: tuple[str, ...] = (),
     range: the rows a spend query over that range returns (the burn rate from the tails,
     :mod:`token_budget.metrics.accruals`). One read a series of one counter, as the gap
     rows of :func:`spend`."""
-    kind, sel = rs.counters[0]
+    _, sel = rs.counters[0]
     by = ", ".join(group_labels(rs, extra))
     return (f"group by ({by}) (last_over_time("
             f"{selector(sel.metric, sel.matchers, narrow)}[{duration(range_seconds)}]))")
