@@ -230,7 +230,27 @@ def watch(src: PrometheusSource) -> list[dict[str, Any]]:
 
     session.params = {"stats": "all"}
     session.hooks["response"].append(hook)
+    query = src.query
+
+    def kinded(text: str, at: dt.datetime, kind: str = "spend", matrix: bool = False) -> Any:
+        n = len(seen)
+        try:
+            return query(text, at, kind, matrix)
+        finally:
+            for st in seen[n:]:
+                st["kind"] = kind  # what the query was for: spend, head, recent, alive...
+
+    src.query = kinded  # type: ignore[method-assign]
     return seen
+
+
+def by_kind(stats: list[dict[str, Any]]) -> str:
+    """Prometheus's time per kind of query, largest first."""
+    out: dict[str, float] = {}
+    for st in stats:
+        kind = st.get("kind", "?")
+        out[kind] = out.get(kind, 0.0) + float(st["timings"]["evalTotalTime"])
+    return ", ".join(f"{k} {v:.2f} s" for k, v in sorted(out.items(), key=lambda x: -x[1]))
 
 
 def evaluate(report: Report, src: PrometheusSource, seen: list[dict[str, Any]],
@@ -252,7 +272,8 @@ def evaluate(report: Report, src: PrometheusSource, seen: list[dict[str, Any]],
     report.add(Figure(**kb, name=f"{label}: Prometheus query time per evaluation "
                       "(its own evalTotalTime, summed)", value=prom, unit="s",
                       note=f"{src.stats.queries - q0} queries, {samples:,} samples loaded; "
-                           f"wall {wall:.1f} s; operator CPU {cpu:.2f} s"))
+                           f"wall {wall:.1f} s; operator CPU {cpu:.2f} s; by kind: "
+                           f"{by_kind(stats)}"))
     report.add(Figure(**kb, name=f"{label}: samples loaded per evaluation", value=samples,
                       unit="count"))
     return snap
@@ -318,6 +339,15 @@ def steady(report: Report, url: str, objs: list[api.Budget], now: dt.datetime,
             src.collect(planner.plan(objs, t), t)
             t += dt.timedelta(seconds=30)
         derived = src.stats.derived_rates
+        ends = [st for st in seen if st.get("kind") == "head end"]
+        if derive and ends:
+            # Read at the first two evaluations (kept once they agree), then once an hour.
+            each = sum(float(st["timings"]["evalTotalTime"]) for st in ends) / 2
+            report.add(Figure("promql", f"{label}: the rolling head's end, read twice per "
+                              "rule run (Prometheus query time, each read)", each, "s",
+                              contended=contended,
+                              note=f"{len(ends)} queries in the 10 minutes; "
+                                   f"{2 * each / 120:.3f} s per evaluation at one every 30 s"))
         snap = evaluate(report, src, seen, objs, later,
                         f"{label}, new, after 10 minutes of evaluations every 30 s, burn rate "
                         + ("from the tails" if derive else "read by its query"), contended)

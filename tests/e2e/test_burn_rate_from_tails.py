@@ -25,10 +25,11 @@ from collections.abc import Iterator
 import pytest
 
 from harness.prometheus import Prometheus, backfilled
+from harness.sources import NotedSource, rolling_day_plan
 from token_budget.api import v1alpha1 as api
 from token_budget.metrics import promql
-from token_budget.metrics.prometheus import PrometheusSource, ResultItem, to_series
-from token_budget.policy import planner, sources
+from token_budget.metrics.prometheus import PrometheusSource, to_series
+from token_budget.policy import sources
 from token_budget.policy.inputs import SpendSeries
 
 COUNTERS = sources.resolve(api.SpendSource())
@@ -100,27 +101,6 @@ def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
         yield server
 
 
-def _plan(at: dt.datetime) -> planner.Plan:
-    budget = api.TokenBudget.model_validate({
-        "apiVersion": api.API_VERSION, "kind": "TokenBudget",
-        "metadata": {"name": "b", "namespace": "ns"},
-        "spec": {"limits": [{"window": "24h", "tokens": 10**9}]}})
-    return planner.plan([budget], at)
-
-
-class _Kinds(PrometheusSource):
-    """A source that notes the kind of every query it sends."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url, scrape_interval_seconds=STEP)
-        self.kinds: list[tuple[str, str]] = []
-
-    def query(self, text: str, at: dt.datetime, kind: str = "spend",
-              matrix: bool = False) -> list[ResultItem]:
-        self.kinds.append((kind, text))
-        return super().query(text, at, kind, matrix)
-
-
 def burn(series: tuple[SpendSeries, ...]) -> dict[str, tuple[float, float, float]]:
     """Per pod, the tokens of the burn-rate window: a row for each pod with a sample in it
     (an idle pod's row of 0 says its source is alive; a pod gone has none)."""
@@ -131,15 +111,15 @@ def burn(series: tuple[SpendSeries, ...]) -> dict[str, tuple[float, float, float
 @pytest.mark.parametrize("every", [30, 45])
 def test_the_burn_rate_from_two_tails_is_the_burn_rate_query(prom: Prometheus,
                                                              every: int) -> None:
-    kept = _Kinds(prom.url)
+    kept = NotedSource(prom.url, scrape_interval_seconds=STEP)
     derived_at, down_at = [], []
     for t in range(RULE_RUN - 293, END, every):
         now = dt.datetime.fromtimestamp(t, dt.UTC)
         before = kept.stats.derived_rates
-        kept.kinds.clear()
-        got = kept.collect(_plan(now), now)
+        kept.sent.clear()
+        got = kept.collect(rolling_day_plan(now), now)
         fresh = PrometheusSource(prom.url, scrape_interval_seconds=STEP)
-        want = fresh.collect(_plan(now), now)
+        want = fresh.collect(rolling_day_plan(now), now)
         assert not got.errors and not want.errors, (got.errors, want.errors)
         if got.down:
             down_at.append(t - RULE_RUN)
@@ -172,11 +152,11 @@ def test_the_burn_rate_from_two_tails_is_the_burn_rate_query(prom: Prometheus,
             derived_at.append(t - RULE_RUN)
             # No burn-rate query over the whole source: only one narrowed to the pods that
             # have no old tail (born since), and the groups with a sample in the window.
-            recent = [text for kind, text in kept.kinds if kind == "recent"]
+            recent = [text for kind, text in kept.sent if kind == "recent"]
             assert all('pod=~"' in text for text in recent), recent
-            assert "alive" in [kind for kind, _ in kept.kinds]
+            assert "alive" in [kind for kind, _ in kept.sent]
         else:
-            assert "recent" in [kind for kind, _ in kept.kinds]
+            assert "recent" in [kind for kind, _ in kept.sent]
     # Before the rule ran, no tail was old enough yet; after it, the tails start anew:
     # read by query until one of the new run is 600 s old (the first is read <= 90 s
     # after the run: the rule's time is asked again a minute after the next one is due).

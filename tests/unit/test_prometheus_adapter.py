@@ -735,32 +735,42 @@ def test_the_windows_read_through_the_rules_share_their_tail_and_keep_a_settled_
     source = PrometheusSource(fake.url)
     source.collect(planner.plan([budget], NOW), NOW)
     raw = [q for q in fake.queries if q.startswith("label_replace")]
-    # One tail for the three windows; a head each (Day, 24h and Month begin apart).
+    # One tail for the three windows; a head each for Day and Month (they begin apart);
+    # the rolling 24h head from two levels (metrics.heads).
     assert raw.count(promql.common(COUNTERS, 1200)) == 1
-    assert len(raw) == 1 + 3 + 1  # tail, heads, burn rate
+    assert len(raw) == 1 + 2 + 1  # tail, calendar heads, burn rate
+    # Read at the head's end: each group's level, count and newest sample, and the checks;
+    # at its start: each group's level and count.
+    levels = [q for _, q in promql.levels(COUNTERS)]
+    newest = [q for tag, q in promql.levels(COUNTERS, latest=True) if tag.endswith(":t")]
+    assert {q: fake.queries.count(q) for q in [*levels, *newest, promql.head_checks(COUNTERS)]} \
+        == {**{q: 2 for q in levels}, **{q: 1 for q in newest}, promql.head_checks(COUNTERS): 1}
     # Recorded buckets, a span each.
-    assert len([q for q in fake.queries if q.startswith("sum by")]) == 3
+    assert len([q for q in fake.queries if q.startswith("sum by") and rule in q]) == 3
     # The next evaluation reads the settled parts once more: kept only when two reads agree.
     second = NOW + dt.timedelta(seconds=15)
     before = len(fake.queries)
     source.collect(planner.plan([budget], second), second)
-    assert len([q for q in fake.queries[before:] if q.startswith("sum by")]) == 3
+    assert len([q for q in fake.queries[before:] if q.startswith("sum by") and rule in q]) == 3
+    assert [q for q in fake.queries[before:] if q == promql.head_checks(COUNTERS)]
     later = NOW + dt.timedelta(seconds=30)
     before = len(fake.queries)
     source.collect(planner.plan([budget], later), later)
     again = [q for q in fake.queries[before:] if q.startswith("label_replace")]
     # The calendar windows' heads lie in the past and have not moved: not read again;
-    # nor are the recorded buckets, read at the rule's last run.
-    # The rolling 24h head moved; the tail and the burn rate are read anew.
-    assert len(again) == 1 + 1 + 1
-    assert not [q for q in fake.queries[before:] if q.startswith("sum by")]
-    # One head and one set of buckets kept per window, the rolling head replaced
+    # nor are the recorded buckets, read at the rule's last run, nor the rolling head's end.
+    # The tail and the burn rate are read anew, and the rolling head's start level.
+    assert len(again) == 1 + 1
+    assert not [q for q in fake.queries[before:] if q.startswith("sum by") and rule in q]
+    assert not [q for q in fake.queries[before:] if q == promql.head_checks(COUNTERS)]
+    assert len([q for q in fake.queries[before:] if q in levels]) == len(levels)
+    # One head and one set of buckets kept per window, and the rolling head's end:
     # memory does not grow.
     for i in range(2, 5):
         at = NOW + dt.timedelta(seconds=30 * i)
         source.collect(planner.plan([budget], at), at)
     # (the rolling head, read anew each evaluation, is never the same twice: never kept)
-    assert len(source._parts) == 3 + 2 and len(source._reads) == 1
+    assert len(source._parts) == 3 + 2 + 1 and not source._reads
 
 
 def _hourly_rule(runs: list[dt.datetime], short: list[bool] | None = None
@@ -800,7 +810,8 @@ def test_the_recorded_buckets_are_read_again_when_the_rule_has_run_again(serve: 
         return _spent(source, budget, at)
 
     def buckets_read() -> int:
-        return len([q for q in fake.queries if q.startswith("sum by")])
+        return len([q for q in fake.queries if q.startswith("sum by")
+                    and promql.rule_name(COUNTERS) in q])
 
     assert spent(NOW) == 23_000 and buckets_read() == 1
     assert spent(NOW + dt.timedelta(minutes=1)) == 23_000 and buckets_read() == 2  # agrees

@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import Any, TypeVar, cast
 
 import requests
 from prometheus_api_client import PrometheusConnect
@@ -35,27 +35,26 @@ from urllib3.exceptions import MaxRetryError, ProtocolError
 from urllib3.util import Retry
 
 from token_budget.errors import InvalidValue, MetricsError, MetricsUnavailable, QueryFailed
-from token_budget.metrics import accruals, promql
+from token_budget.metrics import accruals, heads, promql
+from token_budget.metrics.promql import ResultItem
 from token_budget.policy import inputs, planner
 from token_budget.policy.inputs import Gap, SpendSeries, SpendSnapshot
 from token_budget.policy.planner import Plan
 from token_budget.policy.ratesources import RateSample, RateSource
 from token_budget.policy.sources import Kind, ResolvedSource
+from token_budget.policy.windows import WindowKey
 
 log = logging.getLogger(__name__)
 
 
-class ResultItem(TypedDict):
-    """One item of an instant-vector result, as Prometheus returns it."""
-
-    metric: dict[str, str]
-    value: list[Any]  # [unix time, "value"]
 
 
 # What a part of a window read through the rules was read for: a raw part's (source, end,
 # seconds, horizon, labels), the recorded buckets' (source, rule run, query).
 _PartKey = tuple[object, ...]
 _Part = tuple[tuple[SpendSeries, ...], dict[str, Gap]]
+# A part, or what a part is read from (a head's end).
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -122,14 +121,14 @@ class PrometheusSource:
         # Parts of rule-read windows: the settled ones (the recorded buckets, a calendar
         # window's head) kept from the last evaluation (_kept) for this one (_parts); all
         # read in this evaluation (_fresh); and the ranges whose second step named too much.
-        self._kept: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
-        self._parts: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
-        self._fresh: dict[_PartKey, _Part] = {}
+        self._kept: dict[tuple[ResolvedSource, object], tuple[_PartKey, Any]] = {}
+        self._parts: dict[tuple[ResolvedSource, object], tuple[_PartKey, Any]] = {}
+        self._fresh: dict[_PartKey, Any] = {}
         # Settled parts read once, not kept yet: a part is kept when the next evaluation's
         # read of the same key returns the same (see _once); those of the last evaluation
         # (_unconfirmed) and of this one (_reads).
-        self._unconfirmed: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
-        self._reads: dict[tuple[ResolvedSource, object], tuple[_PartKey, _Part]] = {}
+        self._unconfirmed: dict[tuple[ResolvedSource, object], tuple[_PartKey, Any]] = {}
+        self._reads: dict[tuple[ResolvedSource, object], tuple[_PartKey, Any]] = {}
         self._dense: dict[tuple[Any, ...], float] = {}
         # The tails of rule-read windows: this evaluation's, per (source, labels), as
         # (rule run in ms, series); and those of the last minutes (burn rates, see collect).
@@ -367,6 +366,41 @@ class PrometheusSource:
         settled = (now - at).total_seconds() >= max(60.0, 4 * self.scrape_interval_seconds)
         return self._once((rs, part), (rs, at, seconds, horizon, extra), read, settled)
 
+    def _head(self, rs: ResolvedSource, seconds: float, end: dt.datetime, now: dt.datetime,
+              horizon: int, part: object, extra: tuple[str, ...] = ()) -> _Part:
+        """A rolling window's head, whose start moves every evaluation, from two levels
+        (:mod:`token_budget.metrics.heads`): the end's, read once per rule run (kept once
+        two reads agree, as the buckets), and the start's; the pairs that cannot be read so
+        are read exactly, narrowed to them, or the whole head when they are too many to
+        name. Prometheus's time for a head at 100,000 series: see ``bench/README.md``."""
+        start_ms = _ms(end) - round(seconds * 1000)
+
+        def read() -> _Part:
+            ns, wl = rs.namespace_label, rs.workload_label
+
+            def ends() -> heads.Ends:
+                return heads.ends([(tag, self.query(q, end, "head end"))
+                                   for tag, q in promql.levels(rs, extra, latest=True)],
+                                  self.query(promql.head_checks(rs), end, "head end"), ns, wl)
+
+            found = self._once((rs, ("end", part)), (rs, end, "head end", extra), ends, True)
+            at = dt.datetime.fromtimestamp(start_ms / 1000, dt.UTC)
+            items, pairs = heads.head(
+                found, [(tag, self.query(q, at, "head")) for tag, q in promql.levels(rs, extra)],
+                start_ms, ns, wl)
+            if pairs:
+                named = _naming(rs, [{ns: p[0], wl: p[1]} for p in pairs])
+                if named is None:
+                    items = self.read_spend(rs, seconds, end, "spend", extra, horizon=horizon,
+                                            part=part)
+                else:
+                    items = [it for it in items if not _picks(named, _labels(it))] + self.query(
+                        promql.spend(rs, seconds, extra, horizon_seconds=horizon,
+                                     narrow=_matchers(named)), end, "spend")
+            return to_series(rs, items, extra), gaps_of(rs, items)
+
+        return self._once((rs, part), (rs, end, seconds, horizon, extra), read, False)
+
     def _recorded(self, rs: ResolvedSource, span: int, last: dt.datetime, part: object,
                   extra: tuple[str, ...] = ()) -> _Part:
         """The recorded buckets of a window, kept (once two reads agree) until the rule runs
@@ -379,14 +413,14 @@ class PrometheusSource:
                           lambda: self._read(rs, text, last, "recorded", extra), True)
 
     def _once(self, slot: tuple[ResolvedSource, object], key: _PartKey,
-              read: Callable[[], _Part], settled: bool) -> _Part:
+              read: Callable[[], _T], settled: bool) -> _T:
         """``read()`` at most once per evaluation for each ``key`` (windows share parts), and
         a settled part, once two evaluations in a row read the same, not again while its
         ``slot`` (a window's head, say) keeps the key."""
         kept = self._kept.get(slot)
         if kept is not None and kept[0] == key:
             self._parts[slot] = kept
-            return kept[1]
+            return cast(_T, kept[1])
         found = self._fresh.get(key)
         if found is None:
             found = self._fresh[key] = read()
@@ -435,7 +469,9 @@ class PrometheusSource:
         # scrape's spend too much for every series whose sample lay within that second.
         head = (_ms(first_start) - (_ms(now) - round(seconds * 1000))) / 1000
         if head > 0:
-            parts.append(self._part(rs, head, first_start, now, horizon, ("head", key), extra))
+            moves = isinstance(key, WindowKey) and not key.is_calendar
+            parts.append((self._head if moves else self._part)(
+                rs, head, first_start, now, horizon, ("head", key), extra))
         # From the last rule run exactly: the bucket's last sample is the tail's start value.
         tail = (_ms(now) - _ms(last)) / 1000
         tail_series: tuple[SpendSeries, ...] = ()

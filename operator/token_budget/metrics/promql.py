@@ -66,18 +66,30 @@ needs its own start value per series, so no query can read the burn rate from
 the tail; but the tail's start stays put until the rule runs again, so the
 tail kept from the burn rate's length ago and this one differ by the burn
 rate's spend, and the source takes it from them without a query
-(:mod:`token_budget.metrics.accruals`). Recording the buckets by (namespace,
+(:mod:`token_budget.metrics.accruals`). The rolling head's end is a rule run,
+wholly in the past: checked once per run, the head of every pair whose series
+neither fell nor came or went is the level at its end minus the level at its
+start, one instant read a series each (:func:`levels`, :func:`head_checks`,
+:mod:`token_budget.metrics.heads`). Recording the buckets by (namespace,
 model) would now save only the hourly read of the buckets.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, TypedDict
 
 from token_budget.policy.ratesources import RateSource
 from token_budget.policy.sources import ResolvedSource
 
 KIND_LABEL = "tb_kind"
+
+
+class ResultItem(TypedDict):
+    """One item of an instant-vector result, as Prometheus returns it."""
+
+    metric: dict[str, str]
+    value: list[Any]  # [unix time, "value"]
 
 
 def quote(value: str) -> str:
@@ -382,3 +394,57 @@ def carries(rs: ResolvedSource, labels: tuple[str, ...]) -> str:
     metrics = quote("|".join(sorted({sel.metric for _, sel in rs.counters})))
     return " or ".join(
         _tagged(f"count({{__name__=~{metrics}, {label}!=\"\"}})", label) for label in labels)
+
+
+# ---------------------------------------------------------------------------
+# A rolling window's head from two levels (metrics.heads)
+# ---------------------------------------------------------------------------
+
+#: Suffixes of the tags of :func:`levels`: how many series a counter's sum holds, and when
+#: the newest of them was scraped (seconds since the epoch).
+COUNT_TAG = ":n"
+LATEST_TAG = ":t"
+
+
+def levels(rs: ResolvedSource, extra: tuple[str, ...] = (), latest: bool = False
+           ) -> list[tuple[str, str]]:
+    """Per counter, (tag, query) pairs: the sum of every series' value at the query's
+    instant per group (each series' sample within the lookback, as ``x offset r`` reads a
+    start value), tagged with the counter's kind; how many series it holds (kind +
+    :data:`COUNT_TAG`); with ``latest``, the timestamp of the group's newest sample (kind +
+    :data:`LATEST_TAG`). A rolling window's head from two levels
+    (:mod:`token_budget.metrics.heads`).
+
+    One instant read a series each, sent as queries of their own: joined by ``or``, the
+    six of a source cost Prometheus 0.20-0.23 s at 20,000 series, against 0.12 s for the
+    six alone (an ``or`` hashes every row of both sides)."""
+    by = ", ".join(group_labels(rs, extra))
+    out = []
+    for kind, sel in rs.counters:
+        s = selector(sel.metric, sel.matchers)
+        out.append((kind.value, f"sum by ({by}) ({s})"))
+        out.append((kind.value + COUNT_TAG, f"count by ({by}) ({s})"))
+        if latest:
+            out.append((kind.value + LATEST_TAG, f"max by ({by}) (timestamp({s}))"))
+    return out
+
+
+#: How far before a head's end its series are checked: a rule step (a head is shorter)
+#: and the lookback of its start value.
+HEAD_CHECK_SECONDS = RULE_STEP_SECONDS + LOOKBACK_SECONDS
+
+
+def head_checks(rs: ResolvedSource) -> str:
+    """The (namespace, workload) pairs whose head cannot be read from levels, read at the
+    head's end (a rule run): those with a series, in the hour and lookback before it, that
+    fell (a reset; a NaN or infinite sample, across which a fall is no reset) or has no
+    value at the end (gone, stale, or in a gap). See :mod:`token_budget.metrics.heads`."""
+    r = f"{HEAD_CHECK_SECONDS}s"
+    checks: list[str] = []
+    for _, sel in rs.counters:
+        s = selector(sel.metric, sel.matchers)
+        checks += [f"(resets({s}[{r}]) > 0)",
+                   f"(count_over_time({s}[{r}]) unless (sum_over_time({s}[{r}]) < +Inf))",
+                   f"(last_over_time({s}[{r}]) unless {s})"]
+    where = ", ".join(dict.fromkeys((rs.namespace_label, rs.workload_label)))
+    return f"count by ({where}) ({' or '.join(checks)})"

@@ -1,0 +1,100 @@
+"""metrics.heads: a rolling window's head from the levels at its end and at its start.
+
+Pure: the answers of the level queries in, the head's rows and the pairs to read exactly
+out. The real Prometheus proves the figures equal to the exact reading
+(``tests/e2e/test_head_from_levels.py``); here, which pair goes where, and why.
+"""
+
+from __future__ import annotations
+
+from token_budget.metrics import heads, promql
+from token_budget.metrics.promql import ResultItem
+
+NS, WL = "namespace", "pod"
+START = 1_000_000  # ms
+
+
+def _item(value: float, pod: str, model: str = "m") -> ResultItem:
+    return {"metric": {NS: "ns", WL: pod, "model": model}, "value": [0, repr(value)]}
+
+
+def _answers(rows: dict[tuple[str, str], tuple[float, int, float]], latest: bool
+             ) -> list[tuple[str, list[ResultItem]]]:
+    """(pod, model) -> (level, count, newest sample in s), for the input counter only."""
+    out = [("input", [_item(v, pod, model) for (pod, model), (v, _, _) in rows.items()]),
+           ("input" + promql.COUNT_TAG,
+            [_item(n, pod, model) for (pod, model), (_, n, _) in rows.items()])]
+    if latest:
+        out.append(("input" + promql.LATEST_TAG,
+                    [_item(t, pod, model) for (pod, model), (_, _, t) in rows.items()]))
+    return out
+
+
+def _check(pod: str) -> ResultItem:
+    return {"metric": {NS: "ns", WL: pod}, "value": [0, "1"]}
+
+
+def _head(end: dict[tuple[str, str], tuple[float, int, float]],
+          start: dict[tuple[str, str], tuple[float, int, float]],
+          checks: tuple[str, ...] = ()) -> tuple[dict[tuple[str, str], float], set[str]]:
+    found = heads.ends(_answers(end, latest=True), [_check(p) for p in checks], NS, WL)
+    items, pairs = heads.head(found, _answers(start, latest=False), START, NS, WL)
+    rows = {(it["metric"][WL], it["metric"]["model"]): float(it["value"][1]) for it in items}
+    assert all(it["metric"][promql.KIND_LABEL] == "input" for it in items)
+    return rows, {wl for _, wl in pairs}
+
+
+LATER = (START + 5000) / 1000  # a sample after the start, in seconds
+
+
+def test_a_steady_group_is_its_end_level_minus_its_start_level() -> None:
+    rows, exact = _head({("a", "m"): (1500.0, 2, LATER)}, {("a", "m"): (1000.0, 2, 0)})
+    assert rows == {("a", "m"): 500.0} and not exact
+
+
+def test_a_group_without_a_sample_since_the_start_has_no_row_as_the_exact_reading() -> None:
+    rows, exact = _head({("a", "m"): (1000.0, 1, (START - 1) / 1000)},
+                        {("a", "m"): (1000.0, 1, 0)})
+    assert rows == {} and not exact
+
+
+def test_a_sample_exactly_at_the_start_is_read_exactly() -> None:
+    # In a closed range (Prometheus 2) and not in a left-open one (Prometheus 3).
+    rows, exact = _head({("a", "m"): (1000.0, 1, START / 1000)}, {("a", "m"): (1000.0, 1, 0)})
+    assert rows == {} and exact == {"a"}
+
+
+def test_a_series_missing_at_the_start_sends_its_pair_whole() -> None:
+    # Born since the start, or in a gap at it: both models of the pod are read exactly.
+    rows, exact = _head({("a", "m"): (1500.0, 2, LATER), ("a", "m2"): (10.0, 1, LATER),
+                         ("b", "m"): (7.0, 1, LATER)},
+                        {("a", "m"): (1000.0, 1, 0), ("a", "m2"): (5.0, 1, 0),
+                         ("b", "m"): (3.0, 1, 0)})
+    assert rows == {("b", "m"): 4.0} and exact == {"a"}
+
+
+def test_a_group_with_no_series_at_the_start_or_none_at_the_end_is_read_exactly() -> None:
+    _, exact = _head({("a", "m"): (1500.0, 1, LATER)}, {})
+    assert exact == {"a"}
+    _, exact = _head({}, {("a", "m"): (1500.0, 1, 0)})
+    assert exact == {"a"}
+
+
+def test_the_pairs_the_end_check_names_are_read_exactly() -> None:
+    rows, exact = _head({("a", "m"): (1500.0, 1, LATER), ("b", "m"): (9.0, 1, LATER)},
+                        {("a", "m"): (1000.0, 1, 0), ("b", "m"): (3.0, 1, 0)}, checks=("a",))
+    assert rows == {("b", "m"): 6.0} and exact == {"a"}
+
+
+def test_a_figure_that_is_not_finite_sends_its_pair() -> None:
+    rows, exact = _head({("a", "m"): (float("nan"), 1, LATER)}, {("a", "m"): (1.0, 1, 0)})
+    assert rows == {} and exact == {"a"}
+    rows, exact = _head({("a", "m"): (5.0, 1, LATER)}, {("a", "m"): (float("inf"), 1, 0)})
+    assert rows == {} and exact == {"a"}
+
+
+def test_two_reads_of_the_same_end_are_equal_so_the_end_is_kept() -> None:
+    def read(count: int) -> heads.Ends:
+        return heads.ends(_answers({("a", "m"): (1500.0, count, LATER)}, True), [], NS, WL)
+
+    assert read(2) == read(2) and read(2) != read(3)
