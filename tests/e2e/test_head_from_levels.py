@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from harness.exporter import AgentExporter
 from harness.prometheus import Prometheus, backfilled
 from harness.sources import NotedSource, rolling_day_plan
 from token_budget.api import v1alpha1 as api
 from token_budget.metrics import promql
-from token_budget.metrics.prometheus import PrometheusSource
+from token_budget.metrics.prometheus import PrometheusSource, gaps_of, to_series
 from token_budget.policy import sources
 from token_budget.policy.inputs import SpendSeries
 
@@ -206,3 +209,62 @@ def test_the_head_from_two_levels_is_the_exact_reading(prom: Prometheus) -> None
     assert EXACT - {"gap"} <= narrowed_pods <= EXACT, narrowed_pods
     # The end's levels and checks were read twice (kept once two reads agreed), not again.
     assert checks_sent == 2
+
+
+def test_series_that_go_stale_and_come_back_are_read_as_the_exact_reading(
+        prometheus: Prometheus, exporter: AgentExporter) -> None:
+    """Live scrapes every second, so Prometheus writes the staleness markers a backfill
+    cannot: a pod that stops exposing its series for a few seconds (marked stale, then
+    back with the same values), one removed for good, one restarted, beside a steady one.
+    Each head whose start sweeps those seconds, read from levels, equals the exact
+    reading (figures and gap rows) for the namespace; a start inside the stale seconds
+    finds the series missing and reads that pod exactly."""
+    ns = f"heads-live-{uuid.uuid4().hex[:6]}"
+    totals = {"steady": 0, "vanish": 0, "gone": 0, "restarts": 0}
+
+    def spend() -> None:
+        for pod in totals:
+            if pod == "gone" and totals[pod] < 0:
+                continue
+            totals[pod] += 3
+            exporter.add(ns, pod, "m", input=3, output=1)
+
+    t0 = time.time()
+    for i in range(36):
+        if i == 10:
+            exporter.remove(ns, "vanish")  # stale at the next scrape
+        if i == 15:  # back, with the values it had: no reset
+            exporter.add(ns, "vanish", "m", input=totals["vanish"], output=totals["vanish"] // 3)
+        if i == 20:
+            exporter.remove(ns, "gone")
+            totals["gone"] = -1
+        if i == 25:
+            exporter.reset(ns, "restarts")
+        if 10 <= i < 15:
+            for pod in ("steady", "gone", "restarts"):
+                exporter.add(ns, pod, "m", input=3, output=1)
+        else:
+            spend()
+        time.sleep(1)
+    end = dt.datetime.fromtimestamp(round(time.time() - 4, 3), dt.UTC)
+    source = NotedSource(prometheus.url, scrape_interval_seconds=1)
+    part = ("head", "live")
+    exact_pods: set[str] = set()
+    starts = [t0 - 3 + 0.37 * i for i in range(int((end.timestamp() - t0 + 3) / 0.37))]
+    for s in starts:
+        seconds = round(end.timestamp() - s, 3)
+        source.sent.clear()
+        got, got_gaps = source._head(COUNTERS, seconds, end, end, promql.MAX_HORIZON_SECONDS,
+                                     part)
+        items = source.query(promql.spend(COUNTERS, seconds,
+                                          horizon_seconds=promql.MAX_HORIZON_SECONDS), end)
+        want, want_gaps = to_series(COUNTERS, items), gaps_of(COUNTERS, items)
+        assert [x for x in got if x.namespace == ns] == [x for x in want if x.namespace == ns], \
+            round(s - t0, 2)
+        assert got_gaps.get(ns) == want_gaps.get(ns), round(s - t0, 2)
+        for kind, text in source.sent:
+            if kind == "spend" and 'pod=~"' in text and s > t0 + 2:  # all born by then
+                exact_pods.update(text.split('pod=~"')[1].split('"')[0].split("|"))
+    # The check names the pod gone and the one restarted (every start); the stale pod is
+    # read exactly from starts inside its stale seconds; the steady one never.
+    assert {"gone", "restarts", "vanish"} <= exact_pods and "steady" not in exact_pods
