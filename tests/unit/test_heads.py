@@ -7,6 +7,9 @@ out. The real Prometheus proves the figures equal to the exact reading
 
 from __future__ import annotations
 
+import pytest
+
+from token_budget.errors import QueryFailed
 from token_budget.metrics import heads, promql
 from token_budget.metrics.promql import ResultItem
 
@@ -34,14 +37,18 @@ def _check(pod: str) -> ResultItem:
     return {"metric": {NS: "ns", WL: pod}, "value": [0, "1"]}
 
 
+LABELS = (NS, WL, "model")
+KINDS = ("input", "output")
+
+
 def _head(end: dict[tuple[str, str], tuple[float, int, float]],
           start: dict[tuple[str, str], tuple[float, int, float]],
           checks: tuple[str, ...] = ()) -> tuple[dict[tuple[str, str], float], set[str]]:
-    found = heads.ends(_answers(end, latest=True), [_check(p) for p in checks], NS, WL)
-    items, pairs = heads.head(found, _answers(start, latest=False), START, NS, WL)
-    rows = {(it["metric"][WL], it["metric"]["model"]): float(it["value"][1]) for it in items}
-    assert all(it["metric"][promql.KIND_LABEL] == "input" for it in items)
-    return rows, {wl for _, wl in pairs}
+    found = heads.ends(_answers(end, latest=True), [_check(p) for p in checks], LABELS, KINDS,
+                       NS, WL)
+    rows, pairs = heads.head(found, _answers(start, latest=False), START, NS, WL)
+    assert all(kind == "input" for _, kind, _ in rows)
+    return {(key[1], key[2]): value for key, _, value in rows}, {wl for _, wl in pairs}
 
 
 LATER = (START + 5000) / 1000  # a sample after the start, in seconds
@@ -95,6 +102,30 @@ def test_a_figure_that_is_not_finite_sends_its_pair() -> None:
 
 def test_two_reads_of_the_same_end_are_equal_so_the_end_is_kept() -> None:
     def read(count: int) -> heads.Ends:
-        return heads.ends(_answers({("a", "m"): (1500.0, count, LATER)}, True), [], NS, WL)
+        return heads.ends(_answers({("a", "m"): (1500.0, count, LATER)}, True), [], LABELS,
+                          KINDS, NS, WL)
 
     assert read(2) == read(2) and read(2) != read(3)
+
+
+def test_a_kind_at_one_end_only_sends_its_pair() -> None:
+    end = heads.ends(_answers({("a", "m"): (5.0, 1, LATER)}, True), [], LABELS, KINDS, NS, WL)
+    start = [*_answers({("a", "m"): (1.0, 1, 0)}, False),
+             ("output", [_item(2.0, "a")]), ("output" + promql.COUNT_TAG, [_item(1, "a")])]
+    rows, pairs = heads.head(end, start, START, NS, WL)
+    assert not rows and pairs == {("ns", "a")}
+
+
+def test_an_end_answer_without_its_count_or_newest_sample_is_read_exactly() -> None:
+    answers = _answers({("a", "m"): (5.0, 1, LATER), ("b", "m"): (5.0, 1, LATER)}, True)
+    answers[1] = (answers[1][0], [it for it in answers[1][1] if it["metric"][WL] == "b"])
+    end = heads.ends(answers, [], LABELS, KINDS, NS, WL)
+    assert end.uncommon == {("ns", "a")} and list(end.index) == [("ns", "b", "m")]
+
+
+def test_a_malformed_answer_is_a_query_failure_not_a_crash() -> None:
+    with pytest.raises(QueryFailed, match="malformed"):
+        heads.ends([("input", [{"value": [0, "1"]}])], [], LABELS, KINDS, NS, WL)  # type: ignore[list-item]
+    with pytest.raises(QueryFailed, match="malformed"):
+        heads.ends([("input", [_item(1.0, "a") | {"value": [0, "x"]}])], [], LABELS, KINDS,  # type: ignore[operator]
+                   NS, WL)

@@ -377,27 +377,42 @@ class PrometheusSource:
 
         def read() -> _Part:
             ns, wl = rs.namespace_label, rs.workload_label
+            labels = promql.group_labels(rs, extra)
+            kinds = tuple(kind.value for kind, _ in rs.counters)
 
             def ends() -> heads.Ends:
                 return heads.ends([(tag, self.query(q, end, "head end"))
                                    for tag, q in promql.levels(rs, extra, latest=True)],
-                                  self.query(promql.head_checks(rs), end, "head end"), ns, wl)
+                                  self.query(promql.head_checks(rs), end, "head end"),
+                                  labels, kinds, ns, wl)
 
             found = self._once((rs, ("end", part)), (rs, end, "head end", extra), ends, True)
             at = dt.datetime.fromtimestamp(start_ms / 1000, dt.UTC)
-            items, pairs = heads.head(
+            rows, pairs = heads.head(
                 found, [(tag, self.query(q, at, "head")) for tag, q in promql.levels(rs, extra)],
                 start_ms, ns, wl)
+            exact: list[ResultItem] = []
             if pairs:
                 named = _naming(rs, [{ns: p[0], wl: p[1]} for p in pairs])
                 if named is None:
                     items = self.read_spend(rs, seconds, end, "spend", extra, horizon=horizon,
                                             part=part)
-                else:
-                    items = [it for it in items if not _picks(named, _labels(it))] + self.query(
-                        promql.spend(rs, seconds, extra, horizon_seconds=horizon,
-                                     narrow=_matchers(named)), end, "spend")
-            return to_series(rs, items, extra), gaps_of(rs, items)
+                    return to_series(rs, items, extra), gaps_of(rs, items)
+                # The exact reading selects these too (the regexes' cross product).
+                drop = {key for key in {r[0] for r in rows}
+                        if _picks(named, dict(zip(labels, key, strict=True)))}
+                rows = [r for r in rows if r[0] not in drop]
+                exact = self.query(promql.spend(rs, seconds, extra, horizon_seconds=horizon,
+                                                narrow=_matchers(named)), end, "spend")
+            acc: dict[accruals.RowKey, dict[Kind, float]] = defaultdict(dict)
+            keys: dict[heads.Key, accruals.RowKey] = {}
+            for key, kind, value in rows:
+                row = keys.get(key)
+                if row is None:
+                    row = keys[key] = _row_key(rs, dict(zip(labels, key, strict=True)), extra)
+                acc[row][Kind(kind)] = value
+            _add(acc, rs, exact, extra)
+            return _fold(rs, acc), gaps_of(rs, exact)
 
         return self._once((rs, part), (rs, end, seconds, horizon, extra), read, False)
 
@@ -837,8 +852,14 @@ def to_series(rs: ResolvedSource, items: list[ResultItem],
     input counter includes the cached input (``rs.cached_in_input``), input is read as
     input minus cached, so each token is counted and priced once.
     """
-    acc: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], dict[Kind, float]] = \
-        defaultdict(dict)
+    acc: dict[accruals.RowKey, dict[Kind, float]] = defaultdict(dict)
+    _add(acc, rs, items, extra)
+    return _fold(rs, acc)
+
+
+def _add(acc: dict[accruals.RowKey, dict[Kind, float]], rs: ResolvedSource,
+         items: list[ResultItem], extra: tuple[str, ...]) -> None:
+    """Add a tagged spend result's figures to ``acc``, per row and kind."""
     for item in items:
         labels = _labels(item)
         tag = labels.get(promql.KIND_LABEL, "")
@@ -850,6 +871,11 @@ def to_series(rs: ResolvedSource, items: list[ResultItem],
             raise QueryFailed(f"result series without a {promql.KIND_LABEL} tag: {labels}") from exc
         key = _row_key(rs, labels, extra)
         acc[key][kind] = acc[key].get(kind, 0.0) + _value(item)
+
+
+def _fold(rs: ResolvedSource, acc: Mapping[accruals.RowKey, Mapping[Kind, float]]
+          ) -> tuple[SpendSeries, ...]:
+    """One SpendSeries per row of ``acc``, sorted."""
     out = []
     for (ns, workload, model, extra_labels), kinds in sorted(acc.items()):
         cost = kinds.get(Kind.COST)
