@@ -847,3 +847,17 @@ def test_a_bucket_read_is_kept_only_once_a_second_read_agrees(serve: Any) -> Non
     assert spent(NOW + dt.timedelta(seconds=60)) == 23_000  # the same twice: kept from here
     assert spent(NOW + dt.timedelta(seconds=90)) == 23_000
     assert bucket_reads() == 3
+
+
+def test_a_head_with_too_many_pairs_to_name_is_read_whole_by_the_two_step_reading(
+        serve: Any) -> None:
+    """When the pairs the head's end check names are too many for a selector, the head is
+    read as before (the two-step reading of the whole source), not from levels."""
+    many = [item("1", namespace=f"ns-{i:04}", pod=f"pod-{i:04}") for i in range(600)]
+    checks = promql.head_checks(COUNTERS)
+    fake = serve(lambda path, params: vector(*(many if params["query"] == checks else [])))
+    source = PrometheusSource(fake.url)
+    end = NOW - dt.timedelta(hours=23)
+    source._head(COUNTERS, 1800.0, end, NOW, promql.MAX_HORIZON_SECONDS, ("head", "24h"))
+    assert checks in fake.queries
+    assert fake.queries[-1] == promql.common(COUNTERS, 1800.0)
