@@ -129,3 +129,22 @@ def test_a_malformed_answer_is_a_query_failure_not_a_crash() -> None:
     with pytest.raises(QueryFailed, match="malformed"):
         heads.ends([("input", [_item(1.0, "a") | {"value": [0, "x"]}])], [], LABELS, KINDS,  # type: ignore[operator]
                    NS, WL)
+
+
+def test_a_start_level_without_its_count_sends_its_pair() -> None:
+    # The end has output only; the start has an input level but no input count (answers
+    # that disagree: two replicas behind one Service, a partial response).
+    end = heads.ends([("output", [_item(30.0, "a")]), ("output:n", [_item(1, "a")]),
+                      ("output:t", [_item(LATER, "a")])], [], LABELS, KINDS, NS, WL)
+    start = [("input", [_item(24.0, "a")]), ("input:n", []),
+             ("output", [_item(10.0, "a")]), ("output:n", [_item(1, "a")])]
+    rows, pairs = heads.head(end, start, START, NS, WL)
+    assert not rows and pairs == {("ns", "a")}
+
+
+def test_two_reads_of_an_end_in_another_row_order_are_equal() -> None:
+    rows = {("a", "m"): (1.0, 1, LATER), ("b", "m"): (2.0, 1, LATER)}
+    one = _answers(rows, True)
+    other = [(tag, list(reversed(items))) for tag, items in one]
+    assert heads.ends(one, [], LABELS, KINDS, NS, WL) == heads.ends(other, [], LABELS, KINDS,
+                                                                    NS, WL)

@@ -37,12 +37,15 @@ Why the rest is the exact reading, to the digit for integer counters:
 A float counter (cost) differs from the exact reading in the last bits of the group's
 lifetime level, not of the head (the exact reading subtracts per series before it sums):
 7e-12 on lifetime totals of 12,345, found by review. Like :func:`promql.common`, this
-assumes Prometheus's default lookback (5 minutes, ``--query.lookback-delta``).
+assumes Prometheus's default lookback (5 minutes, ``--query.lookback-delta``). Two
+Prometheus replicas behind one Service scrape at their own instants: a level read from
+each differs by up to a scrape's spend a series, as the parts of a window read through
+the rules already may where they join.
 
 Memory and time, found by review at 33,334 groups of 3 counters (100,000 series): an end
 kept as dicts of label pairs and objects held 32-36 MB and matching a start against it
 took 0.78 s of the operator's CPU. Groups are keyed by their label values in the query's
-order (interned), the figures kept in arrays, the flagged pairs not kept at all.
+order, the figures kept in arrays, the flagged pairs not kept at all.
 
 Pure: the reads' answers in, the head's rows and the pairs to read exactly out.
 """
@@ -50,7 +53,6 @@ Pure: the reads' answers in, the head's rows and the pairs to read exactly out.
 from __future__ import annotations
 
 import math
-import sys
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,15 +82,13 @@ class Ends:
     uncommon: frozenset[Pair]
 
 
-def _figures(answers: Answers, labels: tuple[str, ...], kinds: tuple[str, ...],
-             kept: bool = False) -> tuple[dict[Key, list[float]], set[Key]]:
+def _figures(answers: Answers, labels: tuple[str, ...], kinds: tuple[str, ...]
+             ) -> tuple[dict[Key, list[float]], set[Key]]:
     """Per group, its figures: for each kind in turn, (level, count, newest sample in s),
-    NaN where absent; and the groups with a figure that is not a finite number. The keys
-    of figures ``kept`` (an end's) hold interned strings."""
+    NaN where absent; and the groups with a figure that is not a finite number."""
     width = 3 * len(kinds)
     out: dict[Key, list[float]] = {}
     broken: set[Key] = set()
-    intern = sys.intern if kept else str
     for tag, items in answers:
         kind, _, suffix = tag.partition(":")
         column = 3 * kinds.index(kind) + {"": 0, promql.COUNT_TAG: 1,
@@ -96,7 +96,7 @@ def _figures(answers: Answers, labels: tuple[str, ...], kinds: tuple[str, ...],
         try:
             for item in items:
                 metric = item["metric"]
-                key = tuple(intern(metric.get(label, "")) for label in labels)
+                key = tuple([metric.get(label, "") for label in labels])
                 value = float(item["value"][1])
                 if not math.isfinite(value):
                     broken.add(key)
@@ -115,7 +115,7 @@ def ends(answers: Answers, checks: Iterable[promql.ResultItem], labels: tuple[st
     """What a head needs from its end: the answers of :func:`promql.levels` (``latest``)
     and of :func:`promql.head_checks` there; groups keyed by ``labels``' values."""
     at = labels.index(namespace_label), labels.index(workload_label)
-    figures, broken = _figures(answers, labels, kinds, kept=True)
+    figures, broken = _figures(answers, labels, kinds)
     try:
         uncommon = {(it["metric"].get(namespace_label, ""), it["metric"].get(workload_label, ""))
                     for it in checks}
@@ -130,7 +130,10 @@ def ends(answers: Answers, checks: Iterable[promql.ResultItem], labels: tuple[st
             uncommon.add((key[at[0]], key[at[1]]))
     index: dict[Key, int] = {}
     totals, counts, latest = array("d"), array("q"), array("q")
-    for key, row in figures.items():
+    # In order: two reads of the same end are equal whatever order the rows came in (a
+    # query frontend merging shards), so the end is kept (found by review).
+    for key in sorted(figures):
+        row = figures[key]
         if (key[at[0]], key[at[1]]) in uncommon:
             continue
         index[key] = len(index)
@@ -159,9 +162,11 @@ def head(end: Ends, starts: Answers, start_ms: int, namespace_label: str,
             bad.add((key[at[0]], key[at[1]]))
             continue
         for c in range(width):
-            n = row[3 * c + 1]
-            if (math.isnan(n) and end.counts[i * width + c] >= 0) or \
-                    (not math.isnan(n) and n != end.counts[i * width + c]):
+            n, count = row[3 * c + 1], end.counts[i * width + c]
+            # A level without its count or the reverse (answers that disagree: two replicas,
+            # a partial response; found by review), or another count than at the end.
+            if math.isnan(n) != math.isnan(row[3 * c]) or (math.isnan(n) and count >= 0) \
+                    or (not math.isnan(n) and n != count):
                 bad.add((key[at[0]], key[at[1]]))
                 break
         levels[i] = row
