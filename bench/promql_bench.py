@@ -215,6 +215,9 @@ class PreviousSource(PrometheusSource):
                   extra: tuple[str, ...] = ()) -> tuple[Any, Any]:
         return self._read(rs, promql.recorded(rs, span, extra), last, "recorded", extra)
 
+    # A rolling window's head too: one whole exact query, not two levels.
+    _head = _part
+
 
 def watch(src: PrometheusSource) -> list[dict[str, Any]]:
     """Ask Prometheus for its own figures (``stats=all``) with every query of ``src``;
